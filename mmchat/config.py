@@ -1,0 +1,267 @@
+"""Typed, frozen configuration loaded from TOML, with environment overrides.
+
+``config.toml`` documents every setting. ``MMCHAT_<SECTION>__<KEY>`` overrides one
+(``MMCHAT_MODEL__RNN=gru``). A bad value fails at start-up with a :class:`ConfigError`
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MMCHAT_"
+
+
+def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None) -> Any:
+    meta = {"choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    checkpoint: str = _opt("models/bundled")
+    rnn: str = _opt("lstm", choices=("lstm", "gru"))
+    n_layer: int = _opt(2, min=1, max=8)
+    n_embd: int = _opt(256, min=8, max=4096)
+    n_hidden: int = _opt(512, min=8, max=8192)
+    d_model: int = _opt(256, min=8, max=4096)
+    dropout: float = _opt(0.1, min=0.0, max=0.9)
+    vocab_size: int = _opt(4000, min=32, max=65536)
+    device: str = _opt("cpu")
+    threads: int = _opt(0, min=0, max=256)
+    quantize: str = _opt("none", choices=("none", "dynamic-int8"))
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = _opt("attention", choices=("attention", "concat", "weighted"))
+    condition: bool = _opt(True)
+    max_memory: int = _opt(512, min=1, max=100_000)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    strategy: str = _opt("greedy", choices=("greedy", "sample", "beam"))
+    temperature: float = _opt(1.0, min=1e-4, max=100.0)
+    top_k: int = _opt(0, min=0)
+    top_p: float = _opt(1.0, min=0.0, max=1.0)
+    beam_width: int = _opt(4, min=1, max=64)
+    no_repeat_ngram: int = _opt(0, min=0, max=16)
+    max_new_tokens: int = _opt(64, min=1, max=4096)
+    stop: tuple[str, ...] = _opt(())
+    seed: int = _opt(-1, min=-1)
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    enabled: tuple[str, ...] = _opt(())
+    disabled: tuple[str, ...] = _opt(())
+    paths: tuple[str, ...] = _opt(())
+    settings: Mapping[str, Mapping[str, Any]] = _opt({})
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    backend: str = _opt("memory", choices=("memory", "redis"))
+    url: str = _opt("redis://127.0.0.1:6379/0")
+    prefix: str = _opt("mmchat")
+    ttl_seconds: int = _opt(86_400, min=1)
+    max_connections: int = _opt(32, min=1)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_text_chars: int = _opt(4000, min=1)
+    max_attachments: int = _opt(4, min=0, max=64)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: Folder that relative paths in the file are resolved against.
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with whole sections or single settings changed.
+
+        ``config.replace(model={"rnn": "gru"})`` validates like a file would.
+        """
+        data = self.to_dict()
+        for name, value in sections.items():
+            if isinstance(value, Mapping):
+                data.setdefault(name, {}).update(value)
+            else:
+                data[name] = value
+        return from_dict(data, base_dir=self.base_dir, env={})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = _section_to_dict(value)
+        return out
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = {k: dict(v) for k, v in value.items()}
+        out[f.name] = value
+    return out
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING
+}
+
+
+def load(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (or built-in defaults when ``None``) and apply environment overrides."""
+    data: dict[str, Any] = {}
+    base_dir = "."
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        base_dir = str(path.resolve().parent)
+    return from_dict(data, base_dir=base_dir, env=os.environ if env is None else env)
+
+
+def from_dict(data: Mapping[str, Any], *, base_dir: str = ".",
+              env: Mapping[str, str] | None = None) -> Config:
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for key, raw in (env or {}).items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
+        if section not in SECTIONS:
+            continue
+        data.setdefault(section, {})[name] = _EnvValue(raw)
+    sections = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]; allowed: {', '.join(SECTIONS)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config [{name}] must be a table, got {table!r}")
+        sections[name] = _build(SECTIONS[name], name, table)
+    return Config(base_dir=base_dir, **sections)
+
+
+class _EnvValue(str):
+    """A raw string from the environment, converted by the field's type."""
+
+
+def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    extra = {}
+    for key, value in table.items():
+        if key not in fields:
+            if cls is PluginsConfig and isinstance(value, Mapping):
+                extra[key] = dict(value)  # [plugins.<name>] tables are plugin settings
+                continue
+            raise ConfigError(
+                f"unknown setting {section}.{key}; allowed: {', '.join(fields)}")
+        values[key] = _check(f"{section}.{key}", value, hints[key], fields[key].metadata)
+    if extra:
+        merged = dict(values.get("settings", {}))
+        merged.update(extra)
+        values["settings"] = merged
+    return cls(**values)
+
+
+def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if isinstance(value, _EnvValue):
+            value = _from_env(value, hint)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError("a boolean (true or false)")
+        elif hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError("an integer")
+        elif hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError("a number")
+            value = float(value)
+        elif hint is str:
+            if not isinstance(value, str):
+                raise TypeError("a string")
+        elif origin is tuple:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            value = tuple(value)
+        elif origin is Mapping or hint is Mapping:
+            if not isinstance(value, Mapping):
+                raise TypeError("a table")
+            value = {k: dict(v) for k, v in value.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key} = {value!r} is not allowed: expected {exc}") from None
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{key} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} = {value!r} is not allowed: minimum is {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r} is not allowed: maximum is {hi}")
+    return value
+
+
+def _from_env(raw: str, hint: Any) -> Any:
+    if hint is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("a boolean (true or false)")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("an integer") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("a number") from None
+    if typing.get_origin(hint) is tuple:
+        if raw.strip().startswith("["):
+            return json.loads(raw)
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return str(raw)

@@ -1,0 +1,90 @@
+"""The exceptions mmchat raises, each with a stable machine-readable code."""
+
+from __future__ import annotations
+
+
+class MMChatError(Exception):
+    """Base class. ``code`` is stable and is what clients see in error events."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(MMChatError):
+    """A setting has a value that is not allowed."""
+
+    code = "bad_config"
+
+
+class InputError(MMChatError):
+    """A message or attachment was rejected before any model work ran."""
+
+    code = "bad_input"
+
+
+class EmptyMessage(InputError):
+    code = "empty_message"
+
+
+class MessageTooLong(InputError):
+    code = "message_too_long"
+
+
+class UnsupportedMedia(InputError):
+    """No registered modality accepts the attachment's MIME type or name."""
+
+    code = "unsupported_media"
+
+
+class MediaTooLarge(InputError):
+    """The payload, pixel count or duration is over a configured limit."""
+
+    code = "media_too_large"
+
+
+class CorruptMedia(InputError):
+    """The payload could not be decoded as the type it claims to be."""
+
+    code = "corrupt_media"
+
+
+class PluginError(MMChatError):
+    """A plugin raised. ``plugin`` names it, so the report points at the culprit."""
+
+    code = "plugin_error"
+
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(f"plugin {plugin!r} failed: {message}")
+        self.plugin = plugin
+
+
+class CheckpointError(MMChatError):
+    code = "bad_checkpoint"
+
+
+class StateError(MMChatError):
+    """Serialised session state is unreadable or of an unknown version."""
+
+    code = "bad_state"
+
+
+class StoreUnavailable(MMChatError):
+    """The session store cannot be reached (Redis down, say)."""
+
+    code = "store_unavailable"
+
+
+class SessionBusy(MMChatError):
+    code = "session_busy"
+
+
+class Cancelled(MMChatError):
+    code = "cancelled"

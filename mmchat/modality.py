@@ -1,0 +1,115 @@
+"""The modality contract: what a plugin provides so mmchat can take a kind of attachment.
+
+A plugin builds a :class:`Modality` and hands it to the ``register`` callback of the
+``register_modalities`` hook. Everything here is public API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class Modality(ABC):
+    """One kind of input the model can see or hear.
+
+    Subclasses set the class attributes and implement :meth:`decode` and
+    :meth:`build_encoder`. ``decode`` runs in a worker thread, never on the event
+    loop, and must raise :class:`mmchat.errors.CorruptMedia` or
+    :class:`mmchat.errors.MediaTooLarge` for bad payloads.
+    """
+
+    #: Unique name, used in config, checkpoints and the protocol (``"image"``).
+    name: str = ""
+    #: MIME types this modality accepts (``("image/png", ...)``).
+    mime_types: tuple[str, ...] = ()
+    #: Largest accepted payload, in bytes, before decoding.
+    max_bytes: int = 10 * 1024 * 1024
+    #: Version of the encoder architecture; recorded in checkpoints.
+    version: str = "0"
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+
+    @abstractmethod
+    def decode(self, data: bytes, mime_type: str) -> "torch.Tensor":
+        """Turn raw bytes into a feature tensor (float32, shape chosen by the plugin).
+
+        Variable-length features put the variable axis last; :meth:`collate` pads it.
+        """
+
+    @abstractmethod
+    def build_encoder(self, d_model: int) -> "nn.Module":
+        """Return a fresh encoder whose weights live in the model checkpoint.
+
+        ``encoder(x, lengths)`` takes a collated batch and returns
+        ``(vectors, mask)``: vectors ``(B, N, d_model)`` and a bool mask ``(B, N)``
+        that is ``True`` where a vector is real.
+        """
+
+    def collate(self, features: list["torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Stack decoded features into a batch, right-padding the last axis with zeros.
+
+        Returns ``(batch, lengths)`` where ``lengths`` is a ``(B,)`` long tensor.
+        """
+        import torch
+
+        lengths = torch.tensor([f.shape[-1] for f in features], dtype=torch.long)
+        longest = int(lengths.max())
+        batch = features[0].new_zeros((len(features), *features[0].shape[:-1], longest))
+        for i, f in enumerate(features):
+            batch[i, ..., : f.shape[-1]] = f
+        return batch, lengths
+
+    def accepts(self, mime_type: str) -> bool:
+        return mime_type.lower() in self.mime_types
+
+    def describe(self) -> dict[str, Any]:
+        """What clients are told about this modality."""
+        return {"name": self.name, "mime_types": list(self.mime_types), "max_bytes": self.max_bytes}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Bytes plus a MIME type. ``modality`` may name the target modality explicitly."""
+
+    data: bytes = field(repr=False)
+    mime_type: str
+    modality: str | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, mime_type: str | None = None) -> "Attachment":
+        path = Path(path)
+        if mime_type is None:
+            mime_type = guess_mime_type(path)
+        return cls(data=path.read_bytes(), mime_type=mime_type)
+
+    @property
+    def id(self) -> str:
+        """Content hash, stable across processes."""
+        return hashlib.sha256(self.data).hexdigest()[:16]
+
+
+_EXTRA_TYPES = {
+    ".webp": "image/webp",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".wav": "audio/wav",
+    ".mp3": "audio/mpeg",
+}
+
+
+def guess_mime_type(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in _EXTRA_TYPES:
+        return _EXTRA_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(str(path))
+    return guessed or "application/octet-stream"

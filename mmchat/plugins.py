@@ -1,0 +1,248 @@
+"""Finding, loading and calling plugins.
+
+Loading is explicit and idempotent: nothing happens at import. Sources, in order:
+built-in modules, entry points in the ``mmchat`` group, and files or folders named
+in configuration. ``MMCHAT_LOAD_PLUGINS`` (comma-separated names) allow-lists which
+plugins load; ``MMCHAT_TRACE_PLUGINS=1`` logs every hook call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .modality import Modality
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mmchat"
+ALLOW_ENV = "MMCHAT_LOAD_PLUGINS"
+TRACE_ENV = "MMCHAT_TRACE_PLUGINS"
+DEFAULT_PLUGINS: tuple[str, ...] = ("mmchat.builtins",)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str
+    version: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    plugin: str
+    stage: str
+    error: str
+
+
+class PluginHost:
+    """Owns a pluggy manager and everything the plugins registered."""
+
+    def __init__(
+        self,
+        *,
+        paths: Iterable[str | Path] = (),
+        allow: Iterable[str] | None = None,
+        block: Iterable[str] = (),
+        entry_points: bool = True,
+        builtins: Iterable[str] = DEFAULT_PLUGINS,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.pm = pluggy.PluginManager("mmchat")
+        self.pm.add_hookspecs(hookspecs)
+        self._paths = [Path(p) for p in paths]
+        env_allow = os.environ.get(ALLOW_ENV)
+        if env_allow is not None:
+            allow = [n.strip() for n in env_allow.split(",") if n.strip()]
+        self._allow = None if allow is None else set(allow)
+        self._block = set(block)
+        self._entry_points = entry_points
+        self._builtins = tuple(builtins)
+        self._settings = {k: dict(v) for k, v in (settings or {}).items()}
+        self._loaded = False
+        self._info: dict[str, PluginInfo] = {}
+        self._modalities: dict[str, Modality] | None = None
+        self.failures: list[PluginFailure] = []
+        if os.environ.get(TRACE_ENV):
+            self.pm.trace.root.setwriter(logger.info)
+            self.pm.enable_tracing()
+
+    # -- loading -----------------------------------------------------------------
+
+    def load(self) -> "PluginHost":
+        """Load every plugin once; later calls do nothing."""
+        if self._loaded:
+            return self
+        self._loaded = True
+        for module_name in self._builtins:
+            self._load(module_name.rsplit(".", 1)[-1],
+                       lambda m=module_name: importlib.import_module(m), "builtin", None,
+                       always=True)
+        if self._entry_points:
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                version = ep.dist.version if ep.dist is not None else None
+                source = f"entry point ({ep.dist.name})" if ep.dist is not None else "entry point"
+                self._load(ep.name, ep.load, source, version)
+        for path in self._paths:
+            for file in _plugin_files(path):
+                self._load(file.stem, lambda f=file: _import_file(f), f"path {file}", None)
+        return self
+
+    def register(self, plugin: object, name: str, *, source: str = "registered",
+                 version: str | None = None) -> None:
+        """Register an already-imported plugin object (used by tests and embedders)."""
+        self.pm.register(plugin, name=name)
+        self._info[name] = PluginInfo(name=name, source=source, version=version)
+        self._modalities = None
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self._info.pop(name, None)
+        self._modalities = None
+
+    def _wanted(self, name: str) -> bool:
+        if name in self._block:
+            return False
+        return self._allow is None or name in self._allow
+
+    def _load(self, name: str, loader: Callable[[], object], source: str, version: str | None,
+              *, always: bool = False) -> None:
+        if self.pm.has_plugin(name) or not (always or self._wanted(name)):
+            return
+        try:
+            plugin = loader()
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # a broken plugin must not stop the others
+            logger.exception("could not load plugin %r from %s", name, source)
+            self.failures.append(PluginFailure(name, "load", f"{type(exc).__name__}: {exc}"))
+            return
+        if version is None:
+            version = getattr(plugin, "__version__", None)
+        self._info[name] = PluginInfo(name=name, source=source, version=version)
+
+    # -- calling -----------------------------------------------------------------
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook, isolating failures per plugin.
+
+        Returns ``(plugin_name, result)`` pairs for the implementations that did not
+        raise; the ones that raised are logged and recorded in :attr:`failures`.
+        """
+        self.load()
+        caller = getattr(self.pm.hook, hook_name)
+        results = []
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                args = {k: kwargs[k] for k in impl.argnames}
+                results.append((impl.plugin_name, impl.function(**args)))
+            except Exception as exc:
+                logger.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
+                self.failures.append(
+                    PluginFailure(impl.plugin_name, hook_name, f"{type(exc).__name__}: {exc}")
+                )
+        return results
+
+    @property
+    def modalities(self) -> dict[str, Modality]:
+        """Every registered modality by name, collected on first use."""
+        if self._modalities is None:
+            self._modalities = self._collect_modalities()
+        return self._modalities
+
+    def _collect_modalities(self) -> dict[str, Modality]:
+        found: dict[str, Modality] = {}
+        for info in self._info.values():
+            info.modalities = []
+        self.load()
+        caller = self.pm.hook.register_modalities
+        for impl in reversed(caller.get_hookimpls()):
+            registered: list[Modality] = []
+            try:
+                impl.function(
+                    **{k: v for k, v in
+                       {"register": registered.append, "settings": self._settings}.items()
+                       if k in impl.argnames}
+                )
+                for modality in registered:
+                    _validate_modality(modality)
+            except Exception as exc:
+                logger.exception("plugin %r failed to register modalities", impl.plugin_name)
+                self.failures.append(PluginFailure(
+                    impl.plugin_name, "register_modalities", f"{type(exc).__name__}: {exc}"))
+                continue
+            for modality in registered:
+                if modality.name in found:
+                    logger.warning("modality %r registered twice; %r wins",
+                                   modality.name, impl.plugin_name)
+                modality.plugin_name = impl.plugin_name
+                found[modality.name] = modality
+                if impl.plugin_name in self._info:
+                    self._info[impl.plugin_name].modalities.append(modality.name)
+        return found
+
+    def plugin_version(self, plugin_name: str) -> str | None:
+        info = self._info.get(plugin_name)
+        return info.version if info else None
+
+    def describe(self) -> list[PluginInfo]:
+        """Every loaded plugin, with its hooks and modalities (for ``mmchat plugins``)."""
+        self.load()
+        _ = self.modalities
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            info = self._info.get(name) or PluginInfo(name=name, source="registered")
+            info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            out.append(info)
+        return sorted(out, key=lambda i: i.name)
+
+    def wrap_call(self, modality: Modality, what: str, fn: Callable, *args: Any) -> Any:
+        """Run a modality's own code, turning unexpected exceptions into PluginError."""
+        from .errors import MMChatError
+
+        try:
+            return fn(*args)
+        except MMChatError:
+            raise
+        except Exception as exc:
+            logger.exception("modality %r raised in %s", modality.name, what)
+            raise PluginError(getattr(modality, "plugin_name", modality.name),
+                              f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _validate_modality(modality: object) -> None:
+    if not isinstance(modality, Modality):
+        raise TypeError(f"register() expects a mmchat.Modality, got {type(modality).__name__}")
+    if not modality.name or not modality.name.isidentifier():
+        raise ValueError(f"modality name {modality.name!r} must be a Python identifier")
+    if not modality.mime_types:
+        raise ValueError(f"modality {modality.name!r} declares no MIME types")
+
+
+def _plugin_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+    return [path]
+
+
+def _import_file(path: Path) -> object:
+    module_name = f"mmchat_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import plugin file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
