@@ -48,7 +48,7 @@ class ModelConfig:
 class FusionConfig:
     method: str = _opt("attention", choices=("attention", "concat", "weighted"))
     condition: bool = _opt(True)
-    max_memory: int = _opt(512, min=1, max=100_000)
+    max_memory: int = _opt(16, min=1, max=4096)
 
 
 @dataclass(frozen=True)

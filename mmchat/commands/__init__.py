@@ -1,0 +1,1 @@
+"""The ``mmchat`` subcommands, one module each."""

@@ -1,0 +1,383 @@
+"""The embedding API: :class:`Engine` turns messages plus attachments into streamed replies.
+
+Model, Pillow and librosa work never runs on the event loop: media decode in a small
+thread pool, and all model work in one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+
+from . import config as config_module
+from .config import Config
+from .errors import (EmptyMessage, InputError, MediaTooLarge, MessageTooLong, MMChatError,
+                     UnsupportedMedia)
+from .modality import Attachment, Modality
+from .plugins import PluginHost
+from .sessions import MemoryStore, SessionStore
+
+logger = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of streamed reply text."""
+
+    text: str
+    index: int  # 0-based position of this delta within the reply
+    token_id: int
+
+
+@dataclass
+class Reply:
+    session_id: str
+    text: str
+    finish_reason: str  # "stop", "length" or "cancelled"
+    attention: dict[str, float]  # mean attention mass per modality
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float]  # milliseconds: decode_media, prefill, first_token, total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id, "text": self.text,
+            "finish_reason": self.finish_reason, "attention": self.attention,
+            "usage": {"prompt_tokens": self.prompt_tokens,
+                      "completion_tokens": self.completion_tokens},
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class ReplyStream:
+    """Async iterator of :class:`Delta`; :attr:`reply` is set once it is exhausted.
+
+    Breaking out of the loop does not stop generation: the reply completes and is
+    saved. Call :meth:`cancel` to stop within one decode step.
+    """
+
+    _queue: asyncio.Queue
+    _task: asyncio.Task | None = None
+    _cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    reply: Reply | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __aiter__(self) -> "ReplyStream":
+        return self
+
+    async def __anext__(self) -> Delta:
+        item = await self._queue.get()
+        if isinstance(item, Delta):
+            return item
+        if isinstance(item, BaseException):
+            raise item
+        self.reply = item
+        raise StopAsyncIteration
+
+    async def wait(self) -> Reply:
+        """Drain the stream and return the finished reply."""
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+
+class Engine:
+    """Loads plugins and the model once, then serves any number of sessions.
+
+    ``Engine(config)`` is cheap; the model loads on :meth:`start` (or first use).
+    """
+
+    def __init__(self, config: Config | None = None, *, store: SessionStore | None = None,
+                 plugins: PluginHost | None = None) -> None:
+        self.config = config or Config()
+        c = self.config
+        self.plugins = plugins or PluginHost(
+            paths=[c.resolve(p) for p in c.plugins.paths],
+            allow=list(c.plugins.enabled) or None, block=c.plugins.disabled,
+            settings=c.plugins.settings)
+        self.store = store or MemoryStore(ttl_seconds=c.sessions.ttl_seconds)
+        self.model = None
+        self.tokenizer = None
+        self.checkpoint_meta: dict[str, Any] = {}
+        self._model_pool: ThreadPoolExecutor | None = None
+        self._media_pool: ThreadPoolExecutor | None = None
+        self._start_lock = asyncio.Lock()
+        self._started = False
+
+    @classmethod
+    def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> "Engine":
+        return cls(config_module.load(path), **kwargs)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def modalities(self) -> dict[str, Modality]:
+        return self.plugins.modalities
+
+    @property
+    def model_description(self) -> str:
+        if self.model is None:
+            return "not loaded"
+        c = self.model.config
+        source = self.checkpoint_meta.get("path", "untrained")
+        return (f"{c.rnn} {c.n_layer}x{c.n_hidden}, fusion={c.fusion}, "
+                f"{self.model.num_params() / 1e6:.1f}M params ({source})")
+
+    async def start(self) -> "Engine":
+        """Load plugins and the model (in a worker thread) and run ``startup`` hooks."""
+        async with self._start_lock:
+            if self._started:
+                return self
+            self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-model")
+            self._media_pool = ThreadPoolExecutor(2, thread_name_prefix="mmchat-media")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._model_pool, self._load_model)
+            self._started = True
+        self.plugins.call_each("startup", engine=self)
+        return self
+
+    def _load_model(self) -> None:
+        from .loading import load_model
+
+        self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
+
+    async def close(self) -> None:
+        if self._started:
+            self.plugins.call_each("shutdown", engine=self)
+        await self.store.close()
+        for pool in (self._model_pool, self._media_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._started = False
+
+    async def __aenter__(self) -> "Engine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- conversations ---------------------------------------------------------------
+
+    def new_session_id(self) -> str:
+        return uuid.uuid4().hex
+
+    async def stream(self, session_id: str, text: str = "",
+                     attachments: Sequence[Attachment | str | Path] = (),
+                     **generation: Any) -> ReplyStream:
+        """Start a reply. Validation errors raise here, before anything is stored.
+
+        ``generation`` overrides ``[generation]`` settings for this reply
+        (``strategy="beam"``, ``seed=1`` ...).
+        """
+        await self.start()
+        from .generate import GenerationParams
+
+        self._check_session_id(session_id)
+        atts = [a if isinstance(a, Attachment) else Attachment.from_path(a) for a in attachments]
+        self._check_message(text, atts)
+        resolved = [(self._modality_for(a), a) for a in atts]
+        try:
+            params = GenerationParams.from_config(self.config.generation, **generation)
+        except (ValueError, MMChatError) as exc:
+            raise InputError(str(exc)) from None
+        queue: asyncio.Queue = asyncio.Queue()
+        stream = ReplyStream(queue)
+        stream._task = asyncio.create_task(
+            self._run_turn(session_id, text, resolved, params, stream))
+        return stream
+
+    async def reply(self, session_id: str, text: str = "",
+                    attachments: Sequence[Attachment | str | Path] = (),
+                    **generation: Any) -> Reply:
+        """Generate a whole reply and return it with attention mass, usage and timings."""
+        stream = await self.stream(session_id, text, attachments, **generation)
+        return await stream.wait()
+
+    async def reset(self, session_id: str) -> None:
+        self._check_session_id(session_id)
+        await self.store.delete(session_id)
+
+    async def history(self, session_id: str) -> list[dict[str, Any]]:
+        data = await self.store.load(session_id)
+        return [] if data is None else data.history
+
+    # -- sync wrappers for scripts ---------------------------------------------------
+
+    def reply_sync(self, session_id: str, text: str = "",
+                   attachments: Sequence[Attachment | str | Path] = (), **generation: Any
+                   ) -> Reply:
+        """Blocking :meth:`reply` for scripts (not for use inside a running event loop)."""
+        return self._runner().run(self.reply(session_id, text, attachments, **generation))
+
+    def stream_sync(self, session_id: str, text: str = "",
+                    attachments: Sequence[Attachment | str | Path] = (), **generation: Any
+                    ) -> Iterator[Delta]:
+        """Blocking iterator of deltas for scripts."""
+        runner = self._runner()
+        stream = runner.run(self.stream(session_id, text, attachments, **generation))
+        while True:
+            try:
+                yield runner.run(stream.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def close_sync(self) -> None:
+        runner = self._runner()
+        runner.run(self.close())
+        runner.close()
+        self._sync_runner = None
+
+    def _runner(self) -> asyncio.Runner:
+        runner = getattr(self, "_sync_runner", None)
+        if runner is None:
+            runner = self._sync_runner = asyncio.Runner()
+        return runner
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_session_id(self, session_id: str) -> None:
+        if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+            raise InputError(f"session id {session_id!r} is not valid: use 1-128 letters, "
+                             "digits, '_', '.', ':' or '-'")
+
+    def _check_message(self, text: str, attachments: Sequence[Attachment]) -> None:
+        limits = self.config.limits
+        if not isinstance(text, str):
+            raise InputError(f"text must be a string, not {type(text).__name__}")
+        if not text.strip() and not attachments:
+            raise EmptyMessage("message is empty: send text, an attachment, or both")
+        if len(text) > limits.max_text_chars:
+            raise MessageTooLong(f"message has {len(text)} characters; the limit is "
+                                 f"{limits.max_text_chars} (limits.max_text_chars)")
+        if len(attachments) > limits.max_attachments:
+            raise InputError(f"message has {len(attachments)} attachments; the limit is "
+                             f"{limits.max_attachments} (limits.max_attachments)")
+
+    def _modality_for(self, attachment: Attachment) -> Modality:
+        modalities = self.modalities
+        if attachment.modality is not None:
+            modality = modalities.get(attachment.modality)
+            if modality is None:
+                raise UnsupportedMedia(f"unknown modality {attachment.modality!r}; this server "
+                                       f"accepts: {', '.join(sorted(modalities)) or 'none'}")
+            if not modality.accepts(attachment.mime_type):
+                raise UnsupportedMedia(f"modality {modality.name!r} does not accept "
+                                       f"{attachment.mime_type!r}; it accepts "
+                                       f"{', '.join(modality.mime_types)}")
+        else:
+            matches = [m for m in modalities.values() if m.accepts(attachment.mime_type)]
+            if not matches:
+                accepted = sorted(t for m in modalities.values() for t in m.mime_types)
+                raise UnsupportedMedia(f"no modality accepts MIME type {attachment.mime_type!r}; "
+                                       f"accepted: {', '.join(accepted) or 'none'}")
+            modality = matches[0]
+        if len(attachment.data) > modality.max_bytes:
+            raise MediaTooLarge(f"{modality.name} attachment is {len(attachment.data)} bytes; "
+                                f"the limit is {modality.max_bytes}")
+        if self.model is not None and modality.name not in self.model.kind_index:
+            raise UnsupportedMedia(f"the loaded model was not trained with modality "
+                                   f"{modality.name!r}")
+        return modality
+
+    async def _run_turn(self, session_id: str, text: str,
+                        attachments: list[tuple[Modality, Attachment]], params: Any,
+                        stream: ReplyStream) -> None:
+        try:
+            reply = await self._turn(session_id, text, attachments, params, stream)
+            stream._queue.put_nowait(reply)
+        except Exception as exc:  # every failure reaches the consumer, nothing is lost
+            if not isinstance(exc, MMChatError):
+                logger.exception("turn failed for session %s", session_id)
+            stream._queue.put_nowait(exc)
+
+    async def _turn(self, session_id: str, text: str,
+                    attachments: list[tuple[Modality, Attachment]], params: Any,
+                    stream: ReplyStream) -> Reply:
+        from .runtime import start_turn
+        from .state import MemoryEntry, dumps_entry, dumps_state, loads_entry, loads_state
+
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        features = await asyncio.gather(*(
+            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
+                                 modality.decode, att.data, att.mime_type)
+            for modality, att in attachments))
+        t_media = time.perf_counter()
+        async with self.store.lock(session_id):
+            data = await self.store.load(session_id)
+            state = loads_state(data.state) if data is not None and data.state else None
+            memory = [loads_entry(b) for b in data.memory] if data is not None else []
+
+            def prefill():
+                new = [MemoryEntry(m.name, self._encode(m, f), a.id)
+                       for (m, a), f in zip(attachments, features)]
+                keep = (memory + new)[-self.config.fusion.max_memory:]
+                return new, start_turn(self.model, self.tokenizer, state, keep, text, params)
+
+            new_entries, run = await loop.run_in_executor(self._model_pool, prefill)
+            t_prefill = time.perf_counter()
+            t_first = None
+            index = 0
+            shown = ""
+            while not stream.cancelled:
+                token = await loop.run_in_executor(self._model_pool, run.next_token)
+                if token is None:
+                    break
+                t_first = t_first or time.perf_counter()
+                full = self.tokenizer.decode(run.tokens)
+                if full.startswith(shown) and len(full) > len(shown):
+                    stream._queue.put_nowait(Delta(full[len(shown):], index, token.id))
+                    shown = full
+                    index += 1
+            new_state, reason = run.finish(cancelled=stream.cancelled)
+            reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
+            turns = [
+                {"role": "user", "text": text, "attachments": [
+                    {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
+                    for m, a in attachments]},
+                {"role": "assistant", "text": reply_text, "finish_reason": reason},
+            ]
+            await self.store.save_turn(
+                session_id, state=dumps_state(new_state),
+                memory_added=[dumps_entry(e) for e in new_entries], turns=turns,
+                max_memory=self.config.fusion.max_memory)
+        t_end = time.perf_counter()
+        ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
+        return Reply(
+            session_id=session_id, text=reply_text, finish_reason=reason,
+            attention=run.attention_by_modality(), prompt_tokens=run.prompt_tokens,
+            completion_tokens=len(run.tokens),
+            timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
+                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
+
+    def _encode(self, modality: Modality, features: Any):
+        import torch
+
+        x, lengths = modality.collate([features])
+        with torch.inference_mode():
+            return self.plugins.wrap_call(modality, "encode", self.model.encode, modality.name,
+                                          x, lengths)[0]
+
+    @staticmethod
+    def _trim_stop(text: str, stops: Iterable[str]) -> str:
+        for s in stops:
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text

@@ -1,0 +1,170 @@
+"""How the decoder sees the memory bank: conditioning plus three fusion methods.
+
+The memory bank holds every attachment's vectors ``M`` (B, N, d) with a mask. Each
+turn, a query ``q`` summarising the user's turn (text, and a glimpse at the memory,
+which is how a spoken question is heard) conditions the memory with FiLM. This lets
+the image regions answer *the question that was asked*. Then one of:
+
+* ``concat``: max-pool each modality, concatenate the slots, project;
+* ``weighted``: max-pool each modality, learned softmax weights over modalities;
+* ``attention``: at every decoder step, the hidden state attends over all vectors.
+
+Each returns a context per decoder step plus the mass each memory vector received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = -1e9
+
+
+@dataclass
+class TurnMemory:
+    """The memory as seen during one turn, after conditioning on that turn's query."""
+
+    values: torch.Tensor  # (B, N, d) conditioned memory vectors
+    mask: torch.Tensor  # (B, N) bool, True where a vector is visible
+    kinds: torch.Tensor  # (B, N) long, modality index (0 = the null slot)
+    query: torch.Tensor  # (B, d) the turn query
+    pooled: torch.Tensor | None = None  # (B, K, d) per-modality pools (concat/weighted)
+    pooled_mask: torch.Tensor | None = None  # (B, K) bool
+
+
+class TurnQuery(nn.Module):
+    """q = tanh(W [h; glimpse]) where the glimpse is multi-head attention over memory."""
+
+    def __init__(self, n_hidden: int, d_model: int, n_head: int = 4) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(n_hidden, d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
+        self.out = nn.Linear(n_hidden + d_model, d_model)
+
+    def forward(self, h: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(h).unsqueeze(1)  # (B, 1, d)
+        glimpse, _ = self.attn(q, memory, memory, key_padding_mask=~mask, need_weights=False)
+        return torch.tanh(self.out(torch.cat([h, glimpse.squeeze(1)], dim=-1)))  # (B, d)
+
+
+class FiLM(nn.Module):
+    """Per-vector MLP whose hidden layer is scaled and shifted by the turn query."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_model, d_model)
+        self.film = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, memory: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(q).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, d) each
+        x = F.relu(self.inp(memory) * (1 + gamma) + beta)  # (B, N, d)
+        return self.norm(memory + self.out(x))  # (B, N, d)
+
+
+def pool_by_kind(values: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor,
+                 n_kinds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-pool the visible vectors of each modality: (B, K, d) and a (B, K) presence mask."""
+    pools, present = [], []
+    for k in range(1, n_kinds + 1):
+        sel = mask & (kinds == k)  # (B, N)
+        filled = values.masked_fill(~sel.unsqueeze(-1), NEG_INF)
+        pooled = filled.max(dim=1).values  # (B, d)
+        has = sel.any(dim=1)  # (B,)
+        pools.append(torch.where(has.unsqueeze(-1), pooled, torch.zeros_like(pooled)))
+        present.append(has)
+    return torch.stack(pools, dim=1), torch.stack(present, dim=1)
+
+
+class AttentionFusion(nn.Module):
+    """Luong 'general' attention: score(h, m) = (W h) . m, recomputed every step."""
+
+    def __init__(self, n_hidden: int, d_model: int, n_kinds: int) -> None:
+        super().__init__()
+        self.w = nn.Linear(n_hidden, d_model, bias=False)
+        self.scale = d_model ** -0.5
+
+    def prepare(self, mem: TurnMemory) -> TurnMemory:
+        return mem
+
+    def forward(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.einsum("btd,bnd->btn", self.w(h), mem.values) * self.scale  # (B, T, N)
+        scores = scores.masked_fill(~mem.mask.unsqueeze(1), NEG_INF)
+        weights = scores.softmax(dim=-1)  # (B, T, N)
+        ctx = torch.einsum("btn,bnd->btd", weights, mem.values)  # (B, T, d)
+        return ctx, weights
+
+
+class ConcatFusion(nn.Module):
+    """Concatenate one pooled vector per modality slot and project; constant over the turn."""
+
+    def __init__(self, n_hidden: int, d_model: int, n_kinds: int) -> None:
+        super().__init__()
+        self.n_kinds = n_kinds
+        self.proj = nn.Linear(n_kinds * d_model + d_model, d_model)
+
+    def prepare(self, mem: TurnMemory) -> TurnMemory:
+        mem.pooled, mem.pooled_mask = pool_by_kind(mem.values, mem.mask, mem.kinds, self.n_kinds)
+        return mem
+
+    def forward(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = h.shape[:2]
+        flat = torch.cat([mem.pooled.flatten(1), mem.query], dim=-1)  # (B, K*d + d)
+        ctx = self.proj(flat).unsqueeze(1).expand(B, T, -1)  # (B, T, d)
+        slot = self.proj.weight[:, : self.n_kinds * mem.pooled.shape[-1]]
+        contrib = torch.stack([
+            (mem.pooled[:, k] @ slot[:, k * mem.pooled.shape[-1]:(k + 1) * mem.pooled.shape[-1]].T)
+            .norm(dim=-1) for k in range(self.n_kinds)], dim=1)  # (B, K)
+        share = contrib / contrib.sum(dim=1, keepdim=True).clamp_min(1e-9)
+        return ctx, _spread(share, mem, T)
+
+
+class WeightedFusion(nn.Module):
+    """A learned softmax-weighted average of the per-modality pools, scored against q."""
+
+    def __init__(self, n_hidden: int, d_model: int, n_kinds: int) -> None:
+        super().__init__()
+        self.n_kinds = n_kinds
+        self.score = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.Tanh(),
+                                   nn.Linear(d_model, 1))
+        self.null = nn.Parameter(torch.zeros(d_model))
+
+    def prepare(self, mem: TurnMemory) -> TurnMemory:
+        mem.pooled, mem.pooled_mask = pool_by_kind(mem.values, mem.mask, mem.kinds, self.n_kinds)
+        return mem
+
+    def forward(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = h.shape[:2]
+        pooled = torch.cat([self.null.expand(B, 1, -1), mem.pooled], dim=1)  # (B, 1+K, d)
+        present = torch.cat([mem.pooled_mask.new_ones(B, 1), mem.pooled_mask], dim=1)
+        q = mem.query.unsqueeze(1).expand_as(pooled)
+        logits = self.score(torch.cat([pooled, q], dim=-1)).squeeze(-1)  # (B, 1+K)
+        w = logits.masked_fill(~present, NEG_INF).softmax(dim=-1)  # (B, 1+K)
+        ctx = (w.unsqueeze(-1) * pooled).sum(dim=1).unsqueeze(1).expand(B, T, -1)  # (B, T, d)
+        return ctx, _spread(w[:, 1:], mem, T)
+
+
+def _spread(share: torch.Tensor, mem: TurnMemory, T: int) -> torch.Tensor:
+    """Turn per-modality shares (B, K) into per-vector weights (B, T, N) for reporting."""
+    B, N = mem.mask.shape
+    weights = mem.values.new_zeros(B, N)
+    for k in range(share.shape[1]):
+        sel = (mem.mask & (mem.kinds == k + 1)).float()  # (B, N)
+        count = sel.sum(dim=1, keepdim=True).clamp_min(1)
+        weights = weights + sel / count * share[:, k: k + 1]
+    return weights.unsqueeze(1).expand(B, T, N)
+
+
+FUSIONS = {"attention": AttentionFusion, "concat": ConcatFusion, "weighted": WeightedFusion}
+
+
+def build_fusion(method: str, n_hidden: int, d_model: int, n_kinds: int) -> nn.Module:
+    try:
+        cls = FUSIONS[method]
+    except KeyError:
+        raise ValueError(f"unknown fusion method {method!r}; choose from {sorted(FUSIONS)}")
+    return cls(n_hidden, d_model, n_kinds)

@@ -1,0 +1,204 @@
+"""Decoding strategies over a step function: greedy, sampling and beam search.
+
+Everything here is model-agnostic. A *step* feeds one token per row and returns the
+next logits::
+
+    step(tokens (B,), state) -> (logits (B, V), weights (B, N), state)
+
+:func:`generate` yields :class:`Token` objects one at a time, so the caller can stream
+and cancel between any two steps. When iteration ends, :attr:`Generation.outcome`
+holds the finish reason and the state to continue the conversation from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import torch
+
+from .config import GenerationConfig
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    strategy: str = "greedy"  # "greedy", "sample" or "beam"
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    beam_width: int = 4
+    no_repeat_ngram: int = 0  # 0 = allow repeats
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop strings, checked on the decoded text
+    seed: int = -1  # -1 = unseeded
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig, **overrides) -> "GenerationParams":
+        base = cls(**{f: getattr(config, f) for f in cls.__dataclass_fields__})
+        return base.with_overrides(**overrides)
+
+    def with_overrides(self, **overrides) -> "GenerationParams":
+        """Validated copy; unknown names or bad values raise ValueError naming them."""
+        from . import config as config_module
+
+        known = set(self.__dataclass_fields__)
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        if not overrides:
+            return self
+        merged = {f: getattr(self, f) for f in known} | overrides
+        merged["stop"] = list(merged["stop"])
+        checked = config_module.from_dict({"generation": merged}, env={}).generation
+        return replace(self, **{f: getattr(checked, f) for f in known})
+
+
+@dataclass
+class Token:
+    id: int
+    weights: torch.Tensor  # (N,) attention mass per memory vector when it was chosen
+
+
+@dataclass
+class Outcome:
+    finish_reason: str  # "stop", "length" or "cancelled"
+    state: torch.Tensor  # RNN state after feeding every emitted token but the last
+    last_token: int | None  # the last emitted token, not yet fed
+
+
+@dataclass
+class Generation:
+    """Iterate for tokens; afterwards :attr:`outcome` says how it ended."""
+
+    tokens: Iterator[Token]
+    outcome: Outcome | None = field(default=None)
+
+    def __iter__(self) -> Iterator[Token]:
+        return self.tokens
+
+
+def generate(step: Step, logits: torch.Tensor, weights: torch.Tensor, state: torch.Tensor,
+             params: GenerationParams, *, eos_id: int,
+             stop_check: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Start decoding from ``logits`` (1, V) of the prompt's last token."""
+    gen = Generation(iter(()))
+    if params.strategy == "beam":
+        gen.tokens = _beam(gen, step, logits, weights, state, params, eos_id)
+    else:
+        gen.tokens = _sample(gen, step, logits, weights, state, params, eos_id, stop_check)
+    return gen
+
+
+def _sample(gen: Generation, step: Step, logits: torch.Tensor, weights: torch.Tensor,
+            state: torch.Tensor, params: GenerationParams, eos_id: int,
+            stop_check: Callable[[list[int]], bool] | None) -> Iterator[Token]:
+    rng = None
+    if params.strategy == "sample" and params.seed >= 0:
+        rng = torch.Generator(device=logits.device).manual_seed(params.seed)
+    out: list[int] = []
+    gen.outcome = Outcome("cancelled", state, None)
+    while True:
+        scores = block_repeats(logits[0].float(), out, params.no_repeat_ngram)
+        if params.strategy == "greedy":
+            token = int(scores.argmax())
+        else:
+            token = int(torch.multinomial(filter_logits(scores, params).softmax(-1), 1,
+                                          generator=rng))
+        out.append(token)
+        gen.outcome = Outcome("cancelled", state, token)
+        if token == eos_id:
+            gen.outcome = Outcome("stop", state, token)
+            return
+        yield Token(token, weights[0])
+        if stop_check is not None and stop_check(out):
+            gen.outcome = Outcome("stop", state, token)
+            return
+        if len(out) >= params.max_new_tokens:
+            gen.outcome = Outcome("length", state, token)
+            return
+        logits, weights, state = step(torch.tensor([token], device=logits.device), state)
+        gen.outcome = Outcome("cancelled", state, None)
+
+
+def filter_logits(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on one row of logits (V,)."""
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        k = min(params.top_k, logits.numel())
+        kth = torch.topk(logits, k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the first over p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def block_repeats(logits: torch.Tensor, generated: list[int], n: int) -> torch.Tensor:
+    """Forbid any token that would repeat an n-gram already in ``generated``."""
+    if n <= 0 or len(generated) < n - 1:
+        return logits
+    prefix = tuple(generated[len(generated) - n + 1:]) if n > 1 else ()
+    banned = [generated[i + n - 1] for i in range(len(generated) - n + 1)
+              if tuple(generated[i: i + n - 1]) == prefix]
+    if not banned:
+        return logits
+    logits = logits.clone()
+    logits[banned] = float("-inf")
+    return logits
+
+
+def _beam(gen: Generation, step: Step, logits: torch.Tensor, weights: torch.Tensor,
+          state: torch.Tensor, params: GenerationParams, eos_id: int) -> Iterator[Token]:
+    """Length-normalised beam search; streams the best hypothesis once it is chosen.
+
+    Each live beam is ``(score, tokens, attention)`` and row ``b`` of ``states`` is its
+    RNN state after feeding all of its tokens.
+    """
+    width = params.beam_width
+    beams: list[tuple[float, list[int], list[torch.Tensor]]] = [(0.0, [], [])]
+    states = state  # (S, L, B, H), B = len(beams)
+    finished: list[tuple[float, list[int], list[torch.Tensor], torch.Tensor]] = []
+    gen.outcome = Outcome("cancelled", state, None)
+    while True:
+        logprobs = logits.float().log_softmax(-1)  # (B, V)
+        candidates = []
+        for b, (score, toks, _) in enumerate(beams):
+            row = block_repeats(logprobs[b], toks, params.no_repeat_ngram)
+            top = torch.topk(row, min(width, row.numel()))
+            candidates += [(score + lp, b, t) for lp, t in
+                           zip(top.values.tolist(), top.indices.tolist()) if lp > float("-inf")]
+        candidates.sort(key=lambda c: -c[0])
+        survivors = []  # (score, tokens, attention, parent row)
+        for score, b, t in candidates:
+            toks, attn = beams[b][1] + [t], beams[b][2] + [weights[b]]
+            if t == eos_id:
+                finished.append((score / len(toks), toks, attn, states[:, :, b: b + 1]))
+            else:
+                survivors.append((score, toks, attn, b))
+            if len(survivors) == width:
+                break
+        best_done = max((f[0] for f in finished), default=float("-inf"))
+        if (not survivors or len(finished) >= width
+                or best_done >= max(s[0] / len(s[1]) for s in survivors)
+                or len(survivors[0][1]) >= params.max_new_tokens):
+            break
+        beams = [(s[0], s[1], s[2]) for s in survivors]
+        parents = torch.tensor([s[3] for s in survivors], device=logits.device)
+        tokens = torch.tensor([s[1][-1] for s in survivors], device=logits.device)
+        logits, weights, states = step(tokens, states[:, :, parents])
+    if finished:
+        _, toks, attn, final_state = max(finished, key=lambda f: f[0])
+        gen.outcome = Outcome("stop", final_state, toks[-1])
+    elif survivors:
+        _, toks, attn, b = max(survivors, key=lambda s: s[0] / len(s[1]))
+        gen.outcome = Outcome("length", states[:, :, b: b + 1], toks[-1])
+    else:
+        return
+    for t, w in zip(toks, attn):
+        if t != eos_id:
+            yield Token(t, w)

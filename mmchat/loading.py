@@ -1,0 +1,70 @@
+"""Build the model an engine serves: from a checkpoint, or untrained for trying things out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+
+from . import checkpoint
+from .config import Config
+from .errors import CheckpointError
+from .modality import Modality
+from .model import DialogueConfig, DialogueLM
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+#: Text for the tokenizer of an untrained model: enough pieces to babble with.
+SEED_TEXT = (
+    "hello! how can i help you? what colour is the circle? the circle is red. "
+    "what shape is the blue one? the blue one is a square. how many shapes are there? "
+    "there are two shapes. where is the triangle? the triangle is on the left. "
+    "what digit is this? it is a seven. good morning, nice to meet you."
+).split(". ")
+
+
+def dialogue_config(config: Config, modalities: Mapping[str, Modality],
+                    vocab_size: int) -> DialogueConfig:
+    m = config.model
+    return DialogueConfig(
+        vocab_size=vocab_size, rnn=m.rnn, n_layer=m.n_layer, n_embd=m.n_embd,
+        n_hidden=m.n_hidden, d_model=m.d_model, dropout=m.dropout,
+        fusion=config.fusion.method, condition=config.fusion.condition,
+        modalities=sorted(modalities))
+
+
+def load_model(config: Config, modalities: Mapping[str, Modality]
+               ) -> tuple[DialogueLM, Tokenizer, dict[str, Any]]:
+    """The model named by ``model.checkpoint`` ('' means an untrained model)."""
+    if config.model.threads:
+        torch.set_num_threads(config.model.threads)
+    if config.model.checkpoint:
+        path = config.resolve(config.model.checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"model.checkpoint {path} does not exist; train one with "
+                                  "`mmchat train` or set model.checkpoint = \"\" for an "
+                                  "untrained model")
+        model, tokenizer, meta = checkpoint.load(path, modalities)
+        meta["path"] = str(path)
+        logger.info("loaded checkpoint %s", path)
+    else:
+        tokenizer = Tokenizer.train(SEED_TEXT * 4, vocab_size=min(config.model.vocab_size, 64))
+        dcfg = dialogue_config(config, modalities, tokenizer.vocab_size)
+        torch.manual_seed(0)
+        model = checkpoint.build_untrained(dcfg, modalities)
+        meta = {"path": "untrained"}
+        logger.warning("serving an UNTRAINED model: replies will be gibberish")
+    model.eval()
+    if config.model.quantize == "dynamic-int8":
+        model = quantize(model)
+    return model.to(config.model.device), tokenizer, meta
+
+
+def quantize(model: DialogueLM) -> DialogueLM:
+    """Dynamic int8 quantization of the RNN and linear layers (CPU inference)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear},
+                            dtype=torch.qint8)

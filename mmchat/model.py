@@ -1,0 +1,202 @@
+"""The dialogue language model: an LSTM/GRU decoder grounded in a memory bank.
+
+Reads like nanoGPT: a config dataclass, small modules, shape comments, and
+``forward(..., targets=None) -> (logits, loss)``. Training runs whole dialogues in
+one pass; inference runs the same pieces a turn and a token at a time
+(:mod:`mmchat.runtime`), so both compute exactly the same function.
+
+Sequence layout of a dialogue (``<s>`` once, then each turn)::
+
+    <s> <user> question <bot> answer </s> <user> follow-up <bot> answer </s>
+
+Turn ``k``'s query is read at its ``<bot>`` token; every position of turn ``k``
+sees the memory of attachments sent up to and including turn ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fusion import FiLM, TurnMemory, TurnQuery, build_fusion
+
+
+@dataclass
+class DialogueConfig:
+    vocab_size: int = 4000
+    rnn: str = "lstm"  # "lstm" or "gru"
+    n_layer: int = 2
+    n_embd: int = 256  # token embedding size
+    n_hidden: int = 512  # RNN hidden size
+    d_model: int = 256  # size of every memory vector
+    dropout: float = 0.1
+    fusion: str = "attention"  # "attention", "concat" or "weighted"
+    condition: bool = True  # FiLM-condition the memory on each turn's query
+    modalities: list[str] = field(default_factory=list)  # order fixes the type ids
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "DialogueConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class MediaBatch:
+    """One modality's attachments for a training batch."""
+
+    modality: str
+    x: torch.Tensor  # collated features
+    lengths: torch.Tensor  # (A,)
+    item: torch.Tensor  # (A,) which dialogue in the batch each attachment belongs to
+    turn: torch.Tensor  # (A,) the turn that sent it
+
+
+class DialogueLM(nn.Module):
+    def __init__(self, config: DialogueConfig, encoders: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        if config.rnn not in ("lstm", "gru"):
+            raise ValueError(f"rnn must be 'lstm' or 'gru', not {config.rnn!r}")
+        missing = [m for m in config.modalities if m not in encoders]
+        if missing:
+            raise ValueError(f"no encoder for modalities {missing}")
+        self.config = config
+        c = config
+        self.kind_index = {name: i + 1 for i, name in enumerate(c.modalities)}  # 0 = null slot
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        rnn_cls = nn.LSTM if c.rnn == "lstm" else nn.GRU
+        self.rnn = rnn_cls(c.n_embd, c.n_hidden, num_layers=c.n_layer, batch_first=True,
+                           dropout=c.dropout if c.n_layer > 1 else 0.0)
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in c.modalities})
+        self.kind_emb = nn.Embedding(len(c.modalities) + 1, c.d_model)
+        self.null = nn.Parameter(torch.zeros(1, c.d_model))
+        self.turn_query = TurnQuery(c.n_hidden, c.d_model)
+        self.film = FiLM(c.d_model) if c.condition else None
+        self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
+        self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
+        self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
+        self.apply(_init_weights)
+
+    # -- pieces shared by training and inference ----------------------------------------
+
+    def encode(self, modality: str, x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Run one modality's encoder; returns each item's real vectors, (N_i, d)."""
+        vectors, mask = self.encoders[modality](x, lengths)  # (A, N, d), (A, N)
+        return [v[m] for v, m in zip(vectors, mask)]
+
+    def initial_state(self, batch: int = 1) -> torch.Tensor:
+        """Zero RNN state, (S, L, B, H) with S = 2 for LSTM (h, c) and 1 for GRU."""
+        c = self.config
+        s = 2 if c.rnn == "lstm" else 1
+        return self.lm_head.weight.new_zeros(s, c.n_layer, batch, c.n_hidden)
+
+    def run_rnn(self, idx: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.drop(self.tok_emb(idx))  # (B, T, E)
+        if self.config.rnn == "lstm":
+            h, (hn, cn) = self.rnn(x, (state[0].contiguous(), state[1].contiguous()))
+            return h, torch.stack([hn, cn])  # (B, T, H), (2, L, B, H)
+        h, hn = self.rnn(x, state[0].contiguous())
+        return h, hn.unsqueeze(0)  # (B, T, H), (1, L, B, H)
+
+    def memory_bank(self, entries: Sequence[Sequence[tuple[str, torch.Tensor]]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pad each item's (modality, vectors) entries into one bank with a null slot first.
+
+        Returns values (B, N, d) with type embeddings added, kinds (B, N), mask (B, N).
+        """
+        d = self.config.d_model
+        B = len(entries)
+        sizes = [1 + sum(v.shape[0] for _, v in item) for item in entries]
+        N = max(sizes)
+        values = self.null.new_zeros(B, N, d)
+        kinds = torch.zeros(B, N, dtype=torch.long, device=values.device)
+        mask = torch.zeros(B, N, dtype=torch.bool, device=values.device)
+        for b, item in enumerate(entries):
+            parts = [self.null] + [v for _, v in item]
+            kinds_b = [0] + [self.kind_index[m] for m, v in item for _ in range(v.shape[0])]
+            values[b, : sizes[b]] = torch.cat(parts, dim=0)
+            kinds[b, : sizes[b]] = torch.tensor(kinds_b, device=values.device)
+            mask[b, : sizes[b]] = True
+        return values + self.kind_emb(kinds), kinds, mask
+
+    def turn_memory(self, h_prompt: torch.Tensor, values: torch.Tensor, kinds: torch.Tensor,
+                    mask: torch.Tensor) -> TurnMemory:
+        """Condition the visible memory on the turn's query (read at its ``<bot>`` token)."""
+        q = self.turn_query(h_prompt, values, mask)  # (B, d)
+        conditioned = self.film(values, q) if self.film is not None else values  # (B, N, d)
+        return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
+
+    def context(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (B, T, d) and the attention each memory vector received (B, T, N)."""
+        return self.fusion(h, mem)
+
+    def logits(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.combine(torch.cat([h, ctx], dim=-1)))  # (B, T, H)
+        return self.lm_head(self.drop(x))  # (B, T, V)
+
+    # -- training ------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, turns: torch.Tensor, prompt_end: torch.Tensor,
+                media: Sequence[MediaBatch] = (), targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced pass over whole dialogues.
+
+        idx (B, T) token ids; turns (B, T) turn index of each position (-1 for padding);
+        prompt_end (B, K) position of each turn's ``<bot>`` token (-1 where absent);
+        targets (B, T) next-token ids, -1 where no loss is taken.
+        """
+        B, T = idx.shape
+        entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
+        entry_turns: list[list[int]] = [[] for _ in range(B)]
+        for batch in media:
+            vectors = self.encode(batch.modality, batch.x, batch.lengths)
+            for v, b, k in zip(vectors, batch.item.tolist(), batch.turn.tolist()):
+                entries[b].append((batch.modality, v))
+                entry_turns[b].append(k)
+        values, kinds, mask = self.memory_bank(entries)  # (B, N, d), (B, N), (B, N)
+        sent = torch.full_like(kinds, -1)  # (B, N) turn that sent each vector; -1 = null
+        for b, item in enumerate(entries):
+            at = 1
+            for (_, v), k in zip(item, entry_turns[b]):
+                sent[b, at: at + v.shape[0]] = k
+                at += v.shape[0]
+
+        h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
+        ctx = h.new_zeros(B, T, self.config.d_model)
+        rows = torch.arange(B, device=idx.device)
+        for k in range(prompt_end.shape[1]):
+            has_turn = prompt_end[:, k] >= 0  # (B,)
+            if not has_turn.any():
+                continue
+            h_prompt = h[rows, prompt_end[:, k].clamp_min(0)]  # (B, H)
+            visible = mask & (sent <= k)  # (B, N)
+            mem = self.turn_memory(h_prompt, values, kinds, visible)
+            ctx_k, _ = self.context(h, mem)  # (B, T, d)
+            in_turn = (turns == k) & has_turn.unsqueeze(1)  # (B, T)
+            ctx = torch.where(in_turn.unsqueeze(-1), ctx_k, ctx)
+        logits = self.logits(h, ctx)  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

@@ -1,0 +1,91 @@
+"""Session model state as versioned bytes (safetensors), never pickle.
+
+Two kinds of blob:
+
+* the RNN state after the last turn plus tokens not yet fed (replaced each turn);
+* one memory-bank entry per attachment: its encoder vectors (appended).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import StateError
+
+FORMAT = "mmchat-state"
+MEMORY_FORMAT = "mmchat-memory"
+VERSION = "1"
+
+
+@dataclass
+class SessionState:
+    rnn: torch.Tensor  # (S, L, 1, H): S = 2 for LSTM (h, c), 1 for GRU
+    pending: list[int] = field(default_factory=list)  # tokens to feed before the next turn
+    turns: int = 0
+
+
+@dataclass
+class MemoryEntry:
+    modality: str
+    vectors: torch.Tensor  # (N, d)
+    attachment_id: str = ""
+
+
+def dumps_state(state: SessionState) -> bytes:
+    tensors = {
+        "rnn": state.rnn.detach().to("cpu", torch.float32).contiguous(),
+        "pending": torch.tensor(state.pending, dtype=torch.int64),
+    }
+    return st_save(tensors, metadata={"format": FORMAT, "version": VERSION,
+                                      "turns": str(state.turns)})
+
+
+def loads_state(data: bytes) -> SessionState:
+    tensors, meta = _load(data, FORMAT)
+    try:
+        return SessionState(rnn=tensors["rnn"], pending=tensors["pending"].tolist(),
+                            turns=int(meta.get("turns", "0")))
+    except (KeyError, ValueError) as exc:
+        raise StateError(f"session state is missing a field: {exc}") from None
+
+
+def dumps_entry(entry: MemoryEntry) -> bytes:
+    return st_save({"vectors": entry.vectors.detach().to("cpu", torch.float32).contiguous()},
+                   metadata={"format": MEMORY_FORMAT, "version": VERSION,
+                             "modality": entry.modality, "attachment_id": entry.attachment_id})
+
+
+def loads_entry(data: bytes) -> MemoryEntry:
+    tensors, meta = _load(data, MEMORY_FORMAT)
+    if "vectors" not in tensors or "modality" not in meta:
+        raise StateError("memory entry is missing its vectors or modality")
+    return MemoryEntry(meta["modality"], tensors["vectors"], meta.get("attachment_id", ""))
+
+
+def _load(data: bytes, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise StateError(f"session state must be bytes, not {type(data).__name__}")
+    try:
+        tensors = st_load(bytes(data))
+        meta = _metadata(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError, struct.error) as exc:
+        raise StateError(f"session state is not readable: {exc}") from None
+    if meta.get("format") != expected:
+        raise StateError(f"expected a {expected} blob, got format {meta.get('format')!r}")
+    if meta.get("version") != VERSION:
+        raise StateError(f"{expected} version {meta.get('version')!r} is not supported "
+                         f"(this mmchat reads version {VERSION})")
+    return tensors, meta
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + n])
+    return header.get("__metadata__", {}) or {}
