@@ -41,6 +41,8 @@ class TurnRun:
     memory: TurnMemory
     prompt_tokens: int
     turns_before: int
+    prompt_logits: torch.Tensor  # (1, V) the logits the first reply token is chosen from
+    prompt_state: torch.Tensor  # RNN state after the prompt
     tokens: list[int] = field(default_factory=list)
     mass: torch.Tensor | None = None  # (N,) summed attention over emitted tokens
     started: float = field(default_factory=time.perf_counter)
@@ -108,4 +110,4 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
     generation = generate(step, logits, weights[:, -1], rnn_state, params,
                           eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None)
     return TurnRun(model, tokenizer, generation, mem, prompt_tokens=len(prompt),
-                   turns_before=state.turns)
+                   turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state)

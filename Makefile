@@ -1,0 +1,42 @@
+# Two commands do all the set-up:  `make serve`  and  `make test`.
+# Both create .venv on first use. See docs/install.md for choosing another torch build.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmchat-installed
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# Machines that carry a local wheel cache (such as torch's CPU wheel) keep it in /opt/wheels.
+PIP_LOCAL := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+ARGS ?=
+
+.PHONY: setup serve chat test lint bench system-deps clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt $(PLUGINS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(PIP_LOCAL) -c constraints.txt \
+		-e '.[test]' $(foreach p,$(dir $(PLUGINS)),-e $(p))
+	touch $(STAMP)
+
+# espeak-ng speaks the voice clips that tests and the demo corpus use.
+system-deps:
+	@command -v espeak-ng >/dev/null || { \
+		echo "installing espeak-ng (Debian package)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q espeak-ng >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q espeak-ng >/dev/null; }; }
+
+serve: setup
+	$(PY) -m mmchat chat $(ARGS)
+
+test: setup system-deps
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check mmchat plugins tests bench
+
+bench: setup system-deps
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,184 @@
+import asyncio
+
+import pytest
+import torch
+
+from mmchat import Attachment, Engine
+from mmchat import checkpoint
+from mmchat.errors import (CheckpointError, EmptyMessage, InputError, MessageTooLong,
+                           StateError, UnsupportedMedia)
+from mmchat.loading import load_model
+from mmchat.state import dumps_state, loads_state
+
+TOY = Attachment(bytes(range(16)), "application/x-toy")
+
+
+@pytest.fixture
+async def engine(tiny_config, toy_host):
+    async with Engine(tiny_config, plugins=toy_host) as e:
+        yield e
+
+
+async def test_reply_reports_text_usage_attention_and_timings(engine):
+    reply = await engine.reply("s1", "hello", [TOY])
+    assert reply.completion_tokens > 0 and reply.prompt_tokens >= 3
+    assert set(reply.attention) == {"toy"} and 0 < reply.attention["toy"] <= 1
+    assert {"decode_media", "prefill", "first_token", "total"} <= set(reply.timings)
+    assert reply.finish_reason in ("stop", "length")
+
+
+async def test_stream_deltas_add_up_to_the_reply(engine):
+    stream = await engine.stream("s1", "hello", [TOY])
+    deltas = [d async for d in stream]
+    assert "".join(d.text for d in deltas) == stream.reply.text
+    assert [d.index for d in deltas] == list(range(len(deltas)))
+
+
+async def test_cancel_stops_generation_and_keeps_the_session(engine, tiny_config):
+    stream = await engine.stream("s1", "hello", max_new_tokens=50)
+    await stream.__anext__()
+    stream.cancel()
+    reply = await stream.wait()
+    assert reply.finish_reason == "cancelled" and reply.completion_tokens < 50
+    again = await engine.reply("s1", "still there?")
+    assert again.completion_tokens > 0
+    assert len(await engine.history("s1")) == 4
+
+
+@pytest.mark.parametrize("mode", [
+    {"strategy": "greedy"},
+    {"strategy": "sample", "seed": 3, "temperature": 0.7},
+    {"strategy": "sample", "seed": 3, "top_k": 5},
+    {"strategy": "sample", "seed": 3, "top_p": 0.8},
+    {"strategy": "beam", "beam_width": 3},
+    {"strategy": "greedy", "no_repeat_ngram": 2},
+])
+async def test_every_generation_mode_runs_through_the_engine(engine, mode):
+    reply = await engine.reply("s-" + mode["strategy"], "hello", [TOY], **mode)
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.completion_tokens <= 6
+
+
+async def test_seeded_sampling_replies_are_reproducible(engine):
+    a = await engine.reply("a", "hello", strategy="sample", seed=11)
+    b = await engine.reply("b", "hello", strategy="sample", seed=11)
+    assert a.text == b.text
+
+
+async def test_state_round_trip_continues_with_the_same_tokens(engine):
+    await engine.reply("orig", "hello", [TOY])
+    data = await engine.store.load("orig")
+    restored = loads_state(dumps_state(loads_state(data.state)))
+    await engine.store.save_turn("copy", state=dumps_state(restored), memory_added=data.memory,
+                                 turns=data.history, max_memory=16)
+    a = await engine.reply("orig", "and then?")
+    b = await engine.reply("copy", "and then?")
+    assert a.text == b.text and a.completion_tokens == b.completion_tokens
+
+
+async def test_memory_bank_carries_an_attachment_into_later_turns(engine):
+    await engine.reply("m", "look", [TOY])
+    later = await engine.reply("m", "what was it?")
+    assert later.attention.get("toy", 0) > 0
+
+
+@pytest.mark.parametrize("text, attachments, error, words", [
+    ("", [], EmptyMessage, "empty"),
+    ("   ", [], EmptyMessage, "empty"),
+    ("x" * 1_000_000, [], MessageTooLong, "limit is"),
+    ("hi", [Attachment(b"\x89PNG....", "image/x-unknown")], UnsupportedMedia, "image/x-unknown"),
+    ("hi", [Attachment(b"abcd", "application/x-toy", modality="smell")], UnsupportedMedia,
+     "smell"),
+    ("hi", [Attachment(b"x" * 100, "application/x-toy")], InputError, "limit is 64"),
+])
+async def test_bad_input_is_rejected_by_name_and_the_session_carries_on(
+        engine, text, attachments, error, words):
+    await engine.reply("s", "first", [TOY])
+    with pytest.raises(error, match=words):
+        await engine.reply("s", text, attachments)
+    assert len(await engine.history("s")) == 2
+    assert (await engine.reply("s", "second")).completion_tokens > 0
+
+
+async def test_corrupt_media_fails_the_turn_not_the_engine(engine):
+    stream = await engine.stream("s", "hi", [Attachment(b"abc", "application/x-toy")])
+    with pytest.raises(InputError, match="multiple of 4"):
+        await stream.wait()
+    assert await engine.history("s") == []
+    assert (await engine.reply("s", "hi")).completion_tokens > 0
+
+
+async def test_bad_session_ids_and_generation_settings_are_rejected(engine):
+    with pytest.raises(InputError, match="session id"):
+        await engine.reply("../etc/passwd", "hi")
+    with pytest.raises(InputError, match="temperature"):
+        await engine.reply("s", "hi", strategy="sample", temperature=-1)
+
+
+async def test_sessions_are_independent_under_concurrency(engine):
+    replies = await asyncio.gather(*(engine.reply(f"c{i}", "hello", [TOY]) for i in range(6)))
+    assert len({r.session_id for r in replies}) == 6
+    for i in range(6):
+        assert len(await engine.history(f"c{i}")) == 2
+
+
+async def test_corrupt_stored_state_is_a_clear_error(engine):
+    await engine.store.save_turn("bad", state=b"not safetensors", memory_added=[], turns=[],
+                                 max_memory=4)
+    with pytest.raises(StateError, match="not readable"):
+        await engine.reply("bad", "hi")
+
+
+def test_sync_wrappers(tiny_config, toy_host):
+    engine = Engine(tiny_config, plugins=toy_host)
+    try:
+        reply = engine.reply_sync("s", "hello", [TOY])
+        streamed = "".join(d.text for d in engine.stream_sync("s2", "hello", [TOY]))
+        assert reply.text == streamed
+    finally:
+        engine.close_sync()
+
+
+def test_checkpoint_round_trip_and_missing_plugin(tmp_path, tiny_config, toy_host):
+    model, tok, _ = load_model(tiny_config, toy_host.modalities)
+    path = checkpoint.save(tmp_path / "ckpt", model, tok, toy_host.modalities,
+                           extra={"note": "test"})
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.model"]
+    loaded, tok2, meta = checkpoint.load(path, toy_host.modalities)
+    assert meta["plugins"] == {"toy": {"plugin": "toy", "version": "1"}}
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tok2.proto == tok.proto
+    with pytest.raises(CheckpointError, match="needs modality 'toy' \\(plugin 'toy'"):
+        checkpoint.load(path, {})
+    (path / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        checkpoint.load(path, toy_host.modalities)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, tiny_config, toy_host, monkeypatch):
+    model, tok, _ = load_model(tiny_config, toy_host.modalities)
+    path = checkpoint.save(tmp_path / "ckpt", model, tok, toy_host.modalities)
+    before = (path / "model.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.Tokenizer, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, model, tok, toy_host.modalities)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+async def test_engine_serves_a_saved_checkpoint(tmp_path, tiny_config, toy_host):
+    model, tok, _ = load_model(tiny_config, toy_host.modalities)
+    path = checkpoint.save(tmp_path / "ckpt", model, tok, toy_host.modalities)
+    config = tiny_config.replace(model={"checkpoint": str(path)})
+    async with Engine(config, plugins=toy_host) as e:
+        assert "ckpt" in e.model_description
+        assert (await e.reply("s", "hello", [TOY])).completion_tokens > 0
+    missing = tiny_config.replace(model={"checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        await Engine(missing, plugins=toy_host).start()
