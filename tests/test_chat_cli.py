@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+
+def run_chat(stdin: str, cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mmchat", "chat", "--untrained", *args], input=stdin,
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+        env={"MMCHAT_MODEL__N_HIDDEN": "32", "MMCHAT_MODEL__N_EMBD": "16",
+             "MMCHAT_MODEL__D_MODEL": "16", "MMCHAT_GENERATION__MAX_NEW_TOKENS": "4",
+             "PATH": "/usr/bin:/bin"})
+
+
+def test_repl_chats_with_images_and_voice_and_reports_errors(tmp_path, image_dir, speech_dir):
+    script = "\n".join([
+        "/help",
+        "hello",
+        f"/image {image_dir / 'circle.png'} what colour is the circle?",
+        f"/voice {speech_dir / 'question.wav'}",
+        "and this?",
+        f"/image {image_dir / 'corrupt.png'} broken",
+        f"/image {tmp_path / 'missing.png'}",
+        "/reset",
+        "/bogus",
+        "still here",
+        "/quit",
+    ]) + "\n"
+    out = run_chat(script, tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout
+    assert "/image PATH [text]" in lines
+    assert lines.count("bot> ") == 5
+    assert "error [corrupt_media]" in lines
+    assert "cannot read" in lines and "(conversation reset)" in lines
+    assert "unknown command '/bogus'" in lines
+    assert "attached" in lines
+
+
+def test_repl_ends_cleanly_on_end_of_input(tmp_path):
+    out = run_chat("hello\n", tmp_path)
+    assert out.returncode == 0 and "bot> " in out.stdout
