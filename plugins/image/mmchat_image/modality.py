@@ -1,0 +1,205 @@
+"""The ``image`` modality: bytes in, a normalised ``(3, S, S)`` float32 tensor out.
+
+Pillow and torch are imported inside the methods that use them, so importing this
+module (and loading the plugin) stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from mmchat import Modality
+from mmchat.errors import ConfigError, CorruptMedia, MediaTooLarge
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image as PILImage
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Pillow format names this modality decodes. Pillow's JPEG opener also returns
+#: camera JPEGs with extra preview frames, which report themselves as "MPO".
+FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+_FORMAT_NAMES = "PNG, JPEG, WebP, BMP or GIF"
+_MIME_FORMATS: dict[str, tuple[str, ...]] = {
+    "image/png": ("PNG",),
+    "image/jpeg": ("JPEG", "MPO"),
+    "image/webp": ("WEBP",),
+    "image/bmp": ("BMP",),
+    "image/gif": ("GIF",),
+}
+
+#: Pillow's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS``); above it
+#: Pillow warns or refuses before this plugin can check, so ``max_pixels`` stops here.
+PILLOW_MAX_PIXELS = 89_478_485
+
+#: Pixel values are scaled to [0, 1], then shifted and scaled by these.
+MEAN = 0.5
+STD = 0.25
+
+# (default, type, minimum, maximum) for every setting in [plugins.image].
+SETTINGS: dict[str, tuple[int, type, int, int | None]] = {
+    "size": (64, int, 16, 1024),
+    "max_bytes": (10 * 1024 * 1024, int, 1, None),
+    "max_pixels": (40_000_000, int, 1, PILLOW_MAX_PIXELS),
+}
+
+# What Pillow raises on damaged data, besides its decompression-bomb errors.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
+
+
+class ImageModality(Modality):
+    """Still images (the first frame of a GIF), resized to ``size`` x ``size`` RGB.
+
+    Settings (``[plugins.image]``): ``size`` (default 64), ``max_bytes`` (10 MiB)
+    and ``max_pixels`` (40,000,000; checked from the header before any pixel is
+    decoded).
+    """
+
+    name = "image"
+    mime_types = tuple(_MIME_FORMATS)
+    version = "1"
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(settings)
+        values = read_settings(self.name, self.settings, SETTINGS)
+        self.size: int = values["size"]
+        self.max_bytes: int = values["max_bytes"]
+        self.max_pixels: int = values["max_pixels"]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "max_pixels": self.max_pixels, "size": self.size}
+
+    def decode(self, data: bytes, mime_type: str) -> torch.Tensor:
+        """Decode ``data`` to a float32 tensor ``(3, size, size)``, normalised by MEAN/STD.
+
+        Raises CorruptMedia for empty, damaged or unsupported data and MediaTooLarge
+        when the payload or its pixel count is over the limit.
+        """
+        if not data:
+            raise CorruptMedia("image is empty (0 bytes)")
+        if len(data) > self.max_bytes:
+            raise MediaTooLarge(
+                f"image is {len(data):,} bytes; the limit is {self.max_bytes:,} "
+                "(plugins.image.max_bytes)")
+        from PIL import Image
+
+        img = self._open(data, mime_type)
+        with img:
+            try:
+                rgb = self._to_rgb(img)
+            except Image.DecompressionBombError as exc:
+                raise MediaTooLarge(f"image is too large to decode safely: {exc}") from exc
+            except _DECODE_ERRORS as exc:
+                raise CorruptMedia(f"could not decode {img.format} image: {exc}") from exc
+        return _to_tensor(rgb)
+
+    def build_encoder(self, d_model: int) -> nn.Module:
+        from .encoder import ImageEncoder
+
+        return ImageEncoder(d_model)
+
+    def _open(self, data: bytes, mime_type: str) -> PILImage.Image:
+        """Open lazily (header only) and enforce the pixel limit before decoding."""
+        from PIL import Image
+
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except Image.UnidentifiedImageError:
+            raise CorruptMedia(
+                f"data is not a {_FORMAT_NAMES} image (sent as {mime_type})") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise MediaTooLarge(f"image is too large to decode safely: {exc}") from exc
+        except _DECODE_ERRORS as exc:
+            raise CorruptMedia(f"unreadable image header: {exc}") from exc
+        width, height = img.size
+        pixels = width * height
+        if pixels > self.max_pixels:
+            img.close()
+            raise MediaTooLarge(
+                f"image is {width}x{height} = {pixels:,} pixels; the limit is "
+                f"{self.max_pixels:,} (plugins.image.max_pixels)")
+        if pixels == 0:
+            img.close()
+            raise CorruptMedia(f"image has no pixels ({width}x{height})")
+        if img.format not in _MIME_FORMATS.get(mime_type.lower(), ()):
+            logger.debug("attachment sent as %s is %s; decoding it anyway", mime_type, img.format)
+        return img
+
+    def _to_rgb(self, img: PILImage.Image) -> PILImage.Image:
+        """Orient, flatten to RGB on white and resize to ``size`` x ``size``."""
+        from PIL import Image, ImageOps
+
+        if img.format in ("JPEG", "MPO"):
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still at least size x size.
+            img.draft("RGB", (self.size, self.size))
+        ImageOps.exif_transpose(img, in_place=True)
+        if img.mode in ("I", "F") or img.mode.startswith("I;"):
+            img = _deep_to_l(img)
+        if img.has_transparency_data:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            background.alpha_composite(rgba)
+            img = background.convert("RGB")
+        elif img.mode != "RGB":
+            img = img.convert("RGB")
+        return img.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def _deep_to_l(img: PILImage.Image) -> PILImage.Image:
+    """8-bit greyscale from 16-bit, 32-bit integer or float greyscale.
+
+    ``I;16`` images span 0-65535. Other integer images are read as 16-bit when a
+    value is above 255, else as 8-bit; float images up to 1.0 as [0, 1].
+    """
+    mode = img.mode
+    img = img.convert("F")
+    _, high = img.getextrema()
+    if mode.startswith("I;16") or (mode == "I" and high > 255):
+        scale = 255.0 / 65535.0
+    elif mode == "F" and high <= 1.0:
+        scale = 255.0
+    else:
+        scale = 1.0
+    if scale != 1.0:
+        img = img.point(lambda v: v * scale)
+    return img.convert("L")
+
+
+def _to_tensor(img: PILImage.Image) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32))  # (S, S, 3)
+    x = pixels.permute(2, 0, 1)  # (3, S, S)
+    return (x * (1.0 / (255.0 * STD)) - MEAN / STD).contiguous()  # (3, S, S)
+
+
+def read_settings(modality: str, settings: Mapping[str, Any],
+                  spec: Mapping[str, tuple[Any, type, Any, Any]]) -> dict[str, Any]:
+    """Validate ``[plugins.<modality>]`` against ``spec`` and fill in defaults.
+
+    ``spec`` maps each key to ``(default, type, minimum, maximum)``; ``None`` means
+    unbounded. Raises ConfigError naming the key, the value and what is allowed.
+    """
+    unknown = sorted(set(settings) - set(spec))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting plugins.{modality}.{unknown[0]}; allowed: {', '.join(spec)}")
+    values = {}
+    for key, (default, kind, low, high) in spec.items():
+        value = settings.get(key, default)
+        where = f"plugins.{modality}.{key} = {value!r} is not allowed"
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise ConfigError(f"{where}: expected {'a number' if kind is float else 'an integer'}")
+        if low is not None and value < low:
+            raise ConfigError(f"{where}: minimum is {low}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where}: maximum is {high}")
+        values[key] = kind(value)
+    return values

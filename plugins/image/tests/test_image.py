@@ -1,0 +1,300 @@
+"""Tests for the image modality, with real images made by Pillow in memory."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import mmchat_image
+import pytest
+import torch
+from mmchat_image import ImageModality
+from PIL import Image
+
+from mmchat.errors import ConfigError, CorruptMedia, MediaTooLarge
+from mmchat.plugins import PluginHost
+
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+WHITE_VALUE = 2.0  # (1.0 - MEAN) / STD
+BLACK_VALUE = -2.0  # (0.0 - MEAN) / STD
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def halves(size: tuple[int, int], left=RED, right=BLUE, mode: str = "RGB") -> Image.Image:
+    """Left half ``left``, right half ``right``."""
+    img = Image.new(mode, size, left)
+    img.paste(Image.new(mode, (size[0] // 2, size[1]), right), (size[0] - size[0] // 2, 0))
+    return img
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but that holds no real pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def image() -> ImageModality:
+    return ImageModality()
+
+
+def colour_at(x: torch.Tensor, row: slice, col: slice) -> torch.Tensor:
+    """Mean normalised RGB over a region of a (3, S, S) tensor."""
+    return x[:, row, col].mean(dim=(1, 2))
+
+
+def assert_red(rgb: torch.Tensor) -> None:
+    assert rgb[0] > 1.5 and rgb[1] < -1.5 and rgb[2] < -1.5, rgb
+
+
+def assert_blue(rgb: torch.Tensor) -> None:
+    assert rgb[0] < -1.5 and rgb[1] < -1.5 and rgb[2] > 1.5, rgb
+
+
+@pytest.mark.parametrize("fmt, mime, params", [
+    ("PNG", "image/png", {}),
+    ("JPEG", "image/jpeg", {"quality": 95}),
+    ("WEBP", "image/webp", {"lossless": True}),
+    ("BMP", "image/bmp", {}),
+    ("GIF", "image/gif", {}),
+])
+def test_decodes_each_format(image, fmt, mime, params):
+    data = encode(halves((120, 90)), fmt, **params)
+    x = image.decode(data, mime)
+    assert x.shape == (3, 64, 64)
+    assert x.dtype == torch.float32
+    assert_red(colour_at(x, slice(None), slice(0, 24)))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+
+
+def test_size_setting_sets_output_size():
+    x = ImageModality({"size": 32}).decode(encode(halves((50, 50)), "PNG"), "image/png")
+    assert x.shape == (3, 32, 32)
+
+
+def test_values_are_normalised(image):
+    white = image.decode(encode(Image.new("RGB", (10, 10), (255, 255, 255)), "PNG"), "image/png")
+    black = image.decode(encode(Image.new("RGB", (10, 10), (0, 0, 0)), "PNG"), "image/png")
+    assert torch.allclose(white, torch.full_like(white, WHITE_VALUE))
+    assert torch.allclose(black, torch.full_like(black, BLACK_VALUE))
+
+
+@pytest.mark.parametrize("orientation, top, bottom", [(6, "red", "blue"), (8, "blue", "red")])
+def test_exif_orientation_is_applied(image, orientation, top, bottom):
+    # Stored sideways: red on the left, blue on the right. Orientation 6 means
+    # "rotate 90 degrees clockwise to display", which puts red on top; 8 is the reverse.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(halves((640, 320)), "JPEG", quality=95, exif=exif.tobytes())
+    x = image.decode(data, "image/jpeg")
+    checks = {"red": assert_red, "blue": assert_blue}
+    checks[top](colour_at(x, slice(0, 24), slice(None)))
+    checks[bottom](colour_at(x, slice(40, 64), slice(None)))
+
+
+def test_jpeg_without_exif_keeps_layout(image):
+    x = image.decode(encode(halves((640, 480)), "JPEG", quality=95), "image/jpeg")
+    assert_red(colour_at(x, slice(None), slice(0, 24)))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+
+
+def test_rgba_is_composited_on_white(image):
+    img = halves((64, 64), left=(0, 0, 0, 0), right=(0, 0, 255, 255), mode="RGBA")
+    x = image.decode(encode(img, "PNG"), "image/png")
+    assert torch.allclose(colour_at(x, slice(None), slice(0, 24)), torch.full((3,), WHITE_VALUE))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("L", 255, WHITE_VALUE),
+    ("L", 0, BLACK_VALUE),
+    ("1", 1, WHITE_VALUE),
+    ("I;16", 65535, WHITE_VALUE),
+    ("I;16", 255, (1 / 257 - 0.5) / 0.25),
+])
+def test_greyscale_becomes_equal_rgb(image, mode, value, expected):
+    x = image.decode(encode(Image.new(mode, (20, 20), value), "PNG"), "image/png")
+    assert torch.allclose(x, torch.full_like(x, expected), atol=0.02)
+
+
+@pytest.mark.parametrize("mode, value", [("I", 255), ("I", 65535), ("F", 1.0), ("F", 255.0)])
+def test_deep_greyscale_scaling(mode, value):
+    # Pillow cannot save these modes as PNG/BMP, so this goes one step below decode().
+    rgb = ImageModality()._to_rgb(Image.new(mode, (20, 20), value))
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_greyscale_with_alpha(image):
+    img = halves((64, 64), left=(0, 0), right=(0, 255), mode="LA")
+    x = image.decode(encode(img, "PNG"), "image/png")
+    assert torch.allclose(colour_at(x, slice(None), slice(0, 24)), torch.full((3,), WHITE_VALUE))
+    assert torch.allclose(colour_at(x, slice(None), slice(40, 64)), torch.full((3,), BLACK_VALUE))
+
+
+def test_palette_image(image):
+    img = halves((64, 64)).quantize(colors=4)
+    assert img.mode == "P"
+    x = image.decode(encode(img, "PNG"), "image/png")
+    assert_red(colour_at(x, slice(None), slice(0, 24)))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+
+
+def test_gif_uses_first_frame_and_transparency(image):
+    first = halves((64, 64)).quantize(colors=4)
+    second = Image.new("RGB", (64, 64), (0, 255, 0)).quantize(colors=4)
+    data = encode(first, "GIF", save_all=True, append_images=[second], duration=100)
+    x = image.decode(data, "image/gif")
+    assert_red(colour_at(x, slice(None), slice(0, 24)))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+
+    see_through = Image.new("P", (16, 16), 0)
+    see_through.putpalette([0, 0, 0, 255, 0, 0])
+    x = image.decode(encode(see_through, "GIF", transparency=0), "image/gif")
+    assert torch.allclose(x, torch.full_like(x, WHITE_VALUE))
+
+
+def test_mime_mismatch_is_lenient_for_accepted_formats(image):
+    jpeg = encode(halves((64, 64)), "JPEG")
+    assert image.decode(jpeg, "image/png").shape == (3, 64, 64)
+
+
+def test_unaccepted_format_is_corrupt(image):
+    tiff = encode(halves((64, 64)), "TIFF")
+    with pytest.raises(CorruptMedia, match="not a PNG, JPEG, WebP, BMP or GIF image"):
+        image.decode(tiff, "image/png")
+
+
+def test_truncated_png_is_corrupt(image):
+    rng = random.Random(0)
+    noisy = Image.frombytes("RGB", (128, 128), rng.randbytes(128 * 128 * 3))
+    data = encode(noisy, "PNG")
+    with pytest.raises(CorruptMedia, match="could not decode PNG image"):
+        image.decode(data[: len(data) // 2], "image/png")
+
+
+def test_truncated_jpeg_is_corrupt(image):
+    data = encode(halves((640, 480)), "JPEG")
+    with pytest.raises(CorruptMedia):
+        image.decode(data[: len(data) // 3], "image/jpeg")
+
+
+@pytest.mark.parametrize("data", [random.Random(1).randbytes(4096), b"\x89PNG\r\n\x1a\n",
+                                  b"GIF89a"])
+def test_garbage_is_corrupt(image, data):
+    with pytest.raises(CorruptMedia):
+        image.decode(data, "image/png")
+
+
+def test_empty_is_corrupt(image):
+    with pytest.raises(CorruptMedia, match="empty"):
+        image.decode(b"", "image/png")
+
+
+def test_too_many_pixels_is_rejected():
+    data = encode(Image.new("1", (200, 100)), "PNG")
+    with pytest.raises(MediaTooLarge, match=r"200x100 = 20,000 pixels; the limit is 10,000"):
+        ImageModality({"max_pixels": 10_000}).decode(data, "image/png")
+
+
+def test_pixel_limit_is_checked_before_decoding(image):
+    # 48 million pixels claimed, no real pixel data: loading would fail as corrupt,
+    # so MediaTooLarge proves the check ran on the header alone.
+    with pytest.raises(MediaTooLarge, match="8000x6000 = 48,000,000 pixels"):
+        image.decode(png_header(8000, 6000), "image/png")
+
+
+def test_pillow_decompression_bomb_becomes_too_large(image):
+    with pytest.raises(MediaTooLarge, match="too large to decode safely"):
+        image.decode(png_header(100_000, 100_000), "image/png")
+
+
+def test_payload_over_max_bytes():
+    with pytest.raises(MediaTooLarge, match="the limit is 100"):
+        ImageModality({"max_bytes": 100}).decode(b"x" * 101, "image/png")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"colour": True}, "unknown setting plugins.image.colour; allowed: size, max_bytes"),
+    ({"size": "64"}, "plugins.image.size = '64' is not allowed: expected an integer"),
+    ({"size": True}, "plugins.image.size = True is not allowed: expected an integer"),
+    ({"size": 8}, "plugins.image.size = 8 is not allowed: minimum is 16"),
+    ({"max_pixels": 10**9}, "maximum is 89478485"),
+    ({"max_bytes": 0}, "plugins.image.max_bytes = 0 is not allowed: minimum is 1"),
+])
+def test_bad_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        ImageModality(settings)
+
+
+def test_describe():
+    info = ImageModality({"max_bytes": 1000}).describe()
+    assert info["name"] == "image"
+    assert info["max_bytes"] == 1000
+    assert "image/webp" in info["mime_types"]
+
+
+def test_encoder_shapes_and_mask(image):
+    encoder = image.build_encoder(48).eval()
+    batch, lengths = image.collate([image.decode(encode(halves((80, 60)), "PNG"), "image/png"),
+                                    image.decode(encode(Image.new("L", (9, 9)), "BMP"),
+                                                 "image/bmp")])
+    vectors, mask = encoder(batch, lengths)
+    assert vectors.shape == (2, 64, 48)
+    assert mask.shape == (2, 64) and mask.dtype == torch.bool and bool(mask.all())
+
+
+def test_encoder_pools_other_sizes_to_the_same_grid():
+    image = ImageModality({"size": 96})
+    encoder = image.build_encoder(16).eval()
+    vectors, mask = encoder(torch.zeros(3, 3, 96, 96))
+    assert vectors.shape == (3, 64, 16)
+    assert mask.shape == (3, 64)
+
+
+def test_encoder_knows_positions(image):
+    # A blank image gives the same CNN features everywhere away from the borders;
+    # the coordinate channels must still make the region vectors differ.
+    encoder = image.build_encoder(8).eval()
+    with torch.no_grad():
+        vectors, _ = encoder(torch.zeros(1, 3, 256, 256))
+    grid = vectors.view(8, 8, 8)
+    assert not torch.allclose(grid[3, 3], grid[3, 4])
+    assert not torch.allclose(grid[3, 3], grid[4, 3])
+
+
+def test_encoder_trains(image):
+    encoder = image.build_encoder(16)
+    vectors, _ = encoder(torch.randn(2, 3, 64, 64))
+    vectors.sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    assert "coords" not in encoder.state_dict()
+
+
+def test_registered_through_entry_point():
+    host = PluginHost(builtins=(), allow=["image"], settings={"image": {"size": 32}})
+    modality = host.modalities["image"]
+    assert isinstance(modality, ImageModality)
+    assert modality.size == 32
+    assert host.plugin_version("image") == mmchat_image.__version__
+    assert modality.decode(encode(halves((40, 40)), "PNG"), "image/png").shape == (3, 32, 32)
+
+
+def test_bad_settings_fail_registration():
+    host = PluginHost(builtins=(), allow=["image"], settings={"image": {"size": 0}})
+    assert "image" not in host.modalities
+    assert [f.stage for f in host.failures] == ["register_modalities"]
+    assert "plugins.image.size = 0" in host.failures[0].error
