@@ -17,15 +17,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
-from .model import DialogueConfig, DialogueLM
 from .modality import Modality
+from .model import DialogueConfig, DialogueLM
 from .tokenizer import Tokenizer
 
 FORMAT = "mmchat-checkpoint"
@@ -33,8 +34,13 @@ VERSION = 1
 
 
 def save(path: str | Path, model: DialogueLM, tokenizer: Tokenizer,
-         modalities: Mapping[str, Modality], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically; ``extra`` is stored in config.json."""
+         modalities: Mapping[str, Modality], extra: Mapping[str, Any] | None = None,
+         files: Mapping[str, bytes] | None = None) -> Path:
+    """Write a checkpoint folder atomically.
+
+    ``extra`` is stored in config.json; ``files`` are more files (name -> bytes) written
+    into the same folder, such as resumable training state.
+    """
     from . import __version__
 
     path = Path(path)
@@ -50,13 +56,15 @@ def save(path: str | Path, model: DialogueLM, tokenizer: Tokenizer,
             "mmchat_version": __version__,
             "config": model.config.to_dict(),
             "plugins": {
-                name: {"plugin": getattr(modalities[name], "plugin_name", name),
+                name: {"plugin": modalities[name].plugin_name or name,
                        "version": modalities[name].version}
                 for name in model.config.modalities
             },
             **dict(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -12,9 +12,10 @@ import json
 import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -88,6 +89,24 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _opt(6000, min=1)
+    batch_size: int = _opt(64, min=1, max=65536)
+    lr: float = _opt(2e-3, min=0.0, max=1.0)
+    min_lr_ratio: float = _opt(0.1, min=0.0, max=1.0)
+    warmup_steps: int = _opt(200, min=0)
+    weight_decay: float = _opt(0.0, min=0.0, max=1.0)
+    grad_clip: float = _opt(1.0, min=0.0)
+    eval_every: int = _opt(250, min=1)
+    eval_batches: int = _opt(20, min=1)
+    checkpoint_every: int = _opt(500, min=1)
+    patience: int = _opt(6, min=0)
+    max_tokens: int = _opt(256, min=8, max=65536)
+    seed: int = _opt(1337, min=0)
+    threads: int = _opt(0, min=0, max=256)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -95,6 +114,7 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     #: Folder that relative paths in the file are resolved against.
     base_dir: str = "."
 

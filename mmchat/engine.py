@@ -11,15 +11,22 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
 
 from . import config as config_module
 from .config import Config
-from .errors import (EmptyMessage, InputError, MediaTooLarge, MessageTooLong, MMChatError,
-                     UnsupportedMedia)
+from .errors import (
+    EmptyMessage,
+    InputError,
+    MediaTooLarge,
+    MessageTooLong,
+    MMChatError,
+    UnsupportedMedia,
+)
 from .modality import Attachment, Modality
 from .plugins import PluginHost
 from .sessions import MemoryStore, SessionStore

@@ -12,8 +12,8 @@ holds the finish reason and the state to continue the conversation from.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 import torch
 

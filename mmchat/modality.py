@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,8 @@ class Modality(ABC):
     max_bytes: int = 10 * 1024 * 1024
     #: Version of the encoder architecture; recorded in checkpoints.
     version: str = "0"
+    #: Name of the plugin that registered this modality (set by the plugin host).
+    plugin_name: str = ""
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = dict(settings or {})
@@ -62,6 +65,8 @@ class Modality(ABC):
         """
         import torch
 
+        if not features:
+            raise ValueError("collate() needs at least one item")
         lengths = torch.tensor([f.shape[-1] for f in features], dtype=torch.long)
         longest = int(lengths.max())
         batch = features[0].new_zeros((len(features), *features[0].shape[:-1], longest))
@@ -70,7 +75,8 @@ class Modality(ABC):
         return batch, lengths
 
     def accepts(self, mime_type: str) -> bool:
-        return mime_type.lower() in self.mime_types
+        """Whether this modality takes ``mime_type`` (parameters such as ``; codecs=1`` ignored)."""
+        return mime_type.split(";", 1)[0].strip().lower() in self.mime_types
 
     def describe(self) -> dict[str, Any]:
         """What clients are told about this modality."""

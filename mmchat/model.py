@@ -15,8 +15,8 @@ sees the memory of attachments sent up to and including turn ``k``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,14 +14,15 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import ConfigError, PluginError
 from .modality import Modality
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class PluginHost:
                 )
                 for modality in registered:
                     _validate_modality(modality)
+            except ConfigError:
+                raise  # bad settings must stop start-up, naming the key
             except Exception as exc:
                 logger.exception("plugin %r failed to register modalities", impl.plugin_name)
                 self.failures.append(PluginFailure(
@@ -218,7 +221,7 @@ class PluginHost:
             raise
         except Exception as exc:
             logger.exception("modality %r raised in %s", modality.name, what)
-            raise PluginError(getattr(modality, "plugin_name", modality.name),
+            raise PluginError(modality.plugin_name or modality.name,
                               f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 

@@ -3,10 +3,15 @@ import asyncio
 import pytest
 import torch
 
-from mmchat import Attachment, Engine
-from mmchat import checkpoint
-from mmchat.errors import (CheckpointError, EmptyMessage, InputError, MessageTooLong,
-                           StateError, UnsupportedMedia)
+from mmchat import Attachment, Engine, checkpoint
+from mmchat.errors import (
+    CheckpointError,
+    EmptyMessage,
+    InputError,
+    MessageTooLong,
+    StateError,
+    UnsupportedMedia,
+)
 from mmchat.loading import load_model
 from mmchat.state import dumps_state, loads_state
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from toy_plugin import ToyModality
 
 from mmchat.generate import GenerationParams
 from mmchat.model import DialogueConfig, DialogueLM, MediaBatch
 from mmchat.runtime import start_turn
 from mmchat.state import MemoryEntry, SessionState
 from mmchat.tokenizer import Tokenizer
-from toy_plugin import ToyModality
 
 FUSIONS = ["attention", "concat", "weighted"]
 RNNS = ["lstm", "gru"]

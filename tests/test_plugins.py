@@ -5,11 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_plugin import ToyModality
 
 from mmchat import Attachment, Engine, Modality, hookimpl, hookspecs
 from mmchat.errors import PluginError
 from mmchat.plugins import PluginHost
-from toy_plugin import ToyModality
 
 ROOT = Path(__file__).parent.parent
 
