@@ -6,17 +6,46 @@ A session is three things, kept apart so a turn writes only what changed:
 * ``memory``: the memory bank, one serialised entry per attachment (bytes, appended);
 * ``history``: the turns as JSON-able dicts (appended).
 
+Around them a store keeps what a scaled-out server needs:
+
+* ``owner``: the auth subject that created the session (:meth:`SessionStore.claim_session`);
+* the reply *stream*: the ``started``/``delta``/``done`` events of recent replies, numbered
+  by a session-wide ``seq``, so a client that reconnects (to any node) can replay what it
+  missed and follow a reply that is still being generated;
+* the ids of client messages already taken, so a retried message is not processed twice.
+
 Nothing here is pickled: stores hold plain bytes and JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
+
+from .errors import SessionBusy
+
+#: Kinds of :class:`StreamEntry`; ``done`` ends a reply.
+STREAM_KINDS = ("started", "delta", "done")
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def validate_session_id(session_id: str) -> str:
+    """Return ``session_id`` or raise :class:`ValueError`.
+
+    Ids are 1 to 128 characters from ``A-Z a-z 0-9 . _ : -``, which keeps them safe
+    inside Redis keys and cluster hash tags.
+    """
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(f"bad session id {session_id!r}: use 1 to 128 of A-Z a-z 0-9 . _ : -")
+    return session_id
 
 
 @dataclass
@@ -25,10 +54,48 @@ class SessionData:
     state: bytes | None = None
     memory: list[bytes] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The auth subject that owns the session, once :meth:`SessionStore.claim_session` ran.
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One event of a reply, kept so a resuming client can replay it.
+
+    ``seq`` counts every entry of the session from 1 without gaps, across replies.
+    ``kind`` is one of :data:`STREAM_KINDS`; ``data`` holds the JSON-able rest of the
+    event (the message id for ``started``; finish reason, usage, ... for ``done``).
+    """
+
+    seq: int
+    response_id: str
+    kind: str
+    text: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.kind == "done"
+
+
+def check_stream_entries(entries: Sequence[StreamEntry], after_seq: int = 0) -> None:
+    """Raise :class:`ValueError` unless ``entries`` have known kinds and rising seqs
+    greater than ``after_seq``."""
+    last = after_seq
+    for entry in entries:
+        if entry.kind not in STREAM_KINDS:
+            raise ValueError(f"stream entry kind {entry.kind!r} is not one of {STREAM_KINDS}")
+        if isinstance(entry.seq, bool) or not isinstance(entry.seq, int) or entry.seq <= last:
+            raise ValueError(f"stream seq {entry.seq!r} does not follow seq {last}")
+        last = entry.seq
 
 
 class SessionStore(ABC):
-    """Async storage for sessions. Implementations must be safe to share between tasks."""
+    """Async storage for sessions. Implementations must be safe to share between tasks.
+
+    The methods after :meth:`lock` have defaults so a minimal store still works: it
+    then cannot resume replies, does not deduplicate messages and cannot record owners.
+    """
 
     @abstractmethod
     async def load(self, session_id: str) -> SessionData | None:
@@ -46,7 +113,11 @@ class SessionStore(ABC):
 
     @abstractmethod
     def lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold this while a turn runs so turns of one session run one at a time."""
+        """Hold this while a turn runs so turns of one session run one at a time.
+
+        Raises :class:`mmchat.errors.SessionBusy` when the lock stays taken for longer
+        than the store's wait limit. Not re-entrant.
+        """
 
     async def ping(self) -> None:
         """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot be reached."""
@@ -54,56 +125,235 @@ class SessionStore(ABC):
     async def close(self) -> None:
         """Release connections."""
 
+    async def claim_session(self, session_id: str, owner: str) -> str:
+        """Make ``owner`` the session's owner unless it already has one; return the owner
+        it has afterwards. Creates the session if needed."""
+        raise NotImplementedError(f"{type(self).__name__} does not record session owners")
+
+    async def claim_message(self, session_id: str, message_id: str) -> bool:
+        """Return ``True`` the first time ``message_id`` is claimed in this session and
+        ``False`` after that, so a retried client message is processed once.
+
+        The default store keeps no record and always returns ``True``.
+        """
+        return True
+
+    async def release_message(self, session_id: str, message_id: str) -> None:
+        """Undo :meth:`claim_message`, for a message that failed before any reply began,
+        so the client may retry it."""
+
+    async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
+        """Append reply events. Seqs must rise and follow the stream's last seq, else
+        :class:`ValueError`. Stores keep a bounded number of the newest entries.
+
+        The default store keeps nothing, so replies cannot be resumed.
+        """
+
+    async def read_stream(self, session_id: str, after_seq: int = 0, *,
+                          limit: int | None = None) -> list[StreamEntry]:
+        """Return kept entries with ``seq > after_seq``, oldest first (at most ``limit``).
+
+        If the first returned seq is not ``after_seq + 1`` the entries in between were
+        trimmed away and cannot be replayed.
+        """
+        return []
+
+    async def wait_stream(self, session_id: str, after_seq: int, *,
+                          timeout: float) -> list[StreamEntry]:
+        """Like :meth:`read_stream`, but when there is nothing yet wait up to ``timeout``
+        seconds for an entry to be appended (possibly by another process). Returns ``[]``
+        if none came; may return early, so callers loop."""
+        entries = await self.read_stream(session_id, after_seq)
+        if entries:
+            return entries
+        await asyncio.sleep(timeout)
+        return await self.read_stream(session_id, after_seq)
+
+    async def stream_tail(self, session_id: str) -> StreamEntry | None:
+        """Return the newest entry, or ``None`` if the stream is empty.
+
+        The next reply event takes ``seq = tail.seq + 1`` (or 1 without a tail).
+        """
+        return None
+
+    async def follow_stream(self, session_id: str, after_seq: int = 0, *,
+                            idle_timeout: float = 30.0) -> AsyncIterator[StreamEntry]:
+        """Yield the entries after ``after_seq``, then keep yielding new ones while a
+        reply is open (the newest entry is not ``done``).
+
+        Ends right away if nothing is newer and no reply is open. Raises
+        :class:`TimeoutError` when an open reply gets no entry for ``idle_timeout``
+        seconds (the node generating it died, say).
+        """
+        loop = asyncio.get_running_loop()
+        entries = await self.read_stream(session_id, after_seq)
+        if not entries:
+            tail = await self.stream_tail(session_id)
+            if tail is None or tail.final:
+                return
+        deadline = loop.time() + idle_timeout
+        while True:
+            if entries:
+                for entry in entries:
+                    yield entry
+                after_seq = entries[-1].seq
+                deadline = loop.time() + idle_timeout
+                if entries[-1].final:
+                    entries = await self.read_stream(session_id, after_seq)
+                    if not entries:
+                        return
+                    continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"session {session_id!r}: no reply event after seq {after_seq} "
+                    f"for {idle_timeout}s")
+            entries = await self.wait_stream(session_id, after_seq, timeout=remaining)
+
+
+@dataclass
+class _Record:
+    data: SessionData
+    touched: float
+    stream: collections.deque[StreamEntry]
+    message_ids: set[str] = field(default_factory=set)
+    #: Set (and replaced) whenever the stream grows, to wake :meth:`MemoryStore.wait_stream`.
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def exists(self) -> bool:
+        data = self.data
+        return bool(data.state is not None or data.memory or data.history or data.owner)
+
 
 class MemoryStore(SessionStore):
-    """Sessions in this process's memory, with a sliding TTL. The embedded default."""
+    """Sessions in this process's memory, with a sliding TTL. The embedded default.
 
-    def __init__(self, *, ttl_seconds: float = 86_400, clock=time.monotonic) -> None:
+    ``lock_timeout`` bounds the wait for a session's lock (then :class:`SessionBusy`);
+    ``stream_max_len`` bounds the reply events kept per session for resume.
+    """
+
+    def __init__(self, *, ttl_seconds: float = 86_400, clock=time.monotonic,
+                 lock_timeout: float = 10.0, stream_max_len: int = 2048) -> None:
+        if stream_max_len < 1:
+            raise ValueError("stream_max_len must be at least 1")
         self._ttl = ttl_seconds
         self._clock = clock
-        self._sessions: dict[str, tuple[float, SessionData]] = {}
+        self._lock_timeout = lock_timeout
+        self._stream_max_len = stream_max_len
+        self._sessions: dict[str, _Record] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def _live(self, session_id: str) -> SessionData | None:
-        entry = self._sessions.get(session_id)
-        if entry is None:
-            return None
-        touched, data = entry
+    def _record(self, session_id: str, *, create: bool = False,
+                touch: bool = True) -> _Record | None:
+        validate_session_id(session_id)
+        record = self._sessions.get(session_id)
         now = self._clock()
-        if now - touched > self._ttl:
+        if record is not None and now - record.touched > self._ttl:
             del self._sessions[session_id]
-            return None
-        self._sessions[session_id] = (now, data)
-        return data
+            record = None
+        if record is None:
+            if not create:
+                return None
+            record = _Record(SessionData(session_id), now,
+                             collections.deque(maxlen=self._stream_max_len))
+            self._sessions[session_id] = record
+        if touch:
+            record.touched = now
+        return record
 
     async def load(self, session_id: str) -> SessionData | None:
-        data = self._live(session_id)
-        if data is None:
+        record = self._record(session_id)
+        if record is None or not record.exists():
             return None
+        data = record.data
         return SessionData(session_id, data.state, list(data.memory),
-                           [dict(t) for t in data.history])
+                           [dict(t) for t in data.history], data.owner)
 
     async def save_turn(self, session_id: str, *, state: bytes, memory_added: list[bytes],
                         turns: list[dict[str, Any]], max_memory: int) -> None:
-        data = self._live(session_id) or SessionData(session_id)
-        data.state = state
-        data.memory = (data.memory + list(memory_added))[-max_memory:] if max_memory else []
+        if max_memory < 0:
+            raise ValueError("max_memory must not be negative")
+        data = self._record(session_id, create=True).data
+        data.state = bytes(state)
+        memory = data.memory + [bytes(m) for m in memory_added]
+        data.memory = memory[-max_memory:] if max_memory else []
         data.history.extend(dict(t) for t in turns)
-        self._sessions[session_id] = (self._clock(), data)
 
     async def delete(self, session_id: str) -> None:
+        validate_session_id(session_id)
         self._sessions.pop(session_id, None)
 
     @contextlib.asynccontextmanager
     async def lock(self, session_id: str) -> AsyncIterator[None]:
+        validate_session_id(session_id)
         lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
         self._locks[session_id] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                await asyncio.wait_for(lock.acquire(), self._lock_timeout)
+            except TimeoutError:
+                raise SessionBusy(
+                    f"session {session_id!r} is busy: another turn held it for more than "
+                    f"{self._lock_timeout}s") from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[session_id]
             if users == 1:
                 del self._locks[session_id]
             else:
                 self._locks[session_id] = (lock, users - 1)
+
+    async def claim_session(self, session_id: str, owner: str) -> str:
+        if not owner:
+            raise ValueError("owner must be a non-empty string")
+        data = self._record(session_id, create=True).data
+        if data.owner is None:
+            data.owner = owner
+        return data.owner
+
+    async def claim_message(self, session_id: str, message_id: str) -> bool:
+        ids = self._record(session_id, create=True).message_ids
+        if message_id in ids:
+            return False
+        ids.add(message_id)
+        return True
+
+    async def release_message(self, session_id: str, message_id: str) -> None:
+        record = self._record(session_id, touch=False)
+        if record is not None:
+            record.message_ids.discard(message_id)
+
+    async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
+        if not entries:
+            return
+        record = self._record(session_id, create=True)
+        check_stream_entries(entries, record.stream[-1].seq if record.stream else 0)
+        record.stream.extend(entries)
+        grew, record.grew = record.grew, asyncio.Event()
+        grew.set()
+
+    async def read_stream(self, session_id: str, after_seq: int = 0, *,
+                          limit: int | None = None) -> list[StreamEntry]:
+        record = self._record(session_id, touch=False)
+        if record is None:
+            return []
+        entries = [e for e in record.stream if e.seq > after_seq]
+        return entries if limit is None else entries[:limit]
+
+    async def wait_stream(self, session_id: str, after_seq: int, *,
+                          timeout: float) -> list[StreamEntry]:
+        record = self._record(session_id, create=True, touch=False)
+        grew = record.grew
+        entries = await self.read_stream(session_id, after_seq)
+        if entries:
+            return entries
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(grew.wait(), max(timeout, 0))
+        return await self.read_stream(session_id, after_seq)
+
+    async def stream_tail(self, session_id: str) -> StreamEntry | None:
+        record = self._record(session_id, touch=False)
+        return record.stream[-1] if record is not None and record.stream else None

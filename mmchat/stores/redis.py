@@ -1,0 +1,536 @@
+"""Sessions in Redis, so any number of server processes can share them.
+
+This is the only module in mmchat that imports ``redis``.
+
+URL forms (``sessions.url``):
+
+* ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) and
+  ``unix://[[user]:password@]/path/to/redis.sock[?db=N]``: one server, through a bounded
+  blocking pool: a call waits up to ``pool_timeout`` for a free connection, then fails.
+* ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]`` (or
+  ``rediss+cluster://``): Redis Cluster, the hosts being startup nodes. Each node gets
+  up to ``max_connections`` connections.
+* ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name[/db]``
+  (or ``rediss+sentinel://``): the master that the Sentinels (default port 26379) name
+  for ``service_name``. The password is the master's; add ``?sentinel_password=...`` if
+  the Sentinels want one too. The pool follows failovers and holds up to
+  ``max_connections``; a call beyond that fails at once instead of waiting.
+
+Keys of one session share the hash tag ``{<session_id>}``, so in a cluster they live in
+one slot and one node serves a whole turn:
+
+==================================  ======  ====================================
+``{prefix}:s:{<id>}:state``         string  serialised RNN state (raw bytes)
+``{prefix}:s:{<id>}:memory``        list    memory-bank entries (raw bytes)
+``{prefix}:s:{<id>}:history``       list    turns, one JSON document each
+``{prefix}:s:{<id>}:meta``          hash    ``owner``
+``{prefix}:s:{<id>}:stream``        stream  reply events for resume, id ``<seq>-0``
+``{prefix}:s:{<id>}:msgids``        set     client message ids already taken
+``{prefix}:s:{<id>}:lock``          string  the turn lock's token (own lease)
+==================================  ======  ====================================
+
+A multi-command call is one ``MULTI``/``EXEC`` round trip (on Cluster one plain
+pipeline to the session's node, see :meth:`RedisStore._pipeline`).
+
+Every key but the lock has a sliding TTL of ``ttl_seconds``, renewed by :meth:`load`,
+:meth:`save_turn` and :meth:`claim_session` (and by stream appends and message claims
+for their own key). Nothing is pickled. A failed call is not retried (Cluster excepted:
+redis-py's retries follow slot moves there), so a turn is never written twice; it raises
+:class:`StoreUnavailable` and the pool reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..config import SessionsConfig
+from ..errors import ConfigError, SessionBusy, StateError, StoreUnavailable
+from ..sessions import (
+    SessionData,
+    SessionStore,
+    StreamEntry,
+    check_stream_entries,
+    validate_session_id,
+)
+
+log = logging.getLogger(__name__)
+
+#: Exceptions that mean "Redis cannot serve us right now"; each becomes StoreUnavailable.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # refused, reset, pool exhausted, LOADING, auth
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,  # a replica after failover
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+
+# Delete the lock only if it still holds our token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Extend the lock's lease only if it still holds our token.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_SCHEMES = {
+    "redis": "single", "rediss": "single", "unix": "single",
+    "redis+cluster": "cluster", "rediss+cluster": "cluster",
+    "redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
+}
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """A parsed ``sessions.url``. ``kind`` is ``single``, ``cluster`` or ``sentinel``."""
+
+    kind: str
+    url: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    ssl: bool = False
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    service: str | None = None
+    sentinel_password: str | None = None
+
+    @property
+    def display(self) -> str:
+        """The URL without credentials, for messages and logs."""
+        parts = urlsplit(self.url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    """Parse a URL of one of the forms in the module docstring; :class:`ConfigError` if not."""
+    parts = urlsplit(url)
+    kind = _SCHEMES.get(parts.scheme)
+    if kind is None:
+        raise ConfigError(
+            f"sessions.url {RedisURL('single', url).display!r} is not allowed: the scheme "
+            f"must be one of {', '.join(_SCHEMES)}")
+    if kind == "single":
+        return RedisURL("single", url, ssl=parts.scheme == "rediss")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, password = None, None
+    if userinfo:
+        user, has_password, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    default_port = 26379 if kind == "sentinel" else 6379
+    hosts = tuple(_host_port(item, default_port, url) for item in hostlist.split(",") if item)
+    if not hosts:
+        raise ConfigError(f"sessions.url {url!r} names no host")
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    service, db = None, 0
+    if kind == "sentinel":
+        if not segments:
+            raise ConfigError(
+                "sessions.url: a Sentinel URL needs the service name as its path, "
+                "as in redis+sentinel://host:26379/mymaster")
+        service, segments = segments[0], segments[1:]
+    if segments:
+        if kind == "cluster" or len(segments) > 1 or not segments[0].isdigit():
+            raise ConfigError(f"sessions.url path {parts.path!r} is not allowed here")
+        db = int(segments[0])
+    query = parse_qs(parts.query)
+    return RedisURL(kind, url, hosts, ssl=parts.scheme.startswith("rediss"),
+                    username=username, password=password, db=db, service=service,
+                    sentinel_password=(query.get("sentinel_password") or [None])[0])
+
+
+def _host_port(item: str, default_port: int, url: str) -> tuple[str, int]:
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = item.partition(":")
+    if not host or (port and not port.isdigit()):
+        raise ConfigError(f"sessions.url {url!r}: cannot read host and port from {item!r}")
+    return host, int(port) if port else default_port
+
+
+@dataclass(frozen=True)
+class _Keys:
+    state: str
+    memory: str
+    history: str
+    meta: str
+    stream: str
+    msgids: str
+    lock: str
+
+    @property
+    def data(self) -> tuple[str, ...]:
+        """Every key with the session's sliding TTL (all but the lock)."""
+        return (self.state, self.memory, self.history, self.meta, self.stream, self.msgids)
+
+
+class RedisStore(SessionStore):
+    """A :class:`SessionStore` in Redis (single server, Cluster or Sentinel).
+
+    Round trips: :meth:`load`, :meth:`save_turn`, :meth:`claim_session`,
+    :meth:`claim_message` and :meth:`append_stream` are one each; taking an uncontended
+    lock is one and releasing it one.
+
+    The turn lock is a lease of ``lock_lease`` seconds (default 15), renewed every third
+    of it while held, so a crashed process blocks its sessions for at most one lease.
+    Waiting for a busy lock backs off from 5 ms to 100 ms and gives up with
+    :class:`SessionBusy` after ``lock_wait`` seconds.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mmchat",
+                 ttl_seconds: float = 86_400, max_connections: int = 32,
+                 pool_timeout: float = 5.0, socket_timeout: float = 5.0,
+                 connect_timeout: float = 2.0, lock_lease: float = 15.0,
+                 lock_wait: float = 10.0, stream_max_len: int = 2048) -> None:
+        if not prefix or any(c in prefix for c in "{} "):
+            raise ConfigError(f"sessions.prefix = {prefix!r} is not allowed: "
+                              "use a non-empty string without braces or spaces")
+        if ttl_seconds <= 0 or lock_lease <= 0 or lock_wait < 0 or stream_max_len < 1:
+            raise ConfigError("Redis store: ttl, lock lease and stream length must be positive")
+        self._url = parse_redis_url(url)
+        self._prefix = prefix
+        self._ttl_ms = max(1, int(ttl_seconds * 1000))
+        self._socket_timeout = socket_timeout
+        self.lock_lease = lock_lease
+        self.lock_wait = lock_wait
+        self._stream_max_len = stream_max_len
+        self._sentinel = None
+        self._client = self._connect(max_connections=max_connections,
+                                     pool_timeout=pool_timeout,
+                                     socket_timeout=socket_timeout,
+                                     connect_timeout=connect_timeout)
+
+    @classmethod
+    def from_config(cls, config: SessionsConfig) -> RedisStore:
+        """Build from ``[sessions]``; settings not (yet) in the config keep their defaults."""
+        optional = {name: getattr(config, setting) for name, setting in (
+            ("pool_timeout", "pool_timeout_seconds"),
+            ("socket_timeout", "socket_timeout_seconds"),
+            ("connect_timeout", "connect_timeout_seconds"),
+            ("lock_lease", "lock_lease_seconds"),
+            ("lock_wait", "lock_wait_seconds"),
+            ("stream_max_len", "stream_max_len"),
+        ) if hasattr(config, setting)}
+        return cls(config.url, prefix=config.prefix, ttl_seconds=config.ttl_seconds,
+                   max_connections=config.max_connections, **optional)
+
+    def _connect(self, *, max_connections: int, pool_timeout: float, socket_timeout: float,
+                 connect_timeout: float) -> Any:
+        url = self._url
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+        if url.kind == "single":
+            pool = BlockingConnectionPool.from_url(
+                url.url, max_connections=max_connections, timeout=pool_timeout,
+                retry=Retry(NoBackoff(), 0), **timeouts)
+            return Redis.from_pool(pool)
+        auth = {"username": url.username, "password": url.password, "ssl": url.ssl}
+        if url.kind == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            # Cluster keeps redis-py's own retries: they follow MOVED slots and failovers.
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in url.hosts],
+                                max_connections=max_connections, **auth, **timeouts)
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel_kwargs: dict[str, Any] = {**timeouts, "retry": Retry(NoBackoff(), 0)}
+        if url.sentinel_password:
+            sentinel_kwargs["password"] = url.sentinel_password
+        self._sentinel = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs,
+                                  retry=Retry(NoBackoff(), 0), **timeouts)
+        return self._sentinel.master_for(url.service, db=url.db,
+                                         max_connections=max_connections, **auth)
+
+    def _pipeline(self) -> Any:
+        # On Cluster, redis-py's async MULTI pipeline looks up each queued command's slot
+        # on a private event loop in a thread, which breaks later commands (seen with
+        # redis-py 8.1). A plain pipeline sends the same commands to the session's one
+        # node in one round trip; the session lock keeps writers apart.
+        return self._client.pipeline(transaction=self._url.kind != "cluster")
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``redis.asyncio`` client, for diagnostics and tests."""
+        return self._client
+
+    def keys(self, session_id: str) -> _Keys:
+        """The Redis keys of one session."""
+        base = f"{self._prefix}:s:{{{validate_session_id(session_id)}}}"
+        return _Keys(*(f"{base}:{name}" for name in
+                       ("state", "memory", "history", "meta", "stream", "msgids", "lock")))
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except UNAVAILABLE_ERRORS as exc:
+            raise StoreUnavailable(
+                f"Redis session store at {self._url.display} is unavailable "
+                f"({action}): {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+            await self._client.aclose()
+            if self._sentinel is not None:
+                for client in self._sentinel.sentinels:
+                    await client.aclose()
+
+    async def load(self, session_id: str) -> SessionData | None:
+        keys = self.keys(session_id)
+        async with self._guard("load"):
+            pipe = self._pipeline()
+            pipe.get(keys.state)
+            pipe.lrange(keys.memory, 0, -1)
+            pipe.lrange(keys.history, 0, -1)
+            pipe.hget(keys.meta, "owner")
+            for key in keys.data:
+                pipe.pexpire(key, self._ttl_ms)
+            state, memory, history, owner, *_ = await pipe.execute()
+        if state is None and not memory and not history and owner is None:
+            return None
+        return SessionData(session_id, state, list(memory),
+                           [_load_turn(session_id, i, raw) for i, raw in enumerate(history)],
+                           owner.decode() if owner is not None else None)
+
+    async def save_turn(self, session_id: str, *, state: bytes, memory_added: list[bytes],
+                        turns: list[dict[str, Any]], max_memory: int) -> None:
+        if max_memory < 0:
+            raise ValueError("max_memory must not be negative")
+        keys = self.keys(session_id)
+        encoded = [json.dumps(turn, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False).encode() for turn in turns]
+        async with self._guard("save_turn"):
+            pipe = self._pipeline()
+            pipe.set(keys.state, bytes(state), px=self._ttl_ms)
+            if memory_added:
+                pipe.rpush(keys.memory, *[bytes(m) for m in memory_added])
+            if max_memory:
+                pipe.ltrim(keys.memory, -max_memory, -1)
+            else:
+                pipe.delete(keys.memory)
+            if encoded:
+                pipe.rpush(keys.history, *encoded)
+            for key in keys.data[1:]:
+                pipe.pexpire(key, self._ttl_ms)
+            await pipe.execute()
+
+    async def delete(self, session_id: str) -> None:
+        keys = self.keys(session_id)
+        async with self._guard("delete"):
+            await self._client.delete(*keys.data)
+
+    def lock(self, session_id: str) -> RedisLock:
+        return RedisLock(self, session_id)
+
+    async def claim_session(self, session_id: str, owner: str) -> str:
+        if not owner:
+            raise ValueError("owner must be a non-empty string")
+        keys = self.keys(session_id)
+        async with self._guard("claim_session"):
+            pipe = self._pipeline()
+            pipe.hsetnx(keys.meta, "owner", owner)
+            pipe.hget(keys.meta, "owner")
+            for key in keys.data:
+                pipe.pexpire(key, self._ttl_ms)
+            _, current, *_ = await pipe.execute()
+        return current.decode()
+
+    async def claim_message(self, session_id: str, message_id: str) -> bool:
+        keys = self.keys(session_id)
+        async with self._guard("claim_message"):
+            pipe = self._pipeline()
+            pipe.sadd(keys.msgids, message_id)
+            pipe.pexpire(keys.msgids, self._ttl_ms)
+            added, _ = await pipe.execute()
+        return added == 1
+
+    async def release_message(self, session_id: str, message_id: str) -> None:
+        keys = self.keys(session_id)
+        async with self._guard("release_message"):
+            await self._client.srem(keys.msgids, message_id)
+
+    async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
+        """Append in one transaction (XADD ... MAXLEN ~ cap, then PEXPIRE).
+
+        Redis refuses an id not above the stream's last one; that becomes ValueError.
+        The caller holds the session lock, so there is one writer and that only happens
+        when the caller numbered entries wrongly.
+        """
+        if not entries:
+            return
+        check_stream_entries(entries)
+        keys = self.keys(session_id)
+        async with self._guard("append_stream"):
+            pipe = self._pipeline()
+            for entry in entries:
+                fields = {"r": entry.response_id, "k": entry.kind, "t": entry.text}
+                if entry.data:
+                    fields["d"] = json.dumps(dict(entry.data), ensure_ascii=False,
+                                             separators=(",", ":"), allow_nan=False)
+                pipe.xadd(keys.stream, fields, id=f"{entry.seq}-0",
+                          maxlen=self._stream_max_len, approximate=True)
+            pipe.pexpire(keys.stream, self._ttl_ms)
+            try:
+                await pipe.execute()
+            except redis.exceptions.ResponseError as exc:
+                if "equal or smaller" not in str(exc):
+                    raise
+                raise ValueError(
+                    f"stream seq {entries[0].seq} does not follow the stream's last seq "
+                    f"in session {session_id!r}") from exc
+
+    async def read_stream(self, session_id: str, after_seq: int = 0, *,
+                          limit: int | None = None) -> list[StreamEntry]:
+        keys = self.keys(session_id)
+        async with self._guard("read_stream"):
+            rows = await self._client.xrange(keys.stream, min=f"{after_seq + 1}-0", max="+",
+                                             count=limit)
+        return [_entry(row) for row in rows]
+
+    async def wait_stream(self, session_id: str, after_seq: int, *,
+                          timeout: float) -> list[StreamEntry]:
+        """XREAD BLOCK for up to ``timeout`` (cut to 80% of the socket timeout, so the
+        wait never looks like a dead server). Holds one pool connection while waiting."""
+        keys = self.keys(session_id)
+        if self._socket_timeout:
+            timeout = min(timeout, 0.8 * self._socket_timeout)
+        async with self._guard("wait_stream"):
+            reply = await self._client.xread({keys.stream: f"{after_seq}-0"},
+                                             block=max(1, int(timeout * 1000)))
+        if not reply:
+            return []
+        if isinstance(reply, dict):  # RESP3 shape
+            rows = next(iter(reply.values()))[0]
+        else:
+            rows = reply[0][1]
+        return [_entry(row) for row in rows]
+
+    async def stream_tail(self, session_id: str) -> StreamEntry | None:
+        keys = self.keys(session_id)
+        async with self._guard("stream_tail"):
+            rows = await self._client.xrevrange(keys.stream, max="+", min="-", count=1)
+        return _entry(rows[0]) if rows else None
+
+
+class RedisLock(contextlib.AbstractAsyncContextManager[None]):
+    """The turn lock of one session: ``SET NX PX`` with a random token, released and
+    renewed by token-checking Lua scripts, renewed in the background while held."""
+
+    def __init__(self, store: RedisStore, session_id: str) -> None:
+        self._store = store
+        self._key = store.keys(session_id).lock
+        self.session_id = session_id
+        self.token = secrets.token_hex(16)
+        self._renewer: asyncio.Task[None] | None = None
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self._store.lock_lease * 1000))
+
+    async def acquire(self) -> None:
+        """Take the lock, waiting with backoff; :class:`SessionBusy` after ``lock_wait``."""
+        client = self._store.client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._store.lock_wait
+        delay = 0.005
+        while True:
+            async with self._store._guard("lock"):
+                if await client.set(self._key, self.token, nx=True, px=self._lease_ms):
+                    return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise SessionBusy(
+                    f"session {self.session_id!r} is busy: another turn held it for more "
+                    f"than {self._store.lock_wait}s")
+            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
+            delay = min(delay * 2, 0.1)
+
+    async def renew(self) -> bool:
+        """Extend the lease; ``False`` if the lock is no longer ours."""
+        async with self._store._guard("lock renewal"):
+            return bool(await self._store.client.eval(_RENEW, 1, self._key, self.token,
+                                                      self._lease_ms))
+
+    async def release(self) -> bool:
+        """Drop the lock if it is still ours; ``False`` if it was not."""
+        async with self._store._guard("lock release"):
+            return bool(await self._store.client.eval(_RELEASE, 1, self._key, self.token))
+
+    async def _renew_forever(self) -> None:
+        interval = self._store.lock_lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.renew():
+                    log.warning("lost the lock of session %r: its lease ran out while a "
+                                "turn was running", self.session_id)
+                    return
+            except StoreUnavailable as exc:
+                log.warning("could not renew the lock of session %r: %s", self.session_id, exc)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+        self._renewer = asyncio.create_task(self._renew_forever(),
+                                            name=f"mmchat-lock-renewal:{self.session_id}")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        try:
+            if not await self.release():
+                log.warning("the lock of session %r had already passed to someone else "
+                            "when the turn ended", self.session_id)
+        except StoreUnavailable as exc:
+            # The lease runs out by itself; failing here would hide the turn's outcome.
+            log.warning("could not release the lock of session %r: %s", self.session_id, exc)
+
+
+def _load_turn(session_id: str, index: int, raw: bytes) -> dict[str, Any]:
+    try:
+        turn = json.loads(raw)
+    except ValueError:
+        turn = None
+    if not isinstance(turn, dict):
+        raise StateError(f"session {session_id!r}: history entry {index} is not a JSON object")
+    return turn
+
+
+def _entry(row: tuple[bytes, dict[bytes, bytes]]) -> StreamEntry:
+    entry_id, fields = row
+    seq = int(entry_id.split(b"-", 1)[0])
+    data = json.loads(fields[b"d"]) if b"d" in fields else {}
+    return StreamEntry(seq, fields[b"r"].decode(), fields[b"k"].decode(),
+                       fields.get(b"t", b"").decode(), data)
