@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,12 +28,10 @@ from .errors import (
 )
 from .modality import Attachment, Modality
 from .plugins import PluginHost
-from .sessions import MemoryStore, SessionStore
+from .sessions import SessionStore, validate_session_id
+from .stores import open_store
 
 logger = logging.getLogger(__name__)
-
-SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-
 
 @dataclass(frozen=True)
 class Delta:
@@ -119,7 +116,7 @@ class Engine:
             paths=[c.resolve(p) for p in c.plugins.paths],
             allow=list(c.plugins.enabled) or None, block=c.plugins.disabled,
             settings=c.plugins.settings)
-        self.store = store or MemoryStore(ttl_seconds=c.sessions.ttl_seconds)
+        self.store = store or open_store(c.sessions)
         self.model = None
         self.tokenizer = None
         self.checkpoint_meta: dict[str, Any] = {}
@@ -260,9 +257,10 @@ class Engine:
     # -- internals -------------------------------------------------------------------
 
     def _check_session_id(self, session_id: str) -> None:
-        if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
-            raise InputError(f"session id {session_id!r} is not valid: use 1-128 letters, "
-                             "digits, '_', '.', ':' or '-'")
+        try:
+            validate_session_id(session_id)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     def _check_message(self, text: str, attachments: Sequence[Attachment]) -> None:
         limits = self.config.limits

@@ -114,8 +114,10 @@ async def test_corrupt_media_fails_the_turn_not_the_engine(engine):
 
 
 async def test_bad_session_ids_and_generation_settings_are_rejected(engine):
-    with pytest.raises(InputError, match="session id"):
+    with pytest.raises(InputError, match="bad session id"):
         await engine.reply("../etc/passwd", "hi")
+    with pytest.raises(InputError, match="bad session id"):
+        await engine.reply("ok\n", "hi")
     with pytest.raises(InputError, match="temperature"):
         await engine.reply("s", "hi", strategy="sample", temperature=-1)
 

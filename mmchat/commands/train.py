@@ -1,0 +1,74 @@
+"""``mmchat train``: train a model on a dataset folder (single process or torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import config_option, load_config
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(train_command)
+
+
+@click.command("train")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/model"),
+              show_default=True, help="Output folder (OUT/model is the checkpoint to serve).")
+@config_option
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, path_type=Path),
+              help="A sentencepiece model to use instead of training one.")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.")
+@click.option("--steps", type=int, help="Override train.steps.")
+@click.option("--batch-size", type=int, help="Override train.batch_size.")
+@click.option("--lr", type=float, help="Override train.lr.")
+@click.option("--seed", type=int, help="Override train.seed.")
+@click.option("--fusion", type=click.Choice(["attention", "concat", "weighted"]),
+              help="Override fusion.method.")
+@click.option("--rnn", type=click.Choice(["lstm", "gru"]), help="Override model.rnn.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(data, out_dir, config_path, tokenizer_path, resume, steps, batch_size, lr,
+                  seed, fusion, rnn, no_progress) -> None:
+    """Train on DATA/train.jsonl, validating on DATA/valid.jsonl.
+
+    Under `torchrun --nproc_per_node N -m mmchat train ...` it runs
+    DistributedDataParallel (gloo on CPU, NCCL on GPU).
+    """
+    from ..plugins import PluginHost
+    from ..tokenizer import Tokenizer
+    from ..training.data import load_train_data
+    from ..training.trainer import Trainer
+
+    config = load_config(config_path)
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                   "seed": seed}.items() if v is not None}
+    config = config.replace(train=overrides,
+                            fusion={"method": fusion} if fusion else {},
+                            model={"rnn": rnn} if rnn else {})
+    host = PluginHost(paths=[config.resolve(p) for p in config.plugins.paths],
+                      allow=list(config.plugins.enabled) or None, block=config.plugins.disabled,
+                      settings=config.plugins.settings)
+    tokenizer = None
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    elif resume and (out_dir / "last" / "tokenizer.model").is_file():
+        tokenizer = Tokenizer.load(out_dir / "last" / "tokenizer.model")
+    import torch
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    data_ = load_train_data(data, host.modalities, vocab_size=config.model.vocab_size,
+                            max_tokens=config.train.max_tokens, tokenizer=tokenizer)
+    trainer = Trainer(config, data_, out_dir, resume=resume, progress=not no_progress)
+    if trainer.dist.main:
+        click.echo(f"training {trainer.model.num_params() / 1e6:.2f}M parameters on "
+                   f"{len(data_.train)} dialogues ({len(data_.valid)} for validation), "
+                   f"{trainer.dist.world} process(es)", err=True)
+    result = trainer.run()
+    trainer.dist.teardown()
+    if trainer.dist.main:
+        best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+        click.echo(f"done at step {result.step}; best validation loss {best}; "
+                   f"serve it with: mmchat chat --checkpoint {out_dir / 'model'}")

@@ -1,0 +1,1 @@
+"""Training: dialogues to batches, the training loop, and resumable training state."""

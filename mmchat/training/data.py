@@ -1,0 +1,85 @@
+"""Load a dataset folder for training: tokenizer, encoded examples, decoded media."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from ..dataset import Dialogue, read_dataset
+from ..errors import MMChatError
+from ..modality import Modality
+from ..tokenizer import Tokenizer
+from .examples import Example, FeatureCache, encode_dialogue
+from .trainer import TrainData
+
+logger = logging.getLogger(__name__)
+
+
+def split_path(data: Path, split: str) -> Path:
+    """``DATA/<split>.jsonl`` (the layout `mmchat data demo` writes)."""
+    path = data / f"{split}.jsonl"
+    if not path.is_file():
+        raise MMChatError(f"{data} has no {split}.jsonl; build one with "
+                          f"`mmchat data demo {data}` or see docs/data.md")
+    return path
+
+
+def load_dialogues(path: Path) -> list[Dialogue]:
+    return list(read_dataset(path))
+
+
+def texts_of(dialogues: list[Dialogue]) -> list[str]:
+    return [t.text for d in dialogues for t in d.turns if t.text]
+
+
+def used_modalities(dialogues: list[Dialogue], registered: Mapping[str, Modality]
+                    ) -> dict[str, Modality]:
+    names = {a.modality for d in dialogues for t in d.turns for a in t.attachments}
+    missing = sorted(names - set(registered))
+    if missing:
+        raise MMChatError(f"the data uses modalities {missing} that no loaded plugin provides")
+    return {n: registered[n] for n in sorted(names)}
+
+
+def encode_all(dialogues: list[Dialogue], tokenizer: Tokenizer, max_tokens: int
+               ) -> list[Example]:
+    out = []
+    for d in dialogues:
+        example = encode_dialogue(d.turns, tokenizer, max_tokens, category=d.category or "")
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def decode_media(cache: FeatureCache, dialogues: list[Dialogue],
+                 modalities: Mapping[str, Modality]) -> None:
+    items = []
+    for d in dialogues:
+        for t in d.turns:
+            for a in t.attachments:
+                att = a.to_attachment()
+                items.append((modalities[a.modality], att.data, att.mime_type))
+    cache.add_all(items)
+
+
+def load_train_data(data_dir: str | Path, registered: Mapping[str, Modality], *,
+                    vocab_size: int, max_tokens: int, tokenizer: Tokenizer | None = None,
+                    modality_names: list[str] | None = None) -> TrainData:
+    """Read ``train.jsonl`` and ``valid.jsonl``; train a tokenizer unless one is given."""
+    data_dir = Path(data_dir)
+    train = load_dialogues(split_path(data_dir, "train"))
+    valid_path = data_dir / "valid.jsonl"
+    valid = load_dialogues(valid_path) if valid_path.is_file() else []
+    if not train:
+        raise MMChatError(f"{data_dir}/train.jsonl holds no dialogues")
+    modalities = used_modalities(train + valid, registered)
+    if modality_names is not None:
+        modalities = {n: registered[n] for n in modality_names}
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(texts_of(train), vocab_size=vocab_size)
+        logger.info("trained a tokenizer with %d pieces", tokenizer.vocab_size)
+    cache = FeatureCache()
+    decode_media(cache, train + valid, modalities)
+    return TrainData(encode_all(train, tokenizer, max_tokens),
+                     encode_all(valid, tokenizer, max_tokens), cache, tokenizer, modalities)
