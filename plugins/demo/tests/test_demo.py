@@ -1,0 +1,276 @@
+"""The demo corpus: a ``--small`` build through the CLI, checked against its ground truth."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import click
+import mmchat_demo.build as build_module
+import numpy as np
+import pytest
+import soundfile
+from click.testing import CliRunner
+from mmchat_demo import build_demo, chitchat, digits, scenes, speech
+from PIL import Image
+
+from mmchat.commands import data as data_command
+from mmchat.dataset import check_dataset, read_dataset
+
+SPLITS = ("train", "valid", "test")
+CATEGORIES = {"colour", "shape", "count", "position", "digit", "spoken", "followup",
+              "chitchat", "greeting"}
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "data.md"
+
+
+def cli_build(outdir: Path, *extra: str) -> None:
+    group = click.Group()
+    data_command.register(group)
+    result = CliRunner().invoke(group, ["data", "demo", str(outdir), "--small",
+                                        "--no-progress", *extra])
+    assert result.exit_code == 0, result.output
+    for split in SPLITS:
+        assert f"{split}: {outdir / f'{split}.jsonl'}" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "a"
+    cli_build(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(corpus) -> dict[str, list[dict]]:
+    return {s: [json.loads(line) for line in (corpus / f"{s}.jsonl").open(encoding="utf-8")]
+            for s in SPLITS}
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_same_seed_same_bytes_whatever_the_workers(corpus, tmp_path):
+    cli_build(tmp_path / "b")
+    assert all_files(tmp_path / "b") == all_files(corpus)
+    build_demo(tmp_path / "c", seed=0, small=True, workers=2)
+    assert all_files(tmp_path / "c") == all_files(corpus)
+
+
+def test_another_seed_another_corpus(corpus, tmp_path):
+    cli_build(tmp_path / "d", "--seed", "1")
+    assert (tmp_path / "d" / "train.jsonl").read_bytes() != (corpus / "train.jsonl").read_bytes()
+
+
+def test_rebuilding_in_place_replaces_the_old_media(corpus, tmp_path):
+    out = tmp_path / "e"
+    cli_build(out, "--seed", "3")
+    cli_build(out, "--force")
+    assert all_files(out) == all_files(corpus)
+
+
+def test_every_split_passes_the_checker_and_reads(corpus, records):
+    for split in SPLITS:
+        path = corpus / f"{split}.jsonl"
+        assert check_dataset(path, {"image", "voice"}) == []
+        dialogues = list(read_dataset(path))
+        assert len(dialogues) == len(records[split])
+        for d in dialogues:
+            for turn in d.turns:
+                for ref in turn.attachments:
+                    assert ref.read()
+
+
+def test_every_category_in_every_split(records):
+    for split in SPLITS:
+        found = {t["category"] for r in records[split] for t in r["turns"]
+                 if t["role"] == "assistant"}
+        assert found == CATEGORIES, split
+        assert {r["split"] for r in records[split]} == {split}
+
+
+def test_turn_shapes(records):
+    for r in (r for recs in records.values() for r in recs):
+        turns = r["turns"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        first = [a["modality"] for a in turns[0]["attachments"]]
+        source = r["meta"]["source"]
+        assert first == {"shapes": ["image"], "digits": ["image"], "spoken": ["image", "voice"],
+                         "greeting": ["voice"], "chatterbot": []}[source]
+        if source in ("spoken", "greeting"):
+            assert turns[0]["text"] == ""
+        for user in turns[2::2]:
+            assert user["attachments"] == [] and user["text"]
+        for reply in turns[1::2]:
+            assert reply["answer"] == reply["answer"].lower()
+        if source in ("shapes", "spoken"):
+            assert all(t["category"] == "followup" for t in turns[3::2])
+            assert len(turns) <= 6
+
+
+def _half(lo: float, hi: float, size: int) -> str | None:
+    gap = scenes.EDGE_GAP * size
+    if hi <= size / 2 - gap:
+        return "low"
+    if lo >= size / 2 + gap:
+        return "high"
+    return None
+
+
+def _truth(scene: dict, q: dict) -> str:
+    """Answer a question from the scene meta alone, asserting that it is unambiguous."""
+    shapes = scene["shapes"]
+    if q["type"] == "count":
+        return scenes.NUMBERS[len(shapes)]
+    key = "colour" if q["type"] == "shape" or q["by_colour"] else "kind"
+    [target] = [s for s in shapes if s[key] == q["target"]]
+    if q["type"] == "colour":
+        return target["colour"]
+    if q["type"] == "shape":
+        return target["kind"]
+    x0, y0, x1, y1 = target["bbox"]
+    h = {"low": "left", "high": "right", None: None}[_half(x0, x1, scene["width"])]
+    v = {"low": "top", "high": "bottom", None: None}[_half(y0, y1, scene["height"])]
+    if q["axis"] == "x":
+        assert h
+        return h
+    if q["axis"] == "y":
+        assert v
+        return v
+    assert bool(h) != bool(v)
+    if h:
+        assert abs((y0 + y1) / 2 - scene["height"] / 2) <= scenes.MIDDLE_BAND * scene["height"]
+    else:
+        assert abs((x0 + x1) / 2 - scene["width"] / 2) <= scenes.MIDDLE_BAND * scene["width"]
+    return h or v
+
+
+def test_answers_follow_from_the_meta(records):
+    checked = 0
+    for r in (r for recs in records.values() for r in recs):
+        meta = r["meta"]
+        for q in meta.get("questions", ()):
+            reply = r["turns"][q["turn"]]
+            assert _truth(meta["scene"], q) == q["answer"] == reply["answer"]
+            assert q["answer"] in reply["text"].split()
+            checked += 1
+        if "digit" in meta:
+            word = digits.WORDS[meta["digit"]]
+            assert r["turns"][1]["answer"] == word
+            assert r["turns"][1]["text"] in (f"it is a {word}", f"it is an {word}")
+        if meta["source"] == "greeting":
+            assert r["turns"][1]["answer"] == speech.GREETINGS[meta["voice"]["text"]]
+    assert checked > 100
+
+
+def test_scene_shapes_do_not_overlap_and_fit(records):
+    for r in (r for recs in records.values() for r in recs):
+        scene = r["meta"].get("scene")
+        if not scene:
+            continue
+        assert scenes.MIN_SIDE <= scene["width"] <= scenes.MAX_SIDE
+        assert scenes.MIN_SIDE <= scene["height"] <= scenes.MAX_SIDE
+        shapes = scene["shapes"]
+        assert 1 <= len(shapes) <= 3
+        for i, a in enumerate(shapes):
+            assert a["kind"] in scenes.KINDS and a["colour"] in scenes.COLOURS
+            x0, y0, x1, y1 = a["bbox"]
+            assert x0 >= 0 and y0 >= 0 and x1 <= scene["width"] and y1 <= scene["height"]
+            for b in shapes[i + 1:]:
+                gap = np.hypot(a["cx"] - b["cx"], a["cy"] - b["cy"])
+                assert gap > a["radius"] + b["radius"]
+
+
+def _image(attachment: dict) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(attachment["data"])))
+    image.load()
+    return image
+
+
+def test_images_decode_and_match_their_scene(records):
+    for r in (r for recs in records.values() for r in recs):
+        meta = r["meta"]
+        images = [a for a in r["turns"][0]["attachments"] if a["modality"] == "image"]
+        if not images:
+            continue
+        image = _image(images[0])
+        assert image.format == "PNG" and image.mode == "RGB"
+        if "scene" in meta:
+            scene = meta["scene"]
+            assert image.size == (scene["width"], scene["height"])
+            pixels = np.asarray(image, np.int16)
+            for s in scene["shapes"]:
+                if s["style"] == "hollow":
+                    continue
+                centre = pixels[round(s["cy"]), round(s["cx"])]
+                assert np.abs(centre - np.asarray(s["rgb"])).max() <= 40, (r["id"], s)
+        else:
+            assert image.size == (meta["style"]["size"],) * 2
+
+
+def test_audio_is_16_khz_mono_flac(corpus, records):
+    clips = {a["path"] for recs in records.values() for r in recs for t in r["turns"]
+             for a in t.get("attachments", ()) if a["modality"] == "voice"}
+    assert clips
+    for rel in clips:
+        info = soundfile.info(str(corpus / rel))
+        assert (info.samplerate, info.channels, info.format) == (16_000, 1, "FLAC")
+        assert 0.2 < info.duration < 6
+
+
+def test_splits_are_disjoint_in_images_and_voices(records):
+    def collect(split: str, key) -> set:
+        return {key(r["meta"]) for r in records[split] if key(r["meta"]) is not None}
+
+    seeds = {s: collect(s, lambda m: m.get("image_seed")) for s in SPLITS}
+    digit_images = {s: collect(s, lambda m: m.get("style", {}).get("index")) for s in SPLITS}
+    voices = {s: collect(s, lambda m: (m["voice"]["name"], m["voice"]["variant"])
+                         if "voice" in m else None) for s in SPLITS}
+    for held_out in ("valid", "test"):
+        assert not seeds[held_out] & seeds["train"]
+        assert not digit_images[held_out] & digit_images["train"]
+        assert not voices[held_out] & voices["train"]
+        train_variants = {v for _, v in voices["train"]}
+        assert not {v for _, v in voices[held_out]} & train_variants
+    assert not seeds["valid"] & seeds["test"]
+    assert not set(speech.VARIANTS["test"]) & set(speech.VARIANTS["train"])
+    assert not set(speech.VARIANTS["valid"]) & set(speech.VARIANTS["train"])
+
+
+def test_held_out_voices_and_seeds_are_documented():
+    text = DOCS.read_text(encoding="utf-8")
+    for split in ("valid", "test"):
+        for name in (*speech.VOICES[split], *speech.VARIANTS[split]):
+            assert f"`{name}`" in text, name
+    for base in build_module.IMAGE_SEED_BASE.values():
+        assert f"{base:,}" in text
+
+
+def test_default_train_split_has_every_chitchat_conversation():
+    convs = chitchat.conversations()
+    assert len(convs) > 2000
+    assert build_module.DEFAULT_COUNTS["train"].chitchat is None
+    planned = build_module._Planner("train", 0).chitchat(None)
+    assert len(planned) == len(convs)
+    assert {(r["meta"]["file"], r["meta"]["index"]) for r in planned} == {
+        (c.file, c.index) for c in convs}
+
+
+def test_render_draws_the_scene_it_is_given():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scene = scenes.sample_scene(rng)
+        image = scenes.render(scene)
+        assert image.size == (scene.width, scene.height)
+        for q in scenes.askable(scene):
+            assert q.answer in scenes.answer_sentence(q).split()
+
+
+def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
+    with pytest.raises(speech.SpeechUnavailable, match="apt-get install espeak-ng"):
+        build_demo(tmp_path / "out", small=True)
+    assert not (tmp_path / "out").exists()
