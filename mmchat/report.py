@@ -1,0 +1,135 @@
+"""Evaluation reports: a Markdown file and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from .evaluation import EvalResult
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}f}"
+
+
+def category_table(results: Mapping[str, EvalResult]) -> str:
+    """One row per category, one column per named result (e.g. full, no image, no voice)."""
+    names = list(results)
+    categories: list[str] = []
+    for r in results.values():
+        categories += [c for c in r.by_category() if c not in categories]
+    head = "| category | turns | " + " | ".join(names) + " |"
+    rule = "|---|---:|" + "---:|" * len(names)
+    first = next(iter(results.values()))
+    rows = [head, rule]
+    for c in categories:
+        n = len(first.by_category().get(c, []))
+        rows.append(f"| {c} | {n} | " + " | ".join(fmt(r.accuracy(c)) for r in
+                                                     results.values()) + " |")
+    rows.append(f"| **all** | {len(first.turns)} | " +
+                " | ".join(fmt(r.accuracy()) for r in results.values()) + " |")
+    return "\n".join(rows)
+
+
+def summary_table(results: Mapping[str, EvalResult]) -> str:
+    rows = ["| run | perplexity | BLEU-4 | token F1 | exact |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        s = r.summary()
+        rows.append(f"| {name} | {fmt(s['perplexity'], 2)} | {fmt(s['bleu4'], 1)} | "
+                    f"{fmt(s['token_f1'])} | {fmt(s['exact'])} |")
+    return "\n".join(rows)
+
+
+def attention_table(result: EvalResult) -> str:
+    att = result.attention_by_category()
+    modalities = sorted({m for v in att.values() for m in v})
+    rows = ["| category | " + " | ".join(modalities) + " |",
+            "|---|" + "---:|" * len(modalities)]
+    for cat, masses in att.items():
+        rows.append(f"| {cat} | " + " | ".join(fmt(masses.get(m, 0.0)) for m in modalities)
+                    + " |")
+    return "\n".join(rows)
+
+
+def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
+                 meta: Mapping[str, object], metrics_jsonl: Path | None = None) -> Path:
+    """Write report.md, results.json and plots into ``out_dir``; returns report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = next(iter(results.values()))
+    plots = []
+    if metrics_jsonl is not None and metrics_jsonl.is_file():
+        plots.append(plot_curves(metrics_jsonl, out_dir / "training_curves.png"))
+    plots.append(plot_attention(main, out_dir / "attention.png"))
+    lines = [f"# {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", "## Summary", "", summary_table(results), "",
+              "## Exact-answer accuracy by category", "", category_table(results), "",
+              "## Attention mass per modality", "", attention_table(main), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    lines += ["", "## Examples", ""]
+    for t in main.turns[:: max(1, len(main.turns) // 12)][:12]:
+        mark = "✓" if t.exact else "✗"
+        lines.append(f"- {mark} `{t.category}`: expected “{t.reference}”, got “{t.hypothesis}”")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({
+        name: {"summary": r.summary(),
+               "categories": {c: r.accuracy(c) for c in r.by_category()}}
+        for name, r in results.items()}, indent=2))
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(metrics_jsonl: Path, out: Path) -> Path:
+    plt = _pyplot()
+    steps, loss, vsteps, vloss = [], [], [], []
+    for line in metrics_jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        steps.append(rec["step"])
+        loss.append(rec["loss"])
+        if "val_loss" in rec:
+            vsteps.append(rec["step"])
+            vloss.append(rec["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, label="train loss", linewidth=0.8)
+    ax.plot(vsteps, vloss, label="validation loss", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_attention(result: EvalResult, out: Path) -> Path:
+    plt = _pyplot()
+    att = result.attention_by_category()
+    cats = list(att)
+    modalities = sorted({m for v in att.values() for m in v})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(cats)
+    for m in modalities:
+        values = [att[c].get(m, 0.0) for c in cats]
+        ax.bar(cats, values, bottom=bottom, label=m)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("mean attention mass per token")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
