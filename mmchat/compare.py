@@ -18,9 +18,7 @@ def compare_fusion(config: Config, data_dir: Path, split_file: Path, out_dir: Pa
                    steps: int | None = None, limit: int | None = None,
                    progress: bool = True) -> str:
     """Returns a Markdown table; writes each run and a report under ``out_dir``."""
-    host = PluginHost(paths=[config.resolve(p) for p in config.plugins.paths],
-                      allow=list(config.plugins.enabled) or None, block=config.plugins.disabled,
-                      settings=config.plugins.settings)
+    host = PluginHost.from_config(config)
     if steps is not None:
         config = config.replace(train={"steps": steps})
     data = load_train_data(data_dir, host.modalities, vocab_size=config.model.vocab_size,

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import MMChatError
+from .errors import DatasetError
 from .modality import Attachment, Modality, guess_mime_type
 
 logger = logging.getLogger(__name__)
@@ -30,12 +30,6 @@ ROLES = ("user", "assistant")
 #: Categories the demo corpus uses; other datasets may use their own.
 CATEGORIES = ("colour", "shape", "count", "position", "digit", "spoken", "followup",
               "chitchat", "greeting")
-
-
-class DatasetError(MMChatError):
-    """A dataset file is missing or holds a bad record."""
-
-    code = "bad_dataset"
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ class CheckpointError(MMChatError):
     code = "bad_checkpoint"
 
 
+class DatasetError(MMChatError):
+    """A dataset file is missing or holds a bad record."""
+
+    code = "bad_dataset"
+
+
 class StateError(MMChatError):
     """Serialised session state is unreadable or of an unknown version."""
 

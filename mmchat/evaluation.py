@@ -119,8 +119,7 @@ def perplexity(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[Dial
                drop: frozenset[str] = frozenset(), batch_size: int = 32,
                max_tokens: int = 256) -> float:
     """exp(mean NLL per answer token), teacher-forced."""
-    examples = [e for d in dialogues
-                if (e := encode_dialogue(d.turns, tokenizer, max_tokens)) is not None]
+    examples = [e for d in dialogues for e in encode_dialogue(d.turns, tokenizer, max_tokens)]
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i: i + batch_size], cache, modalities, tokenizer.pad_id, drop)

@@ -166,5 +166,6 @@ def build_fusion(method: str, n_hidden: int, d_model: int, n_kinds: int) -> nn.M
     try:
         cls = FUSIONS[method]
     except KeyError:
-        raise ValueError(f"unknown fusion method {method!r}; choose from {sorted(FUSIONS)}") from None
+        raise ValueError(
+            f"unknown fusion method {method!r}; choose from {sorted(FUSIONS)}") from None
     return cls(n_hidden, d_model, n_kinds)

@@ -33,7 +33,10 @@ def register_datasets(register):
 
     :param register: call ``register(name, build)`` where ``build(outdir, *,
         seed, small, progress)`` writes a dataset (see ``docs/data.md``) into
-        ``outdir`` and returns a mapping of split name to JSONL path.
+        ``outdir`` and returns a mapping of split name to JSONL path. ``seed`` is an
+        int, ``small`` asks for a corpus tests can build in seconds, and
+        ``progress`` (bool) asks for a progress bar on stderr. ``mmchat data build``
+        refuses a non-empty ``outdir`` unless ``--force`` is given.
     """
 
 

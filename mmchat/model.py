@@ -170,17 +170,20 @@ class DialogueLM(nn.Module):
 
         h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
         ctx = h.new_zeros(B, T, self.config.d_model)
-        rows = torch.arange(B, device=idx.device)
+        positions = torch.arange(T, device=idx.device)
         for k in range(prompt_end.shape[1]):
-            has_turn = prompt_end[:, k] >= 0  # (B,)
-            if not has_turn.any():
+            rows = (prompt_end[:, k] >= 0).nonzero().squeeze(1)  # dialogues with a turn k
+            if rows.numel() == 0:
                 continue
-            h_prompt = h[rows, prompt_end[:, k].clamp_min(0)]  # (B, H)
-            visible = mask & (sent <= k)  # (B, N)
-            mem = self.turn_memory(h_prompt, values, kinds, visible)
-            ctx_k, _ = self.context(h, mem)  # (B, T, d)
-            in_turn = (turns == k) & has_turn.unsqueeze(1)  # (B, T)
-            ctx = torch.where(in_turn.unsqueeze(-1), ctx_k, ctx)
+            in_turn = turns[rows] == k  # (R, T)
+            span = positions[in_turn.any(dim=0)]
+            lo, hi = int(span.min()), int(span.max()) + 1  # the window holding turn k
+            h_prompt = h[rows, prompt_end[rows, k]]  # (R, H)
+            visible = mask[rows] & (sent[rows] <= k)  # (R, N)
+            mem = self.turn_memory(h_prompt, values[rows], kinds[rows], visible)
+            ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
+            window = ctx[rows, lo:hi]
+            ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)
         logits = self.logits(h, ctx)  # (B, T, V)
 
         loss = None

@@ -17,13 +17,16 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError
 from .modality import Modality
+
+if TYPE_CHECKING:
+    from .config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,14 @@ class PluginHost:
         if os.environ.get(TRACE_ENV):
             self.pm.trace.root.setwriter(logger.info)
             self.pm.enable_tracing()
+
+    @classmethod
+    def from_config(cls, config: "Config", **kwargs: Any) -> "PluginHost":
+        """A host set up from ``[plugins]``: paths, allow- and block-lists, settings."""
+        p = config.plugins
+        return cls(paths=[config.resolve(path) for path in p.paths],
+                   allow=list(p.enabled) or None, block=p.disabled, settings=p.settings,
+                   **kwargs)
 
     # -- loading -----------------------------------------------------------------
 

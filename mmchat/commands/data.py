@@ -96,9 +96,7 @@ def _host(config_path: Path | None):
     from ..plugins import PluginHost
 
     c = load_config(config_path)
-    return PluginHost(paths=[c.resolve(p) for p in c.plugins.paths],
-                      allow=list(c.plugins.enabled) or None, block=c.plugins.disabled,
-                      settings=c.plugins.settings)
+    return PluginHost.from_config(c)
 
 
 def dataset_builders(host) -> dict[str, Builder]:

@@ -48,9 +48,7 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     from ..training.examples import FeatureCache
 
     path = checkpoint or config.resolve(config.model.checkpoint)
-    host = PluginHost(paths=[config.resolve(p) for p in config.plugins.paths],
-                      allow=list(config.plugins.enabled) or None, block=config.plugins.disabled,
-                      settings=config.plugins.settings)
+    host = PluginHost.from_config(config)
     model, tokenizer, meta = ckpt.load(path, host.modalities)
     dialogues = load_dialogues(split_file)[:limit]
     modalities = {m: host.modalities[m] for m in model.config.modalities}

@@ -21,9 +21,7 @@ def plugins_command(config_path, as_json: bool) -> None:
     from ..plugins import PluginHost
 
     c = load_config(config_path)
-    host = PluginHost(paths=[c.resolve(p) for p in c.plugins.paths],
-                      allow=list(c.plugins.enabled) or None, block=c.plugins.disabled,
-                      settings=c.plugins.settings)
+    host = PluginHost.from_config(c)
     infos = host.describe()
     rows = [{"name": i.name, "version": i.version, "source": i.source, "hooks": i.hooks,
              "modalities": i.modalities} for i in infos]

@@ -47,9 +47,7 @@ def train_command(data, out_dir, config_path, tokenizer_path, resume, steps, bat
     config = config.replace(train=overrides,
                             fusion={"method": fusion} if fusion else {},
                             model={"rnn": rnn} if rnn else {})
-    host = PluginHost(paths=[config.resolve(p) for p in config.plugins.paths],
-                      allow=list(config.plugins.enabled) or None, block=config.plugins.disabled,
-                      settings=config.plugins.settings)
+    host = PluginHost.from_config(config)
     tokenizer = None
     if tokenizer_path is not None:
         tokenizer = Tokenizer.load(tokenizer_path)

@@ -44,12 +44,8 @@ def used_modalities(dialogues: list[Dialogue], registered: Mapping[str, Modality
 
 def encode_all(dialogues: list[Dialogue], tokenizer: Tokenizer, max_tokens: int
                ) -> list[Example]:
-    out = []
-    for d in dialogues:
-        example = encode_dialogue(d.turns, tokenizer, max_tokens, category=d.category or "")
-        if example is not None:
-            out.append(example)
-    return out
+    return [e for d in dialogues
+            for e in encode_dialogue(d.turns, tokenizer, max_tokens, category=d.category or "")]
 
 
 def decode_media(cache: FeatureCache, dialogues: list[Dialogue],

@@ -36,38 +36,38 @@ class Example:
 
 
 def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256,
-                    category: str = "") -> Example | None:
+                    category: str = "") -> list[Example]:
     """Tokenise user/assistant pairs; attachments become feature keys (content hashes).
 
-    ``turns`` are :class:`mmchat.dataset.Turn` objects. Pairs past ``max_tokens`` are
-    dropped; returns ``None`` when not even one pair fits.
+    ``turns`` are :class:`mmchat.dataset.Turn` objects. A dialogue longer than
+    ``max_tokens`` is cut between pairs into several examples; a later piece starts
+    afresh, so it keeps only the attachments sent within it. A single pair longer than
+    ``max_tokens`` is dropped.
     """
-    tokens = [tokenizer.bos_id]
-    turn_ids = [0]
-    prompt_end: list[int] = []
-    targets: list[int] = []
-    media: list[tuple[str, str, int]] = []
-    pairs = _pairs(turns)
-    for k, (user, assistant) in enumerate(pairs):
+    examples: list[Example] = []
+    current: Example | None = None
+    for user, assistant in _pairs(turns):
         prompt = tokenizer.user_turn(user.text)
         answer = tokenizer.encode(assistant.text) + [tokenizer.eos_id]
-        if len(tokens) + len(prompt) + len(answer) > max_tokens:
-            break
-        tokens += prompt
-        turn_ids += [k] * len(prompt)
-        prompt_end.append(len(tokens) - 1)
-        tokens += answer
-        turn_ids += [k] * len(answer)
+        if 1 + len(prompt) + len(answer) > max_tokens:
+            continue
+        if current is None or len(current.tokens) + len(prompt) + len(answer) > max_tokens:
+            current = Example([tokenizer.bos_id], [0], [], [], [], category)
+            examples.append(current)
+        k = len(current.prompt_end)
+        current.tokens += prompt
+        current.turns += [k] * len(prompt)
+        current.prompt_end.append(len(current.tokens) - 1)
+        current.targets += [-1] * len(prompt)
+        current.targets[-1] = answer[0]  # <bot> predicts the first answer token
+        current.tokens += answer
+        current.turns += [k] * len(answer)
+        current.targets += answer[1:] + [-1]
         for att in user.attachments:
-            media.append((att.modality, feature_key(att.read()), k))
-    if not prompt_end:
-        return None
-    # the token at position t is trained to predict token t+1 when t+1 is in an answer
-    targets = [-1] * len(tokens)
-    answer_positions = _answer_positions(prompt_end, tokens, tokenizer.eos_id)
-    for t in answer_positions:
-        targets[t - 1] = tokens[t]
-    return Example(tokens, turn_ids, prompt_end, targets, media, category)
+            current.media.append((att.modality, feature_key(att.read()), k))
+    for e in examples:
+        e.targets = [-1] + e.targets  # the <s> position predicts nothing
+    return examples
 
 
 def _pairs(turns: Sequence) -> list[tuple]:
@@ -80,18 +80,6 @@ def _pairs(turns: Sequence) -> list[tuple]:
             pairs.append((pending, turn))
             pending = None
     return pairs
-
-
-def _answer_positions(prompt_end: list[int], tokens: list[int], eos: int) -> list[int]:
-    positions = []
-    for end in prompt_end:
-        t = end + 1
-        while t < len(tokens):
-            positions.append(t)
-            if tokens[t] == eos:
-                break
-            t += 1
-    return positions
 
 
 def feature_key(data: bytes) -> str:
