@@ -70,10 +70,16 @@ class Outcome:
 
 @dataclass
 class Generation:
-    """Iterate for tokens; afterwards :attr:`outcome` says how it ended."""
+    """Iterate for tokens; afterwards :attr:`outcome` says how it ended.
+
+    For greedy and sampled decoding :attr:`sampler` lets a caller that batches many
+    generations (:mod:`mmchat.batching`) push each step's logits instead of iterating.
+    Use one or the other, never both.
+    """
 
     tokens: Iterator[Token]
     outcome: Outcome | None = field(default=None)
+    sampler: Sampler | None = None
 
     def __iter__(self) -> Iterator[Token]:
         return self.tokens
@@ -87,39 +93,86 @@ def generate(step: Step, logits: torch.Tensor, weights: torch.Tensor, state: tor
     if params.strategy == "beam":
         gen.tokens = _beam(gen, step, logits, weights, state, params, eos_id)
     else:
-        gen.tokens = _sample(gen, step, logits, weights, state, params, eos_id, stop_check)
+        gen.sampler = Sampler(gen, logits, weights, state, params, eos_id, stop_check)
+        gen.tokens = _sample(gen.sampler, step)
     return gen
 
 
-def _sample(gen: Generation, step: Step, logits: torch.Tensor, weights: torch.Tensor,
-            state: torch.Tensor, params: GenerationParams, eos_id: int,
-            stop_check: Callable[[list[int]], bool] | None) -> Iterator[Token]:
-    rng = None
-    if params.strategy == "sample" and params.seed >= 0:
-        rng = torch.Generator(device=logits.device).manual_seed(params.seed)
-    out: list[int] = []
-    gen.outcome = Outcome("cancelled", state, None)
-    while True:
-        scores = block_repeats(logits[0].float(), out, params.no_repeat_ngram)
-        if params.strategy == "greedy":
-            token = int(scores.argmax())
-        else:
-            token = int(torch.multinomial(filter_logits(scores, params).softmax(-1), 1,
-                                          generator=rng))
-        out.append(token)
-        gen.outcome = Outcome("cancelled", state, token)
-        if token == eos_id:
-            gen.outcome = Outcome("stop", state, token)
-            return
-        yield Token(token, weights[0])
-        if stop_check is not None and stop_check(out):
-            gen.outcome = Outcome("stop", state, token)
-            return
-        if len(out) >= params.max_new_tokens:
-            gen.outcome = Outcome("length", state, token)
-            return
-        logits, weights, state = step(torch.tensor([token], device=logits.device), state)
+class Sampler:
+    """Greedy or sampled decoding, pushed one step at a time.
+
+    :meth:`choose` picks a token from the current logits. Unless it returned ``None``
+    or :attr:`done` is set, feed :attr:`last` through the model and hand the result to
+    :meth:`feed` before choosing again. The owning :class:`Generation`'s outcome is
+    kept up to date after every call, so decoding can stop between any two steps.
+    """
+
+    def __init__(self, gen: Generation, logits: torch.Tensor, weights: torch.Tensor,
+                 state: torch.Tensor, params: GenerationParams, eos_id: int,
+                 stop_check: Callable[[list[int]], bool] | None = None) -> None:
+        self.gen = gen
+        self.params = params
+        self.eos_id = eos_id
+        self.stop_check = stop_check
+        self.rng = make_rng(params, logits.device)
+        self.out: list[int] = []
+        self.done = False
+        self.logits, self.weights, self.state = logits, weights, state  # (1, V), (1, N), rnn
         gen.outcome = Outcome("cancelled", state, None)
+
+    @property
+    def last(self) -> int:
+        """The token chosen last, which the next step feeds."""
+        return self.out[-1]
+
+    def choose(self) -> Token | None:
+        """The next token, or ``None`` when end-of-sequence was chosen."""
+        assert not self.done, "choose() after decoding finished"
+        token = pick_token(self.logits[0], self.out, self.params, self.rng)
+        self.out.append(token)
+        state = self.state
+        self.gen.outcome = Outcome("cancelled", state, token)
+        if token == self.eos_id:
+            self.done = True
+            self.gen.outcome = Outcome("stop", state, token)
+            return None
+        if self.stop_check is not None and self.stop_check(self.out):
+            self.done = True
+            self.gen.outcome = Outcome("stop", state, token)
+        elif len(self.out) >= self.params.max_new_tokens:
+            self.done = True
+            self.gen.outcome = Outcome("length", state, token)
+        return Token(token, self.weights[0])
+
+    def feed(self, logits: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
+        """The step's output after feeding :attr:`last`: logits (1, V), weights (1, N)."""
+        self.logits, self.weights, self.state = logits, weights, state
+        self.gen.outcome = Outcome("cancelled", state, None)
+
+
+def _sample(sampler: Sampler, step: Step) -> Iterator[Token]:
+    while (token := sampler.choose()) is not None:
+        yield token
+        if sampler.done:
+            return
+        tokens = torch.tensor([token.id], device=sampler.logits.device)  # (1,)
+        sampler.feed(*step(tokens, sampler.state))
+
+
+def make_rng(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+    """A seeded generator for ``strategy = "sample"`` with ``seed >= 0``, else ``None``."""
+    if params.strategy == "sample" and params.seed >= 0:
+        return torch.Generator(device=device).manual_seed(params.seed)
+    return None
+
+
+def pick_token(logits: torch.Tensor, generated: list[int], params: GenerationParams,
+               rng: torch.Generator | None) -> int:
+    """Choose the next token from one row of logits (V,): argmax, or a filtered sample."""
+    scores = block_repeats(logits.float(), generated, params.no_repeat_ngram)
+    if params.strategy == "greedy":
+        return int(scores.argmax())
+    return int(torch.multinomial(filter_logits(scores, params).softmax(-1), 1, generator=rng))
 
 
 def filter_logits(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
