@@ -43,6 +43,7 @@ class ModelConfig:
     device: str = _opt("cpu")
     threads: int = _opt(0, min=0, max=256)
     quantize: str = _opt("none", choices=("none", "dynamic-int8"))
+    fast_decode: bool = _opt(True)
 
 
 @dataclass(frozen=True)

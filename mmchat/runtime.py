@@ -1,13 +1,19 @@
 """One turn of a conversation on the model: prefill, then token-by-token decoding.
 
-All of this is synchronous PyTorch work. The engine runs it in a worker thread and
-calls :meth:`TurnRun.next_token` once per token, so it can stream and cancel.
+All of this is synchronous PyTorch work. The prompt is fed through the model's own
+modules; each reply token then goes through a *decoder*: :class:`ReferenceDecoder`
+(the same modules, one token per row) or the fused
+:class:`~mmchat.fastpath.FastDecoder`. A decoder steps any batch of rows, so the
+engine's scheduler (:mod:`mmchat.batching`) can decode many turns together; a turn
+can also be driven on its own with :meth:`TurnRun.next_token`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -16,6 +22,50 @@ from .generate import Generation, GenerationParams, Token, generate
 from .model import DialogueLM
 from .state import MemoryEntry, SessionState
 from .tokenizer import Tokenizer
+
+
+class Decoder(Protocol):
+    """Feeds one token per row and returns the next logits.
+
+    ``prepare`` turns a turn's memory (batch 1) into whatever ``step`` reads;
+    ``stack`` puts several prepared memories side by side (rows padded to the longest
+    memory, padding hidden); ``expand`` repeats one for beams.
+    """
+
+    def prepare(self, mem: TurnMemory, weights: torch.Tensor) -> Any: ...
+
+    def stack(self, mems: Sequence[Any]) -> Any: ...
+
+    def expand(self, mem: Any, batch: int) -> Any: ...
+
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: Any
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class ReferenceDecoder:
+    """The model's own modules, a token at a time: the definition fast paths must match.
+
+    ``step(tokens (B,), state (S, L, B, H), mem)`` -> logits (B, V), weights (B, N), state.
+    """
+
+    def __init__(self, model: DialogueLM) -> None:
+        self.model = model
+
+    def prepare(self, mem: TurnMemory, weights: torch.Tensor) -> TurnMemory:
+        return mem
+
+    def stack(self, mems: Sequence[TurnMemory]) -> TurnMemory:
+        return stack_memories(mems)
+
+    def expand(self, mem: TurnMemory, batch: int) -> TurnMemory:
+        return expand_memory(mem, batch)
+
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: TurnMemory
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        h, state = model.run_rnn(tokens.unsqueeze(1), state)  # (B, 1, H)
+        ctx, w = model.context(h, mem)  # (B, 1, d), (B, 1, N)
+        return model.logits(h, ctx)[:, -1], w[:, -1], state
 
 
 def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
@@ -31,6 +81,31 @@ def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
                    pooled_mask=grow(mem.pooled_mask))
 
 
+def pad_rows(rows: Sequence[torch.Tensor], fill: float | bool = 0) -> torch.Tensor:
+    """Stack (1, n_i, ...) tensors into (B, max n_i, ...), padding dim 1 with ``fill``."""
+    n = max(r.shape[1] for r in rows)
+    out = rows[0].new_full((len(rows), n, *rows[0].shape[2:]), fill)
+    for b, r in enumerate(rows):
+        out[b, : r.shape[1]] = r[0]
+    return out
+
+
+def stack_memories(mems: Sequence[TurnMemory]) -> TurnMemory:
+    """Batch-1 memories side by side: (B, N, d) with N the longest, padding masked out."""
+    if len(mems) == 1:
+        return mems[0]
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat(ts)
+
+    return TurnMemory(values=pad_rows([m.values for m in mems]),
+                      mask=pad_rows([m.mask for m in mems], False),
+                      kinds=pad_rows([m.kinds for m in mems]),
+                      query=torch.cat([m.query for m in mems]),
+                      pooled=cat([m.pooled for m in mems]),
+                      pooled_mask=cat([m.pooled_mask for m in mems]))
+
+
 @dataclass
 class TurnRun:
     """A reply being generated. Not thread-safe: drive it from one thread."""
@@ -43,18 +118,29 @@ class TurnRun:
     turns_before: int
     prompt_logits: torch.Tensor  # (1, V) the logits the first reply token is chosen from
     prompt_state: torch.Tensor  # RNN state after the prompt
+    decoder: Decoder | None = None
+    step_memory: Any = None  # the memory as decoder.prepare left it (batch 1)
     tokens: list[int] = field(default_factory=list)
     mass: torch.Tensor | None = None  # (N,) summed attention over emitted tokens
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def memory_size(self) -> int:
+        """N, the number of memory vectors (the width of each token's weights)."""
+        return self.memory.values.shape[1]
 
     def next_token(self) -> Token | None:
         """Decode one more token, or ``None`` when the reply is complete."""
         with torch.inference_mode():
             token = next(self.generation.tokens, None)
         if token is not None:
-            self.tokens.append(token.id)
-            self.mass = token.weights.clone() if self.mass is None else self.mass + token.weights
+            self.record(token)
         return token
+
+    def record(self, token: Token) -> None:
+        """Note an emitted token (for callers that drive :attr:`generation` themselves)."""
+        self.tokens.append(token.id)
+        self.mass = token.weights.clone() if self.mass is None else self.mass + token.weights
 
     def attention_by_modality(self) -> dict[str, float]:
         """Mean attention mass each modality received per emitted token."""
@@ -83,8 +169,14 @@ class TurnRun:
 
 
 def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | None,
-               memory: list[MemoryEntry], text: str, params: GenerationParams) -> TurnRun:
-    """Feed the user's turn and return a run ready to decode the reply."""
+               memory: list[MemoryEntry], text: str, params: GenerationParams,
+               decoder: Decoder | None = None) -> TurnRun:
+    """Feed the user's turn and return a run ready to decode the reply.
+
+    The prompt always goes through the model's own modules; reply tokens go through
+    ``decoder`` (default: :class:`ReferenceDecoder`).
+    """
+    decoder = decoder if decoder is not None else ReferenceDecoder(model)
     with torch.inference_mode():
         if state is None:
             state = SessionState(rnn=model.initial_state(1), pending=[tokenizer.bos_id])
@@ -96,12 +188,10 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
         mem = model.turn_memory(h[:, -1], values, kinds, mask)
         ctx, weights = model.context(h[:, -1:], mem)  # (1, 1, d), (1, 1, N)
         logits = model.logits(h[:, -1:], ctx)[:, -1]  # (1, V)
+        step_memory = decoder.prepare(mem, weights[:, -1])
 
     def step(tokens: torch.Tensor, rnn: torch.Tensor):
-        h, rnn = model.run_rnn(tokens.unsqueeze(1), rnn)  # (B, 1, H)
-        m = expand_memory(mem, tokens.shape[0])
-        ctx, w = model.context(h, m)
-        return model.logits(h, ctx)[:, -1], w[:, -1], rnn
+        return decoder.step(tokens, rnn, decoder.expand(step_memory, tokens.shape[0]))
 
     def stop_check(ids: list[int]) -> bool:
         text_so_far = tokenizer.decode(ids)
@@ -110,4 +200,5 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
     generation = generate(step, logits, weights[:, -1], rnn_state, params,
                           eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None)
     return TurnRun(model, tokenizer, generation, mem, prompt_tokens=len(prompt),
-                   turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state)
+                   turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state,
+                   decoder=decoder, step_memory=step_memory)

@@ -1,0 +1,148 @@
+"""The fused decode step computes the reference step's function, for every model shape."""
+
+import pytest
+import torch
+from toy_plugin import ToyModality
+
+from mmchat.fastpath import FastDecoder, build_decoder
+from mmchat.generate import GenerationParams
+from mmchat.loading import quantize
+from mmchat.model import DialogueConfig, DialogueLM
+from mmchat.runtime import ReferenceDecoder, start_turn
+from mmchat.state import MemoryEntry, SessionState
+from mmchat.tokenizer import Tokenizer
+
+FUSIONS = ["attention", "concat", "weighted"]
+RNNS = ["lstm", "gru"]
+TIGHT = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
+                           vocab_size=40)
+
+
+def tiny_model(tok, fusion="attention", rnn="lstm", n_layer=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = DialogueConfig(vocab_size=tok.vocab_size, rnn=rnn, n_layer=n_layer, n_embd=16,
+                         n_hidden=24, d_model=16, dropout=0.0, fusion=fusion,
+                         modalities=["toy"])
+    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)}).eval()
+    with torch.no_grad():  # weights big enough that replies are not all one token
+        for p in model.parameters():
+            p.mul_(8)
+    return model
+
+
+def toy_memory(model, sizes=(5, 3)):
+    g = torch.Generator().manual_seed(3)
+    entries = []
+    for n in sizes:
+        feats = torch.rand(1, 4, n, generator=g)
+        entries.append(MemoryEntry("toy", model.encode("toy", feats, torch.tensor([n]))[0]))
+    return entries
+
+
+def reply(model, tok, decoder, params, state=None, text="what colour is it"):
+    run = start_turn(model, tok, state, toy_memory(model), text, params, decoder=decoder)
+    tokens = [t.id for t in iter(run.next_token, None)]
+    return run, tokens
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_fast_step_equals_the_reference_step(tok, fusion, rnn, n_layer):
+    model = tiny_model(tok, fusion, rnn, n_layer)
+    ref, fast = ReferenceDecoder(model), FastDecoder(model)
+    params = GenerationParams(max_new_tokens=12)
+    run, answer = reply(model, tok, ref, params)
+    fast_run = start_turn(model, tok, None, toy_memory(model), "what colour is it", params,
+                          decoder=fast)
+    state = run.prompt_state
+    with torch.inference_mode():
+        varied = list(range(4, tok.vocab_size, 3))
+        for t in [tok.bos_id] + answer + varied:  # teacher-forced through both decoders
+            tokens = torch.tensor([t])
+            la, wa, sa = ref.step(tokens, state, run.step_memory)
+            lb, wb, sb = fast.step(tokens, state, fast_run.step_memory)
+            torch.testing.assert_close(lb, la, **TIGHT)
+            torch.testing.assert_close(wb, wa, **TIGHT)
+            torch.testing.assert_close(sb, sa, **TIGHT)
+            state = sa
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+def test_greedy_replies_are_identical_over_two_turns(tok, fusion, rnn):
+    model = tiny_model(tok, fusion, rnn)
+    params = GenerationParams(max_new_tokens=24)
+    replies = []
+    for decoder in (ReferenceDecoder(model), FastDecoder(model)):
+        run, first = reply(model, tok, decoder, params)
+        state, _ = run.finish()
+        run2, second = reply(model, tok, decoder, params, state=state, text="hello there")
+        replies.append((first, second, run2.attention_by_modality(), run2.finish()[1]))
+    assert replies[0][0] and replies[0][1]
+    assert replies[1][:2] == replies[0][:2]
+    assert replies[1][3] == replies[0][3]
+    assert replies[1][2] == pytest.approx(replies[0][2], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", [
+    {"strategy": "sample", "seed": 5, "temperature": 0.8},
+    {"strategy": "beam", "beam_width": 3},
+    {"strategy": "greedy", "no_repeat_ngram": 2},
+])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_sampling_and_beams_match_the_reference(tok, fusion, mode):
+    model = tiny_model(tok, fusion, "gru")
+    params = GenerationParams(max_new_tokens=16, **mode)
+    _, ref = reply(model, tok, ReferenceDecoder(model), params)
+    _, fast = reply(model, tok, FastDecoder(model), params)
+    assert fast == ref and ref
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+def test_int8_logits_stay_close(tok, fusion, rnn):
+    model = tiny_model(tok, fusion, rnn)
+    fp32, int8 = FastDecoder(model), FastDecoder(model, precision="int8")
+    params = GenerationParams(max_new_tokens=12)
+    run = start_turn(model, tok, None, toy_memory(model), "hello", params, decoder=fp32)
+    mem8 = int8.prepare(run.memory, run.generation.sampler.weights)
+    state = run.prompt_state
+    with torch.inference_mode():
+        for t in [5, 9, 7, 11]:
+            la, _, sa = fp32.step(torch.tensor([t]), state, run.step_memory)
+            lb, _, sb = int8.step(torch.tensor([t]), state, mem8)
+            assert rel_error(lb, la) < 0.1 and rel_error(sb, sa) < 0.1
+            state = sa
+
+
+def rel_error(got, want):
+    return float((got - want).norm() / (want - want.mean()).norm())
+
+
+def test_models_the_fast_path_cannot_run_fall_back_to_the_reference(tok):
+    model = tiny_model(tok)
+    assert isinstance(build_decoder(model), FastDecoder)
+    assert isinstance(build_decoder(model, fast=False), ReferenceDecoder)
+    assert isinstance(build_decoder(quantize(model)), ReferenceDecoder)
+    model.train()
+    assert "training" in FastDecoder.unsupported(model)
+    assert isinstance(build_decoder(model), ReferenceDecoder)
+    with pytest.raises(ValueError, match="training mode"):
+        FastDecoder(model)
+
+
+def test_state_from_a_fast_turn_continues_on_the_reference_path(tok):
+    model = tiny_model(tok)
+    params = GenerationParams(max_new_tokens=10)
+    run, _ = reply(model, tok, FastDecoder(model), params)
+    state, _ = run.finish()
+    restored = SessionState(rnn=state.rnn.clone(), pending=list(state.pending), turns=1)
+    _, a = reply(model, tok, ReferenceDecoder(model), params, state=state, text="hello")
+    _, b = reply(model, tok, FastDecoder(model), params, state=restored, text="hello")
+    assert a == b
