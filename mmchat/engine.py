@@ -122,6 +122,7 @@ class Engine:
         self.checkpoint_meta: dict[str, Any] = {}
         self._model_pool: ThreadPoolExecutor | None = None
         self._media_pool: ThreadPoolExecutor | None = None
+        self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
         self._start_lock = asyncio.Lock()
         self._started = False
 
@@ -158,9 +159,13 @@ class Engine:
         return self
 
     def _load_model(self) -> None:
+        from .batching import DecodeScheduler
+        from .fastpath import build_decoder
         from .loading import load_model
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
+        decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
+        self._scheduler = DecodeScheduler(decoder, self._model_pool)
 
     async def close(self) -> None:
         if self._started:
@@ -329,28 +334,31 @@ class Engine:
             data = await self.store.load(session_id)
             state = loads_state(data.state) if data is not None and data.state else None
             memory = [loads_entry(b) for b in data.memory] if data is not None else []
+            # Model work runs between the steps of the replies being decoded together.
+            scheduler = self._scheduler
 
             def prefill():
                 new = [MemoryEntry(m.name, self._encode(m, f), a.id)
                        for (m, a), f in zip(attachments, features)]
                 keep = (memory + new)[-self.config.fusion.max_memory:]
-                return new, start_turn(self.model, self.tokenizer, state, keep, text, params)
+                return new, start_turn(self.model, self.tokenizer, state, keep, text, params,
+                                       decoder=scheduler.decoder)
 
-            new_entries, run = await loop.run_in_executor(self._model_pool, prefill)
+            new_entries, run = await scheduler.call(prefill)
             t_prefill = time.perf_counter()
             t_first = None
             index = 0
             shown = ""
-            while not stream.cancelled:
-                token = await loop.run_in_executor(self._model_pool, run.next_token)
-                if token is None:
-                    break
-                t_first = t_first or time.perf_counter()
-                full = self.tokenizer.decode(run.tokens)
-                if full.startswith(shown) and len(full) > len(shown):
-                    stream._queue.put_nowait(Delta(full[len(shown):], index, token.id))
-                    shown = full
-                    index += 1
+            ids: list[int] = []
+            async with scheduler.decode(run, cancelled=lambda: stream.cancelled) as tokens:
+                async for token in tokens:
+                    t_first = t_first or time.perf_counter()
+                    ids.append(token.id)
+                    full = self.tokenizer.decode(ids)
+                    if full.startswith(shown) and len(full) > len(shown):
+                        stream._queue.put_nowait(Delta(full[len(shown):], index, token.id))
+                        shown = full
+                        index += 1
             new_state, reason = run.finish(cancelled=stream.cancelled)
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
             turns = [

@@ -4,9 +4,10 @@ import pytest
 import torch
 from toy_plugin import ToyModality
 
+from mmchat import Attachment, Engine, checkpoint
 from mmchat.fastpath import FastDecoder, build_decoder
 from mmchat.generate import GenerationParams
-from mmchat.loading import quantize
+from mmchat.loading import load_model, quantize
 from mmchat.model import DialogueConfig, DialogueLM
 from mmchat.runtime import ReferenceDecoder, start_turn
 from mmchat.state import MemoryEntry, SessionState
@@ -15,6 +16,7 @@ from mmchat.tokenizer import Tokenizer
 FUSIONS = ["attention", "concat", "weighted"]
 RNNS = ["lstm", "gru"]
 TIGHT = {"atol": 1e-4, "rtol": 1e-4}
+TOY = Attachment(bytes(range(16)), "application/x-toy")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,28 @@ def test_state_from_a_fast_turn_continues_on_the_reference_path(tok):
     _, a = reply(model, tok, ReferenceDecoder(model), params, state=state, text="hello")
     _, b = reply(model, tok, FastDecoder(model), params, state=restored, text="hello")
     assert a == b
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+async def test_engine_replies_are_the_same_with_and_without_the_fast_path(
+        tiny_config, toy_host, tmp_path, fusion, rnn):
+    config = tiny_config.replace(model={"rnn": rnn, "n_layer": 2}, fusion={"method": fusion},
+                                 generation={"max_new_tokens": 16})
+    model, tokenizer, _ = load_model(config, toy_host.modalities)
+    with torch.no_grad():  # scaled up so the untrained replies vary
+        for p in model.parameters():
+            p.mul_(8)
+    path = checkpoint.save(tmp_path / "ckpt", model, tokenizer, toy_host.modalities)
+    replies = []
+    for fast in (False, True):
+        served = config.replace(model={"checkpoint": str(path), "fast_decode": fast})
+        async with Engine(served, plugins=toy_host) as engine:
+            decoder = engine._scheduler.decoder
+            assert isinstance(decoder, FastDecoder if fast else ReferenceDecoder)
+            first = await engine.reply("s", "hello", [TOY])
+            second = await engine.reply("s", "what was it?")
+            replies.append([(r.text, r.finish_reason, r.completion_tokens) for r in
+                            (first, second)] + [second.attention])
+    assert replies[1][:2] == replies[0][:2]
+    assert replies[1][2] == pytest.approx(replies[0][2], abs=1e-3)

@@ -1,0 +1,306 @@
+"""Decode every active reply together: one batched model step per token.
+
+The engine owns one :class:`DecodeScheduler`. A turn's prefill runs through
+:meth:`DecodeScheduler.call`; its reply then joins with :meth:`DecodeScheduler.decode`
+and comes back as an async stream of tokens. On the model thread a single worker
+loops:
+
+1. run queued jobs (prefills of new turns, encoders) between two steps;
+2. let new replies join, drop finished and cancelled ones;
+3. feed the last token of every ready reply in ONE ``decoder.step``: RNN states
+   stacked along the batch, memories padded to the longest with the padding masked;
+4. hand each reply its row of logits; each samples its own next token with its own
+   settings and random generator (:class:`~mmchat.generate.Sampler`).
+
+A reply is *ready* while fewer than :data:`AHEAD` of its tokens wait unread, so
+decoding runs just ahead of the event loop and a stalled consumer costs nothing.
+Cancellation is checked before every step. Beam search keeps its own batch (its
+beams) and runs by itself between steps.
+
+While replies are decoding the worker holds the model thread, so other model work
+must go through :meth:`DecodeScheduler.call` to run between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .generate import Sampler, Token
+from .runtime import Decoder, TurnRun
+
+logger = logging.getLogger(__name__)
+
+#: Tokens a reply may have waiting unread before it sits out a step.
+AHEAD = 4
+
+_END = object()  # end of a reply's token stream
+
+
+@dataclass(eq=False)
+class _Reply:
+    """A reply registered with the scheduler. Counters are guarded by the scheduler's lock."""
+
+    run: TurnRun
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    cancelled: Callable[[], bool]
+    unread: int = 0  # tokens delivered that the consumer has not taken yet
+    stopped: bool = False  # the consumer went away
+    started: bool = False
+    done: bool = False
+
+    @property
+    def sampler(self) -> Sampler | None:
+        return self.run.generation.sampler
+
+    def wants_out(self) -> bool:
+        return self.stopped or self.cancelled()
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+@dataclass
+class _Batch:
+    """The batch of the previous step, reused while its members stay the same."""
+
+    members: tuple[_Reply, ...] = ()  # compared by identity
+    memory: Any = None
+    state: torch.Tensor | None = None  # (S, L, B, H) after the step
+
+
+class TokenStream:
+    """Async iterator over one reply's tokens; ``async with`` it so leaving early
+    takes the reply out of the batch."""
+
+    def __init__(self, scheduler: DecodeScheduler, reply: _Reply) -> None:
+        self._scheduler = scheduler
+        self._reply = reply
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> Token:
+        item = await self._reply.queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._scheduler._taken(self._reply)
+        return item
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop decoding this reply (if it is still going) before the next step."""
+        self._scheduler._stop(self._reply)
+
+
+class DecodeScheduler:
+    """Runs model work on ``executor`` (one thread) and decodes replies in batches."""
+
+    def __init__(self, decoder: Decoder, executor: Executor) -> None:
+        self.decoder = decoder
+        self._executor = executor
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._joining: list[_Reply] = []
+        self._replies: list[_Reply] = []  # owned by the worker
+        self._working = False
+        self._batch = _Batch()
+
+    # -- event-loop side -------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the model thread, between two decode steps."""
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, args, loop, loop.create_future())
+        with self._cond:
+            self._jobs.append(job)
+            self._wake()
+        return await job.future
+
+    def decode(self, run: TurnRun, cancelled: Callable[[], bool] = lambda: False
+               ) -> TokenStream:
+        """Join ``run`` to the batch; tokens arrive on the returned stream.
+
+        ``cancelled`` is polled from the model thread before every step.
+        """
+        reply = _Reply(run, asyncio.get_running_loop(), asyncio.Queue(), cancelled)
+        with self._cond:
+            self._joining.append(reply)
+            self._wake()
+        return TokenStream(self, reply)
+
+    def _taken(self, reply: _Reply) -> None:
+        with self._cond:
+            reply.unread -= 1
+            if reply.unread == AHEAD - 1:
+                self._cond.notify()
+
+    def _stop(self, reply: _Reply) -> None:
+        with self._cond:
+            if not reply.done:
+                reply.stopped = True
+                self._cond.notify()
+
+    def _wake(self) -> None:
+        """Start the worker, or wake it. Call with the lock held."""
+        if self._working:
+            self._cond.notify()
+        else:
+            self._working = True
+            self._executor.submit(self._work)
+
+    # -- model thread ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            while (todo := self._next()) is not None:
+                jobs, ready = todo
+                for job in jobs:
+                    self._run_job(job)
+                if ready:
+                    self._advance(ready)
+        except BaseException as exc:  # never leave a consumer waiting forever
+            logger.exception("decode scheduler failed")
+            with self._cond:
+                failed, self._replies, self._joining = self._replies + self._joining, [], []
+                jobs, self._jobs = list(self._jobs), deque()
+                self._working = False
+            for job in jobs:
+                _post(job.loop, _settle, job.future, None, exc)
+            self._deliver([(r, exc) for r in failed])
+            raise
+
+    def _next(self) -> tuple[list[_Job], list[_Reply]] | None:
+        """Wait for jobs or ready replies; ``None`` (worker exits) when there is nothing."""
+        with self._cond:
+            while True:
+                self._replies.extend(self._joining)
+                self._joining.clear()
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                ready = [r for r in self._replies if r.unread < AHEAD or r.wants_out()]
+                if jobs or ready:
+                    return jobs, ready
+                if not self._replies:
+                    self._working = False
+                    self._batch = _Batch()
+                    return None
+                # A consumer taking a token notifies; the timeout catches cancellation
+                # of a reply that sits out waiting for its consumer.
+                self._cond.wait(timeout=0.05)
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            result = job.fn(*job.args)
+        except Exception as exc:
+            _post(job.loop, _settle, job.future, None, exc)
+        else:
+            _post(job.loop, _settle, job.future, result, None)
+
+    def _advance(self, ready: list[_Reply]) -> None:
+        """One token for every ready reply: a batched step for the sampled ones."""
+        out: list[tuple[_Reply, Any]] = []
+        batch: list[_Reply] = []
+        with torch.inference_mode():
+            for reply in ready:
+                if reply.wants_out():
+                    out.append((reply, _END))
+                elif reply.sampler is None:  # beam search: its own batch, its own steps
+                    reply.started = True
+                    self._emit(reply, reply.run.next_token(), out, record=False)
+                elif not reply.started:  # the first token comes from the prompt's logits
+                    reply.started = True
+                    self._emit(reply, reply.sampler.choose(), out)
+                else:
+                    batch.append(reply)
+            if batch:
+                try:
+                    self._step(batch, out)
+                except Exception as exc:
+                    logger.exception("batched decode step failed")
+                    self._batch = _Batch()
+                    out += [(r, exc) for r in batch]
+        self._deliver(out)
+
+    def _step(self, batch: list[_Reply], out: list[tuple[_Reply, Any]]) -> None:
+        members = tuple(batch)
+        samplers = [r.sampler for r in batch]
+        if members == self._batch.members:
+            memory, state = self._batch.memory, self._batch.state
+        else:
+            memory = self.decoder.stack([r.run.step_memory for r in batch])
+            state = torch.cat([s.state for s in samplers], dim=2)  # (S, L, B, H)
+        tokens = torch.tensor([s.last for s in samplers])  # (B,)
+        logits, weights, state = self.decoder.step(tokens, state, memory)  # (B, V), (B, N)
+        self._batch = _Batch(members, memory, state)
+        for b, (reply, sampler) in enumerate(zip(batch, samplers)):
+            n = reply.run.memory_size
+            sampler.feed(logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1])
+            self._emit(reply, sampler.choose(), out)
+
+    def _emit(self, reply: _Reply, token: Token | None, out: list[tuple[_Reply, Any]],
+              record: bool = True) -> None:
+        if token is not None:
+            if record:
+                reply.run.record(token)
+            out.append((reply, token))
+        finished = token is None or (reply.sampler is not None and reply.sampler.done)
+        if finished:
+            out.append((reply, _END))
+
+    def _deliver(self, out: list[tuple[_Reply, Any]]) -> None:
+        """Hand tokens to their event loops (one wake-up per loop) and retire ended replies."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._cond:
+            for reply, item in out:
+                if isinstance(item, Token):
+                    reply.unread += 1
+                else:
+                    reply.done = True
+                by_loop.setdefault(reply.loop, []).append((reply.queue, item))
+            self._replies = [r for r in self._replies if not r.done]
+        for loop, items in by_loop.items():
+            _post(loop, _put_all, items)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop closed; nobody is listening any more
+        logger.debug("dropped a result for a closed event loop")
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+

@@ -1,0 +1,180 @@
+"""Concurrent replies are decoded together, and each comes out as if it ran alone."""
+
+import asyncio
+
+import pytest
+import torch
+from toy_plugin import ToyModality
+
+from mmchat import Attachment, Engine, checkpoint
+from mmchat.fastpath import FastDecoder
+from mmchat.generate import GenerationParams
+from mmchat.loading import load_model
+from mmchat.model import DialogueConfig, DialogueLM
+from mmchat.runtime import ReferenceDecoder, start_turn
+from mmchat.state import MemoryEntry
+from mmchat.tokenizer import Tokenizer
+
+FUSIONS = ["attention", "concat", "weighted"]
+RNNS = ["lstm", "gru"]
+
+
+def toy(n: int) -> Attachment:
+    """A toy attachment of n feature frames (n memory vectors)."""
+    return Attachment(bytes((7 * n + i) % 256 for i in range(4 * n)), "application/x-toy")
+
+
+#: (session, text, attachments): memories of different sizes in one batch.
+SESSIONS = [("a", "hello", [toy(4)]), ("b", "what colour is it", []),
+            ("c", "hi", [toy(2), toy(9)]), ("d", "where is the circle", [toy(16)]),
+            ("e", "and then", [toy(1)]), ("f", "ok", [])]
+
+
+def engine_config(tiny_config, tmp_path, toy_host, fast=True, rnn="lstm", fusion="attention",
+                  max_new_tokens=24):
+    """An engine config serving a checkpoint whose weights are scaled up, so that its
+    untrained replies vary instead of repeating one token."""
+    config = tiny_config.replace(model={"rnn": rnn, "n_layer": 2, "fast_decode": fast},
+                                 fusion={"method": fusion},
+                                 generation={"max_new_tokens": max_new_tokens})
+    model, tok, _ = load_model(config, toy_host.modalities)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    path = checkpoint.save(tmp_path / f"{rnn}-{fusion}", model, tok, toy_host.modalities)
+    return config.replace(model={"checkpoint": str(path)})
+
+
+def record_batch_sizes(engine) -> list[int]:
+    """Wrap the engine's decoder so every step's batch size is recorded."""
+    sizes: list[int] = []
+    decoder = engine._scheduler.decoder
+    step = decoder.step
+
+    def counting_step(tokens, state, mem):
+        sizes.append(tokens.shape[0])
+        return step(tokens, state, mem)
+
+    decoder.step = counting_step
+    return sizes
+
+
+def summary(reply):
+    return reply.text, reply.finish_reason, reply.completion_tokens
+
+
+async def solo_replies(config, toy_host, turns, **generation):
+    """Every session's replies, one turn at a time, on a fresh engine."""
+    out = {}
+    async with Engine(config, plugins=toy_host) as engine:
+        for session, text, atts in turns:
+            out.setdefault(session, []).append(
+                await engine.reply(session, text, atts, **generation.get(session, {})))
+    return out
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+@pytest.mark.parametrize("fast", [True, False])
+def test_stacked_step_rows_equal_single_steps(fast, rnn, fusion):
+    tok = Tokenizer.train(["the circle is red", "what colour is it"] * 20, vocab_size=40)
+    torch.manual_seed(0)
+    cfg = DialogueConfig(vocab_size=tok.vocab_size, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
+                         d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"])
+    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)}).eval()
+    decoder = FastDecoder(model) if fast else ReferenceDecoder(model)
+    runs = []
+    for n_entries in (0, 1, 3):
+        memory = [MemoryEntry("toy", torch.randn(2 + 3 * i, 16)) for i in range(n_entries)]
+        runs.append(start_turn(model, tok, None, memory, "hello", GenerationParams(),
+                               decoder=decoder))
+    tokens = torch.tensor([5, 6, 7])
+    with torch.inference_mode():
+        state = torch.cat([r.prompt_state for r in runs], dim=2)
+        logits, weights, state = decoder.step(tokens, state,
+                                              decoder.stack([r.step_memory for r in runs]))
+        for b, run in enumerate(runs):
+            one = decoder.step(tokens[b:b + 1], run.prompt_state, run.step_memory)
+            n = run.memory_size
+            torch.testing.assert_close(logits[b], one[0][0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(weights[b, :n], one[1][0], atol=1e-6, rtol=1e-6)
+            assert not weights[b, n:].any()  # padding gets no attention
+            torch.testing.assert_close(state[:, :, b], one[2][:, :, 0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rnn, fusion, fast", [
+    ("lstm", "attention", True), ("gru", "concat", True), ("lstm", "weighted", True),
+    ("gru", "attention", False), ("lstm", "concat", False),
+])
+async def test_concurrent_greedy_replies_equal_solo_replies(tiny_config, toy_host, tmp_path,
+                                                            rnn, fusion, fast):
+    config = engine_config(tiny_config, tmp_path, toy_host, fast, rnn, fusion)
+    second = [(s, "and what else?", []) for s, _, _ in SESSIONS]
+    solo = await solo_replies(config, toy_host, SESSIONS + second)
+    async with Engine(config, plugins=toy_host) as engine:
+        sizes = record_batch_sizes(engine)
+        for turns in (SESSIONS, second):
+            streams = [await engine.stream(s, text, atts) for s, text, atts in turns]
+            replies = await asyncio.gather(*(st.wait() for st in streams))
+            for (session, _, _), reply in zip(turns, replies):
+                want = solo[session][0 if turns is SESSIONS else 1]
+                assert summary(reply) == summary(want), session
+                assert reply.attention == pytest.approx(want.attention, abs=1e-3)
+    assert max(sizes) > 1  # they really were decoded together
+
+
+async def test_each_reply_keeps_its_own_strategy_and_random_stream(tiny_config, toy_host,
+                                                                    tmp_path):
+    config = engine_config(tiny_config, tmp_path, toy_host, max_new_tokens=20)
+    modes = {"a": {"strategy": "sample", "seed": 4, "temperature": 0.9},
+             "b": {"strategy": "sample", "seed": 9, "top_k": 5},
+             "c": {"strategy": "beam", "beam_width": 3},
+             "d": {"strategy": "greedy", "no_repeat_ngram": 2},
+             "e": {"strategy": "sample", "seed": 4, "top_p": 0.8},
+             "f": {"strategy": "greedy", "stop": ["e"]}}
+    solo = await solo_replies(config, toy_host, SESSIONS, **modes)
+    async with Engine(config, plugins=toy_host) as engine:
+        streams = [await engine.stream(s, text, atts, **modes[s]) for s, text, atts in SESSIONS]
+        replies = await asyncio.gather(*(st.wait() for st in streams))
+    for (session, _, _), reply in zip(SESSIONS, replies):
+        assert summary(reply) == summary(solo[session][0]), session
+
+
+async def test_cancelling_one_reply_leaves_the_others_untouched(tiny_config, toy_host, tmp_path):
+    config = engine_config(tiny_config, tmp_path, toy_host, rnn="gru", fusion="concat",
+                           max_new_tokens=200)
+    solo = await solo_replies(config, toy_host, SESSIONS[:3])
+    async with Engine(config, plugins=toy_host) as engine:
+        streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS[:3]]
+        await streams[0].__anext__()
+        streams[0].cancel()
+        replies = await asyncio.gather(*(st.wait() for st in streams))
+        assert replies[0].finish_reason == "cancelled"
+        assert 1 <= replies[0].completion_tokens < 200
+        for i in (1, 2):
+            assert summary(replies[i]) == summary(solo[SESSIONS[i][0]][0])
+        again = await engine.reply("a", "still there?")
+        assert again.completion_tokens > 0 and len(await engine.history("a")) == 4
+
+
+async def test_a_new_turn_joins_while_another_reply_is_decoding(tiny_config, toy_host):
+    # The plain untrained model repeats itself, so its replies run to the length limit.
+    config = tiny_config.replace(generation={"max_new_tokens": 1000})
+    async with Engine(config, plugins=toy_host) as engine:
+        sizes = record_batch_sizes(engine)
+        long = await engine.stream("long", "tell me everything", [toy(3)])
+        await long.__anext__()
+        short = await engine.reply("short", "hi", [toy(2)], max_new_tokens=5)
+        assert short.completion_tokens == 5 and long.reply is None  # prefilled, decoded, done
+        reply = await long.wait()
+    assert reply.finish_reason == "length" and reply.completion_tokens == 1000
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1  # joined and left between steps
+
+
+async def test_a_consumer_that_stops_reading_does_not_stall_the_others(tiny_config, toy_host):
+    config = tiny_config.replace(generation={"max_new_tokens": 300})
+    async with Engine(config, plugins=toy_host) as engine:
+        idle = await engine.stream("idle", "hello")  # nobody reads this one yet
+        busy = await engine.reply("busy", "hello", max_new_tokens=100)
+        assert busy.completion_tokens == 100
+        assert (await idle.wait()).completion_tokens == 300
