@@ -96,6 +96,26 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = _opt("127.0.0.1")
+    port: int = _opt(8765, min=0, max=65535)
+    max_event_bytes: int = _opt(1_048_576, min=1024)
+    max_attachment_bytes: int = _opt(16_777_216, min=1024)
+    max_message_bytes: int = _opt(33_554_432, min=1024)
+    messages_per_second: float = _opt(1.0, min=0.001)
+    burst: int = _opt(5, min=1)
+    max_strikes: int = _opt(20, min=1)
+    max_connections: int = _opt(1000, min=1)
+    origins: tuple[str, ...] = _opt(())
+    auth_secret_env: str = _opt("")
+    hello_timeout_seconds: float = _opt(10.0, min=0.1)
+    ping_interval_seconds: float = _opt(20.0, min=0.0)
+    ping_timeout_seconds: float = _opt(20.0, min=0.1)
+    drain_seconds: float = _opt(30.0, min=0.0)
+    resume_idle_seconds: float = _opt(30.0, min=0.1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = _opt(6000, min=1)
     batch_size: int = _opt(64, min=1, max=65536)
@@ -121,6 +141,7 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     #: Folder that relative paths in the file are resolved against.
     base_dir: str = "."

@@ -38,6 +38,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 
 #: Every error code a client can see in an ``error`` event, with its meaning.
 ERROR_CODES: Mapping[str, str] = {
@@ -64,6 +65,12 @@ ERROR_CODES: Mapping[str, str] = {
                          "reply can be replayed by resuming.",
     "resume_unavailable": "The reply events after last_seq are no longer kept.",
     "going_away": "The server is shutting down; reconnect and resume.",
+    "unknown_session": "The hello named a session that does not exist (or expired); a new "
+                       "session was opened instead.",
+    "reply_lost": "The process generating the reply stopped; the reply ends with what was "
+                  "streamed.",
+    "too_many_connections": "The server has as many connections as it allows; try again "
+                            "later.",
     errors.SessionBusy.code: "Another turn of the session is running; try again.",
     errors.StoreUnavailable.code: "The session store cannot be reached; try again later.",
     errors.Cancelled.code: "The reply was cancelled.",
@@ -81,6 +88,7 @@ ERROR_CODES: Mapping[str, str] = {
 _FATAL_CLOSE_CODES = {
     "frame_too_large": CLOSE_MESSAGE_TOO_BIG,
     "going_away": CLOSE_GOING_AWAY,
+    "too_many_connections": CLOSE_TRY_AGAIN_LATER,
     errors.MMChatError.code: CLOSE_INTERNAL_ERROR,
 }
 
