@@ -1,0 +1,248 @@
+"""``ChatServer``: the WebSocket service, and the only module that touches ``websockets``.
+
+One port serves both: WebSocket chat on ``/`` and plain HTTP on ``/healthz``,
+``/readyz`` and ``/metrics`` (answered from ``process_request`` during the opening
+handshake). Each connection gets a :class:`~mmchat.server.connection.Connection` and two
+tasks: this module's reader loop feeds it frames and a writer task sends its outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..config import Config
+from ..errors import StoreUnavailable
+from ..protocol import CLOSE_TRY_AGAIN_LATER, Error, Limits, ModalityInfo, serialize
+from ..stores import open_store
+from .auth import Auth
+from .connection import Close, Connection
+from .metrics import Metrics, TimedStore
+from .turns import TurnManager
+
+logger = logging.getLogger(__name__)
+
+#: The path WebSocket clients connect to; the others are plain HTTP.
+CHAT_PATH = "/"
+#: How long /readyz waits for the session store to answer a ping.
+READY_PING_SECONDS = 2.0
+
+
+class ChatServer:
+    """Serves an :class:`~mmchat.engine.Engine` over WebSocket.
+
+    ``ChatServer(config)`` builds its own engine (and session store from
+    ``[sessions]``); pass ``engine=`` to serve one you built, whose store is then used.
+    ``await server.start()`` listens; ``await server.shutdown()`` drains and stops.
+    """
+
+    def __init__(self, config: Config, *, engine: Any = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.settings = s = config.server
+        self.metrics = Metrics()
+        self.auth = Auth.from_config(s, env)
+        self._owns_engine = engine is None
+        if engine is None:
+            from ..engine import Engine
+
+            self.store = TimedStore(open_store(config.sessions), self.metrics)
+            engine = Engine(config, store=self.store)
+        else:
+            self.store = TimedStore(engine.store, self.metrics)
+        self.engine = engine
+        self.limits = Limits(
+            max_event_bytes=s.max_event_bytes, max_attachments=config.limits.max_attachments,
+            max_attachment_bytes=s.max_attachment_bytes,
+            max_message_bytes=s.max_message_bytes,
+            messages_per_second=s.messages_per_second, burst=s.burst)
+        self.turns = TurnManager(engine, self.store, self.metrics)
+        self.modality_info: tuple[ModalityInfo, ...] = ()
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self._sessions: collections.Counter[str] = collections.Counter()
+        self._ws: Server | None = None
+        self._address: tuple[str, int] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, host: str | None = None, port: int | None = None) -> ChatServer:
+        """Load the model, then listen (``host``/``port`` default to ``[server]``)."""
+        s = self.settings
+        await self.engine.start()
+        kinds = getattr(self.engine.model, "kind_index", None)
+        self.modality_info = tuple(
+            ModalityInfo(m.name, tuple(m.mime_types), m.max_bytes)
+            for name, m in sorted(self.engine.modalities.items())
+            if kinds is None or name in kinds)
+        try:
+            await self.store.ping()
+        except StoreUnavailable as exc:
+            logger.warning("starting without the session store (not ready until it "
+                           "answers): %s", exc)
+        self._ws = await serve(
+            self._handle, host or s.host, s.port if port is None else port,
+            process_request=self._process_request,
+            origins=[*s.origins, None] if s.origins else None,
+            compression=None,
+            max_size=2 * max(s.max_event_bytes, s.max_attachment_bytes),
+            ping_interval=s.ping_interval_seconds or None,
+            ping_timeout=s.ping_timeout_seconds,
+            logger=logging.getLogger("mmchat.server.websockets"))
+        self._address = self._ws.sockets[0].getsockname()[:2]
+        logger.info("mmchat ready on %s (%s)", self.url, self.engine.model_description)
+        return self
+
+    @property
+    def port(self) -> int:
+        """The port listened on (known once started)."""
+        assert self._address is not None, "the server is not started"
+        return self._address[1]
+
+    @property
+    def url(self) -> str:
+        assert self._address is not None, "the server is not started"
+        host, port = self._address
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}{CHAT_PATH}"
+
+    async def shutdown(self, drain_seconds: float | None = None) -> None:
+        """Stop accepting connections, let replies in flight finish (up to
+        ``drain_seconds``, default ``server.drain_seconds``), cancel the rest (they stay
+        resumable), then close every connection with 1001 and release the engine."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        drain = self.settings.drain_seconds if drain_seconds is None else drain_seconds
+        self.draining = True
+        try:
+            await self._drain(drain)
+        finally:
+            self._stopped.set()
+
+    async def _drain(self, drain: float) -> None:
+        logger.info("draining: %d replies in flight, %d connections", self.turns.active,
+                    len(self.connections))
+        if self._ws is not None:
+            self._ws.close(close_connections=False)
+        if not await self.turns.wait_idle(drain):
+            logger.warning("cancelling %d replies still running after %gs",
+                           self.turns.active, drain)
+            self.turns.cancel_all()
+            await self.turns.wait_idle(drain + 5)
+        await asyncio.gather(*(c.shutdown(timeout=5) for c in list(self.connections)))
+        if self._ws is not None:
+            await self._ws.wait_closed()
+        if self._owns_engine:
+            await self.engine.close()
+        logger.info("mmchat stopped")
+
+    async def __aenter__(self) -> ChatServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- bookkeeping for connections --------------------------------------------------
+
+    def session_joined(self, session_id: str) -> None:
+        self._sessions[session_id] += 1
+        self.metrics.sessions.set(len(self._sessions))
+
+    def session_left(self, session_id: str) -> None:
+        self._sessions[session_id] -= 1
+        if self._sessions[session_id] <= 0:
+            del self._sessions[session_id]
+        self.metrics.sessions.set(len(self._sessions))
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether this process should get traffic, and why not."""
+        if self.draining:
+            return False, "shutting down"
+        if self.engine.model is None:
+            return False, "model not loaded"
+        try:
+            await asyncio.wait_for(self.store.ping(), READY_PING_SECONDS)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.metrics.store_up.set(0)
+            return False, f"session store unreachable: {exc or 'no answer'}"
+        self.metrics.store_up.set(1)
+        return True, "ready"
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    async def _process_request(self, ws: ServerConnection, request: Request
+                               ) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/healthz":
+            return ws.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ok, why = await self.ready()
+            return ws.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                              why + "\n")
+        if path == "/metrics":
+            response = ws.respond(HTTPStatus.OK, "")
+            response.body = self.metrics.render()
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = self.metrics.content_type
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
+        if path != CHAT_PATH:
+            return ws.respond(HTTPStatus.NOT_FOUND, f"no such path: {path}\n")
+        if self.draining:
+            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        return None
+
+    # -- WebSocket -------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if len(self.connections) >= self.settings.max_connections:
+            self.metrics.errors.labels("too_many_connections").inc()
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(serialize(Error(
+                    "too_many_connections", f"this server takes at most "
+                    f"{self.settings.max_connections} connections", fatal=True)))
+                await ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
+            return
+        connection = Connection(self)
+        self.connections.add(connection)
+        self.metrics.connections.inc()
+        self.metrics.connections_opened.inc()
+        writer = asyncio.create_task(self._write(ws, connection))
+        try:
+            async for frame in ws:
+                await connection.receive(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            connection.finish()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            self.connections.discard(connection)
+            self.metrics.connections.dec()
+
+    @staticmethod
+    async def _write(ws: ServerConnection, connection: Connection) -> None:
+        outbox = connection.outbox
+        while True:
+            item = await outbox.get()
+            try:
+                if isinstance(item, Close):
+                    await ws.close(item.code, item.reason)
+                    return
+                await ws.send(item)
+            except ConnectionClosed:
+                return
+            finally:
+                outbox.task_done()

@@ -1,0 +1,138 @@
+"""Prometheus metrics of one server process, in a registry of its own.
+
+This is the only module that imports ``prometheus_client``. Two servers in one process
+(as in the tests) keep separate counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..sessions import SessionData, SessionStore, StreamEntry
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    """Connections, sessions, turns, time to first token, tokens/s, errors by code and
+    session-store latency."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connections = Gauge("mmchat_connections", "Open WebSocket connections.",
+                                 registry=r)
+        self.connections_opened = Counter("mmchat_connections_opened",
+                                          "WebSocket connections accepted.", registry=r)
+        self.sessions = Gauge("mmchat_active_sessions",
+                              "Sessions with at least one open connection here.", registry=r)
+        self.turns = Counter("mmchat_turns", "Replies that ended, by finish reason.",
+                             ["finish_reason"], registry=r)
+        self.turns_running = Gauge("mmchat_turns_running",
+                                   "Replies being generated (or waiting for their session).",
+                                   registry=r)
+        self.ttft = Histogram("mmchat_time_to_first_token_seconds",
+                              "From a message's arrival to its first streamed delta.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tokens = Counter("mmchat_tokens", "Reply tokens generated.", registry=r)
+        self.tokens_per_second = Histogram("mmchat_reply_tokens_per_second",
+                                           "Tokens per second of each reply.",
+                                           buckets=_RATE_BUCKETS, registry=r)
+        self.errors = Counter("mmchat_errors", "Error events sent to clients, by code.",
+                              ["code"], registry=r)
+        self.store_latency = Histogram("mmchat_store_latency_seconds",
+                                       "Session store (Redis) call latency, by operation.",
+                                       ["op"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.store_up = Gauge("mmchat_store_up",
+                              "1 if the last session store ping succeeded, else 0.", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition format for ``/metrics``."""
+        return generate_latest(self.registry)
+
+
+class TimedStore(SessionStore):
+    """Wraps a :class:`SessionStore` and records each call's latency in
+    ``mmchat_store_latency_seconds``. Blocking waits (``wait_stream``) and the lock are
+    not timed: their duration is the other party's, not the store's."""
+
+    def __init__(self, inner: SessionStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self._latency = metrics.store_latency
+
+    @contextlib.contextmanager
+    def _timed(self, op: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._latency.labels(op).observe(time.perf_counter() - start)
+
+    async def load(self, session_id: str) -> SessionData | None:
+        with self._timed("load"):
+            return await self.inner.load(session_id)
+
+    async def save_turn(self, session_id: str, *, state: bytes, memory_added: list[bytes],
+                        turns: list[dict[str, Any]], max_memory: int) -> None:
+        with self._timed("save_turn"):
+            await self.inner.save_turn(session_id, state=state, memory_added=memory_added,
+                                       turns=turns, max_memory=max_memory)
+
+    async def delete(self, session_id: str) -> None:
+        with self._timed("delete"):
+            await self.inner.delete(session_id)
+
+    def lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.inner.lock(session_id)
+
+    async def ping(self) -> None:
+        with self._timed("ping"):
+            await self.inner.ping()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def claim_session(self, session_id: str, owner: str) -> str:
+        with self._timed("claim_session"):
+            return await self.inner.claim_session(session_id, owner)
+
+    async def claim_message(self, session_id: str, message_id: str) -> bool:
+        with self._timed("claim_message"):
+            return await self.inner.claim_message(session_id, message_id)
+
+    async def release_message(self, session_id: str, message_id: str) -> None:
+        with self._timed("release_message"):
+            await self.inner.release_message(session_id, message_id)
+
+    async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
+        with self._timed("append_stream"):
+            await self.inner.append_stream(session_id, entries)
+
+    async def read_stream(self, session_id: str, after_seq: int = 0, *,
+                          limit: int | None = None) -> list[StreamEntry]:
+        with self._timed("read_stream"):
+            return await self.inner.read_stream(session_id, after_seq, limit=limit)
+
+    async def wait_stream(self, session_id: str, after_seq: int, *,
+                          timeout: float) -> list[StreamEntry]:
+        return await self.inner.wait_stream(session_id, after_seq, timeout=timeout)
+
+    async def stream_tail(self, session_id: str) -> StreamEntry | None:
+        with self._timed("stream_tail"):
+            return await self.inner.stream_tail(session_id)

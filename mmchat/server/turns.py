@@ -1,0 +1,307 @@
+"""Replies as server-side tasks that outlive their connection.
+
+A :class:`Turn` takes the session's *turn lock*, numbers the reply's events after the
+session stream's tail, appends them to the stream and only then publishes them to
+subscribers. So whatever a client has seen is in the session store, and a client that
+reconnects, to this process or another, replays and follows the same events with the
+same seqs. A turn whose client went away keeps running (bounded by max_new_tokens), so
+the reply can still be resumed.
+
+The turn lock is a store lock of its own (``<session_id>:turn``), apart from the lock
+the engine holds around model state: the engine hands the finished reply over after
+releasing its lock, and the reply's ``done`` must be in the stream before the next turn
+of the session numbers its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MMChatError, StoreUnavailable
+from ..modality import Attachment
+from ..protocol import Delta, Done, Error, Started, Usage, to_stream_entry
+from ..sessions import SessionStore, StreamEntry
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+ReplyEvent = Started | Delta | Done | Error
+
+
+def turn_lock_id(session_id: str) -> str:
+    """The id the turn lock of ``session_id`` is taken under (a valid session id)."""
+    if len(session_id) > 120:
+        session_id = hashlib.sha256(session_id.encode()).hexdigest()
+    return f"{session_id}:turn"
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    session_id: str
+    message_id: str
+    text: str = ""
+    attachments: Sequence[Attachment] = ()
+    #: ``time.perf_counter()`` when the message arrived, for time to first token.
+    received: float = field(default_factory=time.perf_counter)
+
+
+class Turn:
+    """One reply: generation, persistence and fan-out to subscribers."""
+
+    def __init__(self, manager: TurnManager, request: TurnRequest) -> None:
+        self.manager = manager
+        self.request = request
+        self.response_id = uuid.uuid4().hex
+        self.events: list[ReplyEvent] = []
+        self.finished = asyncio.Event()
+        self._queues: set[asyncio.Queue[ReplyEvent | None]] = set()
+        self._cancel_requested = False
+        self._stream: Any = None
+        self._persist = True
+
+    @property
+    def message_id(self) -> str:
+        return self.request.message_id
+
+    def cancel(self) -> None:
+        """Stop generating within one decode step; the reply ends ``cancelled``."""
+        self._cancel_requested = True
+        if self._stream is not None:
+            self._stream.cancel()
+
+    async def subscribe(self) -> AsyncIterator[ReplyEvent]:
+        """Every event of this reply from its start, ending after the last one."""
+        queue: asyncio.Queue[ReplyEvent | None] = asyncio.Queue()
+        for event in self.events:
+            queue.put_nowait(event)
+        if self.finished.is_set():
+            queue.put_nowait(None)
+        else:
+            self._queues.add(queue)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self._queues.discard(queue)
+
+    def _publish(self, events: Sequence[ReplyEvent]) -> None:
+        for event in events:
+            self.events.append(event)
+            for queue in self._queues:
+                queue.put_nowait(event)
+
+    def _end(self) -> None:
+        self.finished.set()
+        for queue in self._queues:
+            queue.put_nowait(None)
+        self._queues.clear()
+
+    async def _save(self, events: Sequence[Started | Delta | Done]) -> None:
+        """Append to the session stream, then publish. If the store fails, the reply
+        goes on live but stops being saved (it cannot be resumed)."""
+        if self._persist:
+            try:
+                await self.manager.store.append_stream(
+                    self.request.session_id, [to_stream_entry(e) for e in events])
+            except StoreUnavailable as exc:
+                self._persist = False
+                logger.warning("reply %s is no longer saved for resume: %s",
+                               self.response_id, exc)
+                self._fail(exc.code, f"{exc.message}; this reply cannot be resumed")
+        self._publish(events)
+
+    def _fail(self, code: str, message: str) -> None:
+        self.manager.metrics.errors.labels(code).inc()
+        self._publish([Error(code, message, self.message_id)])
+
+    async def run(self) -> None:
+        request, manager = self.request, self.manager
+        store = manager.store
+        started = False
+        try:
+            t_wait = time.perf_counter()
+            async with store.lock(turn_lock_id(request.session_id)):
+                queue_ms = (time.perf_counter() - t_wait) * 1000
+                tail = await store.stream_tail(request.session_id)
+                if tail is not None and not tail.final:
+                    tail = await manager.close_lost_reply(request.session_id, tail)
+                stream = await manager.engine.stream(request.session_id, request.text,
+                                                     request.attachments)
+                self._stream = stream
+                if self._cancel_requested:
+                    stream.cancel()
+                seq = tail.seq if tail is not None else 0
+                started = await self._pump(stream, seq, queue_ms)
+        except MMChatError as exc:
+            self._fail(exc.code, exc.message)
+            if not started:
+                with contextlib.suppress(StoreUnavailable):
+                    await store.release_message(request.session_id, request.message_id)
+        except Exception:
+            logger.exception("reply %s to message %s failed", self.response_id,
+                             request.message_id)
+            self._fail(MMChatError.code, "the server failed while replying; see its log")
+        finally:
+            self._end()
+
+    async def _pump(self, stream: Any, seq: int, queue_ms: float) -> bool:
+        """Stream the engine's deltas into the session stream, a batch per store round
+        trip: while one append is in flight, the next deltas gather. Returns whether
+        the reply started (has a ``started`` event)."""
+        request, metrics = self.request, self.manager.metrics
+        pending: list[Any] = []
+        wake = asyncio.Event()
+        outcome: list[Any] = []  # the Reply, or the exception that ended the stream
+
+        async def read() -> None:
+            try:
+                async for delta in stream:
+                    pending.append(delta)
+                    wake.set()
+                outcome.append(stream.reply)
+            except Exception as exc:  # reported below, after what streamed is saved
+                outcome.append(exc)
+            wake.set()
+
+        reader = asyncio.create_task(read())
+        started = False
+        texts: list[str] = []
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                batch = pending[:]
+                del pending[:]
+                ending = bool(outcome) and not pending
+                failed = ending and isinstance(outcome[0], Exception)
+                events: list[Started | Delta | Done] = []
+                if not started and (batch or (ending and not failed)):
+                    seq += 1
+                    events.append(Started(request.message_id, self.response_id, seq))
+                    started = True
+                first_delta = bool(batch) and not texts
+                for delta in batch:
+                    seq += 1
+                    texts.append(delta.text)
+                    events.append(Delta(self.response_id, seq, delta.text))
+                if ending and not failed:
+                    seq += 1
+                    events.append(self._done(outcome[0], seq, queue_ms))
+                if events:
+                    await self._save(events)
+                if first_delta:
+                    metrics.ttft.observe(time.perf_counter() - request.received)
+                if ending:
+                    break
+        finally:
+            if not reader.done():
+                stream.cancel()
+                await reader
+        if failed:
+            exc = outcome[0]
+            if not isinstance(exc, MMChatError):
+                logger.error("reply %s failed", self.response_id, exc_info=exc)
+                exc = MMChatError("the server failed while replying; see its log")
+            if not started:
+                raise exc
+            self._fail(exc.code, exc.message)
+            metrics.turns.labels("error").inc()
+            await self._save([Done(self.response_id, seq + 1, "".join(texts), "error",
+                                   Usage(0, len(texts)))])
+        return started
+
+    def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
+        metrics = self.manager.metrics
+        metrics.turns.labels(reply.finish_reason).inc()
+        metrics.tokens.inc(reply.completion_tokens)
+        total = reply.timings.get("total", 0.0) / 1000
+        if reply.completion_tokens and total > 0:
+            metrics.tokens_per_second.observe(reply.completion_tokens / total)
+        return Done(self.response_id, seq, reply.text, reply.finish_reason,
+                    Usage(reply.prompt_tokens, reply.completion_tokens),
+                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)})
+
+
+class TurnManager:
+    """The replies running in this process, by session."""
+
+    def __init__(self, engine: Any, store: SessionStore, metrics: Metrics) -> None:
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self._turns: dict[str, list[Turn]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, request: TurnRequest, *, cancelled: bool = False) -> Turn:
+        """Begin a reply; it runs to its end whatever happens to the caller."""
+        turn = Turn(self, request)
+        if cancelled:
+            turn.cancel()
+        self._turns.setdefault(request.session_id, []).append(turn)
+        task = asyncio.create_task(turn.run(), name=f"mmchat-turn:{turn.response_id}")
+        self._tasks.add(task)
+        self.metrics.turns_running.inc()
+
+        def forget(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self.metrics.turns_running.dec()
+            turns = self._turns.get(request.session_id, [])
+            if turn in turns:
+                turns.remove(turn)
+            if not turns:
+                self._turns.pop(request.session_id, None)
+
+        task.add_done_callback(forget)
+        return turn
+
+    def running(self, session_id: str) -> list[Turn]:
+        """The turns of ``session_id`` in this process, oldest first."""
+        return list(self._turns.get(session_id, ()))
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    def cancel_all(self) -> None:
+        for turns in self._turns.values():
+            for turn in turns:
+                turn.cancel()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no turn runs (at most ``timeout`` s); whether none does."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not self._tasks
+
+    async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> StreamEntry:
+        """End a reply whose generator died: a ``done`` with finish reason ``error``
+        and the text streamed so far. The caller holds the turn lock."""
+        entries = await self.store.read_stream(session_id)
+        mine = [e for e in entries if e.response_id == tail.response_id]
+        text = "".join(e.text for e in mine if e.kind == "delta")
+        done = Done(tail.response_id, tail.seq + 1, text, "error",
+                    Usage(0, sum(e.kind == "delta" for e in mine)))
+        entry = to_stream_entry(done)
+        await self.store.append_stream(session_id, [entry])
+        self.metrics.turns.labels("error").inc()
+        logger.warning("session %s: reply %s was left open by a process that stopped; "
+                       "closed it after seq %d", session_id, tail.response_id, tail.seq)
+        return entry
+
+    async def recover(self, session_id: str) -> bool:
+        """Close the session's open reply if nobody generates it any more (its turn
+        lock is free). Returns whether this call closed it."""
+        async with self.store.lock(turn_lock_id(session_id)):
+            tail = await self.store.stream_tail(session_id)
+            if tail is None or tail.final:
+                return False
+            await self.close_lost_reply(session_id, tail)
+            return True
