@@ -320,13 +320,10 @@ class Connection:
     async def _follow(self, cursor: int) -> None:
         server, session_id = self.server, self.session_id
         idle = server.settings.resume_idle_seconds
-        message_id = None
         while True:
             try:
                 async for entry in server.store.follow_stream(session_id, cursor,
                                                               idle_timeout=idle):
-                    if entry.kind == "started":
-                        message_id = entry.data.get("id")
                     self.send(from_stream_entry(entry))
                     cursor = entry.seq
                 return
@@ -335,9 +332,9 @@ class Connection:
                     lost = await server.turns.recover(session_id)
                 except SessionBusy:
                     continue
-                if lost:
+                if lost is not None:
                     self.error("reply_lost", "the process generating this reply stopped; "
-                               "the reply ends with what was streamed", message_id)
+                               "the reply ends with what was streamed", lost.message_id)
 
     # -- ending ----------------------------------------------------------------------
 

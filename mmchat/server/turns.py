@@ -132,7 +132,7 @@ class Turn:
                 queue_ms = (time.perf_counter() - t_wait) * 1000
                 tail = await store.stream_tail(request.session_id)
                 if tail is not None and not tail.final:
-                    tail = await manager.close_lost_reply(request.session_id, tail)
+                    tail = (await manager.close_lost_reply(request.session_id, tail)).done
                 stream = await manager.engine.stream(request.session_id, request.text,
                                                      request.attachments)
                 self._stream = stream
@@ -281,7 +281,7 @@ class TurnManager:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         return not self._tasks
 
-    async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> StreamEntry:
+    async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> LostReply:
         """End a reply whose generator died: a ``done`` with finish reason ``error``
         and the text streamed so far. The caller holds the turn lock."""
         entries = await self.store.read_stream(session_id)
@@ -294,14 +294,22 @@ class TurnManager:
         self.metrics.turns.labels("error").inc()
         logger.warning("session %s: reply %s was left open by a process that stopped; "
                        "closed it after seq %d", session_id, tail.response_id, tail.seq)
-        return entry
+        message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
+        return LostReply(entry, message_id)
 
-    async def recover(self, session_id: str) -> bool:
+    async def recover(self, session_id: str) -> LostReply | None:
         """Close the session's open reply if nobody generates it any more (its turn
-        lock is free). Returns whether this call closed it."""
+        lock is free). Returns what this call closed, if anything."""
         async with self.store.lock(turn_lock_id(session_id)):
             tail = await self.store.stream_tail(session_id)
             if tail is None or tail.final:
-                return False
-            await self.close_lost_reply(session_id, tail)
-            return True
+                return None
+            return await self.close_lost_reply(session_id, tail)
+
+
+@dataclass(frozen=True)
+class LostReply:
+    """A reply closed because the process generating it stopped."""
+
+    done: StreamEntry
+    message_id: str | None
