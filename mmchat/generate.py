@@ -155,7 +155,7 @@ def _sample(sampler: Sampler, step: Step) -> Iterator[Token]:
         yield token
         if sampler.done:
             return
-        tokens = torch.tensor([token.id], device=sampler.logits.device)  # (1,)
+        tokens = torch.full((1,), token.id, dtype=torch.long, device=sampler.logits.device)
         sampler.feed(*step(tokens, sampler.state))
 
 

@@ -129,14 +129,35 @@ def rel_error(got, want):
 
 def test_models_the_fast_path_cannot_run_fall_back_to_the_reference(tok):
     model = tiny_model(tok)
-    assert isinstance(build_decoder(model), FastDecoder)
+    assert build_decoder(model).precision == "fp32"
     assert isinstance(build_decoder(model, fast=False), ReferenceDecoder)
-    assert isinstance(build_decoder(quantize(model)), ReferenceDecoder)
     model.train()
     assert "training" in FastDecoder.unsupported(model)
     assert isinstance(build_decoder(model), ReferenceDecoder)
     with pytest.raises(ValueError, match="training mode"):
         FastDecoder(model)
+
+
+@pytest.mark.parametrize("fusion", ["attention", "weighted"])  # concat reads proj.weight
+@pytest.mark.parametrize("rnn", RNNS)
+def test_a_dynamically_quantized_model_is_served_in_int8(tok, fusion, rnn):
+    model = quantize(tiny_model(tok, fusion, rnn))  # what model.quantize = "dynamic-int8" does
+    decoder = build_decoder(model)
+    assert isinstance(decoder, FastDecoder) and decoder.precision == "int8"
+    ref = ReferenceDecoder(model)
+    c = model.config
+    state = SessionState(rnn=torch.zeros(2 if rnn == "lstm" else 1, c.n_layer, 1, c.n_hidden),
+                         pending=[tok.bos_id])
+    run = start_turn(model, tok, state, toy_memory(model), "hello", GenerationParams(),
+                     decoder=ref)
+    mem = decoder.prepare(run.memory, run.generation.sampler.weights)
+    rnn_state = run.prompt_state
+    with torch.inference_mode():
+        for t in [5, 9, 7, 11]:
+            la, wa, sa = ref.step(torch.tensor([t]), rnn_state, run.step_memory)
+            lb, wb, sb = decoder.step(torch.tensor([t]), rnn_state, mem)
+            assert rel_error(lb, la) < 0.1 and rel_error(sb, sa) < 0.1
+            rnn_state = sa
 
 
 def test_state_from_a_fast_turn_continues_on_the_reference_path(tok):
