@@ -20,6 +20,7 @@ delivered twice. This is the only module of the client side that imports
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
 from collections.abc import Iterable
@@ -169,6 +170,7 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, Reply] = {}  # by message id
         self._by_response: dict[str, Reply] = {}
+        self._finished: collections.deque[str] = collections.deque(maxlen=1024)
         self._events: asyncio.Queue[ServerEvent | ConnectionLost] = asyncio.Queue()
         self._replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._pings: dict[str, asyncio.Future[Pong]] = {}
@@ -361,13 +363,18 @@ class Client:
 
     def _route(self, event: ServerEvent) -> None:
         if isinstance(event, (Started, Delta, Done)):
-            if event.seq <= self.last_seq:
-                return  # seen before a resume
+            rid = event.response_id
+            if event.seq <= self.last_seq and (rid in self._by_response or
+                                               rid in self._finished):
+                return  # had it already
+            # A lower seq of a reply never seen means the session's stream started
+            # over (its store lost it); follow the new numbering.
             self.last_seq = event.seq
             reply = self._reply_for(event)
             reply._feed(event)
             if isinstance(event, Done):
-                self._by_response.pop(event.response_id, None)
+                self._by_response.pop(rid, None)
+                self._finished.append(rid)
                 if reply.message_id is not None:
                     self._pending.pop(reply.message_id, None)
         elif isinstance(event, Error) and event.ref in self._pending:

@@ -65,7 +65,7 @@ class Turn:
         self._queues: set[asyncio.Queue[ReplyEvent | None]] = set()
         self._cancel_requested = False
         self._stream: Any = None
-        self._persist = True
+        self._store_error: StoreUnavailable | None = None
 
     @property
     def message_id(self) -> str:
@@ -104,19 +104,17 @@ class Turn:
             queue.put_nowait(None)
         self._queues.clear()
 
-    async def _save(self, events: Sequence[Started | Delta | Done]) -> None:
-        """Append to the session stream, then publish. If the store fails, the reply
-        goes on live but stops being saved (it cannot be resumed)."""
-        if self._persist:
-            try:
-                await self.manager.store.append_stream(
-                    self.request.session_id, [to_stream_entry(e) for e in events])
-            except StoreUnavailable as exc:
-                self._persist = False
-                logger.warning("reply %s is no longer saved for resume: %s",
-                               self.response_id, exc)
-                self._fail(exc.code, f"{exc.message}; this reply cannot be resumed")
-        self._publish(events)
+    async def _append(self, events: Sequence[Started | Delta | Done]) -> bool:
+        """Append to the session stream; ``False`` (and keep the error) if the store
+        failed."""
+        try:
+            await self.manager.store.append_stream(
+                self.request.session_id, [to_stream_entry(e) for e in events])
+        except StoreUnavailable as exc:
+            logger.warning("reply %s: events could not be saved: %s", self.response_id, exc)
+            self._store_error = exc
+            return False
+        return True
 
     def _fail(self, code: str, message: str) -> None:
         self.manager.metrics.errors.labels(code).inc()
@@ -125,7 +123,6 @@ class Turn:
     async def run(self) -> None:
         request, manager = self.request, self.manager
         store = manager.store
-        started = False
         try:
             t_wait = time.perf_counter()
             async with store.lock(turn_lock_id(request.session_id)):
@@ -138,13 +135,11 @@ class Turn:
                 self._stream = stream
                 if self._cancel_requested:
                     stream.cancel()
-                seq = tail.seq if tail is not None else 0
-                started = await self._pump(stream, seq, queue_ms)
-        except MMChatError as exc:
+                await self._pump(stream, tail.seq if tail is not None else 0, queue_ms)
+        except MMChatError as exc:  # before the reply started: the message may be retried
             self._fail(exc.code, exc.message)
-            if not started:
-                with contextlib.suppress(StoreUnavailable):
-                    await store.release_message(request.session_id, request.message_id)
+            with contextlib.suppress(StoreUnavailable):
+                await store.release_message(request.session_id, request.message_id)
         except Exception:
             logger.exception("reply %s to message %s failed", self.response_id,
                              request.message_id)
@@ -152,10 +147,16 @@ class Turn:
         finally:
             self._end()
 
-    async def _pump(self, stream: Any, seq: int, queue_ms: float) -> bool:
+    async def _pump(self, stream: Any, seq: int, queue_ms: float) -> None:
         """Stream the engine's deltas into the session stream, a batch per store round
-        trip: while one append is in flight, the next deltas gather. Returns whether
-        the reply started (has a ``started`` event)."""
+        trip (while one append is in flight the next deltas gather), publishing each
+        batch once it is saved. Raises :class:`MMChatError` if the reply fails before
+        it started.
+
+        Clients only ever see saved seqs. If the store fails mid-reply, generation is
+        cancelled and the reply ends with an ``error`` and a ``done`` at the next seq,
+        the seq the session's next turn also gives the reply when it finds it open.
+        """
         request, metrics = self.request, self.manager.metrics
         pending: list[Any] = []
         wake = asyncio.Event()
@@ -172,8 +173,8 @@ class Turn:
             wake.set()
 
         reader = asyncio.create_task(read())
-        started = False
-        texts: list[str] = []
+        started = broken = False
+        texts: list[str] = []  # of the deltas published
         try:
             while True:
                 await wake.wait()
@@ -181,53 +182,70 @@ class Turn:
                 batch = pending[:]
                 del pending[:]
                 ending = bool(outcome) and not pending
+                if broken:
+                    if ending:
+                        break
+                    continue
                 failed = ending and isinstance(outcome[0], Exception)
                 events: list[Started | Delta | Done] = []
+                next_seq = seq
                 if not started and (batch or (ending and not failed)):
-                    seq += 1
-                    events.append(Started(request.message_id, self.response_id, seq))
-                    started = True
-                first_delta = bool(batch) and not texts
+                    next_seq += 1
+                    events.append(Started(request.message_id, self.response_id, next_seq))
                 for delta in batch:
-                    seq += 1
-                    texts.append(delta.text)
-                    events.append(Delta(self.response_id, seq, delta.text))
+                    next_seq += 1
+                    events.append(Delta(self.response_id, next_seq, delta.text))
                 if ending and not failed:
-                    seq += 1
-                    events.append(self._done(outcome[0], seq, queue_ms))
+                    next_seq += 1
+                    events.append(self._done(outcome[0], next_seq, queue_ms))
                 if events:
-                    await self._save(events)
-                if first_delta:
-                    metrics.ttft.observe(time.perf_counter() - request.received)
+                    if not await self._append(events):
+                        broken = True
+                        stream.cancel()
+                        continue
+                    self._publish(events)
+                    if batch and not texts:
+                        metrics.ttft.observe(time.perf_counter() - request.received)
+                    started, seq = True, next_seq
+                    texts += [delta.text for delta in batch]
+                    if ending:
+                        self._count(outcome[0])
                 if ending:
                     break
         finally:
             if not reader.done():
                 stream.cancel()
                 await reader
-        if failed:
-            exc = outcome[0]
-            if not isinstance(exc, MMChatError):
-                logger.error("reply %s failed", self.response_id, exc_info=exc)
-                exc = MMChatError("the server failed while replying; see its log")
-            if not started:
-                raise exc
-            self._fail(exc.code, exc.message)
-            metrics.turns.labels("error").inc()
-            await self._save([Done(self.response_id, seq + 1, "".join(texts), "error",
-                                   Usage(0, len(texts)))])
-        return started
+        if broken:
+            error: MMChatError = self._store_error
+        elif isinstance(outcome[0], Exception):
+            error = outcome[0]
+            if not isinstance(error, MMChatError):
+                logger.error("reply %s failed", self.response_id, exc_info=error)
+                error = MMChatError("the server failed while replying; see its log")
+        else:
+            return
+        if not started:
+            raise error
+        message = error.message + ("; the reply was stopped" if broken else "")
+        self._fail(error.code, message)
+        metrics.turns.labels("error").inc()
+        done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
+        await self._append([done])
+        self._publish([done])
 
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
+        return Done(self.response_id, seq, reply.text, reply.finish_reason,
+                    Usage(reply.prompt_tokens, reply.completion_tokens),
+                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)})
+
+    def _count(self, reply: Any) -> None:
         metrics = self.manager.metrics
         metrics.turns.labels(reply.finish_reason).inc()
         metrics.tokens.inc(reply.completion_tokens)
         total = reply.timings.get("total", 0.0) / 1000
         if reply.completion_tokens and total > 0:
             metrics.tokens_per_second.observe(reply.completion_tokens / total)
-        return Done(self.response_id, seq, reply.text, reply.finish_reason,
-                    Usage(reply.prompt_tokens, reply.completion_tokens),
-                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)})
 
 
 class TurnManager:
