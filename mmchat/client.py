@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from .errors import MMChatError
 from .modality import Attachment
@@ -53,7 +53,7 @@ from .protocol import (
     serialize,
 )
 
-__all__ = ["Client", "ConnectionLost", "Reply", "ServerError"]
+__all__ = ["CannotConnect", "Client", "ConnectionLost", "Reply", "ServerError"]
 
 #: Attachments bigger than this (all together) go in binary frames unless told otherwise.
 BINARY_THRESHOLD = 64 * 1024
@@ -79,6 +79,13 @@ class ConnectionLost(MMChatError):
     def __init__(self, message: str, close_code: int | None = None) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+class CannotConnect(MMChatError):
+    """The server could not be reached, or refused the WebSocket handshake (an HTTP
+    status such as 403 for a refused Origin or 503 while it shuts down)."""
+
+    code = "cannot_connect"
 
 
 class Reply:
@@ -193,8 +200,11 @@ class Client:
 
     async def _open(self, url: str, session_id: str | None, last_seq: int | None) -> Ready:
         headers = {"Origin": self.origin} if self.origin else None
-        ws = await connect(url, open_timeout=self.open_timeout, compression=None,
-                           additional_headers=headers, max_size=None, **self.ws_options)
+        try:
+            ws = await connect(url, open_timeout=self.open_timeout, compression=None,
+                               additional_headers=headers, max_size=None, **self.ws_options)
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            raise CannotConnect(f"cannot connect to {url}: {exc}") from exc
         try:
             await ws.send(serialize(Hello(PROTOCOL_VERSION, self.token, session_id,
                                           last_seq)))

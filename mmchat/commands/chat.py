@@ -1,9 +1,11 @@
-"""``mmchat chat``: a terminal REPL over the engine."""
+"""``mmchat chat``: a terminal REPL over the engine, or over a server with ``--url``."""
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -29,36 +31,116 @@ def register(cli: click.Group) -> None:
               help="Checkpoint folder (overrides model.checkpoint).")
 @click.option("--untrained", is_flag=True, help="Chat with an untrained model (gibberish).")
 @click.option("--session", default=None, help="Session id to continue (default: a new one).")
-def chat_command(config_path, checkpoint, untrained: bool, session: str | None) -> None:
+@click.option("--url", default=None,
+              help="Chat with a server (ws://host:port/) instead of a local model.")
+@click.option("--token", envvar="MMCHAT_TOKEN", default=None,
+              help="Access token for --url (default: $MMCHAT_TOKEN).")
+def chat_command(config_path, checkpoint, untrained: bool, session: str | None,
+                 url: str | None, token: str | None) -> None:
     """Chat with the model in the terminal. Type /help for commands."""
-    from ..engine import Engine
+    if url is not None:
+        backend: LocalBackend | RemoteBackend = RemoteBackend(url, token, session)
+    else:
+        from ..engine import Engine
 
-    config = load_config(config_path)
-    if untrained:
-        config = config.replace(model={"checkpoint": ""})
-    elif checkpoint is not None:
-        config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
-    engine = Engine(config)
-    repl = Repl(engine, session or uuid.uuid4().hex)
+        config = load_config(config_path)
+        if untrained:
+            config = config.replace(model={"checkpoint": ""})
+        elif checkpoint is not None:
+            config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
+        backend = LocalBackend(Engine(config), session or uuid.uuid4().hex)
     try:
-        repl.run()
+        Repl(backend).run()
     finally:
-        engine.close_sync()
+        backend.close()
+
+
+class LocalBackend:
+    """The REPL's conversation on an in-process :class:`~mmchat.engine.Engine`."""
+
+    def __init__(self, engine, session_id: str) -> None:
+        self.engine = engine
+        self.session_id = session_id
+
+    def start(self) -> str:
+        self.engine._runner().run(self.engine.start())
+        return f"mmchat — {self.engine.model_description}. Session {self.session_id}."
+
+    def stream(self, text: str, attachments: Sequence) -> Iterator[str]:
+        for delta in self.engine.stream_sync(self.session_id, text, attachments):
+            yield delta.text
+
+    def reset(self) -> None:
+        self.engine._runner().run(self.engine.reset(self.session_id))
+
+    def close(self) -> None:
+        self.engine.close_sync()
+
+
+class RemoteBackend:
+    """The REPL's conversation with ``mmchat serve`` through :class:`mmchat.client.Client`.
+
+    A dropped connection is resumed once per reply, without losing or repeating text;
+    ``/reset`` starts a new session."""
+
+    def __init__(self, url: str, token: str | None, session_id: str | None) -> None:
+        self.url = url
+        self.token = token
+        self.session_id = session_id
+        self.client = None
+        self._runner = asyncio.Runner()
+
+    def start(self) -> str:
+        from ..client import Client
+
+        client = self.client = self._runner.run(
+            Client.connect(self.url, token=self.token, session_id=self.session_id))
+        for notice in client.notices:
+            click.echo(f"note [{notice.code}]: {notice}")
+        return f"mmchat — {self.url}. Session {client.session_id}."
+
+    def stream(self, text: str, attachments: Sequence) -> Iterator[str]:
+        from ..client import ConnectionLost
+
+        run = self._runner.run
+        reply = run(self.client.send(text, attachments))
+        resumed = False
+        while True:
+            try:
+                delta = run(reply.__anext__())
+            except StopAsyncIteration:
+                return
+            except ConnectionLost:
+                if resumed:
+                    raise
+                resumed = True
+                run(self.client.resume())
+                continue
+            yield delta.text
+
+    def reset(self) -> None:
+        from ..client import Client
+
+        self._runner.run(self.client.close())
+        self.client = self._runner.run(Client.connect(self.url, token=self.token))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self._runner.run(self.client.close())
+        self._runner.close()
 
 
 class Repl:
     """Reads lines, turns slash commands into attachments, streams replies."""
 
-    def __init__(self, engine, session_id: str) -> None:
-        self.engine = engine
-        self.session_id = session_id
+    def __init__(self, backend: LocalBackend | RemoteBackend) -> None:
+        self.backend = backend
         self.pending: list = []
 
     def run(self) -> None:
         from ..modality import Attachment
 
-        self.engine._runner().run(self.engine.start())
-        click.echo(f"mmchat — {self.engine.model_description}. Session {self.session_id}.")
+        click.echo(self.backend.start())
         click.echo("Type /help for commands.")
         while True:
             try:
@@ -82,7 +164,11 @@ class Repl:
                     click.echo(HELP)
                     continue
                 if command == "/reset":
-                    self.engine._runner().run(self.engine.reset(self.session_id))
+                    try:
+                        self.backend.reset()
+                    except MMChatError as exc:
+                        click.echo(f"error [{exc.code}]: {exc}")
+                        continue
                     self.pending.clear()
                     click.echo("(conversation reset)")
                     continue
@@ -107,8 +193,8 @@ class Repl:
         attachments, self.pending = self.pending, []
         click.echo("bot> ", nl=False)
         try:
-            for delta in self.engine.stream_sync(self.session_id, text, attachments):
-                click.echo(delta.text, nl=False)
+            for piece in self.backend.stream(text, attachments):
+                click.echo(piece, nl=False)
         except MMChatError as exc:
             click.echo(f"\nerror [{exc.code}]: {exc}")
             return
