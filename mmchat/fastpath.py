@@ -14,10 +14,11 @@ the same function as a short list of ATen calls:
   projection; ``concat`` and ``weighted`` have a context that is constant over the
   turn, so its share of the ``combine`` layer is computed once per turn.
 
-``precision="fp32"`` computes the reference function (logits equal to rounding);
-``"int8"`` runs the RNN, combine and output matrices as dynamically quantized
-int8 matmuls (fbgemm, per-channel weight scales): about 4x less weight traffic,
-and greedy replies that may differ from the reference. A model loaded with
+``precision="fp32"`` computes the reference function (logits equal to rounding).
+``"fp16"`` stores the RNN, combine and output matrices in half precision (fbgemm
+converts them on the fly; 2x less weight traffic); ``"int8"`` runs them as
+dynamically quantized int8 matmuls (fbgemm, per-channel weight scales; 4x less).
+Both give logits close to the reference, and greedy replies that may differ. A model loaded with
 ``model.quantize = "dynamic-int8"`` is served in int8 (:func:`build_decoder`).
 
 The step itself is one TorchScript function (:func:`compiled_step`), which roughly
@@ -44,7 +45,7 @@ from .runtime import Decoder, ReferenceDecoder, pad_rows
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -119,6 +120,10 @@ class FastDecoder:
             if precision == "int8":
                 self.weights, self.biases = [], []
                 self.packed = [pack_int8(w, b) for w, b in linears]
+            elif precision == "fp16":
+                self.weights, self.biases = [], []
+                self.packed = [torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), b)
+                               for w, b in linears]
             else:
                 self.weights = [w.t().contiguous() for w, _ in linears]  # (K, N) each
                 self.biases = [b.clone() for _, b in linears]
@@ -179,15 +184,17 @@ class FastDecoder:
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._step(tokens, state, mem.values, mem.hidden, mem.bias, mem.weights,
                           self.embedding, self.query, self.weights, self.biases, self.packed,
-                          self.precision == "int8", self.lstm)
+                          PRECISIONS.index(self.precision), self.lstm)
 
 
 def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[torch.Tensor],
-            packed: list[torch.classes.quantized.LinearPackedParamsBase], int8: bool
+            packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int
             ) -> torch.Tensor:
-    """Matmul ``i`` of the step: x (B, K) -> (B, N)."""
-    if int8:
+    """Matmul ``i`` of the step: x (B, K) -> (B, N); precision indexes PRECISIONS."""
+    if precision == 2:
         return torch.ops.quantized.linear_dynamic(x, packed[i], True)
+    if precision == 1:
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed[i])
     return torch.addmm(biases[i], x, weights[i])
 
 
@@ -195,7 +202,8 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
           hidden: torch.Tensor | None, bias: torch.Tensor | None,
           const_weights: torch.Tensor | None, embedding: torch.Tensor, query: torch.Tensor,
           weights: list[torch.Tensor], biases: list[torch.Tensor],
-          packed: list[torch.classes.quantized.LinearPackedParamsBase], int8: bool, lstm: bool
+          packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+          lstm: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row through the RNN, the fusion, combine and the head (TorchScript)."""
     H = state.shape[-1]
@@ -205,14 +213,15 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
     for k in range(n_layer):
         h = state[0, k]  # (B, H)
         if lstm:
-            gates = _linear(torch.cat([x, h], dim=1), k, weights, biases, packed, int8)  # (B, 4H)
+            xh = torch.cat([x, h], dim=1)  # (B, E + H)
+            gates = _linear(xh, k, weights, biases, packed, precision)  # (B, 4H)
             ifo = torch.sigmoid(gates[:, : 3 * H])  # input, forget, output gates
             c = torch.addcmul(ifo[:, H: 2 * H] * state[1, k], ifo[:, :H],
                               torch.tanh(gates[:, 3 * H:]), out=new[1, k])
             x = torch.mul(ifo[:, 2 * H:], torch.tanh(c), out=new[0, k])  # (B, H)
         else:
-            gi = _linear(x, 2 * k, weights, biases, packed, int8)  # (B, 3H): r, z, n
-            gh = _linear(h, 2 * k + 1, weights, biases, packed, int8)
+            gi = _linear(x, 2 * k, weights, biases, packed, precision)  # (B, 3H): r, z, n
+            gh = _linear(h, 2 * k + 1, weights, biases, packed, precision)
             rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # reset, update gates
             n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
             x = torch.lerp(n, h, rz[:, H:], out=new[0, k])  # (1 - z) * n + z * h
@@ -223,12 +232,12 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
         w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
         ctx = torch.bmm(w.unsqueeze(1), values).squeeze(1)  # (B, d)
         y = torch.tanh(_linear(torch.cat([x, ctx], dim=1), combine, weights, biases, packed,
-                               int8))  # (B, H)
+                               precision))  # (B, H)
     else:  # a context constant over the turn, already folded into a bias
         assert bias is not None and const_weights is not None
         w = const_weights
-        y = torch.tanh(_linear(x, combine, weights, biases, packed, int8).add_(bias))
-    return _linear(y, combine + 1, weights, biases, packed, int8), w, new
+        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(bias))
+    return _linear(y, combine + 1, weights, biases, packed, precision), w, new
 
 
 @functools.cache
