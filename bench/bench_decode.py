@@ -186,8 +186,8 @@ def run(quick: bool = False, threads: int = 1) -> str:
     out = [
         "## Decode, batch 1",
         "",
-        f"Command: `python -m bench {'--quick ' if quick else ''}decode`"
-        + (f" (threads {threads})" if threads != 1 else ""),
+        f"Command: `python -m bench {'--quick ' if quick else ''}decode`" if threads == 1 else
+        f"Command: `python -m bench.bench_decode {'--quick ' if quick else ''}--threads {threads}`",
         "",
         f"Machine: {notes}.",
         "",
