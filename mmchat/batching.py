@@ -90,13 +90,17 @@ class TokenStream:
     def __init__(self, scheduler: DecodeScheduler, reply: _Reply) -> None:
         self._scheduler = scheduler
         self._reply = reply
+        self._ended = False
 
     def __aiter__(self) -> TokenStream:
         return self
 
     async def __anext__(self) -> Token:
+        if self._ended:
+            raise StopAsyncIteration
         item = await self._reply.queue.get()
         if item is _END:
+            self._ended = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
@@ -219,7 +223,10 @@ class DecodeScheduler:
             _post(job.loop, _settle, job.future, result, None)
 
     def _advance(self, ready: list[_Reply]) -> None:
-        """One token for every ready reply: a batched step for the sampled ones."""
+        """One token for every ready reply: a batched step for the sampled ones.
+
+        A failure ends only the replies it touches; the worker carries on.
+        """
         out: list[tuple[_Reply, Any]] = []
         batch: list[_Reply] = []
         with torch.inference_mode():
@@ -228,22 +235,31 @@ class DecodeScheduler:
                     out.append((reply, _END))
                 elif reply.sampler is None:  # beam search: its own batch, its own steps
                     reply.started = True
-                    self._emit(reply, reply.run.next_token(), out, record=False)
+                    self._guarded(reply, out, lambda r=reply: self._emit(
+                        r, r.run.next_token(), out, record=False))
                 elif not reply.started:  # the first token comes from the prompt's logits
                     reply.started = True
-                    self._emit(reply, reply.sampler.choose(), out)
+                    self._guarded(reply, out, lambda r=reply: self._emit(
+                        r, r.sampler.choose(), out))
                 else:
                     batch.append(reply)
             if batch:
                 try:
-                    self._step(batch, out)
+                    logits, weights, state = self._step(batch)
                 except Exception as exc:
                     logger.exception("batched decode step failed")
                     self._batch = _Batch()
                     out += [(r, exc) for r in batch]
+                else:
+                    for b, reply in enumerate(batch):
+                        n = reply.run.memory_size
+                        rows = logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1]
+                        self._guarded(reply, out, lambda r=reply, rows=rows: self._choose(
+                            r, rows, out))
         self._deliver(out)
 
-    def _step(self, batch: list[_Reply], out: list[tuple[_Reply, Any]]) -> None:
+    def _step(self, batch: list[_Reply]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed every reply's last token in one decoder step."""
         members = tuple(batch)
         samplers = [r.sampler for r in batch]
         if members == self._batch.members:
@@ -254,10 +270,22 @@ class DecodeScheduler:
         tokens = torch.tensor([s.last for s in samplers])  # (B,)
         logits, weights, state = self.decoder.step(tokens, state, memory)  # (B, V), (B, N)
         self._batch = _Batch(members, memory, state)
-        for b, (reply, sampler) in enumerate(zip(batch, samplers)):
-            n = reply.run.memory_size
-            sampler.feed(logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1])
-            self._emit(reply, sampler.choose(), out)
+        return logits, weights, state
+
+    def _choose(self, reply: _Reply, rows: tuple[torch.Tensor, ...],
+                out: list[tuple[_Reply, Any]]) -> None:
+        """Hand a reply its row of the step, (1, V) logits, (1, N) weights and its state,
+        and let it pick its next token."""
+        reply.sampler.feed(*rows)
+        self._emit(reply, reply.sampler.choose(), out)
+
+    @staticmethod
+    def _guarded(reply: _Reply, out: list[tuple[_Reply, Any]], fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            logger.exception("decoding a reply failed")
+            out.append((reply, exc))
 
     def _emit(self, reply: _Reply, token: Token | None, out: list[tuple[_Reply, Any]],
               record: bool = True) -> None:

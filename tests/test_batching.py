@@ -1,12 +1,14 @@
 """Concurrent replies are decoded together, and each comes out as if it ran alone."""
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from toy_plugin import ToyModality
 
 from mmchat import Attachment, Engine, checkpoint
+from mmchat.batching import DecodeScheduler
 from mmchat.fastpath import FastDecoder
 from mmchat.generate import GenerationParams
 from mmchat.loading import load_model
@@ -73,15 +75,19 @@ async def solo_replies(config, toy_host, turns, **generation):
     return out
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("rnn", RNNS)
-@pytest.mark.parametrize("fast", [True, False])
-def test_stacked_step_rows_equal_single_steps(fast, rnn, fusion):
+def tiny_model(rnn="lstm", fusion="attention"):
     tok = Tokenizer.train(["the circle is red", "what colour is it"] * 20, vocab_size=40)
     torch.manual_seed(0)
     cfg = DialogueConfig(vocab_size=tok.vocab_size, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
                          d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"])
-    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)}).eval()
+    return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)}).eval(), tok
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+@pytest.mark.parametrize("fast", [True, False])
+def test_stacked_step_rows_equal_single_steps(fast, rnn, fusion):
+    model, tok = tiny_model(rnn, fusion)
     decoder = FastDecoder(model) if fast else ReferenceDecoder(model)
     runs = []
     for n_entries in (0, 1, 3):
@@ -178,3 +184,33 @@ async def test_a_consumer_that_stops_reading_does_not_stall_the_others(tiny_conf
         busy = await engine.reply("busy", "hello", max_new_tokens=100)
         assert busy.completion_tokens == 100
         assert (await idle.wait()).completion_tokens == 300
+
+
+async def test_a_failing_reply_or_job_ends_alone():
+    model, tok = tiny_model(fusion="weighted")
+    decoder = FastDecoder(model)
+    params = GenerationParams(max_new_tokens=30)
+    solo = start_turn(model, tok, None, [], "hello", params, decoder=decoder)
+    expected = [t.id for t in iter(solo.next_token, None)]
+    good, bad = (start_turn(model, tok, None, [], "hello", params, decoder=decoder)
+                 for _ in range(2))
+    choose = bad.generation.sampler.choose
+
+    def failing_choose():
+        if len(bad.tokens) == 3:
+            raise RuntimeError("sampler broke")
+        return choose()
+
+    bad.generation.sampler.choose = failing_choose
+    with ThreadPoolExecutor(1) as pool:
+        scheduler = DecodeScheduler(decoder, pool)
+        with pytest.raises(ZeroDivisionError):
+            await scheduler.call(lambda: 1 / 0)
+
+        async def collect(run):
+            async with scheduler.decode(run) as tokens:
+                return [t.id async for t in tokens]
+
+        got, failed = await asyncio.gather(collect(good), collect(bad), return_exceptions=True)
+    assert got == expected and len(expected) > 3
+    assert isinstance(failed, RuntimeError) and len(bad.tokens) == 3
