@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import FiLM, TurnMemory, TurnQuery, build_fusion
+from .fusion import FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
 
 
 @dataclass
@@ -37,6 +37,7 @@ class DialogueConfig:
     fusion: str = "attention"  # "attention", "concat" or "weighted"
     condition: bool = True  # FiLM-condition the memory on each turn's query
     modalities: list[str] = field(default_factory=list)  # order fixes the type ids
+    answers: list[str] = field(default_factory=list)  # classes of the auxiliary answer head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +81,9 @@ class DialogueLM(nn.Module):
         self.turn_query = TurnQuery(c.n_hidden, c.d_model)
         self.film = FiLM(c.d_model) if c.condition else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
+        self.answer_head = nn.Sequential(
+            nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
+        ) if c.answers else None
         self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
         self.apply(_init_weights)
@@ -128,10 +132,24 @@ class DialogueLM(nn.Module):
 
     def turn_memory(self, h_prompt: torch.Tensor, values: torch.Tensor, kinds: torch.Tensor,
                     mask: torch.Tensor) -> TurnMemory:
-        """Condition the visible memory on the turn's query (read at its ``<bot>`` token)."""
+        """Condition the visible memory on the turn's query (read at its ``<bot>`` token).
+
+        Each modality's conditioned vectors are also max-pooled into one summary vector
+        appended to the memory, so the decoder can attend to "the best match" directly.
+        """
         q = self.turn_query(h_prompt, values, mask)  # (B, d)
         conditioned = self.film(values, q) if self.film is not None else values  # (B, N, d)
-        return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
+        n_kinds = len(self.config.modalities)
+        pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
+        kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)
+        return self.fusion.prepare(TurnMemory(
+            torch.cat([conditioned, pooled], dim=1), torch.cat([mask, present], dim=1),
+            torch.cat([kinds, kind_ids], dim=1), q))
+
+    def answer_logits(self, mem: TurnMemory) -> torch.Tensor:
+        """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query."""
+        summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
+        return self.answer_head(torch.cat([summary, mem.query], dim=-1))
 
     def context(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """Context (B, T, d) and the attention each memory vector received (B, T, N)."""
@@ -144,13 +162,15 @@ class DialogueLM(nn.Module):
     # -- training ------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, turns: torch.Tensor, prompt_end: torch.Tensor,
-                media: Sequence[MediaBatch] = (), targets: torch.Tensor | None = None
+                media: Sequence[MediaBatch] = (), targets: torch.Tensor | None = None,
+                answers: torch.Tensor | None = None, aux_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced pass over whole dialogues.
 
         idx (B, T) token ids; turns (B, T) turn index of each position (-1 for padding);
         prompt_end (B, K) position of each turn's ``<bot>`` token (-1 where absent);
-        targets (B, T) next-token ids, -1 where no loss is taken.
+        targets (B, T) next-token ids, -1 where no loss is taken; answers (B, K) the
+        auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``.
         """
         B, T = idx.shape
         entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
@@ -170,6 +190,8 @@ class DialogueLM(nn.Module):
 
         h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
         ctx = h.new_zeros(B, T, self.config.d_model)
+        use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
+        aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
         for k in range(prompt_end.shape[1]):
             rows = (prompt_end[:, k] >= 0).nonzero().squeeze(1)  # dialogues with a turn k
@@ -184,12 +206,18 @@ class DialogueLM(nn.Module):
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
             window = ctx[rows, lo:hi]
             ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)
+            if use_aux and (answers[rows, k] >= 0).any():
+                aux_loss = aux_loss + F.cross_entropy(self.answer_logits(mem),
+                                                      answers[rows, k], ignore_index=-1,
+                                                      reduction="sum")
         logits = self.logits(h, ctx)  # (B, T, V)
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
+            if use_aux:
+                loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)
         return logits, loss
 
     def num_params(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,10 +43,20 @@ def used_modalities(dialogues: list[Dialogue], registered: Mapping[str, Modality
     return {n: registered[n] for n in sorted(names)}
 
 
-def encode_all(dialogues: list[Dialogue], tokenizer: Tokenizer, max_tokens: int
-               ) -> list[Example]:
+def encode_all(dialogues: list[Dialogue], tokenizer: Tokenizer, max_tokens: int,
+               answer_ids: Mapping[str, int] | None = None) -> list[Example]:
     return [e for d in dialogues
-            for e in encode_dialogue(d.turns, tokenizer, max_tokens, category=d.category or "")]
+            for e in encode_dialogue(d.turns, tokenizer, max_tokens, category=d.category or "",
+                                     answer_ids=answer_ids)]
+
+
+def answer_classes(dialogues: list[Dialogue], *, min_count: int = 5,
+                   max_words: int = 3) -> list[str]:
+    """Short ``answer`` labels seen at least ``min_count`` times: the auxiliary classes."""
+    counts = Counter(t.answer for d in dialogues for t in d.turns
+                     if t.role == "assistant" and t.answer
+                     and len(t.answer.split()) <= max_words)
+    return sorted(a for a, n in counts.items() if n >= min_count)
 
 
 def decode_media(cache: FeatureCache, dialogues: list[Dialogue],
@@ -77,5 +88,8 @@ def load_train_data(data_dir: str | Path, registered: Mapping[str, Modality], *,
         logger.info("trained a tokenizer with %d pieces", tokenizer.vocab_size)
     cache = FeatureCache()
     decode_media(cache, train + valid, modalities)
-    return TrainData(encode_all(train, tokenizer, max_tokens),
-                     encode_all(valid, tokenizer, max_tokens), cache, tokenizer, modalities)
+    answers = answer_classes(train)
+    ids = {a: i for i, a in enumerate(answers)}
+    return TrainData(encode_all(train, tokenizer, max_tokens, ids),
+                     encode_all(valid, tokenizer, max_tokens, ids), cache, tokenizer, modalities,
+                     answers)

@@ -33,16 +33,19 @@ class Example:
     targets: list[int]  # next-token targets, -1 where no loss is taken
     media: list[tuple[str, str, int]] = field(default_factory=list)
     category: str = ""
+    answers: list[int] = field(default_factory=list)  # auxiliary answer class per turn, or -1
 
 
 def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256,
-                    category: str = "") -> list[Example]:
+                    category: str = "", answer_ids: Mapping[str, int] | None = None
+                    ) -> list[Example]:
     """Tokenise user/assistant pairs; attachments become feature keys (content hashes).
 
     ``turns`` are :class:`mmchat.dataset.Turn` objects. A dialogue longer than
     ``max_tokens`` is cut between pairs into several examples; a later piece starts
     afresh, so it keeps only the attachments sent within it. A single pair longer than
-    ``max_tokens`` is dropped.
+    ``max_tokens`` is dropped. ``answer_ids`` maps an assistant turn's ``answer`` label
+    to its auxiliary class.
     """
     examples: list[Example] = []
     current: Example | None = None
@@ -55,6 +58,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
             current = Example([tokenizer.bos_id], [0], [], [], [], category)
             examples.append(current)
         k = len(current.prompt_end)
+        current.answers.append((answer_ids or {}).get(assistant.answer or "", -1))
         current.tokens += prompt
         current.turns += [k] * len(prompt)
         current.prompt_end.append(len(current.tokens) - 1)
@@ -120,6 +124,7 @@ class Batch:
     prompt_end: torch.Tensor  # (B, K), -1 where a dialogue has fewer turns
     targets: torch.Tensor  # (B, T), -1 where no loss
     media: list  # list[MediaBatch]
+    answers: torch.Tensor | None = None  # (B, K) auxiliary answer classes, -1 where none
 
     def to(self, device: torch.device | str) -> "Batch":
         from ..model import MediaBatch
@@ -127,7 +132,8 @@ class Batch:
         return Batch(self.idx.to(device), self.turns.to(device), self.prompt_end.to(device),
                      self.targets.to(device),
                      [MediaBatch(m.modality, m.x.to(device), m.lengths.to(device),
-                                 m.item.to(device), m.turn.to(device)) for m in self.media])
+                                 m.item.to(device), m.turn.to(device)) for m in self.media],
+                     None if self.answers is None else self.answers.to(device))
 
     @property
     def n_target_tokens(self) -> int:
@@ -147,6 +153,7 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
     turns = torch.full((B, T), -1, dtype=torch.long)
     targets = torch.full((B, T), -1, dtype=torch.long)
     prompt_end = torch.full((B, K), -1, dtype=torch.long)
+    answers = torch.full((B, K), -1, dtype=torch.long)
     per_modality: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
     for b, e in enumerate(examples):
         n = len(e.tokens)
@@ -154,6 +161,7 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
         turns[b, :n] = torch.tensor(e.turns)
         targets[b, :n] = torch.tensor(e.targets)
         prompt_end[b, : len(e.prompt_end)] = torch.tensor(e.prompt_end)
+        answers[b, : len(e.answers)] = torch.tensor(e.answers, dtype=torch.long)
         for name, key, k in e.media:
             if name in drop or name not in modalities:
                 continue
@@ -164,4 +172,4 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
         x, lengths = modalities[name].collate([f for f, _, _ in items])
         media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, _ in items]),
                                 torch.tensor([k for _, _, k in items])))
-    return Batch(idx, turns, prompt_end, targets, media)
+    return Batch(idx, turns, prompt_end, targets, media, answers)

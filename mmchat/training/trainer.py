@@ -52,6 +52,7 @@ class TrainData:
     cache: FeatureCache
     tokenizer: Tokenizer
     modalities: dict[str, Modality]
+    answers: list[str] = field(default_factory=list)  # auxiliary answer classes
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         dcfg = dialogue_config(config, data.modalities, data.tokenizer.vocab_size)
         dcfg.modalities = sorted(data.modalities)
+        dcfg.answers = list(data.answers) if t.aux_weight > 0 else []
         self.model = checkpoint.build_untrained(dcfg, data.modalities).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay)
@@ -195,7 +197,7 @@ class Trainer:
                 batch = self.make_batch([self.data.train[i] for i in
                                          self.batch_indices(self.step)])
                 _, loss = module(batch.idx, batch.turns, batch.prompt_end, batch.media,
-                                 batch.targets)
+                                 batch.targets, batch.answers, t.aux_weight)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip > 0:
