@@ -147,8 +147,9 @@ class TurnRun:
         names = {i: m for m, i in self.model.kind_index.items()}
         if self.mass is None or not self.tokens:
             return {}
-        per_token = self.mass / len(self.tokens)
-        kinds = self.memory.kinds[0]
+        visible = self.memory.mask[0]  # (N,) hidden slots (e.g. absent summaries) get nothing
+        per_token = (self.mass / len(self.tokens))[visible]
+        kinds = self.memory.kinds[0][visible]
         out: dict[str, float] = {}
         for k in kinds.unique().tolist():
             if k in names:
