@@ -131,8 +131,9 @@ def agreement(model, tokenizer, memory, reference: list[int], precision: str
 
 def run(quick: bool = False, threads: int = 1) -> str:
     from mmchat.fastpath import FastDecoder
+    from mmchat.generate import GenerationParams
     from mmchat.loading import quantize
-    from mmchat.runtime import ReferenceDecoder
+    from mmchat.runtime import ReferenceDecoder, start_turn
 
     torch.set_num_threads(threads)
     config = load_config()
@@ -182,7 +183,8 @@ def run(quick: bool = False, threads: int = 1) -> str:
                      f"{base / p50:.1f}x", same])
     agree = [(p, *agreement(model, tokenizer, memory, reference, p)) for p in ("fp16", "int8")]
     c = model.config
-    n_memory = sum(e.vectors.shape[0] for e in memory) + 1
+    n_memory = start_turn(model, tokenizer, fresh_state(model, tokenizer), memory, PROMPT,
+                          GenerationParams()).memory_size
     out = [
         "## Decode, batch 1",
         "",
@@ -193,7 +195,7 @@ def run(quick: bool = False, threads: int = 1) -> str:
         "",
         f"Model ({source}): {c.rnn} {c.n_layer}x{c.n_hidden}, embedding {c.n_embd}, "
         f"vocab {c.vocab_size}, d_model {c.d_model}, fusion {c.fusion}, memory of "
-        f"{n_memory} vectors (an image and a 2 s voice clip). {rounds} interleaved rounds of "
+        f"{n_memory} slots (an image and a 2 s voice clip). {rounds} interleaved rounds of "
         f"a {n_tokens}-token greedy reply; per-token time excludes the prefill.",
         "",
         table(["path", "ms/token p50", "ms/token p90", "tokens/s", "vs baseline",
