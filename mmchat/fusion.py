@@ -113,14 +113,17 @@ class ConcatFusion(nn.Module):
 
     def forward(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = h.shape[:2]
+        K, d = self.n_kinds, mem.pooled.shape[-1]
         flat = torch.cat([mem.pooled.flatten(1), mem.query], dim=-1)  # (B, K*d + d)
-        ctx = self.proj(flat).unsqueeze(1).expand(B, T, -1)  # (B, T, d)
-        slot = self.proj.weight[:, : self.n_kinds * mem.pooled.shape[-1]]
-        contrib = torch.stack([
-            (mem.pooled[:, k] @ slot[:, k * mem.pooled.shape[-1]:(k + 1) * mem.pooled.shape[-1]].T)
-            .norm(dim=-1) for k in range(self.n_kinds)], dim=1)  # (B, K)
+        ctx = self.proj(flat)  # (B, d)
+        # each modality's share: how far its slot alone moves the projection
+        base = self.proj(torch.zeros_like(flat[:1]))  # (1, d)
+        slots = torch.zeros(K, B, flat.shape[1], dtype=flat.dtype, device=flat.device)
+        for k in range(K):
+            slots[k, :, k * d:(k + 1) * d] = flat[:, k * d:(k + 1) * d]
+        contrib = (self.proj(slots) - base).norm(dim=-1).T  # (B, K)
         share = contrib / contrib.sum(dim=1, keepdim=True).clamp_min(1e-9)
-        return ctx, _spread(share, mem, T)
+        return ctx.unsqueeze(1).expand(B, T, -1), _spread(share, mem, T)
 
 
 class WeightedFusion(nn.Module):

@@ -99,7 +99,7 @@ class DialogueLM(nn.Module):
         """Zero RNN state, (S, L, B, H) with S = 2 for LSTM (h, c) and 1 for GRU."""
         c = self.config
         s = 2 if c.rnn == "lstm" else 1
-        return self.lm_head.weight.new_zeros(s, c.n_layer, batch, c.n_hidden)
+        return self.tok_emb.weight.new_zeros(s, c.n_layer, batch, c.n_hidden)
 
     def run_rnn(self, idx: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.drop(self.tok_emb(idx))  # (B, T, E)

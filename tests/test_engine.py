@@ -189,3 +189,13 @@ async def test_engine_serves_a_saved_checkpoint(tmp_path, tiny_config, toy_host)
     missing = tiny_config.replace(model={"checkpoint": str(tmp_path / "nope")})
     with pytest.raises(CheckpointError, match="does not exist"):
         await Engine(missing, plugins=toy_host).start()
+
+
+@pytest.mark.parametrize("fusion", ["attention", "concat", "weighted"])
+async def test_dynamic_int8_models_serve_every_fusion(tiny_config, toy_host, fusion):
+    config = tiny_config.replace(model={"quantize": "dynamic-int8"}, fusion={"method": fusion})
+    async with Engine(config, plugins=toy_host) as engine:
+        first = await engine.reply("q", "hello", [TOY])
+        second = await engine.reply("q", "and now?")
+    assert first.completion_tokens > 0 and second.completion_tokens > 0
+    assert first.attention["toy"] > 0
