@@ -112,10 +112,7 @@ class Engine:
                  plugins: PluginHost | None = None) -> None:
         self.config = config or Config()
         c = self.config
-        self.plugins = plugins or PluginHost(
-            paths=[c.resolve(p) for p in c.plugins.paths],
-            allow=list(c.plugins.enabled) or None, block=c.plugins.disabled,
-            settings=c.plugins.settings)
+        self.plugins = plugins or PluginHost.from_config(c)
         self.store = store or open_store(c.sessions)
         self.model = None
         self.tokenizer = None
