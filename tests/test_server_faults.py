@@ -31,7 +31,9 @@ from test_server import (
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
+from mmchat import Engine
 from mmchat.client import Client, ServerError
+from mmchat.errors import PluginError
 from mmchat.protocol import (
     ERROR_CODES,
     Error,
@@ -41,6 +43,7 @@ from mmchat.protocol import (
     parse_server_event,
     serialize,
 )
+from mmchat.server import ChatServer
 
 
 async def closed_with(ws) -> int:
@@ -190,6 +193,57 @@ async def test_a_flood_is_rate_limited_then_dropped_and_others_carry_on():
         await eventually(lambda: server.turns.active == 0)
         history = await server.engine.history(ready.session_id)
         assert len(history) // 2 <= 4  # at most the burst (and a refill), never the flood
+
+
+class _FailsMidway:
+    """A reply stream that gives two deltas, then fails as a broken plugin would."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.reply = None
+        self.given = 0
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.given == 2:
+            self.stream.cancel()
+            await self.stream.wait()
+            raise PluginError("toy", "exploded mid-reply")
+        self.given += 1
+        return await self.stream.__anext__()
+
+
+class _FlakyEngine(Engine):
+    async def stream(self, *args, **kwargs):
+        return _FailsMidway(await super().stream(*args, **kwargs))
+
+
+async def test_a_reply_that_fails_midway_ends_with_error_and_done():
+    config = server_config(generation={"max_new_tokens": 50})
+    engine = _FlakyEngine(config)
+    server = await ChatServer(config, engine=engine).start("127.0.0.1", 0)
+    try:
+        async with await Client.connect(server.url) as client:
+            reply = await client.send("hello")
+            done = await reply.wait(30)
+            assert (done.finish_reason, len(reply.deltas)) == ("error", 2)
+            assert [(e.code, e.ref) for e in reply.errors] == [
+                ("plugin_error", reply.message_id)]
+            check_reply(reply)
+            entries = await engine.store.read_stream(client.session_id)
+            assert [e.kind for e in entries] == ["started", "delta", "delta", "done"]
+            assert entries[-1].text == done.text
+            later = await client.send("again")
+            assert (await later.wait(30)).finish_reason == "error"
+            assert later.started.seq == done.seq + 1
+    finally:
+        await server.shutdown()
+        await engine.close()
 
 
 # Redis going away.

@@ -181,7 +181,7 @@ class Turn:
                 wake.clear()
                 batch = pending[:]
                 del pending[:]
-                ending = bool(outcome) and not pending
+                ending = bool(outcome)  # the reader adds the outcome after every delta
                 if broken:
                     if ending:
                         break
@@ -202,13 +202,15 @@ class Turn:
                     if not await self._append(events):
                         broken = True
                         stream.cancel()
+                        if ending:
+                            break
                         continue
                     self._publish(events)
                     if batch and not texts:
                         metrics.ttft.observe(time.perf_counter() - request.received)
                     started, seq = True, next_seq
                     texts += [delta.text for delta in batch]
-                    if ending:
+                    if ending and not failed:
                         self._count(outcome[0])
                 if ending:
                     break
