@@ -36,18 +36,26 @@ class TurnMemory:
 
 
 class TurnQuery(nn.Module):
-    """q = tanh(W [h; glimpse]) where the glimpse is multi-head attention over memory."""
+    """q = tanh(W [h; bag; glimpse]).
 
-    def __init__(self, n_hidden: int, d_model: int, n_head: int = 4) -> None:
+    ``h`` is the RNN state after the question, ``bag`` the mean embedding of the user
+    turn's tokens (a direct view of the words, which the RNN takes long to learn to
+    carry), and the glimpse is multi-head attention over the memory (how a spoken
+    question reaches ``q``).
+    """
+
+    def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(n_hidden, d_model)
+        self.q_proj = nn.Linear(n_hidden + n_embd, d_model)
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
-        self.out = nn.Linear(n_hidden + d_model, d_model)
+        self.out = nn.Linear(n_hidden + n_embd + d_model, d_model)
 
-    def forward(self, h: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(h).unsqueeze(1)  # (B, 1, d)
+    def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([h, bag], dim=-1)  # (B, H + E)
+        q = self.q_proj(x).unsqueeze(1)  # (B, 1, d)
         glimpse, _ = self.attn(q, memory, memory, key_padding_mask=~mask, need_weights=False)
-        return torch.tanh(self.out(torch.cat([h, glimpse.squeeze(1)], dim=-1)))  # (B, d)
+        return torch.tanh(self.out(torch.cat([x, glimpse.squeeze(1)], dim=-1)))  # (B, d)
 
 
 class FiLM(nn.Module):

@@ -78,7 +78,7 @@ class DialogueLM(nn.Module):
         self.encoders = nn.ModuleDict({m: encoders[m] for m in c.modalities})
         self.kind_emb = nn.Embedding(len(c.modalities) + 1, c.d_model)
         self.null = nn.Parameter(torch.zeros(1, c.d_model))
-        self.turn_query = TurnQuery(c.n_hidden, c.d_model)
+        self.turn_query = TurnQuery(c.n_hidden, c.n_embd, c.d_model)
         self.film = FiLM(c.d_model) if c.condition else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
         self.answer_head = nn.Sequential(
@@ -130,14 +130,19 @@ class DialogueLM(nn.Module):
             mask[b, : sizes[b]] = True
         return values + self.kind_emb(kinds), kinds, mask
 
-    def turn_memory(self, h_prompt: torch.Tensor, values: torch.Tensor, kinds: torch.Tensor,
-                    mask: torch.Tensor) -> TurnMemory:
+    def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Mean token embedding (B, E) over the positions ``select`` (B, T) marks."""
+        emb = self.tok_emb(idx) * select.unsqueeze(-1)  # (B, T, E)
+        return emb.sum(dim=1) / select.sum(dim=1, keepdim=True).clamp_min(1)
+
+    def turn_memory(self, h_prompt: torch.Tensor, bag: torch.Tensor, values: torch.Tensor,
+                    kinds: torch.Tensor, mask: torch.Tensor) -> TurnMemory:
         """Condition the visible memory on the turn's query (read at its ``<bot>`` token).
 
         Each modality's conditioned vectors are also max-pooled into one summary vector
         appended to the memory, so the decoder can attend to "the best match" directly.
         """
-        q = self.turn_query(h_prompt, values, mask)  # (B, d)
+        q = self.turn_query(h_prompt, bag, values, mask)  # (B, d)
         conditioned = self.film(values, q) if self.film is not None else values  # (B, N, d)
         n_kinds = len(self.config.modalities)
         pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
@@ -173,6 +178,7 @@ class DialogueLM(nn.Module):
         auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``.
         """
         B, T = idx.shape
+        bos = idx[0, 0]  # every dialogue starts with <s>
         entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
         entry_turns: list[list[int]] = [[] for _ in range(B)]
         for batch in media:
@@ -201,8 +207,10 @@ class DialogueLM(nn.Module):
             span = positions[in_turn.any(dim=0)]
             lo, hi = int(span.min()), int(span.max()) + 1  # the window holding turn k
             h_prompt = h[rows, prompt_end[rows, k]]  # (R, H)
+            words = in_turn & (positions <= prompt_end[rows, k:k + 1]) & (idx[rows] != bos)
+            bag = self.bag_of_words(idx[rows], words.float())  # (R, E)
             visible = mask[rows] & (sent[rows] <= k)  # (R, N)
-            mem = self.turn_memory(h_prompt, values[rows], kinds[rows], visible)
+            mem = self.turn_memory(h_prompt, bag, values[rows], kinds[rows], visible)
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
             window = ctx[rows, lo:hi]
             ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)

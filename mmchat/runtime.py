@@ -181,12 +181,14 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
     with torch.inference_mode():
         if state is None:
             state = SessionState(rnn=model.initial_state(1), pending=[tokenizer.bos_id])
-        prompt = state.pending + tokenizer.user_turn(text)
+        user = tokenizer.user_turn(text)
+        prompt = state.pending + user
         idx = torch.tensor([prompt], dtype=torch.long)  # (1, T)
         h, rnn_state = model.run_rnn(idx, state.rnn)  # (1, T, H)
         entries = [[(e.modality, e.vectors) for e in memory if e.modality in model.kind_index]]
         values, kinds, mask = model.memory_bank(entries)  # (1, N, d)
-        mem = model.turn_memory(h[:, -1], values, kinds, mask)
+        bag = model.bag_of_words(torch.tensor([user]), torch.ones(1, len(user)))  # (1, E)
+        mem = model.turn_memory(h[:, -1], bag, values, kinds, mask)
         ctx, weights = model.context(h[:, -1:], mem)  # (1, 1, d), (1, 1, N)
         logits = model.logits(h[:, -1:], ctx)[:, -1]  # (1, V)
         step_memory = decoder.prepare(mem, weights[:, -1])
