@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -119,3 +121,29 @@ def guess_mime_type(path: str | Path) -> str:
         return _EXTRA_TYPES[suffix]
     guessed, _ = mimetypes.guess_type(str(path))
     return guessed or "application/octet-stream"
+
+
+def read_settings(modality: str, settings: Mapping[str, Any],
+                  spec: Mapping[str, tuple[Any, type, Any, Any]]) -> dict[str, Any]:
+    """Validate ``[plugins.<modality>]`` against ``spec`` and fill in defaults.
+
+    ``spec`` maps each key to ``(default, type, minimum, maximum)``; ``None`` means
+    unbounded. Raises ConfigError naming the key, the value and what is allowed.
+    """
+    unknown = sorted(set(settings) - set(spec))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting plugins.{modality}.{unknown[0]}; allowed: {', '.join(spec)}")
+    values = {}
+    for key, (default, kind, low, high) in spec.items():
+        value = settings.get(key, default)
+        where = f"plugins.{modality}.{key} = {value!r} is not allowed"
+        expected = (int, float) if kind is float else kind
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{where}: expected {'a number' if kind is float else 'an integer'}")
+        if low is not None and value < low:
+            raise ConfigError(f"{where}: minimum is {low}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where}: maximum is {high}")
+        values[key] = kind(value)
+    return values

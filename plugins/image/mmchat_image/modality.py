@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from mmchat import Modality
-from mmchat.errors import ConfigError, CorruptMedia, MediaTooLarge
+from mmchat.errors import CorruptMedia, MediaTooLarge
+from mmchat.modality import read_settings
 
 if TYPE_CHECKING:
     import torch
@@ -178,28 +179,3 @@ def _to_tensor(img: PILImage.Image) -> torch.Tensor:
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32))  # (S, S, 3)
     x = pixels.permute(2, 0, 1)  # (3, S, S)
     return (x * (1.0 / (255.0 * STD)) - MEAN / STD).contiguous()  # (3, S, S)
-
-
-def read_settings(modality: str, settings: Mapping[str, Any],
-                  spec: Mapping[str, tuple[Any, type, Any, Any]]) -> dict[str, Any]:
-    """Validate ``[plugins.<modality>]`` against ``spec`` and fill in defaults.
-
-    ``spec`` maps each key to ``(default, type, minimum, maximum)``; ``None`` means
-    unbounded. Raises ConfigError naming the key, the value and what is allowed.
-    """
-    unknown = sorted(set(settings) - set(spec))
-    if unknown:
-        raise ConfigError(
-            f"unknown setting plugins.{modality}.{unknown[0]}; allowed: {', '.join(spec)}")
-    values = {}
-    for key, (default, kind, low, high) in spec.items():
-        value = settings.get(key, default)
-        where = f"plugins.{modality}.{key} = {value!r} is not allowed"
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-            raise ConfigError(f"{where}: expected {'a number' if kind is float else 'an integer'}")
-        if low is not None and value < low:
-            raise ConfigError(f"{where}: minimum is {low}")
-        if high is not None and value > high:
-            raise ConfigError(f"{where}: maximum is {high}")
-        values[key] = kind(value)
-    return values

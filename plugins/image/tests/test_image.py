@@ -296,4 +296,4 @@ def test_registered_through_entry_point():
 def test_bad_settings_stop_start_up_naming_the_key():
     host = PluginHost(builtins=(), allow=["image"], settings={"image": {"size": 0}})
     with pytest.raises(ConfigError, match="plugins.image.size = 0"):
-        host.modalities
+        _ = host.modalities
