@@ -1,4 +1,5 @@
 # Two commands do all the set-up:  `make serve`  and  `make test`.
+# `make chat` opens the terminal chat instead of the WebSocket server.
 # Both create .venv on first use. See docs/install.md for choosing another torch build.
 
 VENV ?= .venv
@@ -27,6 +28,9 @@ system-deps:
 		$$SUDO apt-get install -y -q espeak-ng >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q espeak-ng >/dev/null; }; }
 
 serve: setup
+	$(PY) -m mmchat serve $(ARGS)
+
+chat: setup
 	$(PY) -m mmchat chat $(ARGS)
 
 test: setup system-deps

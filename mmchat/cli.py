@@ -34,9 +34,9 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 def build_cli() -> click.Group:
     """The root group with built-in and plugin commands attached."""
-    from .commands import chat, data, eval, plugins, train
+    from .commands import chat, data, eval, plugins, serve, train
 
-    for module in (chat, data, eval, plugins, train):
+    for module in (chat, data, eval, plugins, serve, train):
         module.register(cli)
     _add_plugin_commands(cli)
     return cli
