@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .errors import Cancelled
 from .generate import Sampler, Token
 from .runtime import Decoder, TurnRun
 
@@ -129,6 +130,7 @@ class DecodeScheduler:
         self._joining: list[_Reply] = []
         self._replies: list[_Reply] = []  # owned by the worker
         self._working = False
+        self._closed = False
         self._batch = _Batch()
 
     # -- event-loop side -------------------------------------------------------------
@@ -138,6 +140,7 @@ class DecodeScheduler:
         loop = asyncio.get_running_loop()
         job = _Job(fn, args, loop, loop.create_future())
         with self._cond:
+            self._check_open()
             self._jobs.append(job)
             self._wake()
         return await job.future
@@ -150,9 +153,27 @@ class DecodeScheduler:
         """
         reply = _Reply(run, asyncio.get_running_loop(), asyncio.Queue(), cancelled)
         with self._cond:
+            self._check_open()
             self._joining.append(reply)
             self._wake()
         return TokenStream(self, reply)
+
+    def close(self) -> None:
+        """Stop taking work: queued jobs fail with :class:`~mmchat.errors.Cancelled`, and
+        every reply ends before the next step (its stream just stops). The worker then
+        exits, so the executor can shut down without waiting on a decode. Never blocks."""
+        with self._cond:
+            self._closed = True
+            for reply in self._replies + self._joining:
+                reply.stopped = True
+            jobs, self._jobs = list(self._jobs), deque()
+            self._cond.notify()
+        for job in jobs:
+            _post(job.loop, _settle, job.future, None, Cancelled("the engine is closing"))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Cancelled("the engine is closing")
 
     def _taken(self, reply: _Reply) -> None:
         with self._cond:

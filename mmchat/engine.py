@@ -19,6 +19,7 @@ from typing import Any
 from . import config as config_module
 from .config import Config
 from .errors import (
+    Cancelled,
     EmptyMessage,
     InputError,
     MediaTooLarge,
@@ -32,6 +33,9 @@ from .sessions import SessionStore, validate_session_id
 from .stores import open_store
 
 logger = logging.getLogger(__name__)
+
+#: How long :meth:`Engine.close` waits for cancelled replies to finish saving.
+CLOSE_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class Delta:
@@ -62,7 +66,7 @@ class Reply:
         }
 
 
-@dataclass
+@dataclass(eq=False)
 class ReplyStream:
     """Async iterator of :class:`Delta`; :attr:`reply` is set once it is exhausted.
 
@@ -120,6 +124,7 @@ class Engine:
         self._model_pool: ThreadPoolExecutor | None = None
         self._media_pool: ThreadPoolExecutor | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
+        self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
 
@@ -165,12 +170,31 @@ class Engine:
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
 
     async def close(self) -> None:
+        """Cancel the replies still running, then release the model, store and threads.
+
+        An in-flight reply ends with finish_reason ``"cancelled"`` (or, if it had not
+        reached the model yet, with :class:`~mmchat.errors.Cancelled`). Nothing here
+        blocks the event loop: the decode worker needs it to hand replies their ends.
+        """
+        streams = list(self._streams)
+        for stream in streams:
+            stream.cancel()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        tasks = {s._task: s for s in streams if s._task is not None}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            for task in pending:  # stuck outside the model (a store call, say)
+                task.cancel()
+                tasks[task]._queue.put_nowait(Cancelled("the engine closed"))
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
+        loop = asyncio.get_running_loop()
         for pool in (self._model_pool, self._media_pool):
             if pool is not None:
-                pool.shutdown(wait=True)
+                await loop.run_in_executor(None, pool.shutdown)
+        self._scheduler = None
         self._started = False
 
     async def __aenter__(self) -> "Engine":
@@ -207,6 +231,8 @@ class Engine:
         stream = ReplyStream(queue)
         stream._task = asyncio.create_task(
             self._run_turn(session_id, text, resolved, params, stream))
+        self._streams.add(stream)
+        stream._task.add_done_callback(lambda _: self._streams.discard(stream))
         return stream
 
     async def reply(self, session_id: str, text: str = "",

@@ -199,3 +199,16 @@ async def test_dynamic_int8_models_serve_every_fusion(tiny_config, toy_host, fus
         second = await engine.reply("q", "and now?")
     assert first.completion_tokens > 0 and second.completion_tokens > 0
     assert first.attention["toy"] > 0
+
+
+async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
+    engine = Engine(tiny_config, plugins=toy_host)
+    await engine.start()
+    streams = [await engine.stream(f"s{i}", "hello", max_new_tokens=4096) for i in range(3)]
+    for stream in streams[:2]:
+        await stream.__anext__()  # decoding; nobody reads on, so it waits for its consumer
+    await asyncio.wait_for(engine.close(), timeout=60)  # used to deadlock
+    for stream in streams:
+        reply = await asyncio.wait_for(stream.wait(), timeout=10)
+        assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
+    assert engine._model_pool._shutdown
