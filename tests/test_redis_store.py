@@ -755,6 +755,31 @@ async def test_redis_restart_mid_conversation(tmp_path):
         server.stop()
 
 
+@needs_redis
+@pytest.mark.parametrize("interval, stale_fails", [(0, True), (0.2, False)])
+async def test_stale_pooled_connections_reconnect_after_a_restart(tmp_path, interval,
+                                                                   stale_fails):
+    server = RedisProcess(tmp_path)
+    server.start()
+    store = _redis_store(server.url, "stale", connect_timeout=0.5, socket_timeout=1.0,
+                         health_check_interval=interval)
+    try:
+        await asyncio.gather(*(store.load(f"s{i}") for i in range(8)))  # 8 pooled connections
+        server.stop()
+        server.start()
+        time.sleep(2 * interval + 0.1)  # idle, without the event loop seeing the old sockets close
+        failed = 0
+        for i in range(10):
+            try:
+                await store.load(f"t{i}")
+            except StoreUnavailable:
+                failed += 1
+        assert (failed > 0) == stale_fails  # without the health check, stale ones fail once
+    finally:
+        await store.close()
+        server.stop()
+
+
 def _pings(store) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         try:

@@ -312,8 +312,8 @@ async def test_redis_killed_and_restarted_mid_conversation(tmp_path):
             redis.start()  # same port and files: what was stored comes back
             await eventually(lambda: asyncio.to_thread(
                 lambda: http_get(ready_url)[0] == 200))
-            # Each pooled connection that went stale with the restart fails one call
-            # (the store does not retry); a client retries store_unavailable.
+            # A pooled connection that went stale with the restart reconnects on its
+            # health check; a client still retries store_unavailable, to be safe.
             for attempt in range(8):
                 try:
                     back = await short(client, "back again",

@@ -36,13 +36,17 @@ Every key but the lock has a sliding TTL of ``ttl_seconds``, renewed by :meth:`l
 :meth:`save_turn` and :meth:`claim_session` (and by stream appends and message claims
 for their own key). Nothing is pickled. A failed call is not retried (Cluster excepted:
 redis-py's retries follow slot moves there), so a turn is never written twice; it raises
-:class:`StoreUnavailable` and the pool reconnects on the next call.
+:class:`StoreUnavailable` and the pool reconnects on the next call. A pooled connection
+that sat idle for ``health_check_interval`` seconds is first checked with a ``PING``; if
+that finds it closed (Redis restarted meanwhile), it reconnects before the command is
+sent, so a restart does not fail one call per stale connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -54,6 +58,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -191,6 +196,37 @@ class _Keys:
         return (self.state, self.memory, self.history, self.meta, self.stream, self.msgids)
 
 
+@functools.cache
+def reconnecting(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` whose health check (a ``PING`` after ``health_check_interval`` idle seconds)
+    reconnects once when it finds the connection closed, instead of failing the call.
+
+    Nothing of the caller's command has been sent at that point, so this never repeats a
+    write; a timeout is not retried (Redis may be hung, and waiting twice helps nobody).
+    """
+
+    class Reconnecting(cls):  # type: ignore[valid-type, misc]
+        async def check_health(self) -> None:
+            if (not self.health_check_interval
+                    or asyncio.get_running_loop().time() <= self.next_health_check):
+                return
+            try:
+                await self._send_ping()
+            except (redis.exceptions.TimeoutError, TimeoutError):
+                await self.disconnect()
+                raise
+            except (redis.exceptions.ConnectionError, OSError):
+                log.info("reconnecting a stale Redis connection")
+                await self.disconnect()
+                # a fresh connection needs no check (and connecting must not recurse here)
+                loop = asyncio.get_running_loop()
+                self.next_health_check = loop.time() + self.health_check_interval
+                await self.connect()
+
+    Reconnecting.__name__ = Reconnecting.__qualname__ = f"Reconnecting{cls.__name__}"
+    return Reconnecting
+
+
 class RedisStore(SessionStore):
     """A :class:`SessionStore` in Redis (single server, Cluster or Sentinel).
 
@@ -208,7 +244,8 @@ class RedisStore(SessionStore):
                  ttl_seconds: float = 86_400, max_connections: int = 32,
                  pool_timeout: float = 5.0, socket_timeout: float = 5.0,
                  connect_timeout: float = 2.0, lock_lease: float = 15.0,
-                 lock_wait: float = 10.0, stream_max_len: int = 2048) -> None:
+                 lock_wait: float = 10.0, stream_max_len: int = 2048,
+                 health_check_interval: float = 1.0) -> None:
         if not prefix or any(c in prefix for c in "{} "):
             raise ConfigError(f"sessions.prefix = {prefix!r} is not allowed: "
                               "use a non-empty string without braces or spaces")
@@ -225,7 +262,8 @@ class RedisStore(SessionStore):
         self._client = self._connect(max_connections=max_connections,
                                      pool_timeout=pool_timeout,
                                      socket_timeout=socket_timeout,
-                                     connect_timeout=connect_timeout)
+                                     connect_timeout=connect_timeout,
+                                     health_check_interval=health_check_interval)
 
     @classmethod
     def from_config(cls, config: SessionsConfig) -> RedisStore:
@@ -242,13 +280,15 @@ class RedisStore(SessionStore):
                    max_connections=config.max_connections, **optional)
 
     def _connect(self, *, max_connections: int, pool_timeout: float, socket_timeout: float,
-                 connect_timeout: float) -> Any:
+                 connect_timeout: float, health_check_interval: float) -> Any:
         url = self._url
         timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+        checked = {"health_check_interval": health_check_interval}
         if url.kind == "single":
             pool = BlockingConnectionPool.from_url(
                 url.url, max_connections=max_connections, timeout=pool_timeout,
-                retry=Retry(NoBackoff(), 0), **timeouts)
+                retry=Retry(NoBackoff(), 0), **timeouts, **checked)
+            pool.connection_class = reconnecting(pool.connection_class)
             return Redis.from_pool(pool)
         auth = {"username": url.username, "password": url.password, "ssl": url.ssl}
         if url.kind == "cluster":
@@ -264,8 +304,11 @@ class RedisStore(SessionStore):
             sentinel_kwargs["password"] = url.sentinel_password
         self._sentinel = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs,
                                   retry=Retry(NoBackoff(), 0), **timeouts)
-        return self._sentinel.master_for(url.service, db=url.db,
-                                         max_connections=max_connections, **auth)
+        from redis.asyncio.sentinel import SentinelManagedConnection
+
+        return self._sentinel.master_for(
+            url.service, db=url.db, max_connections=max_connections, **auth, **checked,
+            connection_class=reconnecting(SentinelManagedConnection))
 
     def _pipeline(self) -> Any:
         # On Cluster, redis-py's async MULTI pipeline looks up each queued command's slot
