@@ -5,7 +5,8 @@ The engine owns one :class:`DecodeScheduler`. A turn's prefill runs through
 and comes back as an async stream of tokens. On the model thread a single worker
 loops:
 
-1. run queued jobs (prefills of new turns, encoders) between two steps;
+1. run queued jobs (prefills of new turns, encoders) between two steps; the prefills
+   queued meanwhile run as one batch (:meth:`DecodeScheduler.call_batched`);
 2. let new replies join, drop finished and cancelled ones;
 3. feed the last token of every ready reply in ONE ``decoder.step``: RNN states
    stacked along the batch, memories padded to the longest with the padding masked;
@@ -73,6 +74,7 @@ class _Job:
     args: tuple
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    batched: bool = False  # fn takes a list of items (args[0] each) and returns a list
 
 
 @dataclass
@@ -145,6 +147,21 @@ class DecodeScheduler:
             self._wake()
         return await job.future
 
+    async def call_batched(self, fn: Callable[[list[Any]], list[Any]], item: Any) -> Any:
+        """Run ``fn([item, ...])`` on the model thread, between two decode steps, with every
+        item queued for the same ``fn`` since the last step; return ``item``'s result.
+
+        ``fn`` returns one result per item, in order; a result that is an exception is
+        raised for its item alone. If ``fn`` raises, every item of the batch fails.
+        """
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, (item,), loop, loop.create_future(), batched=True)
+        with self._cond:
+            self._check_open()
+            self._jobs.append(job)
+            self._wake()
+        return await job.future
+
     def decode(self, run: TurnRun, cancelled: Callable[[], bool] = lambda: False
                ) -> TokenStream:
         """Join ``run`` to the batch; tokens arrive on the returned stream.
@@ -201,8 +218,8 @@ class DecodeScheduler:
         try:
             while (todo := self._next()) is not None:
                 jobs, ready = todo
-                for job in jobs:
-                    self._run_job(job)
+                for group in _group(jobs):
+                    self._run_jobs(group)
                 if ready:
                     self._advance(ready)
         except BaseException as exc:  # never leave a consumer waiting forever
@@ -235,13 +252,23 @@ class DecodeScheduler:
                 # of a reply that sits out waiting for its consumer.
                 self._cond.wait(timeout=0.05)
 
-    def _run_job(self, job: _Job) -> None:
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Run one plain job, or a group of batched jobs with the same ``fn`` in one call."""
+        first = jobs[0]
         try:
-            result = job.fn(*job.args)
+            if first.batched:
+                results = first.fn([job.args[0] for job in jobs])
+                if len(results) != len(jobs):
+                    raise RuntimeError(f"{first.fn!r} returned {len(results)} results "
+                                       f"for {len(jobs)} items")
+                outcomes = [(None, r) if isinstance(r, Exception) else (r, None)
+                            for r in results]
+            else:
+                outcomes = [(first.fn(*first.args), None)]
         except Exception as exc:
-            _post(job.loop, _settle, job.future, None, exc)
-        else:
-            _post(job.loop, _settle, job.future, result, None)
+            outcomes = [(None, exc)] * len(jobs)
+        for job, (result, exc) in zip(jobs, outcomes):
+            _post(job.loop, _settle, job.future, result, exc)
 
     def _advance(self, ready: list[_Reply]) -> None:
         """One token for every ready reply: a batched step for the sampled ones.
@@ -331,6 +358,22 @@ class DecodeScheduler:
             self._replies = [r for r in self._replies if not r.done]
         for loop, items in by_loop.items():
             _post(loop, _put_all, items)
+
+
+def _group(jobs: list[_Job]) -> list[list[_Job]]:
+    """Plain jobs one by one; batched jobs with the same ``fn`` together, at the place
+    of the first of them."""
+    groups: list[list[_Job]] = []
+    batches: dict[Any, list[_Job]] = {}
+    for job in jobs:
+        if not job.batched:
+            groups.append([job])
+        elif job.fn in batches:
+            batches[job.fn].append(job)
+        else:
+            batches[job.fn] = [job]
+            groups.append(batches[job.fn])
+    return groups
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

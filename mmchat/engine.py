@@ -106,6 +106,18 @@ class ReplyStream:
         return self.reply
 
 
+@dataclass
+class _Prefill:
+    """A turn waiting for its prefill on the model thread."""
+
+    attachments: list[tuple[Modality, Attachment]]
+    features: list[Any]  # decoded media, one per attachment
+    memory: list[Any]  # the session's MemoryEntry list before this turn
+    state: Any  # SessionState, or None for a new session
+    text: str
+    params: Any  # GenerationParams
+
+
 class Engine:
     """Loads plugins and the model once, then serves any number of sessions.
 
@@ -343,8 +355,7 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream) -> Reply:
-        from .runtime import start_turn
-        from .state import MemoryEntry, dumps_entry, dumps_state, loads_entry, loads_state
+        from .state import dumps_entry, dumps_state, loads_entry, loads_state
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -357,17 +368,11 @@ class Engine:
             data = await self.store.load(session_id)
             state = loads_state(data.state) if data is not None and data.state else None
             memory = [loads_entry(b) for b in data.memory] if data is not None else []
-            # Model work runs between the steps of the replies being decoded together.
+            # Model work runs between the steps of the replies being decoded together,
+            # with the prefills of every turn that arrived meanwhile in one batch.
             scheduler = self._scheduler
-
-            def prefill():
-                new = [MemoryEntry(m.name, self._encode(m, f), a.id)
-                       for (m, a), f in zip(attachments, features)]
-                keep = (memory + new)[-self.config.fusion.max_memory:]
-                return new, start_turn(self.model, self.tokenizer, state, keep, text, params,
-                                       decoder=scheduler.decoder)
-
-            new_entries, run = await scheduler.call(prefill)
+            new_entries, run = await scheduler.call_batched(
+                self._prefill, _Prefill(attachments, features, memory, state, text, params))
             t_prefill = time.perf_counter()
             t_first = None
             index = 0
@@ -402,6 +407,43 @@ class Engine:
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
+
+    def _prefill(self, items: list[_Prefill]) -> list[Any]:
+        """On the model thread: encode each turn's new attachments, then prefill all the
+        turns in one batch. One result per item, ``(new memory entries, run)``, or the
+        exception that item alone raises."""
+        from .runtime import TurnRequest, start_turns
+        from .state import MemoryEntry
+
+        out: list[Any] = [None] * len(items)
+        todo: dict[int, tuple[list[Any], TurnRequest]] = {}
+        for i, item in enumerate(items):
+            try:
+                new = [MemoryEntry(m.name, self._encode(m, f), a.id)
+                       for (m, a), f in zip(item.attachments, item.features)]
+            except Exception as exc:
+                out[i] = exc
+                continue
+            keep = (item.memory + new)[-self.config.fusion.max_memory:]
+            todo[i] = new, TurnRequest(item.state, keep, item.text, item.params)
+        decoder = self._scheduler.decoder
+        requests = [request for _, request in todo.values()]
+        runs: list[Any]
+        try:
+            runs = start_turns(self.model, self.tokenizer, requests, decoder)
+        except Exception as exc:
+            if len(requests) == 1:
+                runs = [exc]
+            else:  # one bad turn (a corrupt state, say) must not fail the others
+                runs = []
+                for request in requests:
+                    try:
+                        runs += start_turns(self.model, self.tokenizer, [request], decoder)
+                    except Exception as one:
+                        runs.append(one)
+        for (i, (new, _)), run in zip(todo.items(), runs):
+            out[i] = run if isinstance(run, Exception) else (new, run)
+        return out
 
     def _encode(self, modality: Modality, features: Any):
         import torch

@@ -101,13 +101,27 @@ class DialogueLM(nn.Module):
         s = 2 if c.rnn == "lstm" else 1
         return self.tok_emb.weight.new_zeros(s, c.n_layer, batch, c.n_hidden)
 
-    def run_rnn(self, idx: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_rnn(self, idx: torch.Tensor, state: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, H) and the new state (S, L, B, H).
+
+        ``lengths`` (B,) marks ``idx`` as right-padded: each row's state is taken after its
+        own last token, and its outputs past that are zero.
+        """
         x = self.drop(self.tok_emb(idx))  # (B, T, E)
+        if lengths is not None:
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                  enforce_sorted=False)
         if self.config.rnn == "lstm":
             h, (hn, cn) = self.rnn(x, (state[0].contiguous(), state[1].contiguous()))
-            return h, torch.stack([hn, cn])  # (B, T, H), (2, L, B, H)
-        h, hn = self.rnn(x, state[0].contiguous())
-        return h, hn.unsqueeze(0)  # (B, T, H), (1, L, B, H)
+            new = torch.stack([hn, cn])  # (2, L, B, H)
+        else:
+            h, hn = self.rnn(x, state[0].contiguous())
+            new = hn.unsqueeze(0)  # (1, L, B, H)
+        if lengths is not None:
+            h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True,
+                                                    total_length=idx.shape[1])
+        return h, new  # (B, T, H), (S, L, B, H)
 
     def memory_bank(self, entries: Sequence[Sequence[tuple[str, torch.Tensor]]]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -169,6 +169,16 @@ class TurnRun:
         return SessionState(rnn=state, pending=pending, turns=self.turns_before + 1), reason
 
 
+@dataclass
+class TurnRequest:
+    """One user turn to prefill (see :func:`start_turns`)."""
+
+    state: SessionState | None  # None for a new session
+    memory: list[MemoryEntry]
+    text: str
+    params: GenerationParams
+
+
 def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | None,
                memory: list[MemoryEntry], text: str, params: GenerationParams,
                decoder: Decoder | None = None) -> TurnRun:
@@ -177,21 +187,50 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
     The prompt always goes through the model's own modules; reply tokens go through
     ``decoder`` (default: :class:`ReferenceDecoder`).
     """
+    return start_turns(model, tokenizer, [TurnRequest(state, memory, text, params)],
+                       decoder)[0]
+
+
+def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[TurnRequest],
+                decoder: Decoder | None = None) -> list[TurnRun]:
+    """:func:`start_turn` for several turns at once: one run per request, in order.
+
+    The prompts go through the RNN as one right-padded batch (each row's state is read
+    at its own last token); memories, turn memories and first logits are computed per
+    row, so every run is the one :func:`start_turn` would give (to float rounding).
+    """
     decoder = decoder if decoder is not None else ReferenceDecoder(model)
     with torch.inference_mode():
-        if state is None:
-            state = SessionState(rnn=model.initial_state(1), pending=[tokenizer.bos_id])
-        user = tokenizer.user_turn(text)
-        prompt = state.pending + user
-        idx = torch.tensor([prompt], dtype=torch.long)  # (1, T)
-        h, rnn_state = model.run_rnn(idx, state.rnn)  # (1, T, H)
-        entries = [[(e.modality, e.vectors) for e in memory if e.modality in model.kind_index]]
-        values, kinds, mask = model.memory_bank(entries)  # (1, N, d)
-        bag = model.bag_of_words(torch.tensor([user]), torch.ones(1, len(user)))  # (1, E)
-        mem = model.turn_memory(h[:, -1], bag, values, kinds, mask)
-        ctx, weights = model.context(h[:, -1:], mem)  # (1, 1, d), (1, 1, N)
-        logits = model.logits(h[:, -1:], ctx)[:, -1]  # (1, V)
-        step_memory = decoder.prepare(mem, weights[:, -1])
+        states = [r.state if r.state is not None else
+                  SessionState(rnn=model.initial_state(1), pending=[tokenizer.bos_id])
+                  for r in requests]
+        users = [tokenizer.user_turn(r.text) for r in requests]
+        prompts = [s.pending + u for s, u in zip(states, users)]
+        lengths = [len(p) for p in prompts]
+        idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # (B, T) right-padded
+        for b, prompt in enumerate(prompts):
+            idx[b, : len(prompt)] = torch.tensor(prompt)
+        padded = torch.tensor(lengths) if len(set(lengths)) > 1 else None
+        rnn = torch.cat([s.rnn for s in states], dim=2)  # (S, L, B, H)
+        h, rnn = model.run_rnn(idx, rnn, padded)  # (B, T, H), (S, L, B, H)
+        return [_turn_run(model, tokenizer, decoder, r, s, u, n,
+                          h[b: b + 1, n - 1: n], rnn[:, :, b: b + 1].clone())
+                for b, (r, s, u, n) in enumerate(zip(requests, states, users, lengths))]
+
+
+def _turn_run(model: DialogueLM, tokenizer: Tokenizer, decoder: Decoder, request: TurnRequest,
+              state: SessionState, user: list[int], prompt_tokens: int, h_last: torch.Tensor,
+              rnn_state: torch.Tensor) -> TurnRun:
+    """A run from one prompt's last output (1, 1, H) and RNN state (S, L, 1, H)."""
+    params = request.params
+    entries = [[(e.modality, e.vectors) for e in request.memory
+                if e.modality in model.kind_index]]
+    values, kinds, mask = model.memory_bank(entries)  # (1, N, d)
+    bag = model.bag_of_words(torch.tensor([user]), torch.ones(1, len(user)))  # (1, E)
+    mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
+    ctx, weights = model.context(h_last, mem)  # (1, 1, d), (1, 1, N)
+    logits = model.logits(h_last, ctx)[:, -1]  # (1, V)
+    step_memory = decoder.prepare(mem, weights[:, -1])
 
     def step(tokens: torch.Tensor, rnn: torch.Tensor):
         return decoder.step(tokens, rnn, decoder.expand(step_memory, tokens.shape[0]))
@@ -202,6 +241,6 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
 
     generation = generate(step, logits, weights[:, -1], rnn_state, params,
                           eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None)
-    return TurnRun(model, tokenizer, generation, mem, prompt_tokens=len(prompt),
+    return TurnRun(model, tokenizer, generation, mem, prompt_tokens=prompt_tokens,
                    turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state,
                    decoder=decoder, step_memory=step_memory)

@@ -1,6 +1,7 @@
 """Concurrent replies are decoded together, and each comes out as if it ran alone."""
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,7 +14,7 @@ from mmchat.fastpath import FastDecoder
 from mmchat.generate import GenerationParams
 from mmchat.loading import load_model
 from mmchat.model import DialogueConfig, DialogueLM
-from mmchat.runtime import ReferenceDecoder, start_turn
+from mmchat.runtime import ReferenceDecoder, TurnRequest, start_turn, start_turns
 from mmchat.state import MemoryEntry
 from mmchat.tokenizer import Tokenizer
 
@@ -214,3 +215,57 @@ async def test_a_failing_reply_or_job_ends_alone():
         got, failed = await asyncio.gather(collect(good), collect(bad), return_exceptions=True)
     assert got == expected and len(expected) > 3
     assert isinstance(failed, RuntimeError) and len(bad.tokens) == 3
+
+
+@pytest.mark.parametrize("rnn, fast", [("lstm", True), ("gru", False)])
+def test_batched_prefill_rows_equal_single_prefills(rnn, fast):
+    model, tok = tiny_model(rnn)
+    decoder = FastDecoder(model) if fast else ReferenceDecoder(model)
+    params = GenerationParams(max_new_tokens=12)
+    earlier = start_turn(model, tok, None, [], "what colour is it", params, decoder=decoder)
+    list(iter(earlier.next_token, None))
+    continued, _ = earlier.finish()
+    requests = [TurnRequest(None, [], "hi", params),
+                TurnRequest(continued, [MemoryEntry("toy", torch.randn(5, 16))],
+                            "and where is the circle now", params),
+                TurnRequest(None, [MemoryEntry("toy", torch.randn(2, 16))] * 3, "hello", params)]
+    batched = start_turns(model, tok, requests, decoder)
+    for request, run in zip(requests, batched):
+        one = start_turn(model, tok, request.state, request.memory, request.text, params,
+                         decoder=decoder)
+        assert run.prompt_tokens == one.prompt_tokens and run.memory_size == one.memory_size
+        torch.testing.assert_close(run.prompt_logits, one.prompt_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run.prompt_state, one.prompt_state, atol=1e-5, rtol=1e-5)
+        assert ([t.id for t in iter(run.next_token, None)]
+                == [t.id for t in iter(one.next_token, None)])
+
+
+async def test_turns_that_arrive_together_are_prefilled_in_one_batch(tiny_config, toy_host,
+                                                                       tmp_path, monkeypatch):
+    import mmchat.runtime
+
+    config = engine_config(tiny_config, tmp_path, toy_host)
+    solo = await solo_replies(config, toy_host, SESSIONS)
+    prefills: list[int] = []
+    start_turns_ = mmchat.runtime.start_turns
+
+    def counting(model, tok, requests, decoder=None):
+        prefills.append(len(requests))
+        return start_turns_(model, tok, requests, decoder)
+
+    monkeypatch.setattr(mmchat.runtime, "start_turns", counting)
+    async with Engine(config, plugins=toy_host) as engine:
+        scheduler = engine._scheduler
+        gate = threading.Event()
+        busy = asyncio.ensure_future(scheduler.call(gate.wait, 30))  # holds the model thread
+        streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
+        for _ in range(1000):  # until every turn waits for its prefill
+            if len(scheduler._jobs) == len(SESSIONS):
+                break
+            await asyncio.sleep(0.01)
+        gate.set()
+        await busy
+        replies = await asyncio.gather(*(st.wait() for st in streams))
+    assert prefills == [len(SESSIONS)]
+    for (session, _, _), reply in zip(SESSIONS, replies):
+        assert summary(reply) == summary(solo[session][0]), session
