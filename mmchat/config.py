@@ -41,7 +41,7 @@ class ModelConfig:
     dropout: float = _opt(0.1, min=0.0, max=0.9)
     vocab_size: int = _opt(4000, min=32, max=65536)
     device: str = _opt("cpu")
-    threads: int = _opt(0, min=0, max=256)
+    threads: int = _opt(1, min=0, max=256)
     quantize: str = _opt("none", choices=("none", "dynamic-int8"))
     fast_decode: bool = _opt(True)
 
