@@ -32,7 +32,7 @@ def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None
 
 @dataclass(frozen=True)
 class ModelConfig:
-    checkpoint: str = _opt("models/bundled")
+    checkpoint: str = _opt("")
     rnn: str = _opt("lstm", choices=("lstm", "gru"))
     n_layer: int = _opt(2, min=1, max=8)
     n_embd: int = _opt(256, min=8, max=4096)
