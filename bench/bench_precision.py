@@ -8,12 +8,11 @@ reference decoder, the fp32 fast step and the int8 fast step of a dynamic-int8 c
 from __future__ import annotations
 
 import copy
-import functools
 from pathlib import Path
 
 import torch
 
-from mmchat import checkpoint, config, evaluation, runtime
+from mmchat import checkpoint, config, evaluation
 from mmchat.fastpath import build_decoder
 from mmchat.loading import quantize
 from mmchat.plugins import PluginHost
@@ -32,12 +31,7 @@ def run(quick: bool = False, data: str = "data/demo") -> str:
     decode_media(cache, dialogues, modalities)
 
     def replies(m, decoder):
-        start = functools.partial(runtime.start_turn, decoder=decoder)
-        original, evaluation.start_turn = evaluation.start_turn, start
-        try:
-            return evaluation.generate_turns(m, tok, dialogues, cache, modalities)
-        finally:
-            evaluation.start_turn = original
+        return evaluation.generate_turns(m, tok, dialogues, cache, modalities, decoder=decoder)
 
     reference = replies(model, build_decoder(model, fast=False))
     q = quantize(copy.deepcopy(model)).eval()

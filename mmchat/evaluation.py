@@ -19,7 +19,7 @@ from .dataset import Dialogue
 from .generate import GenerationParams
 from .modality import Modality
 from .model import DialogueLM
-from .runtime import start_turn
+from .runtime import Decoder, start_turn
 from .state import MemoryEntry, SessionState
 from .tokenizer import Tokenizer
 from .training.examples import FeatureCache, collate, encode_dialogue, feature_key
@@ -132,9 +132,12 @@ def perplexity(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[Dial
 @torch.inference_mode()
 def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[Dialogue],
                    cache: FeatureCache, modalities: Mapping[str, Modality], *,
-                   drop: frozenset[str] = frozenset(), max_new_tokens: int = 48
-                   ) -> list[TurnResult]:
-    """Greedy reply to every user turn, after the reference history."""
+                   drop: frozenset[str] = frozenset(), max_new_tokens: int = 48,
+                   decoder: Decoder | None = None) -> list[TurnResult]:
+    """Greedy reply to every user turn, after the reference history.
+
+    ``decoder`` decodes the reply tokens (default: the model's own modules).
+    """
     params = GenerationParams(max_new_tokens=max_new_tokens)
     results = []
     for d in dialogues:
@@ -154,7 +157,8 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
                 x, lengths = modalities[att.modality].collate([features])
                 memory.append(MemoryEntry(att.modality,
                                           model.encode(att.modality, x, lengths)[0]))
-            run = start_turn(model, tokenizer, state, memory, pending_user.text, params)
+            run = start_turn(model, tokenizer, state, memory, pending_user.text, params,
+                             decoder=decoder)
             while run.next_token() is not None:
                 pass
             results.append(TurnResult(d.id, turn.category or d.category or "", turn.text,
