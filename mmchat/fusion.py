@@ -41,18 +41,22 @@ class TurnQuery(nn.Module):
     ``h`` is the RNN state after the question, ``bag`` the mean embedding of the user
     turn's tokens (a direct view of the words, which the RNN takes long to learn to
     carry), and the glimpse is multi-head attention over the memory (how a spoken
-    question reaches ``q``).
+    question reaches ``q``). ``h`` and ``bag`` are layer-normalised first: a mean of
+    small token embeddings would otherwise barely move ``q``, and one changed word
+    ("circle" for "square") must move it a lot.
     """
 
     def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4) -> None:
         super().__init__()
+        self.norm_h = nn.LayerNorm(n_hidden)
+        self.norm_bag = nn.LayerNorm(n_embd)
         self.q_proj = nn.Linear(n_hidden + n_embd, d_model)
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.out = nn.Linear(n_hidden + n_embd + d_model, d_model)
 
     def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([h, bag], dim=-1)  # (B, H + E)
+        x = torch.cat([self.norm_h(h), self.norm_bag(bag)], dim=-1)  # (B, H + E)
         q = self.q_proj(x).unsqueeze(1)  # (B, 1, d)
         glimpse, _ = self.attn(q, memory, memory, key_padding_mask=~mask, need_weights=False)
         return torch.tanh(self.out(torch.cat([x, glimpse.squeeze(1)], dim=-1)))  # (B, d)
