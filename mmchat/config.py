@@ -130,6 +130,8 @@ class TrainConfig:
     patience: int = _opt(6, min=0)
     max_tokens: int = _opt(256, min=8, max=65536)
     aux_weight: float = _opt(1.0, min=0.0)
+    transcript_weight: float = _opt(1.0, min=0.0)
+    augment: bool = _opt(True)
     seed: int = _opt(1337, min=0)
     threads: int = _opt(0, min=0, max=256)
 

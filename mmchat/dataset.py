@@ -51,6 +51,8 @@ class AttachmentRef:
     mime_type: str | None = None
     path: Path | None = None
     data: bytes | None = field(default=None, repr=False)
+    #: What the attachment says in words (a voice clip's transcript), if the data gives it.
+    text: str | None = None
 
     def read(self) -> bytes:
         """The media bytes (read from :attr:`path`, or the inline :attr:`data`)."""
@@ -208,10 +210,12 @@ def _dialogue(record: dict[str, Any], path: Path, lineno: int) -> Dialogue:
         for a in turn.get("attachments", ()):
             if "path" in a:
                 refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
-                                          path=_resolve(path.parent, a["path"])))
+                                          path=_resolve(path.parent, a["path"]),
+                                          text=a.get("text")))
             else:
                 refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
-                                          data=base64.b64decode(a["data"], validate=True)))
+                                          data=base64.b64decode(a["data"], validate=True),
+                                          text=a.get("text")))
         turns.append(Turn(turn["role"], turn["text"], tuple(refs), turn.get("answer"),
                           turn.get("category")))
     return Dialogue(record["id"], tuple(turns), record.get("split"), record.get("category"),

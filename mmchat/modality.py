@@ -76,6 +76,15 @@ class Modality(ABC):
             batch[i, ..., : f.shape[-1]] = f
         return batch, lengths
 
+    def augment(self, features: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+        """Return a randomly perturbed copy of one item's decoded features, for training.
+
+        Training calls this on every attachment of every batch, with a generator seeded
+        from the step (so runs stay reproducible and resumable); inference never does.
+        The default returns ``features`` unchanged.
+        """
+        return features
+
     def accepts(self, mime_type: str) -> bool:
         """Whether this modality takes ``mime_type`` (parameters such as ``; codecs=1`` ignored)."""
         return mime_type.split(";", 1)[0].strip().lower() in self.mime_types

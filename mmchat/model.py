@@ -38,6 +38,7 @@ class DialogueConfig:
     condition: bool = True  # FiLM-condition the memory on each turn's query
     modalities: list[str] = field(default_factory=list)  # order fixes the type ids
     answers: list[str] = field(default_factory=list)  # classes of the auxiliary answer head
+    transcripts: bool = False  # train a head that tells which words an attachment says
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +58,7 @@ class MediaBatch:
     lengths: torch.Tensor  # (A,)
     item: torch.Tensor  # (A,) which dialogue in the batch each attachment belongs to
     turn: torch.Tensor  # (A,) the turn that sent it
+    words: list[list[int]] | None = None  # each attachment's transcript ids ([] for none)
 
 
 class DialogueLM(nn.Module):
@@ -84,6 +86,7 @@ class DialogueLM(nn.Module):
         self.answer_head = nn.Sequential(
             nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
         ) if c.answers else None
+        self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
         self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
         self.apply(_init_weights)
@@ -170,6 +173,25 @@ class DialogueLM(nn.Module):
         summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
         return self.answer_head(torch.cat([summary, mem.query], dim=-1))
 
+    def transcript_loss(self, vectors: Sequence[torch.Tensor], words: Sequence[Sequence[int]]
+                        ) -> tuple[torch.Tensor, int]:
+        """Summed bag-of-words loss of the word head on attachments with a transcript.
+
+        Each attachment's vectors (N_i, d) are max-pooled and scored against every
+        vocabulary piece; the target is the transcript's pieces, equally weighted
+        (cross-entropy against that distribution). Returns (loss, items scored).
+        """
+        rows = [i for i, w in enumerate(words) if w]
+        if not rows or self.word_head is None:
+            return vectors[0].new_zeros(()), 0
+        pooled = torch.stack([vectors[i].max(dim=0).values for i in rows])  # (R, d)
+        logits = self.word_head(pooled)  # (R, V)
+        said = torch.zeros_like(logits)
+        for r, i in enumerate(rows):
+            said[r, torch.tensor(words[i], device=said.device)] = 1.0
+        said = said / said.sum(dim=-1, keepdim=True)  # (R, V), each row sums to 1
+        return -(said * F.log_softmax(logits, dim=-1)).sum(), len(rows)
+
     def context(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
         """Context (B, T, d) and the attention each memory vector received (B, T, N)."""
         return self.fusion(h, mem)
@@ -182,21 +204,27 @@ class DialogueLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, turns: torch.Tensor, prompt_end: torch.Tensor,
                 media: Sequence[MediaBatch] = (), targets: torch.Tensor | None = None,
-                answers: torch.Tensor | None = None, aux_weight: float = 0.0
+                answers: torch.Tensor | None = None, aux_weight: float = 0.0,
+                transcript_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced pass over whole dialogues.
 
         idx (B, T) token ids; turns (B, T) turn index of each position (-1 for padding);
         prompt_end (B, K) position of each turn's ``<bot>`` token (-1 where absent);
         targets (B, T) next-token ids, -1 where no loss is taken; answers (B, K) the
-        auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``.
+        auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``;
+        media transcripts (``MediaBatch.words``) train the word head, by ``transcript_weight``.
         """
         B, T = idx.shape
         bos = idx[0, 0]  # every dialogue starts with <s>
         entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
         entry_turns: list[list[int]] = [[] for _ in range(B)]
+        said_loss, n_said = self.null.new_zeros(()), 0
         for batch in media:
             vectors = self.encode(batch.modality, batch.x, batch.lengths)
+            if batch.words is not None and transcript_weight > 0:
+                part, n = self.transcript_loss(vectors, batch.words)
+                said_loss, n_said = said_loss + part, n_said + n
             for v, b, k in zip(vectors, batch.item.tolist(), batch.turn.tolist()):
                 entries[b].append((batch.modality, v))
                 entry_turns[b].append(k)
@@ -240,6 +268,8 @@ class DialogueLM(nn.Module):
                                    ignore_index=-1)
             if use_aux:
                 loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)
+            if n_said:
+                loss = loss + transcript_weight * said_loss / n_said
         return logits, loss
 
     def num_params(self) -> int:

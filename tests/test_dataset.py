@@ -184,7 +184,7 @@ def test_read_dataset_resolves_paths_and_base64(tmp_path):
     inline = record("d2")
     flac = base64.b64encode(b"fLaC").decode()
     inline["turns"][0]["attachments"] = [
-        {"modality": "voice", "mime_type": "audio/flac", "data": flac}]
+        {"modality": "voice", "mime_type": "audio/flac", "data": flac, "text": "hello"}]
     path = write(tmp_path, [record(), inline])
     first, second = read_dataset(path)
     ref = first.turns[0].attachments[0]
@@ -195,7 +195,9 @@ def test_read_dataset_resolves_paths_and_base64(tmp_path):
     assert first.turns[1].answer == "red" and first.turns[1].category == "colour"
     assert (first.id, first.split, first.category, first.line) == ("d1", "train", "colour", 1)
     assert first.meta["shapes"][0]["kind"] == "circle"
-    assert second.turns[0].attachments[0] == AttachmentRef("voice", "audio/flac", data=b"fLaC")
+    assert second.turns[0].attachments[0] == AttachmentRef("voice", "audio/flac", data=b"fLaC",
+                                                           text="hello")
+    assert ref.text is None
     assert second.turns[1].attachments == ()
 
 

@@ -56,6 +56,32 @@ def test_gradients_reach_the_modality_encoder(fusion):
     assert model.encoders["toy"].proj.weight.grad.abs().sum() > 0
 
 
+def test_transcripts_train_the_word_head_and_the_encoder():
+    torch.manual_seed(0)
+    cfg = DialogueConfig(vocab_size=40, n_layer=1, n_embd=16, n_hidden=24, d_model=16,
+                         dropout=0.0, modalities=["toy"], transcripts=True)
+    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
+    idx, turns, prompt_end, media, targets = batch()
+    media[0].words = [[7, 8, 9], [], [10]]  # the second clip has no transcript
+    vectors = model.encode("toy", media[0].x, media[0].lengths)
+    said, n = model.transcript_loss(vectors, media[0].words)
+    assert n == 2 and said.item() > 2 * 3.0  # about log(40) per clip before training
+    _, with_words = model(idx, turns, prompt_end, media, targets, transcript_weight=1.0)
+    _, without = model(idx, turns, prompt_end, media, targets)
+    assert with_words.item() == pytest.approx(without.item() + said.item() / 2, rel=1e-5)
+    with_words.backward()
+    assert model.word_head.weight.grad.abs().sum() > 0
+    assert model.encoders["toy"].proj.weight.grad.abs().sum() > 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss, _ = model.transcript_loss(model.encode("toy", media[0].x, media[0].lengths),
+                                        media[0].words)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < said.item() / 2
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("rnn", RNNS)
 def test_training_pass_equals_incremental_inference(fusion, rnn):

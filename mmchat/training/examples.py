@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Example:
-    """One dialogue, tokenised. ``media`` lists (modality, feature key, turn)."""
+    """One dialogue, tokenised. ``media`` lists (modality, feature key, turn);
+    ``words`` holds each media item's transcript token ids (empty without one)."""
 
     tokens: list[int]
     turns: list[int]  # turn index of each position
@@ -34,6 +35,7 @@ class Example:
     media: list[tuple[str, str, int]] = field(default_factory=list)
     category: str = ""
     answers: list[int] = field(default_factory=list)  # auxiliary answer class per turn, or -1
+    words: list[list[int]] = field(default_factory=list)  # transcript ids per media item
 
 
 def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256,
@@ -55,7 +57,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
         if 1 + len(prompt) + len(answer) > max_tokens:
             continue
         if current is None or len(current.tokens) + len(prompt) + len(answer) > max_tokens:
-            current = Example([tokenizer.bos_id], [0], [], [], [], category)
+            current = Example([tokenizer.bos_id], [0], [], [], [], category, [], [])
             examples.append(current)
         k = len(current.prompt_end)
         current.answers.append((answer_ids or {}).get(assistant.answer or "", -1))
@@ -69,6 +71,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
         current.targets += answer[1:] + [-1]
         for att in user.attachments:
             current.media.append((att.modality, feature_key(att.read()), k))
+            current.words.append(tokenizer.encode(att.text) if att.text else [])
     for e in examples:
         e.targets = [-1] + e.targets  # the <s> position predicts nothing
     return examples
@@ -132,7 +135,8 @@ class Batch:
         return Batch(self.idx.to(device), self.turns.to(device), self.prompt_end.to(device),
                      self.targets.to(device),
                      [MediaBatch(m.modality, m.x.to(device), m.lengths.to(device),
-                                 m.item.to(device), m.turn.to(device)) for m in self.media],
+                                 m.item.to(device), m.turn.to(device), m.words)
+                      for m in self.media],
                      None if self.answers is None else self.answers.to(device))
 
     @property
@@ -142,8 +146,13 @@ class Batch:
 
 def collate(examples: Sequence[Example], cache: FeatureCache,
             modalities: Mapping[str, Modality], pad_id: int,
-            drop: frozenset[str] = frozenset()) -> Batch:
-    """Pad examples into one batch; modalities named in ``drop`` are left out (ablations)."""
+            drop: frozenset[str] = frozenset(),
+            augment: torch.Generator | None = None) -> Batch:
+    """Pad examples into one batch; modalities named in ``drop`` are left out (ablations).
+
+    With an ``augment`` generator, each attachment's features pass through its
+    modality's :meth:`~mmchat.Modality.augment` (training batches only).
+    """
     from ..model import MediaBatch
 
     B = len(examples)
@@ -154,7 +163,7 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
     targets = torch.full((B, T), -1, dtype=torch.long)
     prompt_end = torch.full((B, K), -1, dtype=torch.long)
     answers = torch.full((B, K), -1, dtype=torch.long)
-    per_modality: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
+    per_modality: dict[str, list[tuple[torch.Tensor, int, int, list[int]]]] = {}
     for b, e in enumerate(examples):
         n = len(e.tokens)
         idx[b, :n] = torch.tensor(e.tokens)
@@ -162,14 +171,20 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
         targets[b, :n] = torch.tensor(e.targets)
         prompt_end[b, : len(e.prompt_end)] = torch.tensor(e.prompt_end)
         answers[b, : len(e.answers)] = torch.tensor(e.answers, dtype=torch.long)
-        for name, key, k in e.media:
+        words = e.words or [[] for _ in e.media]
+        for (name, key, k), said in zip(e.media, words):
             if name in drop or name not in modalities:
                 continue
-            per_modality.setdefault(name, []).append((cache.get(key), b, k))
+            features = cache.get(key)
+            if augment is not None:
+                features = modalities[name].augment(features, augment)
+            per_modality.setdefault(name, []).append((features, b, k, said))
     media = []
     for name in sorted(per_modality):
         items = per_modality[name]
-        x, lengths = modalities[name].collate([f for f, _, _ in items])
-        media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, _ in items]),
-                                torch.tensor([k for _, _, k in items])))
+        x, lengths = modalities[name].collate([f for f, _, _, _ in items])
+        said = [w for _, _, _, w in items]
+        media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, _, _ in items]),
+                                torch.tensor([k for _, _, k, _ in items]),
+                                said if any(said) else None))
     return Batch(idx, turns, prompt_end, targets, media, answers)

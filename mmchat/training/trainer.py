@@ -122,6 +122,8 @@ class Trainer:
         dcfg = dialogue_config(config, data.modalities, data.tokenizer.vocab_size)
         dcfg.modalities = sorted(data.modalities)
         dcfg.answers = list(data.answers) if t.aux_weight > 0 else []
+        dcfg.transcripts = t.transcript_weight > 0 and any(
+            any(e.words) for e in data.train)
         self.model = checkpoint.build_untrained(dcfg, data.modalities).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay)
@@ -159,9 +161,17 @@ class Trainer:
             out += perm[offset: offset + size - len(out)]
         return out[self.dist.rank:: self.dist.world]
 
-    def make_batch(self, examples: Sequence[Example]) -> Batch:
+    def make_batch(self, examples: Sequence[Example],
+                   augment: torch.Generator | None = None) -> Batch:
         return collate(examples, self.data.cache, self.data.modalities,
-                       self.data.tokenizer.pad_id).to(self.device)
+                       self.data.tokenizer.pad_id, augment=augment).to(self.device)
+
+    def augmenter(self, step: int) -> torch.Generator | None:
+        """The generator that perturbs batch ``step``'s media (``None`` with augment off)."""
+        if not self.config.train.augment:
+            return None
+        seed = self.config.train.seed * 1_000_033 + step * self.dist.world + self.dist.rank
+        return torch.Generator().manual_seed(seed)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -195,9 +205,11 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 batch = self.make_batch([self.data.train[i] for i in
-                                         self.batch_indices(self.step)])
+                                         self.batch_indices(self.step)],
+                                        self.augmenter(self.step))
                 _, loss = module(batch.idx, batch.turns, batch.prompt_end, batch.media,
-                                 batch.targets, batch.answers, t.aux_weight)
+                                 batch.targets, batch.answers, t.aux_weight,
+                                 t.transcript_weight)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip > 0:

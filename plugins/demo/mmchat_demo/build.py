@@ -203,7 +203,7 @@ class _Planner:
     def clip(self, text: str, voice: speech.Voice) -> dict[str, str]:
         path = f"media/{self.split}/voice/{speech.clip_name(text, voice)}"
         self.jobs[path] = ("speech", path, text, voice)
-        return _attachment("voice", "audio/flac", path=path)
+        return _attachment("voice", "audio/flac", path=path, text=text)
 
     # dialogues
 

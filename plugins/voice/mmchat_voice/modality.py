@@ -95,6 +95,41 @@ class VoiceModality(Modality):
 
         return VoiceEncoder(self.n_mels, d_model)
 
+    def augment(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Perturb log-mels ``(n_mels, T)`` so the encoder learns words, not voices.
+
+        A vocal-tract-length warp (mel axis stretched by 0.88-1.12), a tempo change
+        (time axis by 0.85-1.15), then SpecAugment: one band of up to 4 mel bins and
+        two spans of up to 8% of the frames set to the utterance mean (zero).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        def uniform(lo: float, hi: float) -> float:
+            return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+        def randint(hi: int) -> int:
+            return int(torch.randint(0, max(1, hi), (), generator=generator))
+
+        n_mels, T = features.shape
+        warp, tempo = uniform(0.88, 1.12), uniform(0.85, 1.15)
+        size = (max(2, round(n_mels * warp)), max(2, round(T * tempo)))
+        x = F.interpolate(features[None, None], size=size, mode="bilinear",
+                          align_corners=True)[0, 0]  # (n_mels * warp, T * tempo)
+        if x.shape[0] >= n_mels:
+            x = x[:n_mels]
+        else:  # the top bins repeat the highest one
+            x = torch.cat([x, x[-1:].expand(n_mels - x.shape[0], -1)])
+        x = x.clone()
+        width = randint(5)
+        start = randint(n_mels - width + 1)
+        x[start:start + width] = 0.0
+        for _ in range(2):
+            span = randint(int(0.08 * x.shape[1]) + 1)
+            start = randint(x.shape[1] - span + 1)
+            x[:, start:start + span] = 0.0
+        return x  # (n_mels, T')
+
     def read_samples(self, data: bytes, mime_type: str = "audio/wav") -> np.ndarray:
         """Mono float32 samples at 16 kHz, with every limit and integrity check applied."""
         import librosa

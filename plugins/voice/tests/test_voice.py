@@ -276,3 +276,27 @@ def test_registered_through_entry_point(hello):
     assert host.plugin_version("voice") == mmchat_voice.__version__
     assert modality.accepts("audio/x-wav") and modality.accepts("AUDIO/FLAC")
     assert modality.decode(hello, "audio/wav").shape[0] == 64
+
+
+def test_augment_keeps_mel_bins_and_is_seeded(voice, hello):
+    features = voice.decode(hello, "audio/wav")  # (n_mels, T)
+    a = voice.augment(features, torch.Generator().manual_seed(7))
+    b = voice.augment(features, torch.Generator().manual_seed(7))
+    c = voice.augment(features, torch.Generator().manual_seed(8))
+    assert a.shape[0] == features.shape[0] == voice.n_mels
+    assert 0.8 * features.shape[1] <= a.shape[1] <= 1.2 * features.shape[1]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.isfinite(a).all()
+    # the words survive: the perturbed clip still lines up with the original
+    x = torch.nn.functional.interpolate(a[None, None], size=features.shape)[0, 0]
+    assert torch.corrcoef(torch.stack([x.flatten(), features.flatten()]))[0, 1] > 0.5
+    # the clip the test decoded is not modified in place
+    assert torch.equal(features, voice.decode(hello, "audio/wav"))
+
+
+def test_augmented_clip_still_encodes(voice, hello):
+    features = voice.augment(voice.decode(hello, "audio/wav"), torch.Generator().manual_seed(0))
+    x, lengths = voice.collate([features])
+    vectors, mask = voice.build_encoder(16)(x, lengths)
+    assert vectors.shape[0] == 1 and mask.all()
