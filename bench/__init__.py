@@ -34,17 +34,18 @@ def load_plugins(config):
     return PluginHost.from_config(config)
 
 
-def default_model(config, modalities):
-    """``(model, tokenizer, source)``: the configured checkpoint when there is one, else an
-    untrained model with the ``[model]`` sizes and ``vocab_size`` (the tokenizer is
-    trained on made-up words so it really has that many pieces)."""
+def default_model(config, modalities, *, checkpoint_first: bool = True):
+    """``(model, tokenizer, source)``: the configured checkpoint when there is one (and
+    ``checkpoint_first``), else an untrained model with the ``[model]`` sizes and
+    ``vocab_size`` (the tokenizer is trained on made-up words so it really has that many
+    pieces)."""
     import torch
 
     from mmchat import checkpoint
     from mmchat.loading import dialogue_config
 
     m = config.model
-    if m.checkpoint and config.resolve(m.checkpoint).exists():
+    if checkpoint_first and m.checkpoint and config.resolve(m.checkpoint).exists():
         path = config.resolve(m.checkpoint)
         model, tokenizer, _ = checkpoint.load(path, modalities)
         return model.eval(), tokenizer, str(path)

@@ -130,16 +130,28 @@ def agreement(model, tokenizer, memory, reference: list[int], precision: str
 
 
 def run(quick: bool = False, threads: int = 1) -> str:
+    """Time the ``[model]`` default size (untrained: speed does not depend on the
+    weights), then the configured checkpoint when there is one."""
+    torch.set_num_threads(threads)
+    config = load_config()
+    modalities = load_plugins(config).modalities
+    parts = [run_model(*default_model(config, modalities, checkpoint_first=False),
+                       modalities, quick, threads, "## Decode, batch 1")]
+    model, tokenizer, source = default_model(config, modalities)
+    if source != "untrained":
+        parts.append(run_model(model, tokenizer, source, modalities, quick, threads,
+                               "### The same on the configured checkpoint"))
+    return "\n".join(parts)
+
+
+def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: int,
+              title: str) -> str:
     from mmchat.fastpath import FastDecoder
     from mmchat.generate import GenerationParams
     from mmchat.loading import quantize
     from mmchat.runtime import ReferenceDecoder, start_turn
 
-    torch.set_num_threads(threads)
-    config = load_config()
     notes = machine_notes(threads)
-    modalities = load_plugins(config).modalities
-    model, tokenizer, source = default_model(config, modalities)
     memory = bench_memory(model, modalities)
     qmodel = quantize(model)
     n_tokens, rounds = (32, 3) if quick else (128, 7)
@@ -186,7 +198,7 @@ def run(quick: bool = False, threads: int = 1) -> str:
     n_memory = start_turn(model, tokenizer, fresh_state(model, tokenizer), memory, PROMPT,
                           GenerationParams()).memory_size
     out = [
-        "## Decode, batch 1",
+        title,
         "",
         f"Command: `python -m bench {'--quick ' if quick else ''}decode`" if threads == 1 else
         f"Command: `python -m bench.bench_decode {'--quick ' if quick else ''}--threads {threads}`",
