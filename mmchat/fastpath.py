@@ -17,9 +17,6 @@ the weights out once and runs the same function as a short list of ATen calls:
 ``"fp16"`` stores the RNN, combine and output matrices in half precision (fbgemm
 converts them on the fly; 2x less weight traffic); ``"int8"`` runs them as
 dynamically quantized int8 matmuls (fbgemm, per-channel weight scales; 4x less).
-Activations are quantized per call over the full 8 bits (``reduce_range=False``): on
-the bundled model the 7-bit range moved exact-answer accuracy by 0.65 points and
-the full range by 0.16 (``python -m bench precision``).
 Both give logits close to the reference, and greedy replies that may differ. A
 model loaded with ``model.quantize = "dynamic-int8"`` is served in int8
 (:func:`build_decoder`).
@@ -193,7 +190,7 @@ def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[t
             ) -> torch.Tensor:
     """Matmul ``i`` of the step: x (B, K) -> (B, N); precision indexes PRECISIONS."""
     if precision == 2:
-        return torch.ops.quantized.linear_dynamic(x, packed[i], False)  # 8-bit activations
+        return torch.ops.quantized.linear_dynamic(x, packed[i], True)
     if precision == 1:
         return torch.ops.quantized.linear_dynamic_fp16(x, packed[i])
     return torch.addmm(biases[i], x, weights[i])
