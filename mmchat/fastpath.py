@@ -5,13 +5,19 @@ the fusion module and two ``nn.Linear`` per token. At batch 1 that is dominated 
 overhead: module calls and oneDNN's per-call RNN set-up. :class:`FastDecoder` pulls
 the weights out once and runs the same function as a short list of ATen calls:
 
-* LSTM: one matmul per layer over ``[x; h]`` with the input and hidden weights
+* The first layer's input projection is looked up, not multiplied: the embedding
+  table times the layer's input weights (plus its biases) is computed once, ``(V, G)``
+  for ``G`` gate rows, so a token costs one row read. It is exact, and in int8 it
+  keeps the embedding out of the quantized matmuls.
+* LSTM: one matmul per later layer over ``[x; h]`` with the input and hidden weights
   joined and the gates reordered to ``i, f, o, g`` (one sigmoid, one tanh);
   GRU: two matmuls per layer, as the reset gate needs them apart.
 * The new RNN state is written in place into one ``(S, L, B, H)`` tensor.
 * ``attention`` re-attends every step with the score scale folded into the query
-  projection; ``concat`` and ``weighted`` have a context that is constant over the
-  turn, so its share of the ``combine`` layer is computed once per turn.
+  projection; ``combine``'s context half is applied to the memory once per turn
+  (``W ctx = sum_n w_n (W m_n)``), so a step mixes precomputed rows in float32.
+  ``concat`` and ``weighted`` have a context that is constant over the turn, so its
+  share of the ``combine`` layer is computed once per turn.
 
 ``precision="fp32"`` computes the reference function (logits equal to rounding).
 ``"fp16"`` stores the RNN, combine and output matrices in half precision (fbgemm
@@ -54,6 +60,7 @@ class FastMemory:
 
     values: torch.Tensor | None = None  # (B, N, d) attention: the conditioned memory
     hidden: torch.Tensor | None = None  # (B, N) attention: True where a slot is not visible
+    projected: torch.Tensor | None = None  # (B, N, H) attention: combine's context half per slot
     bias: torch.Tensor | None = None  # (B, H) pooled fusions: combine's bias plus the context
     weights: torch.Tensor | None = None  # (B, N) pooled fusions: the mass each vector gets
 
@@ -61,8 +68,8 @@ class FastMemory:
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
-        return FastMemory(apply(self.values), apply(self.hidden), apply(self.bias),
-                          apply(self.weights))
+        return FastMemory(apply(self.values), apply(self.hidden), apply(self.projected),
+                          apply(self.bias), apply(self.weights))
 
 
 class FastDecoder:
@@ -88,24 +95,33 @@ class FastDecoder:
         H = c.n_hidden
         rnn = float_params(model.rnn)
         # Every matmul of the step, in the order _step indexes them: the RNN layers
-        # (LSTM: one per layer on [x; h]; GRU: input then hidden), combine, the head.
+        # (LSTM: layer 0 on h, later layers on [x; h]; GRU: layer 0 hidden, later layers
+        # input then hidden), combine, the head.
         linears: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            self.embedding = model.tok_emb.weight.detach().clone()  # (V, E)
+            embedding = model.tok_emb.weight.detach()  # (V, E)
+            order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
+                               torch.arange(2 * H, 3 * H)])  # LSTM gates i, f, g, o -> i, f, o, g
             for k in range(c.n_layer):
                 w_ih, w_hh = rnn[f"weight_ih_l{k}"], rnn[f"weight_hh_l{k}"]
                 b_ih, b_hh = rnn[f"bias_ih_l{k}"], rnn[f"bias_hh_l{k}"]
-                if self.lstm:
-                    order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
-                                       torch.arange(2 * H, 3 * H)])  # i, f, g, o -> i, f, o, g
-                    joined = torch.cat([w_ih, w_hh], dim=1)[order]  # (4H, E + H) acts on [x; h]
+                if self.lstm and k == 0:
+                    self.table = torch.addmm((b_ih + b_hh)[order], embedding,
+                                             w_ih[order].t())  # (V, 4H)
+                    linears.append((w_hh[order], torch.zeros(4 * H)))
+                elif self.lstm:
+                    joined = torch.cat([w_ih, w_hh], dim=1)[order]  # (4H, 2H) acts on [x; h]
                     linears.append((joined, (b_ih + b_hh)[order]))
+                elif k == 0:
+                    self.table = torch.addmm(b_ih, embedding, w_ih.t())  # (V, 3H): r, z, n
+                    linears.append((w_hh, b_hh))
                 else:
-                    linears += [(w_ih, b_ih), (w_hh, b_hh)]  # (3H, E), (3H, H): r, z, n
+                    linears += [(w_ih, b_ih), (w_hh, b_hh)]  # (3H, H) each: r, z, n
             combine, head = float_params(model.combine), float_params(model.lm_head)
             w_c, b_c = combine["weight"], combine["bias"]  # (H, H + d), (H,)
             if self.attention:
-                linears.append((w_c, b_c))
+                linears.append((w_c[:, :H], b_c))  # the context half is applied per turn
+                self.combine_ctx = w_c[:, H:].t().contiguous()  # (d, H)
                 # the score scale is folded into the query projection: (H, d)
                 w_q = float_params(model.fusion.w)["weight"]
                 self.query = (w_q * model.fusion.scale).t().contiguous()
@@ -157,7 +173,9 @@ class FastDecoder:
     def prepare(self, mem: TurnMemory, weights: torch.Tensor) -> FastMemory:
         """Per-turn constants from a batch-1 memory and the prompt step's weights (1, N)."""
         if self.attention:
-            return FastMemory(values=mem.values.contiguous(), hidden=~mem.mask)
+            values = mem.values.contiguous()  # (1, N, d)
+            return FastMemory(values=values, hidden=~mem.mask,
+                              projected=torch.matmul(values, self.combine_ctx))  # (1, N, H)
         h = mem.values.new_zeros(1, 1, self.model.config.n_hidden)  # unused by pooled fusions
         ctx, _ = self.model.context(h, mem)  # (1, 1, d), the same at every step
         bias = torch.addmm(self.combine_bias, ctx[:, 0], self.combine_ctx)  # (1, H)
@@ -168,7 +186,8 @@ class FastDecoder:
             return mems[0]
         if self.attention:
             return FastMemory(values=pad_rows([m.values for m in mems]),
-                              hidden=pad_rows([m.hidden for m in mems], True))
+                              hidden=pad_rows([m.hidden for m in mems], True),
+                              projected=pad_rows([m.projected for m in mems]))
         return FastMemory(bias=torch.cat([m.bias for m in mems]),
                           weights=pad_rows([m.weights for m in mems]))
 
@@ -180,9 +199,9 @@ class FastDecoder:
 
     def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: FastMemory
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._step(tokens, state, mem.values, mem.hidden, mem.bias, mem.weights,
-                          self.embedding, self.query, self.weights, self.biases, self.packed,
-                          PRECISIONS.index(self.precision), self.lstm)
+        return self._step(tokens, state, mem.values, mem.hidden, mem.projected, mem.bias,
+                          mem.weights, self.table, self.query, self.weights, self.biases,
+                          self.packed, PRECISIONS.index(self.precision), self.lstm)
 
 
 def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[torch.Tensor],
@@ -197,8 +216,9 @@ def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[t
 
 
 def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
-          hidden: torch.Tensor | None, bias: torch.Tensor | None,
-          const_weights: torch.Tensor | None, embedding: torch.Tensor, query: torch.Tensor,
+          hidden: torch.Tensor | None, projected: torch.Tensor | None,
+          bias: torch.Tensor | None, const_weights: torch.Tensor | None,
+          table: torch.Tensor, query: torch.Tensor,
           weights: list[torch.Tensor], biases: list[torch.Tensor],
           packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
           lstm: bool
@@ -206,31 +226,36 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
     """One token per row through the RNN, the fusion, combine and the head (TorchScript)."""
     H = state.shape[-1]
     n_layer = state.shape[1]
-    x = embedding.index_select(0, tokens)  # (B, E)
+    x = table.index_select(0, tokens)  # (B, G): layer 0's input projection
     new = torch.empty_like(state)  # (S, L, B, H), written in place layer by layer
     for k in range(n_layer):
         h = state[0, k]  # (B, H)
         if lstm:
-            xh = torch.cat([x, h], dim=1)  # (B, E + H)
-            gates = _linear(xh, k, weights, biases, packed, precision)  # (B, 4H)
+            if k == 0:
+                gates = _linear(h, 0, weights, biases, packed, precision).add_(x)  # (B, 4H)
+            else:
+                xh = torch.cat([x, h], dim=1)  # (B, 2H)
+                gates = _linear(xh, k, weights, biases, packed, precision)  # (B, 4H)
             ifo = torch.sigmoid(gates[:, : 3 * H])  # input, forget, output gates
             c = torch.addcmul(ifo[:, H: 2 * H] * state[1, k], ifo[:, :H],
                               torch.tanh(gates[:, 3 * H:]), out=new[1, k])
             x = torch.mul(ifo[:, 2 * H:], torch.tanh(c), out=new[0, k])  # (B, H)
         else:
-            gi = _linear(x, 2 * k, weights, biases, packed, precision)  # (B, 3H): r, z, n
-            gh = _linear(h, 2 * k + 1, weights, biases, packed, precision)
+            if k == 0:
+                gi, gh = x, _linear(h, 0, weights, biases, packed, precision)  # (B, 3H): r, z, n
+            else:
+                gi = _linear(x, 2 * k - 1, weights, biases, packed, precision)  # (B, 3H)
+                gh = _linear(h, 2 * k, weights, biases, packed, precision)
             rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # reset, update gates
             n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
             x = torch.lerp(n, h, rz[:, H:], out=new[0, k])  # (1 - z) * n + z * h
-    combine = n_layer if lstm else 2 * n_layer
-    if values is not None and hidden is not None:  # attention over the memory
+    combine = n_layer if lstm else 2 * n_layer - 1
+    if values is not None and hidden is not None and projected is not None:  # attention
         q = torch.mm(x, query)  # (B, d), scaled
         scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
         w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
-        ctx = torch.bmm(w.unsqueeze(1), values).squeeze(1)  # (B, d)
-        y = torch.tanh(_linear(torch.cat([x, ctx], dim=1), combine, weights, biases, packed,
-                               precision))  # (B, H)
+        ctx = torch.bmm(w.unsqueeze(1), projected).squeeze(1)  # (B, H): W_ctx times the context
+        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(ctx))
     else:  # a context constant over the turn, already folded into a bias
         assert bias is not None and const_weights is not None
         w = const_weights
