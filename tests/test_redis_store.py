@@ -684,6 +684,37 @@ async def test_lock_is_renewed_in_the_background(redis_server, caplog):
         await store.close()
 
 
+@needs_redis
+async def test_renewal_stops_even_if_the_driver_drops_its_cancellation(redis_server,
+                                                                      monkeypatch):
+    """Python 3.11's asyncio.wait_for, which redis-py writes through, returns normally
+    when a cancellation lands as its write completes. Leaving the lock used to wait for
+    the renewer forever then (and the renewer kept the lock)."""
+    from mmchat.stores.redis import RedisLock
+
+    in_flight = asyncio.Event()
+
+    async def renew_dropping_cancellation(lock) -> bool:
+        in_flight.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass  # as the driver may
+        return True
+
+    monkeypatch.setattr(RedisLock, "renew", renew_dropping_cancellation)
+    store = _redis_store(redis_server.url, "drop", lock_lease=0.03)
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(3):
+                in_flight.clear()
+                async with store.lock(SID):
+                    await in_flight.wait()
+        assert await store.client.get(store.keys(SID).lock) is None
+    finally:
+        await store.close()
+
+
 # Redis only: outages.
 
 UNAVAILABLE_CALLS: dict[str, Callable[[SessionStore], Awaitable[Any]]] = {

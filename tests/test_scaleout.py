@@ -26,6 +26,10 @@ from mmchat.config import Config
 
 pytestmark = needs_redis
 
+#: Seconds a test that runs ``mmchat serve`` subprocesses may take before it fails (below
+#: pytest-timeout's limit, so the failure names the line that was waiting).
+SUBPROCESS_TEST_S = 240
+
 
 def node_config(url: str, prefix: str, **sections) -> Config:
     sessions = {"backend": "redis", "url": url, "prefix": prefix, "lock_lease_seconds": 1.0,
@@ -151,7 +155,8 @@ async def test_a_reply_resumes_on_another_node_when_its_node_is_killed(
         redis_url, prefix, tmp_path):
     env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="4096")
     config = node_config(redis_url, prefix, server={"resume_idle_seconds": 1.0})
-    async with running_server(config) as b, node_process(env, tmp_path) as (proc, url_a):
+    async with (asyncio.timeout(SUBPROCESS_TEST_S), running_server(config) as b,
+                node_process(env, tmp_path) as (proc, url_a)):
         client = await Client.connect(url_a)
         first = await client.reply("hello", timeout=60)
         reply = await client.send("tell me a long story")
@@ -183,7 +188,7 @@ async def test_a_reply_resumes_on_another_node_when_its_node_is_killed(
 
 async def test_sigterm_drains_a_node_then_closes_with_1001(redis_url, prefix, tmp_path):
     env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="300")
-    async with node_process(env, tmp_path) as (proc, url):
+    async with asyncio.timeout(SUBPROCESS_TEST_S), node_process(env, tmp_path) as (proc, url):
         client = await Client.connect(url)
         reply = await client.send("hello")
         await reply.__anext__()

@@ -495,6 +495,7 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
         self.session_id = session_id
         self.token = secrets.token_hex(16)
         self._renewer: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     @property
     def _lease_ms(self) -> int:
@@ -532,7 +533,11 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
     async def _renew_forever(self) -> None:
         interval = self._store.lock_lease / 3
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
             try:
                 if not await self.renew():
                     log.warning("lost the lock of session %r: its lease ran out while a "
@@ -541,17 +546,36 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
             except StoreUnavailable as exc:
                 log.warning("could not renew the lock of session %r: %s", self.session_id, exc)
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
+    def start_renewal(self) -> None:
+        """Renew the lease in the background until :meth:`stop_renewal`."""
+        self._stop = asyncio.Event()
         self._renewer = asyncio.create_task(self._renew_forever(),
                                             name=f"mmchat-lock-renewal:{self.session_id}")
 
+    async def stop_renewal(self) -> None:
+        """Stop renewing, and wait until no renewal is in flight.
+
+        The event ends the loop; cancelling only cuts short a renewal in flight. A
+        cancellation alone is not enough: Python 3.11's ``asyncio.wait_for`` (which
+        redis-py writes through) drops one that lands as its write completes, and the
+        lock was then renewed forever while this waited.
+        """
+        renewer, self._renewer = self._renewer, None
+        if renewer is None:
+            return
+        self._stop.set()
+        renewer.cancel()
+        await asyncio.wait([renewer])
+        if not renewer.cancelled() and renewer.exception() is not None:
+            log.warning("renewing the lock of session %r failed: %r", self.session_id,
+                        renewer.exception())
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+        self.start_renewal()
+
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await self.stop_renewal()
         try:
             if not await self.release():
                 log.warning("the lock of session %r had already passed to someone else "
