@@ -92,5 +92,11 @@ class SessionBusy(MMChatError):
     code = "session_busy"
 
 
+class DuplicateMessage(MMChatError):
+    """A client message id was already taken in its session, so it is not processed again."""
+
+    code = "duplicate_message"
+
+
 class Cancelled(MMChatError):
     code = "cancelled"

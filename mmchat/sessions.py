@@ -14,6 +14,10 @@ Around them a store keeps what a scaled-out server needs:
   missed and follow a reply that is still being generated;
 * the ids of client messages already taken, so a retried message is not processed twice.
 
+A turn holds its session through a :class:`SessionTurn` (:meth:`SessionStore.turn`):
+taking it locks the session and reads what the turn needs, ending it saves the turn,
+appends the reply's last events and unlocks. A store can do each in one round trip.
+
 Nothing here is pickled: stores hold plain bytes and JSON.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import re
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +34,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SessionBusy
+from .errors import DuplicateMessage, SessionBusy, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 #: Kinds of :class:`StreamEntry`; ``done`` ends a reply.
 STREAM_KINDS = ("started", "delta", "done")
@@ -90,6 +97,88 @@ def check_stream_entries(entries: Sequence[StreamEntry], after_seq: int = 0) -> 
         last = entry.seq
 
 
+@dataclass(frozen=True)
+class TurnWrite:
+    """What a turn saves: the arguments of :meth:`SessionStore.save_turn`."""
+
+    state: bytes
+    memory_added: list[bytes]
+    turns: list[dict[str, Any]]
+    max_memory: int
+
+
+class SessionTurn:
+    """One session held for one turn: its lock is taken and what the turn reads is loaded.
+
+    ``state`` is the serialised RNN state (``None`` for a new session), ``memory`` the
+    serialised memory bank and ``tail`` the newest reply event (``None`` if there is none).
+    :meth:`save` stages the turn's write; :meth:`end` sends it together with the reply's
+    last events and releases the lock. Stores subclass this and implement :meth:`_finish`.
+    """
+
+    def __init__(self, session_id: str, *, state: bytes | None = None,
+                 memory: Sequence[bytes] = (), tail: StreamEntry | None = None) -> None:
+        self.session_id = session_id
+        self.state = state
+        self.memory = list(memory)
+        self.tail = tail
+        self.ended = False
+        self._write: TurnWrite | None = None
+
+    def save(self, *, state: bytes, memory_added: Sequence[bytes],
+             turns: Sequence[dict[str, Any]], max_memory: int) -> None:
+        """Stage the turn's write, as :meth:`SessionStore.save_turn` takes it; :meth:`end`
+        sends it. A second call replaces the first."""
+        if max_memory < 0:
+            raise ValueError("max_memory must not be negative")
+        if self.ended:
+            raise RuntimeError(f"the turn of session {self.session_id!r} has ended")
+        self._write = TurnWrite(bytes(state), [bytes(m) for m in memory_added],
+                                [dict(t) for t in turns], max_memory)
+
+    async def end(self, entries: Sequence[StreamEntry] = ()) -> None:
+        """Send the staged write, append ``entries`` to the reply stream and release the
+        lock. Only the first call does anything (a later one with entries is an error).
+
+        The write is not retried if the store fails: the turn is then lost, never
+        stored twice.
+        """
+        if self.ended:
+            if entries:
+                raise RuntimeError(f"the turn of session {self.session_id!r} has ended")
+            return
+        check_stream_entries(entries)
+        self.ended = True
+        write, self._write = self._write, None
+        await self._finish(write, list(entries))
+
+    async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
+        """Store the write (if any) and the entries (if any), then release the lock."""
+        raise NotImplementedError
+
+
+class _LockedTurn(SessionTurn):
+    """:meth:`SessionStore.begin_turn`'s default: a turn made of the store's other calls."""
+
+    def __init__(self, store: SessionStore, held: contextlib.AsyncExitStack, session_id: str,
+                 data: SessionData | None, tail: StreamEntry | None) -> None:
+        super().__init__(session_id, state=data.state if data else None,
+                         memory=data.memory if data else (), tail=tail)
+        self._store = store
+        self._held = held
+
+    async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
+        try:
+            if write is not None:
+                await self._store.save_turn(
+                    self.session_id, state=write.state, memory_added=write.memory_added,
+                    turns=write.turns, max_memory=write.max_memory)
+            if entries:
+                await self._store.append_stream(self.session_id, entries)
+        finally:
+            await self._held.aclose()
+
+
 class SessionStore(ABC):
     """Async storage for sessions. Implementations must be safe to share between tasks.
 
@@ -118,6 +207,52 @@ class SessionStore(ABC):
         Raises :class:`mmchat.errors.SessionBusy` when the lock stays taken for longer
         than the store's wait limit. Not re-entrant.
         """
+
+    async def begin_turn(self, session_id: str, *,
+                         message_id: str | None = None) -> SessionTurn:
+        """Take the session's lock (waiting as :meth:`lock` does) and load what a turn
+        reads: state, memory and the stream's tail. The caller must ``await end()`` the
+        returned turn; :meth:`turn` does that for you.
+
+        With ``message_id``, first claim it as :meth:`claim_message` does, and raise
+        :class:`mmchat.errors.DuplicateMessage` (without locking) if it was taken.
+        The claim stays when the lock cannot be had (:class:`SessionBusy`).
+
+        This default is made of :meth:`claim_message`, :meth:`lock`, :meth:`load` and
+        :meth:`stream_tail`, and its turn ends with :meth:`save_turn` and
+        :meth:`append_stream`; a store can do each end in one round trip instead.
+        """
+        if message_id is not None and not await self.claim_message(session_id, message_id):
+            raise DuplicateMessage(f"message {message_id!r} was already taken in this "
+                                   "session; resume to replay its reply")
+        held = contextlib.AsyncExitStack()
+        await held.enter_async_context(self.lock(session_id))
+        try:
+            data = await self.load(session_id)
+            tail = await self.stream_tail(session_id)
+        except BaseException:
+            await held.aclose()
+            raise
+        return _LockedTurn(self, held, session_id, data, tail)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str, *,
+                   message_id: str | None = None) -> AsyncIterator[SessionTurn]:
+        """:meth:`begin_turn` as a context manager that ends the turn on exit.
+
+        Leaving by an exception still sends what was staged, but an unreachable store
+        is then logged instead of hiding the exception.
+        """
+        held = await self.begin_turn(session_id, message_id=message_id)
+        try:
+            yield held
+        except BaseException:
+            try:
+                await held.end()
+            except StoreUnavailable as exc:
+                log.warning("could not end the turn of session %r: %s", session_id, exc)
+            raise
+        await held.end()
 
     async def ping(self) -> None:
         """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot be reached."""

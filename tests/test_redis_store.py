@@ -27,8 +27,14 @@ from typing import Any
 import pytest
 
 from mmchat.config import SessionsConfig
-from mmchat.errors import ConfigError, SessionBusy, StateError, StoreUnavailable
-from mmchat.sessions import MemoryStore, SessionData, SessionStore, StreamEntry
+from mmchat.errors import (
+    ConfigError,
+    DuplicateMessage,
+    SessionBusy,
+    StateError,
+    StoreUnavailable,
+)
+from mmchat.sessions import MemoryStore, SessionData, SessionStore, SessionTurn, StreamEntry
 from mmchat.stores import open_store
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -426,12 +432,22 @@ async def test_follow_gives_up_on_a_stalled_reply(harness):
             pass
 
 
-async def test_lock_serialises_turns_across_stores(harness):
+@pytest.mark.parametrize("via", ["lock", "turn"])
+async def test_lock_serialises_turns_across_stores(harness, via):
     stores = {"a": harness.store, "b": harness.twin()}
     events: list[tuple[str, str, int]] = []
 
     async def turn(who: str, i: int) -> None:
         store = stores[who]
+        if via == "turn":
+            async with store.turn(SID) as held:
+                events.append(("enter", who, i))
+                n = int(held.state or b"-1") + 1
+                await asyncio.sleep(0)
+                held.save(state=str(n).encode(), memory_added=[],
+                          turns=[{"n": n, "who": who}], max_memory=1)
+                events.append(("exit", who, i))
+            return
         async with store.lock(SID):
             events.append(("enter", who, i))
             data = await store.load(SID)
@@ -473,6 +489,124 @@ async def test_lock_is_released_when_the_turn_fails(harness):
         pass
 
 
+# The turn: lock and load on the way in, save, append and unlock on the way out.
+
+def _save(held: SessionTurn, n: int, memory: tuple[bytes, ...] = ()) -> None:
+    held.save(state=f"state-{n}".encode(), memory_added=list(memory),
+              turns=[{"role": "user", "text": f"q{n}"}], max_memory=3)
+
+
+async def test_a_turn_reads_then_writes_and_unlocks(harness):
+    store = harness.twin(lock_wait=0.05)
+    await _turn(store, memory=(b"m0", b"m1"))
+    await store.append_stream(SID, _entries(1, 2, done=True))
+    async with store.turn(SID, message_id="m-1") as held:
+        assert (held.session_id, held.state, held.memory) == (SID, b"state-0", [b"m0", b"m1"])
+        assert held.tail == _entries(1, 2, done=True)[-1]
+        with pytest.raises(SessionBusy):
+            await store.begin_turn(SID)
+        _save(held, 1, (b"m2", b"m3"))
+        assert (await store.load(SID)).state == b"state-0"  # staged, not sent yet
+        await held.end(_entries(3, 2, "r-2", done=True))
+        assert held.ended
+        assert (await store.load(SID)).state == b"state-1"
+        async with store.turn(SID) as again:  # unlocked by end(), before the exit
+            assert again.tail.seq == 4
+    data = await store.load(SID)
+    assert (data.state, data.memory) == (b"state-1", [b"m1", b"m2", b"m3"])
+    assert [t["text"] for t in data.history] == ["q0", "a0", "q1"]
+    assert [e.seq for e in await store.read_stream(SID)] == [1, 2, 3, 4]
+    assert not await store.claim_message(SID, "m-1")
+
+
+async def test_a_new_session_has_nothing_to_read(harness):
+    async with harness.store.turn("fresh") as held:
+        assert (held.state, held.memory, held.tail) == (None, [], None)
+    assert await harness.store.load("fresh") is None
+
+
+async def test_a_taken_message_id_is_refused_without_locking(harness):
+    store = harness.twin(lock_wait=0.05)
+    assert await store.claim_message(SID, "m-1")
+    with pytest.raises(DuplicateMessage) as caught:
+        await store.begin_turn(SID, message_id="m-1")
+    assert caught.value.code == "duplicate_message"
+    async with store.turn(SID):  # not locked
+        # A busy session refuses a taken id at once too, and claims a new one anyway.
+        with pytest.raises(DuplicateMessage):
+            await store.begin_turn(SID, message_id="m-1")
+        with pytest.raises(SessionBusy):
+            await store.begin_turn(SID, message_id="m-2")
+    assert not await store.claim_message(SID, "m-2")
+
+
+async def test_leaving_a_turn_by_an_exception_unlocks_and_sends_what_was_staged(harness):
+    store = harness.twin(lock_wait=0.05)
+    with pytest.raises(RuntimeError):
+        async with store.turn(SID):
+            raise RuntimeError("before the write")
+    assert await store.load(SID) is None
+    with pytest.raises(RuntimeError):
+        async with store.turn(SID) as held:
+            _save(held, 1)
+            raise RuntimeError("after the write")
+    assert (await store.load(SID)).state == b"state-1"
+    async with store.turn(SID):
+        pass
+
+
+async def test_a_turn_ends_once(harness):
+    store = harness.store
+    held = await store.begin_turn(SID)
+    with pytest.raises(ValueError):
+        held.save(state=b"", memory_added=[], turns=[], max_memory=-1)
+    with pytest.raises(ValueError):  # seqs must rise; the turn stays open
+        await held.end([StreamEntry(2, "r", "delta"), StreamEntry(1, "r", "delta")])
+    _save(held, 1)
+    await held.end()
+    await held.end()
+    with pytest.raises(RuntimeError):
+        await held.end(_entries(1, 1))
+    with pytest.raises(RuntimeError):
+        _save(held, 2)
+    assert (await store.load(SID)).state == b"state-1"
+    assert await store.read_stream(SID) == []
+
+
+class _MinimalStore(SessionStore):
+    """A third-party store with only the abstract methods (over a MemoryStore)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.calls: list[str] = []
+
+    async def load(self, session_id):
+        self.calls.append("load")
+        return await self.inner.load(session_id)
+
+    async def save_turn(self, session_id, **write):
+        self.calls.append("save_turn")
+        await self.inner.save_turn(session_id, **write)
+
+    async def delete(self, session_id):
+        await self.inner.delete(session_id)
+
+    def lock(self, session_id):
+        self.calls.append("lock")
+        return self.inner.lock(session_id)
+
+
+async def test_a_minimal_store_gets_turns_from_its_own_methods():
+    store = _MinimalStore()
+    for n in range(2):
+        async with store.turn(SID, message_id="same") as held:  # no dedup: no claims
+            assert held.tail is None
+            _save(held, n)
+            await held.end(_entries(1, 1))  # no stream: nothing kept
+    assert (await store.load(SID)).state == b"state-1"
+    assert store.calls == ["lock", "load", "save_turn"] * 2 + ["load"]
+
+
 # Redis only: TTLs, layout, encoding, round trips.
 
 DATA_KEYS = ("state", "memory", "history", "meta", "stream", "msgids")
@@ -495,7 +629,7 @@ async def test_every_key_gets_the_ttl(redis_store):
 
 
 @needs_redis
-@pytest.mark.parametrize("refresh", ["load", "save_turn", "claim_session"])
+@pytest.mark.parametrize("refresh", ["load", "save_turn", "claim_session", "turn"])
 async def test_ttl_slides(redis_store, refresh):
     store = redis_store
     await store.claim_session(SID, "alice")
@@ -509,6 +643,9 @@ async def test_ttl_slides(redis_store, refresh):
         await store.load(SID)
     elif refresh == "save_turn":
         await _turn(store, n=1)
+    elif refresh == "turn":
+        async with store.turn(SID, message_id="m-2"):
+            pass
     else:
         await store.claim_session(SID, "bob")
     pttls = await _pttls(store)
@@ -584,16 +721,36 @@ async def test_corrupt_history_is_a_state_error(redis_store):
         await redis_store.load(SID)
 
 
+def command_names(packed: Any) -> list[str]:
+    """The command names in one write to a Redis socket (RESP arrays, back to back)."""
+    chunks = [packed] if isinstance(packed, (bytes, str, memoryview)) else packed
+    data = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in chunks)
+    names, i = [], 0
+    while i < len(data):
+        end = data.index(b"\r\n", i)
+        count, i = int(data[i + 1:end]), end + 2
+        for k in range(count):
+            end = data.index(b"\r\n", i)
+            length, i = int(data[i + 1:end]), end + 2
+            if k == 0:
+                names.append(data[i:i + length].decode().upper())
+            i += length + 2
+    return names
+
+
 class RoundTrips:
-    """Counts writes to Redis sockets: a pipeline is one write, a command is one."""
+    """Counts writes to Redis sockets: a pipeline is one write, a command is one.
+    ``writes`` holds the command names of each write."""
 
     def __init__(self, store, monkeypatch) -> None:
         self.count = 0
+        self.writes: list[list[str]] = []
         cls = store.client.connection_pool.connection_class
         original = cls.send_packed_command
 
         async def counting(conn, command, check_health=True):
             self.count += 1
+            self.writes.append(command_names(command))
             return await original(conn, command, check_health)
 
         monkeypatch.setattr(cls, "send_packed_command", counting)
@@ -623,6 +780,20 @@ async def test_round_trips(redis_store, monkeypatch):
             await _turn(store, n=1)
 
     assert await trips.measure(locked_turn()) == 4  # SET NX, load, save, release
+
+    held = await store.begin_turn(SID, message_id="m-2")
+    assert trips.writes[-1] == ["EVAL"]  # claim, lock, TTLs, state, memory, tail
+    before = trips.count
+    _save(held, 2, (b"c",))  # staged: no round trip
+    assert trips.count == before
+    assert await trips.measure(held.end(_entries(21, 2, done=True))) == 1
+    assert trips.writes[-1][0] == "MULTI" and trips.writes[-1][-2:] == ["EVAL", "EXEC"]
+
+    async def turn():
+        async with store.turn(SID) as held:
+            _save(held, 3)
+
+    assert await trips.measure(turn()) == 2
 
 
 # Redis only: the lease lock.
@@ -662,8 +833,9 @@ async def test_lock_renew_extends_the_lease(redis_store):
 
 
 @needs_redis
-async def test_lock_is_renewed_in_the_background(redis_server, caplog):
-    store = _redis_store(redis_server.url, "renew", lock_lease=0.3)
+@pytest.mark.parametrize("via", ["lock", "turn"])
+async def test_lock_is_renewed_in_the_background(redis_server, caplog, via):
+    store = _redis_store(redis_server.url, f"renew-{via}", lock_lease=0.3)
     lock_key = store.keys(SID).lock
     async def renewed() -> bool:
         return 0 < await store.client.pttl(lock_key) <= 300
@@ -672,12 +844,13 @@ async def test_lock_is_renewed_in_the_background(redis_server, caplog):
         return "lost the lock" in caplog.text
 
     try:
-        lock = store.lock(SID)
+        held = store.lock(SID) if via == "lock" else store.turn(SID)
         with caplog.at_level(logging.WARNING, logger="mmchat.stores.redis"):
-            async with lock:
+            async with held:
+                token = await store.client.get(lock_key)
                 await store.client.pexpire(lock_key, 600_000)
                 await eventually(renewed)
-                assert await store.client.get(lock_key) == lock.token.encode()
+                assert await store.client.get(lock_key) == token
                 await store.client.delete(lock_key)
                 await eventually(warned)
     finally:
@@ -685,10 +858,11 @@ async def test_lock_is_renewed_in_the_background(redis_server, caplog):
 
 
 @needs_redis
+@pytest.mark.parametrize("via", ["lock", "turn"])
 async def test_renewal_stops_even_if_the_driver_drops_its_cancellation(redis_server,
-                                                                      monkeypatch):
+                                                                      monkeypatch, via):
     """Python 3.11's asyncio.wait_for, which redis-py writes through, returns normally
-    when a cancellation lands as its write completes. Leaving the lock used to wait for
+    when a cancellation lands as its write completes. Ending the turn used to wait for
     the renewer forever then (and the renewer kept the lock)."""
     from mmchat.stores.redis import RedisLock
 
@@ -703,16 +877,29 @@ async def test_renewal_stops_even_if_the_driver_drops_its_cancellation(redis_ser
         return True
 
     monkeypatch.setattr(RedisLock, "renew", renew_dropping_cancellation)
-    store = _redis_store(redis_server.url, "drop", lock_lease=0.03)
+    store = _redis_store(redis_server.url, f"drop-{via}", lock_lease=0.03)
     try:
         async with asyncio.timeout(10):
             for _ in range(3):
                 in_flight.clear()
-                async with store.lock(SID):
+                async with store.lock(SID) if via == "lock" else store.turn(SID):
                     await in_flight.wait()
         assert await store.client.get(store.keys(SID).lock) is None
     finally:
         await store.close()
+
+
+@needs_redis
+async def test_a_turn_whose_lock_passed_on_still_saves_but_leaves_the_lock(redis_store, caplog):
+    store = redis_store
+    lock_key = store.keys(SID).lock
+    with caplog.at_level(logging.WARNING, logger="mmchat.stores.redis"):
+        async with store.turn(SID) as held:
+            _save(held, 1)
+            await store.client.set(lock_key, "someone-else", px=60_000)
+    assert "had already passed to someone else" in caplog.text
+    assert await store.client.get(lock_key) == b"someone-else"
+    assert (await store.load(SID)).state == b"state-1"
 
 
 # Redis only: outages.
@@ -730,6 +917,7 @@ UNAVAILABLE_CALLS: dict[str, Callable[[SessionStore], Awaitable[Any]]] = {
     "wait_stream": lambda s: s.wait_stream(SID, 0, timeout=0.05),
     "stream_tail": lambda s: s.stream_tail(SID),
     "lock": lambda s: s.lock(SID).__aenter__(),
+    "begin_turn": lambda s: s.begin_turn(SID, message_id="m-9"),
 }
 
 
@@ -973,7 +1161,19 @@ async def test_cluster(redis_cluster):
             assert [e.seq for e in await store.read_stream(sid)] == [1, 2, 3]
             assert [e.seq for e in await store.wait_stream(sid, 1, timeout=0.1)] == [2, 3]
             assert not await store.claim_message(sid, "m-1")
-        slots = {store.client.keyslot(key) for key in store.keys("s0").data}
+            async with store.turn(sid, message_id="m-2") as held:  # one node, one slot
+                assert (held.state, held.memory, held.tail.seq) == (b"state-0",
+                                                                    data.memory, 3)
+                _save(held, 1, (b"n",))
+                await held.end(_entries(4, 1, "r-2", done=True))
+            data = await store.load(sid)
+            assert (data.state, data.memory[-1]) == (b"state-1", b"n")
+            assert (await store.stream_tail(sid)).seq == 4
+            assert await store.client.get(store.keys(sid).lock) is None
+            with pytest.raises(DuplicateMessage):
+                await store.begin_turn(sid, message_id="m-2")
+        keys = store.keys("s0")
+        slots = {store.client.keyslot(key) for key in (*keys.data, keys.lock)}
         assert len(slots) == 1
     finally:
         await store.close()

@@ -20,7 +20,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ..sessions import SessionData, SessionStore, StreamEntry
+from ..sessions import SessionData, SessionStore, SessionTurn, StreamEntry, TurnWrite
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0)
@@ -69,8 +69,9 @@ class Metrics:
 
 class TimedStore(SessionStore):
     """Wraps a :class:`SessionStore` and records each call's latency in
-    ``mmchat_store_latency_seconds``. Blocking waits (``wait_stream``) and the lock are
-    not timed: their duration is the other party's, not the store's."""
+    ``mmchat_store_latency_seconds``. Blocking waits (``wait_stream``), the lock and
+    beginning a turn (which waits for the lock) are not timed: their duration is the
+    other party's, not the store's. Ending a turn is, as ``end_turn``."""
 
     def __init__(self, inner: SessionStore, metrics: Metrics) -> None:
         self.inner = inner
@@ -100,6 +101,11 @@ class TimedStore(SessionStore):
 
     def lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.lock(session_id)
+
+    async def begin_turn(self, session_id: str, *,
+                         message_id: str | None = None) -> SessionTurn:
+        inner = await self.inner.begin_turn(session_id, message_id=message_id)
+        return _TimedTurn(inner, self)
 
     async def ping(self) -> None:
         with self._timed("ping"):
@@ -136,3 +142,20 @@ class TimedStore(SessionStore):
     async def stream_tail(self, session_id: str) -> StreamEntry | None:
         with self._timed("stream_tail"):
             return await self.inner.stream_tail(session_id)
+
+
+class _TimedTurn(SessionTurn):
+    """A turn of the wrapped store, whose end is timed as ``end_turn``."""
+
+    def __init__(self, inner: SessionTurn, store: TimedStore) -> None:
+        super().__init__(inner.session_id, state=inner.state, memory=inner.memory,
+                         tail=inner.tail)
+        self._inner = inner
+        self._store = store
+
+    async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
+        if write is not None:
+            self._inner.save(state=write.state, memory_added=write.memory_added,
+                             turns=write.turns, max_memory=write.max_memory)
+        with self._store._timed("end_turn"):
+            await self._inner.end(entries)

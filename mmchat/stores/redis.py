@@ -30,16 +30,20 @@ one slot and one node serves a whole turn:
 ==================================  ======  ====================================
 
 A multi-command call is one ``MULTI``/``EXEC`` round trip (on Cluster one plain
-pipeline to the session's node, see :meth:`RedisStore._pipeline`).
+pipeline to the session's node, see :meth:`RedisStore._pipeline`). A turn
+(:meth:`RedisStore.begin_turn`) is two: one Lua script claims the message id, takes the
+lock and reads state, memory and the stream's tail; one pipeline saves the turn, appends
+the reply's last events and releases the lock.
 
 Every key but the lock has a sliding TTL of ``ttl_seconds``, renewed by :meth:`load`,
-:meth:`save_turn` and :meth:`claim_session` (and by stream appends and message claims
-for their own key). Nothing is pickled. A failed call is not retried (Cluster excepted:
-redis-py's retries follow slot moves there), so a turn is never written twice; it raises
-:class:`StoreUnavailable` and the pool reconnects on the next call. A pooled connection
-that sat idle for ``health_check_interval`` seconds is first checked with a ``PING``; if
-that finds it closed (Redis restarted meanwhile), it reconnects before the command is
-sent, so a restart does not fail one call per stale connection.
+:meth:`save_turn`, :meth:`claim_session` and a turn's begin and end (and by stream
+appends and message claims for their own key). Nothing is pickled. A failed call is not
+retried (Cluster excepted: redis-py's retries follow slot moves there), so a turn is
+never written twice; it raises :class:`StoreUnavailable` and the pool reconnects on the
+next call. A pooled connection that sat idle for ``health_check_interval`` seconds is
+first checked with a ``PING``; if that finds it closed (Redis restarted meanwhile), it
+reconnects before the command is sent, so a restart does not fail one call per stale
+connection.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -63,11 +67,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..config import SessionsConfig
-from ..errors import ConfigError, SessionBusy, StateError, StoreUnavailable
+from ..errors import ConfigError, DuplicateMessage, SessionBusy, StateError, StoreUnavailable
 from ..sessions import (
     SessionData,
     SessionStore,
+    SessionTurn,
     StreamEntry,
+    TurnWrite,
     check_stream_entries,
     validate_session_id,
 )
@@ -85,6 +91,27 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+# Begin a turn. KEYS: lock, msgids, state, memory, stream, history, meta.
+# ARGV: token, lock lease (ms), TTL (ms)[, message id to claim].
+# Returns {0} if the message id was taken before, {1} if the lock is busy (the id, if
+# any, is claimed all the same), else {2, state, memory, stream tail}.
+_BEGIN_TURN = """
+if #ARGV > 3 then
+  if redis.call('SADD', KEYS[2], ARGV[4]) == 0 then
+    return {0}
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1}
+end
+for i = 2, #KEYS do
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+end
+return {2, redis.call('GET', KEYS[3]), redis.call('LRANGE', KEYS[4], 0, -1),
+        redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)}
+"""
 
 # Delete the lock only if it still holds our token.
 _RELEASE = """
@@ -107,6 +134,10 @@ _SCHEMES = {
     "redis+cluster": "cluster", "rediss+cluster": "cluster",
     "redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
 }
+
+
+class _SeqRefused(ValueError):
+    """Redis refused a stream entry's id: its seq does not follow the stream's last."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +263,8 @@ class RedisStore(SessionStore):
 
     Round trips: :meth:`load`, :meth:`save_turn`, :meth:`claim_session`,
     :meth:`claim_message` and :meth:`append_stream` are one each; taking an uncontended
-    lock is one and releasing it one.
+    lock is one and releasing it one; :meth:`begin_turn` (uncontended) is one and ending
+    its turn one.
 
     The turn lock is a lease of ``lock_lease`` seconds (default 15), renewed every third
     of it while held, so a crashed process blocks its sessions for at most one lease.
@@ -369,23 +401,28 @@ class RedisStore(SessionStore):
                         turns: list[dict[str, Any]], max_memory: int) -> None:
         if max_memory < 0:
             raise ValueError("max_memory must not be negative")
-        keys = self.keys(session_id)
-        encoded = [json.dumps(turn, ensure_ascii=False, separators=(",", ":"),
-                              allow_nan=False).encode() for turn in turns]
+        write = TurnWrite(bytes(state), [bytes(m) for m in memory_added], list(turns),
+                          max_memory)
         async with self._guard("save_turn"):
             pipe = self._pipeline()
-            pipe.set(keys.state, bytes(state), px=self._ttl_ms)
-            if memory_added:
-                pipe.rpush(keys.memory, *[bytes(m) for m in memory_added])
-            if max_memory:
-                pipe.ltrim(keys.memory, -max_memory, -1)
-            else:
-                pipe.delete(keys.memory)
-            if encoded:
-                pipe.rpush(keys.history, *encoded)
-            for key in keys.data[1:]:
-                pipe.pexpire(key, self._ttl_ms)
+            self._queue_write(pipe, self.keys(session_id), write)
             await pipe.execute()
+
+    def _queue_write(self, pipe: Any, keys: _Keys, write: TurnWrite) -> None:
+        """Queue the commands of :meth:`save_turn` on ``pipe``."""
+        encoded = [json.dumps(turn, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False).encode() for turn in write.turns]
+        pipe.set(keys.state, write.state, px=self._ttl_ms)
+        if write.memory_added:
+            pipe.rpush(keys.memory, *write.memory_added)
+        if write.max_memory:
+            pipe.ltrim(keys.memory, -write.max_memory, -1)
+        else:
+            pipe.delete(keys.memory)
+        if encoded:
+            pipe.rpush(keys.history, *encoded)
+        for key in keys.data[1:]:
+            pipe.pexpire(key, self._ttl_ms)
 
     async def delete(self, session_id: str) -> None:
         keys = self.keys(session_id)
@@ -394,6 +431,35 @@ class RedisStore(SessionStore):
 
     def lock(self, session_id: str) -> RedisLock:
         return RedisLock(self, session_id)
+
+    async def begin_turn(self, session_id: str, *,
+                         message_id: str | None = None) -> RedisTurn:
+        """One Lua script: claim ``message_id``, take the lock, renew the TTLs and read
+        state, memory and the stream's tail. A busy lock is retried as :meth:`lock`
+        does (without claiming again). The lock is renewed until the turn ends."""
+        keys = self.keys(session_id)
+        lock = RedisLock(self, session_id)
+        args: list[Any] = [lock.token, lock.lease_ms, self._ttl_ms]
+        if message_id is not None:
+            args.append(message_id)
+        reply: list[Any] = []
+
+        async def attempt() -> bool:
+            async with self._guard("begin_turn"):
+                reply[:] = await self._client.eval(
+                    _BEGIN_TURN, 7, keys.lock, keys.msgids, keys.state, keys.memory,
+                    keys.stream, keys.history, keys.meta, *args)
+            if reply[0] == 0:
+                raise DuplicateMessage(f"message {message_id!r} was already taken in this "
+                                       "session; resume to replay its reply")
+            del args[3:]  # claimed: a retry only waits for the lock
+            return reply[0] == 2
+
+        await lock.acquire(attempt)
+        _, state, memory, tail = reply
+        lock.start_renewal()
+        return RedisTurn(self, lock, state=state, memory=memory,
+                         tail=_entry(_fields(tail[0])) if tail else None)
 
     async def claim_session(self, session_id: str, owner: str) -> str:
         if not owner:
@@ -432,25 +498,33 @@ class RedisStore(SessionStore):
         if not entries:
             return
         check_stream_entries(entries)
-        keys = self.keys(session_id)
         async with self._guard("append_stream"):
             pipe = self._pipeline()
-            for entry in entries:
-                fields = {"r": entry.response_id, "k": entry.kind, "t": entry.text}
-                if entry.data:
-                    fields["d"] = json.dumps(dict(entry.data), ensure_ascii=False,
-                                             separators=(",", ":"), allow_nan=False)
-                pipe.xadd(keys.stream, fields, id=f"{entry.seq}-0",
-                          maxlen=self._stream_max_len, approximate=True)
-            pipe.pexpire(keys.stream, self._ttl_ms)
-            try:
-                await pipe.execute()
-            except redis.exceptions.ResponseError as exc:
-                if "equal or smaller" not in str(exc):
-                    raise
-                raise ValueError(
-                    f"stream seq {entries[0].seq} does not follow the stream's last seq "
-                    f"in session {session_id!r}") from exc
+            self._queue_append(pipe, self.keys(session_id), entries)
+            await self._execute(pipe, session_id, entries)
+
+    def _queue_append(self, pipe: Any, keys: _Keys, entries: Sequence[StreamEntry]) -> None:
+        """Queue the commands of :meth:`append_stream` on ``pipe``."""
+        for entry in entries:
+            fields = {"r": entry.response_id, "k": entry.kind, "t": entry.text}
+            if entry.data:
+                fields["d"] = json.dumps(dict(entry.data), ensure_ascii=False,
+                                         separators=(",", ":"), allow_nan=False)
+            pipe.xadd(keys.stream, fields, id=f"{entry.seq}-0",
+                      maxlen=self._stream_max_len, approximate=True)
+        pipe.pexpire(keys.stream, self._ttl_ms)
+
+    @staticmethod
+    async def _execute(pipe: Any, session_id: str, entries: Sequence[StreamEntry]) -> list[Any]:
+        """Run a pipeline holding stream appends; a refused seq becomes ValueError."""
+        try:
+            return await pipe.execute()
+        except redis.exceptions.ResponseError as exc:
+            if not entries or "equal or smaller" not in str(exc):
+                raise
+            raise _SeqRefused(
+                f"stream seq {entries[0].seq} does not follow the stream's last seq "
+                f"in session {session_id!r}") from exc
 
     async def read_stream(self, session_id: str, after_seq: int = 0, *,
                           limit: int | None = None) -> list[StreamEntry]:
@@ -498,19 +572,29 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
         self._stop = asyncio.Event()
 
     @property
-    def _lease_ms(self) -> int:
+    def lease_ms(self) -> int:
+        """The lease in milliseconds."""
         return max(1, int(self._store.lock_lease * 1000))
 
-    async def acquire(self) -> None:
-        """Take the lock, waiting with backoff; :class:`SessionBusy` after ``lock_wait``."""
-        client = self._store.client
+    async def _take(self) -> bool:
+        """One ``SET NX PX`` try."""
+        async with self._store._guard("lock"):
+            return bool(await self._store.client.set(self._key, self.token, nx=True,
+                                                     px=self.lease_ms))
+
+    async def acquire(self, attempt: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Take the lock, waiting with backoff; :class:`SessionBusy` after ``lock_wait``.
+
+        ``attempt`` replaces the plain ``SET NX PX``: one try that sets this lock's token
+        and says whether it got the lock.
+        """
+        attempt = attempt or self._take
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._store.lock_wait
         delay = 0.005
         while True:
-            async with self._store._guard("lock"):
-                if await client.set(self._key, self.token, nx=True, px=self._lease_ms):
-                    return
+            if await attempt():
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise SessionBusy(
@@ -523,7 +607,7 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
         """Extend the lease; ``False`` if the lock is no longer ours."""
         async with self._store._guard("lock renewal"):
             return bool(await self._store.client.eval(_RENEW, 1, self._key, self.token,
-                                                      self._lease_ms))
+                                                      self.lease_ms))
 
     async def release(self) -> bool:
         """Drop the lock if it is still ours; ``False`` if it was not."""
@@ -570,19 +654,58 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
             log.warning("renewing the lock of session %r failed: %r", self.session_id,
                         renewer.exception())
 
+    def check_released(self, ours: bool) -> None:
+        """Log a release that found the lock no longer ours."""
+        if not ours:
+            log.warning("the lock of session %r had already passed to someone else "
+                        "when the turn ended", self.session_id)
+
+    async def release_quietly(self) -> None:
+        """:meth:`release`, logging instead of raising when Redis is unreachable: the
+        lease runs out by itself, and failing here would hide the turn's outcome."""
+        try:
+            self.check_released(await self.release())
+        except StoreUnavailable as exc:
+            log.warning("could not release the lock of session %r: %s", self.session_id, exc)
+
     async def __aenter__(self) -> None:
         await self.acquire()
         self.start_renewal()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_renewal()
+        await self.release_quietly()
+
+
+class RedisTurn(SessionTurn):
+    """A turn of :meth:`RedisStore.begin_turn`. Ending it is one round trip: the write,
+    the stream entries and the token-checked lock release in one pipeline (one
+    ``MULTI``/``EXEC``; on Cluster a plain pipeline to the session's node)."""
+
+    def __init__(self, store: RedisStore, lock: RedisLock, **loaded: Any) -> None:
+        super().__init__(lock.session_id, **loaded)
+        self._store = store
+        self._lock = lock
+
+    async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
+        store, lock = self._store, self._lock
+        keys = store.keys(self.session_id)
+        await lock.stop_renewal()
         try:
-            if not await self.release():
-                log.warning("the lock of session %r had already passed to someone else "
-                            "when the turn ended", self.session_id)
-        except StoreUnavailable as exc:
-            # The lease runs out by itself; failing here would hide the turn's outcome.
-            log.warning("could not release the lock of session %r: %s", self.session_id, exc)
+            async with store._guard("end_turn"):
+                pipe = store._pipeline()
+                if write is not None:
+                    store._queue_write(pipe, keys, write)
+                if entries:
+                    store._queue_append(pipe, keys, entries)
+                pipe.eval(_RELEASE, 1, keys.lock, lock.token)
+                results = await store._execute(pipe, self.session_id, entries)
+        except _SeqRefused:  # the rest of the pipeline ran
+            raise
+        except BaseException:
+            await lock.release_quietly()  # in case the pipeline did not run
+            raise
+        lock.check_released(bool(results[-1]))
 
 
 def _load_turn(session_id: str, index: int, raw: bytes) -> dict[str, Any]:
@@ -593,6 +716,12 @@ def _load_turn(session_id: str, index: int, raw: bytes) -> dict[str, Any]:
     if not isinstance(turn, dict):
         raise StateError(f"session {session_id!r}: history entry {index} is not a JSON object")
     return turn
+
+
+def _fields(row: list[Any]) -> tuple[bytes, dict[bytes, bytes]]:
+    """A stream entry as a Lua script returns it (a flat field list) as XRANGE gives it."""
+    entry_id, flat = row
+    return entry_id, dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _entry(row: tuple[bytes, dict[bytes, bytes]]) -> StreamEntry:
