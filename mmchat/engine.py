@@ -7,6 +7,7 @@ thread pool, and all model work in one dedicated thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from .errors import (
 )
 from .modality import Attachment, Modality
 from .plugins import PluginHost
-from .sessions import SessionStore, validate_session_id
+from .sessions import SessionStore, SessionTurn, validate_session_id
 from .stores import open_store
 
 logger = logging.getLogger(__name__)
@@ -221,17 +222,25 @@ class Engine:
         return uuid.uuid4().hex
 
     async def stream(self, session_id: str, text: str = "",
-                     attachments: Sequence[Attachment | str | Path] = (),
-                     **generation: Any) -> ReplyStream:
+                     attachments: Sequence[Attachment | str | Path] = (), *,
+                     turn: SessionTurn | None = None, **generation: Any) -> ReplyStream:
         """Start a reply. Validation errors raise here, before anything is stored.
 
         ``generation`` overrides ``[generation]`` settings for this reply
         (``strategy="beam"``, ``seed=1`` ...).
+
+        ``turn`` is the session already held for this reply (from the store's
+        ``begin_turn``): the engine then neither locks nor loads, and only stages the
+        turn's write in it (``turn.save``) for its holder to send with ``turn.end()``.
+        Without it the engine holds the session itself for the turn.
         """
         await self.start()
         from .generate import GenerationParams
 
         self._check_session_id(session_id)
+        if turn is not None and turn.session_id != session_id:
+            raise InputError(f"the turn held is of session {turn.session_id!r}, "
+                             f"not {session_id!r}")
         atts = [a if isinstance(a, Attachment) else Attachment.from_path(a) for a in attachments]
         self._check_message(text, atts)
         resolved = [(self._modality_for(a), a) for a in atts]
@@ -242,7 +251,7 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         stream = ReplyStream(queue)
         stream._task = asyncio.create_task(
-            self._run_turn(session_id, text, resolved, params, stream))
+            self._run_turn(session_id, text, resolved, params, stream, turn))
         self._streams.add(stream)
         stream._task.add_done_callback(lambda _: self._streams.discard(stream))
         return stream
@@ -343,9 +352,9 @@ class Engine:
 
     async def _run_turn(self, session_id: str, text: str,
                         attachments: list[tuple[Modality, Attachment]], params: Any,
-                        stream: ReplyStream) -> None:
+                        stream: ReplyStream, turn: SessionTurn | None) -> None:
         try:
-            reply = await self._turn(session_id, text, attachments, params, stream)
+            reply = await self._turn(session_id, text, attachments, params, stream, turn)
             stream._queue.put_nowait(reply)
         except Exception as exc:  # every failure reaches the consumer, nothing is lost
             if not isinstance(exc, MMChatError):
@@ -354,7 +363,7 @@ class Engine:
 
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
-                    stream: ReplyStream) -> Reply:
+                    stream: ReplyStream, turn: SessionTurn | None) -> Reply:
         from .state import dumps_entry, dumps_state, loads_entry, loads_state
 
         loop = asyncio.get_running_loop()
@@ -364,10 +373,10 @@ class Engine:
                                  modality.decode, att.data, att.mime_type)
             for modality, att in attachments))
         t_media = time.perf_counter()
-        async with self.store.lock(session_id):
-            data = await self.store.load(session_id)
-            state = loads_state(data.state) if data is not None and data.state else None
-            memory = [loads_entry(b) for b in data.memory] if data is not None else []
+        held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
+        async with held as session:
+            state = loads_state(session.state) if session.state else None
+            memory = [loads_entry(b) for b in session.memory]
             # Model work runs between the steps of the replies being decoded together,
             # with the prefills of every turn that arrived meanwhile in one batch.
             scheduler = self._scheduler
@@ -395,10 +404,9 @@ class Engine:
                     for m, a in attachments]},
                 {"role": "assistant", "text": reply_text, "finish_reason": reason},
             ]
-            await self.store.save_turn(
-                session_id, state=dumps_state(new_state),
-                memory_added=[dumps_entry(e) for e in new_entries], turns=turns,
-                max_memory=self.config.fusion.max_memory)
+            session.save(state=dumps_state(new_state),
+                         memory_added=[dumps_entry(e) for e in new_entries], turns=turns,
+                         max_memory=self.config.fusion.max_memory)
         t_end = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
         return Reply(

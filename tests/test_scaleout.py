@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conftest import TINY_MODEL
-from test_redis_store import needs_redis, redis_server  # noqa: F401  (a fixture)
+from test_redis_store import RoundTrips, needs_redis, redis_server  # noqa: F401  (a fixture)
 from test_server import check_reply, running_server, server_config
 
 from mmchat.client import Client, ConnectionLost
@@ -96,6 +96,43 @@ async def node_process(env: dict[str, str], tmp_path) -> AsyncIterator[tuple[obj
         await proc.wait()
         await reader
         proc.log = "".join(lines)
+
+
+def _stream_append(write: list[str]) -> bool:
+    """Whether one write to Redis only appends reply events (MULTI XADD... PEXPIRE EXEC)."""
+    return "XADD" in write and set(write) <= {"MULTI", "XADD", "PEXPIRE", "EXEC"}
+
+
+async def test_a_turn_takes_two_round_trips_besides_its_stream_appends(redis_url, prefix,
+                                                                      monkeypatch):
+    """Counted at the socket: each write to Redis is one round trip (a pipeline is one
+    write). Health-check PINGs of idle pooled connections are not the turn's; the lease
+    is long enough that no renewal falls inside the count."""
+    from mmchat.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=prefix, lock_lease=600)
+    async with running_server(node_config(redis_url, prefix), store=store) as server:
+        async with await Client.connect(server.url) as client:
+            await client.reply("warm up", timeout=60)
+            trips = RoundTrips(store, monkeypatch)
+            reply = await client.reply("hello", timeout=60)
+            check_reply(reply)
+            writes = [w for w in trips.writes if w != ["PING"]]
+            others = [w for w in writes if not _stream_append(w)]
+            assert len(others) == 2, writes
+            begin, end = others
+            assert begin == ["EVAL"]  # claim the id, lock, read state, memory, tail
+            # the engine's write, the reply's last events with its done, the unlock
+            assert end[:2] == ["MULTI", "SET"] and end[-2:] == ["EVAL", "EXEC"], end
+            assert "XADD" in end and writes[-1] == end
+            assert writes[0] == begin and len(writes) >= 3  # a started/delta append
+
+            # The embedded engine: hold, then save and unlock.
+            del trips.writes[:]
+            await server.engine.reply("embedded", "hello")
+            assert [w[0] for w in trips.writes if w != ["PING"]] == ["EVAL", "MULTI"]
+        assert [t["text"] for t in await server.engine.history(client.session_id)][::2] == [
+            "warm up", "hello"]
 
 
 async def test_a_session_started_on_one_node_continues_on_another(redis_url, prefix):

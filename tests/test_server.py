@@ -453,7 +453,7 @@ async def test_health_readiness_and_metrics(server):
                  "mmchat_time_to_first_token_seconds_count 1.0",
                  'mmchat_errors_total{code="empty_message"} 1.0', "mmchat_tokens_total",
                  "mmchat_active_sessions", "mmchat_reply_tokens_per_second_count 1.0",
-                 'mmchat_store_latency_seconds_count{op="claim_message"}',
+                 'mmchat_store_latency_seconds_count{op="end_turn"}',
                  "mmchat_store_up 1.0"]:
         assert line in body, line
     assert (await asyncio.to_thread(http_get, base + "/nope"))[0] == 404

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import MMChatError, SessionBusy, StoreUnavailable
+from ..errors import MMChatError, SessionBusy
 from ..modality import Attachment
 from ..protocol import (
     CLOSE_GOING_AWAY,
@@ -267,28 +267,17 @@ class Connection:
                     self._idle.set()
 
     async def _reply(self, job: _Message) -> None:
-        turn = await asyncio.shield(self._start_turn(job))
-        if turn is None:
-            return
+        turn = self._start_turn(job)
         async for event in turn.subscribe():
             self.send(event)
 
-    async def _start_turn(self, job: _Message) -> Turn | None:
-        """Claim the message id and start its turn. Shielded: once the id is claimed,
-        the turn starts even if the client goes away meanwhile."""
-        session_id = self.session_id
+    def _start_turn(self, job: _Message) -> Turn:
+        """Start the message's turn. The turn claims the message id (a taken one ends
+        it with ``duplicate_message``) and runs on if the client goes away."""
         try:
-            try:
-                claimed = await self.server.store.claim_message(session_id, job.id)
-            except StoreUnavailable as exc:
-                self.error(exc.code, exc.message, job.id)
-                return None
-            if not claimed:
-                self.error("duplicate_message", f"message {job.id!r} was already taken in "
-                           "this session; resume to replay its reply", job.id)
-                return None
             return self.server.turns.start(
-                TurnRequest(session_id, job.id, job.text, job.attachments, job.received),
+                TurnRequest(self.session_id, job.id, job.text, job.attachments,
+                            job.received),
                 cancelled=job.id in self._cancelled)
         finally:
             self._queued.discard(job.id)

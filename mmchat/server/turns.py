@@ -1,23 +1,22 @@
 """Replies as server-side tasks that outlive their connection.
 
-A :class:`Turn` takes the session's *turn lock*, numbers the reply's events after the
-session stream's tail, appends them to the stream and only then publishes them to
-subscribers. So whatever a client has seen is in the session store, and a client that
-reconnects, to this process or another, replays and follows the same events with the
-same seqs. A turn whose client went away keeps running (bounded by max_new_tokens), so
-the reply can still be resumed.
+A :class:`Turn` holds its session (:meth:`SessionStore.begin_turn`: the message id
+claimed, the session locked, state, memory and the stream's tail read, in one round trip
+with Redis), numbers the reply's events after the tail, appends them to the stream and
+only then publishes them to subscribers. So whatever a client has seen is in the session
+store, and a client that reconnects, to this process or another, replays and follows the
+same events with the same seqs. A turn whose client went away keeps running (bounded by
+max_new_tokens), so the reply can still be resumed.
 
-The turn lock is a store lock of its own (``<session_id>:turn``), apart from the lock
-the engine holds around model state: the engine hands the finished reply over after
-releasing its lock, and the reply's ``done`` must be in the stream before the next turn
-of the session numbers its events.
+The engine runs in the held session (``Engine.stream(turn=...)``) and stages its write
+there; the reply's ``done`` goes with that write and the unlock, in one round trip, so
+it is in the stream before the next turn of the session numbers its events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -25,22 +24,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MMChatError, StoreUnavailable
+from ..errors import DuplicateMessage, MMChatError, StoreUnavailable
 from ..modality import Attachment
 from ..protocol import Delta, Done, Error, Started, Usage, to_stream_entry
-from ..sessions import SessionStore, StreamEntry
+from ..sessions import SessionStore, SessionTurn, StreamEntry
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 ReplyEvent = Started | Delta | Done | Error
-
-
-def turn_lock_id(session_id: str) -> str:
-    """The id the turn lock of ``session_id`` is taken under (a valid session id)."""
-    if len(session_id) > 120:
-        session_id = hashlib.sha256(session_id.encode()).hexdigest()
-    return f"{session_id}:turn"
 
 
 @dataclass(frozen=True)
@@ -104,12 +96,17 @@ class Turn:
             queue.put_nowait(None)
         self._queues.clear()
 
-    async def _append(self, events: Sequence[Started | Delta | Done]) -> bool:
-        """Append to the session stream; ``False`` (and keep the error) if the store
-        failed."""
+    async def _append(self, events: Sequence[Started | Delta | Done],
+                      held: SessionTurn | None = None) -> bool:
+        """Append to the session stream; with ``held``, as its last events, ending the
+        turn (the engine's write, the events and the unlock go together). ``False`` (and
+        keep the error) if the store failed."""
+        entries = [to_stream_entry(e) for e in events]
         try:
-            await self.manager.store.append_stream(
-                self.request.session_id, [to_stream_entry(e) for e in events])
+            if held is not None and not held.ended:
+                await held.end(entries)
+            else:  # a batch mid-reply, or the error's done after a failed end
+                await self.manager.store.append_stream(self.request.session_id, entries)
         except StoreUnavailable as exc:
             logger.warning("reply %s: events could not be saved: %s", self.response_id, exc)
             self._store_error = exc
@@ -125,17 +122,20 @@ class Turn:
         store = manager.store
         try:
             t_wait = time.perf_counter()
-            async with store.lock(turn_lock_id(request.session_id)):
+            async with store.turn(request.session_id, message_id=request.message_id) as held:
                 queue_ms = (time.perf_counter() - t_wait) * 1000
-                tail = await store.stream_tail(request.session_id)
+                tail = held.tail
                 if tail is not None and not tail.final:
                     tail = (await manager.close_lost_reply(request.session_id, tail)).done
                 stream = await manager.engine.stream(request.session_id, request.text,
-                                                     request.attachments)
+                                                     request.attachments, turn=held)
                 self._stream = stream
                 if self._cancel_requested:
                     stream.cancel()
-                await self._pump(stream, tail.seq if tail is not None else 0, queue_ms)
+                await self._pump(stream, held, tail.seq if tail is not None else 0,
+                                 queue_ms)
+        except DuplicateMessage as exc:  # the claim is the first copy's: keep it
+            self._fail(exc.code, exc.message)
         except MMChatError as exc:  # before the reply started: the message may be retried
             self._fail(exc.code, exc.message)
             with contextlib.suppress(StoreUnavailable):
@@ -147,11 +147,11 @@ class Turn:
         finally:
             self._end()
 
-    async def _pump(self, stream: Any, seq: int, queue_ms: float) -> None:
+    async def _pump(self, stream: Any, held: SessionTurn, seq: int, queue_ms: float) -> None:
         """Stream the engine's deltas into the session stream, a batch per store round
         trip (while one append is in flight the next deltas gather), publishing each
-        batch once it is saved. Raises :class:`MMChatError` if the reply fails before
-        it started.
+        batch once it is saved; the last batch ends ``held``. Raises
+        :class:`MMChatError` if the reply fails before it started.
 
         Clients only ever see saved seqs. If the store fails mid-reply, generation is
         cancelled and the reply ends with an ``error`` and a ``done`` at the next seq,
@@ -199,7 +199,8 @@ class Turn:
                     next_seq += 1
                     events.append(self._done(outcome[0], next_seq, queue_ms))
                 if events:
-                    if not await self._append(events):
+                    if not await self._append(events, held if ending and not failed
+                                              else None):
                         broken = True
                         stream.cancel()
                         if ending:
@@ -233,7 +234,7 @@ class Turn:
         self._fail(error.code, message)
         metrics.turns.labels("error").inc()
         done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
-        await self._append([done])
+        await self._append([done], held)
         self._publish([done])
 
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
@@ -303,7 +304,7 @@ class TurnManager:
 
     async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> LostReply:
         """End a reply whose generator died: a ``done`` with finish reason ``error``
-        and the text streamed so far. The caller holds the turn lock."""
+        and the text streamed so far. The caller holds the session's turn."""
         entries = await self.store.read_stream(session_id)
         mine = [e for e in entries if e.response_id == tail.response_id]
         text = "".join(e.text for e in mine if e.kind == "delta")
@@ -318,10 +319,10 @@ class TurnManager:
         return LostReply(entry, message_id)
 
     async def recover(self, session_id: str) -> LostReply | None:
-        """Close the session's open reply if nobody generates it any more (its turn
-        lock is free). Returns what this call closed, if anything."""
-        async with self.store.lock(turn_lock_id(session_id)):
-            tail = await self.store.stream_tail(session_id)
+        """Close the session's open reply if nobody generates it any more (its session
+        is not held). Returns what this call closed, if anything."""
+        async with self.store.turn(session_id) as held:
+            tail = held.tail
             if tail is None or tail.final:
                 return None
             return await self.close_lost_reply(session_id, tail)
