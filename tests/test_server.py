@@ -254,8 +254,10 @@ async def test_cancel_stops_the_reply_and_keeps_the_session():
 async def test_cancel_without_id_and_of_a_queued_message():
     async with running_server(server_config(generation={"max_new_tokens": 4000})) as server:
         async with await Client.connect(server.url) as client:
-            running = await client.send("first")
-            queued = await client.send("second")
+            # prompts the untrained model answers with visible text (some give only
+            # pieces that decode to nothing, so no delta would ever arrive)
+            running = await client.send("hello there")
+            queued = await client.send("tell me more")
             await running.__anext__()
             await client.cancel(queued.message_id)
             await client.cancel()

@@ -286,10 +286,10 @@ async def test_redis_killed_and_restarted_mid_conversation(tmp_path):
                 return reply
 
             first = await short(client, "hello")
-            await short(bystander, "me too")
+            await short(bystander, "again")
             stored = await server.engine.history(client.session_id)
 
-            streaming = await client.send("go on")
+            streaming = await client.send("tell me more")  # visible text, untrained
             await streaming.__anext__()
             redis.stop()  # SIGKILL, mid-reply
             await streaming.cancel()
