@@ -63,23 +63,19 @@ class TurnQuery(nn.Module):
 
 
 class FiLM(nn.Module):
-    """Per-vector MLP whose hidden layer is scaled and shifted by the turn query.
-
-    There is no residual path around it: a region that does not match the question
-    ("the circle") is switched off by the ReLU, so max-pooling the memory picks up
-    the matching region's features and not a neighbour's.
-    """
+    """Per-vector MLP whose hidden layer is scaled and shifted by the turn query."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.inp = nn.Linear(d_model, d_model)
         self.film = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
 
     def forward(self, memory: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.film(q).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, d) each
         x = F.relu(self.inp(memory) * (1 + gamma) + beta)  # (B, N, d)
-        return self.out(x)  # (B, N, d)
+        return self.norm(memory + self.out(x))  # (B, N, d)
 
 
 def pool_by_kind(values: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor,
