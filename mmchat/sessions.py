@@ -17,6 +17,9 @@ Around them a store keeps what a scaled-out server needs:
 A turn holds its session through a :class:`SessionTurn` (:meth:`SessionStore.turn`):
 taking it locks the session and reads what the turn needs, ending it saves the turn,
 appends the reply's last events and unlocks. A store can do each in one round trip.
+A store shared by several processes also carries cancels between them
+(:meth:`SessionStore.request_cancel`): the turn learns of one when it appends reply
+events (:meth:`SessionTurn.append`), in the same round trip.
 
 Nothing here is pickled: stores hold plain bytes and JSON.
 """
@@ -112,18 +115,38 @@ class SessionTurn:
 
     ``state`` is the serialised RNN state (``None`` for a new session), ``memory`` the
     serialised memory bank and ``tail`` the newest reply event (``None`` if there is none).
-    :meth:`save` stages the turn's write; :meth:`end` sends it together with the reply's
-    last events and releases the lock. Stores subclass this and implement :meth:`_finish`.
+    ``cancel_requested`` turns true once the store has seen a cancel of this turn's reply
+    (:meth:`SessionStore.request_cancel`), at the latest by the next :meth:`append`.
+    :meth:`append` adds reply events while the turn runs; :meth:`save` stages the turn's
+    write; :meth:`end` sends it together with the reply's last events and releases the
+    lock. Stores subclass this and implement :meth:`_append` and :meth:`_finish`.
     """
 
     def __init__(self, session_id: str, *, state: bytes | None = None,
-                 memory: Sequence[bytes] = (), tail: StreamEntry | None = None) -> None:
+                 memory: Sequence[bytes] = (), tail: StreamEntry | None = None,
+                 cancel_requested: bool = False) -> None:
         self.session_id = session_id
         self.state = state
         self.memory = list(memory)
         self.tail = tail
+        self.cancel_requested = cancel_requested
         self.ended = False
         self._write: TurnWrite | None = None
+
+    async def append(self, entries: Sequence[StreamEntry]) -> bool:
+        """Append reply events as :meth:`SessionStore.append_stream` does, the session
+        staying held. Returns :attr:`cancel_requested`, which a store that carries
+        cancels between processes updates in the same round trip."""
+        if self.ended:
+            raise RuntimeError(f"the turn of session {self.session_id!r} has ended")
+        check_stream_entries(entries)
+        if entries and await self._append(list(entries)):
+            self.cancel_requested = True
+        return self.cancel_requested
+
+    async def _append(self, entries: list[StreamEntry]) -> bool:
+        """Append the entries; whether a cancel of this turn's reply was requested."""
+        raise NotImplementedError
 
     def save(self, *, state: bytes, memory_added: Sequence[bytes],
              turns: Sequence[dict[str, Any]], max_memory: int) -> None:
@@ -167,6 +190,10 @@ class _LockedTurn(SessionTurn):
         self._store = store
         self._held = held
 
+    async def _append(self, entries: list[StreamEntry]) -> bool:
+        await self._store.append_stream(self.session_id, entries)
+        return False
+
     async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
         try:
             if write is not None:
@@ -183,7 +210,8 @@ class SessionStore(ABC):
     """Async storage for sessions. Implementations must be safe to share between tasks.
 
     The methods after :meth:`lock` have defaults so a minimal store still works: it
-    then cannot resume replies, does not deduplicate messages and cannot record owners.
+    then cannot resume replies, does not deduplicate messages, cannot record owners and
+    does not carry cancels between processes.
     """
 
     @abstractmethod
@@ -276,6 +304,16 @@ class SessionStore(ABC):
     async def release_message(self, session_id: str, message_id: str) -> None:
         """Undo :meth:`claim_message`, for a message that failed before any reply began,
         so the client may retry it."""
+
+    async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
+        """Ask whichever process generates it to cancel the reply to ``message_id``
+        (with ``None``: the reply of the turn that holds the session now, if any).
+
+        The turn of that message, begun now or later, sees it as
+        :attr:`SessionTurn.cancel_requested`; other turns never do, so a cancel that
+        comes too late touches nothing. A store serving one process needs none (the
+        process cancels its own replies): this default does nothing.
+        """
 
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         """Append reply events. Seqs must rise and follow the stream's last seq, else

@@ -573,6 +573,62 @@ async def test_a_turn_ends_once(harness):
     assert await store.read_stream(SID) == []
 
 
+async def test_a_cancel_after_its_reply_touches_no_later_reply(harness):
+    store, other = harness.store, harness.twin()
+    async with store.turn(SID, message_id="m-1") as held:
+        assert not held.cancel_requested
+        await held.end(_entries(1, 2, done=True))
+    await other.request_cancel(SID, "m-1")  # too late
+    await other.request_cancel(SID)  # no reply runs
+    async with store.turn(SID, message_id="m-2") as held:
+        assert not held.cancel_requested
+        assert not await held.append(_entries(3, 1))
+        await held.end(_entries(4, 1, done=True))
+    assert [e.seq for e in await store.read_stream(SID)] == [1, 2, 3, 4]
+
+
+@needs_redis
+async def test_a_cancel_through_another_store_reaches_the_reply_it_names(redis_server):
+    """Node B asks, node A's turn hears it with its next append (or as it begins)."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    a, b = _redis_store(redis_server.url, prefix), _redis_store(redis_server.url, prefix)
+    try:
+        await b.request_cancel(SID, "m-3")  # before its turn begins
+        held = await a.begin_turn(SID, message_id="m-1")
+        assert not held.cancel_requested
+        assert not await held.append(_entries(1, 1))
+        await b.request_cancel(SID, "m-2")  # another message's
+        assert not await held.append(_entries(2, 1))
+        await b.request_cancel(SID, "m-1")
+        assert await held.append(_entries(3, 1))
+        assert held.cancel_requested
+        await held.end(_entries(4, 1, done=True))
+
+        async with a.turn(SID, message_id="m-3") as held:
+            assert held.cancel_requested
+        async with a.turn(SID, message_id="m-4") as held:
+            assert not await held.append(_entries(5, 1))
+            await b.request_cancel(SID)  # no id: the turn that holds the session now
+            assert await held.append(_entries(6, 1))
+            await held.end(_entries(7, 1, done=True))
+        async with a.turn(SID, message_id="m-5") as held:  # the next turn is not touched
+            assert not held.cancel_requested
+            assert not await held.append(_entries(8, 1))
+
+        # A retry of a released message runs (its cancel was for the failed attempt).
+        await b.request_cancel(SID, "m-6")
+        await a.release_message(SID, "m-6")
+        async with a.turn(SID, message_id="m-6") as held:
+            assert not held.cancel_requested
+        # Turns forget their cancels; m-2 never began, so its cancel waits out its TTL.
+        cancel_key = a.keys(SID).cancel
+        assert await a.client.smembers(cancel_key) == {b"m:m-2"}
+        assert 0 < await a.client.pttl(cancel_key) <= 60_000
+    finally:
+        await a.close()
+        await b.close()
+
+
 class _MinimalStore(SessionStore):
     """A third-party store with only the abstract methods (over a MemoryStore)."""
 
@@ -786,8 +842,11 @@ async def test_round_trips(redis_store, monkeypatch):
     before = trips.count
     _save(held, 2, (b"c",))  # staged: no round trip
     assert trips.count == before
-    assert await trips.measure(held.end(_entries(21, 2, done=True))) == 1
+    assert await trips.measure(held.append(_entries(21, 1))) == 1
+    assert trips.writes[-1] == ["MULTI", "XADD", "PEXPIRE", "SMISMEMBER", "EXEC"]
+    assert await trips.measure(held.end(_entries(22, 2, done=True))) == 1
     assert trips.writes[-1][0] == "MULTI" and trips.writes[-1][-2:] == ["EVAL", "EXEC"]
+    assert await trips.measure(store.request_cancel(SID, "m-9")) == 1
 
     async def turn():
         async with store.turn(SID) as held:
@@ -912,6 +971,7 @@ UNAVAILABLE_CALLS: dict[str, Callable[[SessionStore], Awaitable[Any]]] = {
     "claim_session": lambda s: s.claim_session(SID, "alice"),
     "claim_message": lambda s: s.claim_message(SID, "m-9"),
     "release_message": lambda s: s.release_message(SID, "m-9"),
+    "request_cancel": lambda s: s.request_cancel(SID),
     "append_stream": lambda s: s.append_stream(SID, _entries(100, 1)),
     "read_stream": lambda s: s.read_stream(SID),
     "wait_stream": lambda s: s.wait_stream(SID, 0, timeout=0.05),

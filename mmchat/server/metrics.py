@@ -126,6 +126,10 @@ class TimedStore(SessionStore):
         with self._timed("release_message"):
             await self.inner.release_message(session_id, message_id)
 
+    async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
+        with self._timed("request_cancel"):
+            await self.inner.request_cancel(session_id, message_id)
+
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         with self._timed("append_stream"):
             await self.inner.append_stream(session_id, entries)
@@ -145,13 +149,18 @@ class TimedStore(SessionStore):
 
 
 class _TimedTurn(SessionTurn):
-    """A turn of the wrapped store, whose end is timed as ``end_turn``."""
+    """A turn of the wrapped store, whose appends are timed as ``append_stream`` and
+    whose end as ``end_turn``."""
 
     def __init__(self, inner: SessionTurn, store: TimedStore) -> None:
         super().__init__(inner.session_id, state=inner.state, memory=inner.memory,
-                         tail=inner.tail)
+                         tail=inner.tail, cancel_requested=inner.cancel_requested)
         self._inner = inner
         self._store = store
+
+    async def _append(self, entries: list[StreamEntry]) -> bool:
+        with self._store._timed("append_stream"):
+            return await self._inner.append(entries)
 
     async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
         if write is not None:

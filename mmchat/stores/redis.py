@@ -27,6 +27,7 @@ one slot and one node serves a whole turn:
 ``{prefix}:s:{<id>}:stream``        stream  reply events for resume, id ``<seq>-0``
 ``{prefix}:s:{<id>}:msgids``        set     client message ids already taken
 ``{prefix}:s:{<id>}:lock``          string  the turn lock's token (own lease)
+``{prefix}:s:{<id>}:cancel``        set     cancels asked for (own TTL, see below)
 ==================================  ======  ====================================
 
 A multi-command call is one ``MULTI``/``EXEC`` round trip (on Cluster one plain
@@ -35,15 +36,24 @@ pipeline to the session's node, see :meth:`RedisStore._pipeline`). A turn
 lock and reads state, memory and the stream's tail; one pipeline saves the turn, appends
 the reply's last events and releases the lock.
 
-Every key but the lock has a sliding TTL of ``ttl_seconds``, renewed by :meth:`load`,
-:meth:`save_turn`, :meth:`claim_session` and a turn's begin and end (and by stream
-appends and message claims for their own key). Nothing is pickled. A failed call is not
-retried (Cluster excepted: redis-py's retries follow slot moves there), so a turn is
-never written twice; it raises :class:`StoreUnavailable` and the pool reconnects on the
-next call. A pooled connection that sat idle for ``health_check_interval`` seconds is
-first checked with a ``PING``; if that finds it closed (Redis restarted meanwhile), it
-reconnects before the command is sent, so a restart does not fail one call per stale
-connection.
+A cancel (:meth:`RedisStore.request_cancel`) may reach a node other than the one
+generating the reply. It is recorded in the ``cancel`` set as ``m:<message id>``, or
+``l:<lock token>`` for "the reply running now" (nothing if no turn holds the session),
+for ``cancel_ttl`` seconds. Every batch of reply events a turn appends asks, in the same
+pipeline, whether its message id or its lock token is there (``SMISMEMBER``), and so
+does the script that begins a turn; ending the turn removes both. Ids of messages are
+never reused in a session and tokens are random, so a cancel that comes too late
+matches no other reply.
+
+Every key but the lock and the cancel set has a sliding TTL of ``ttl_seconds``, renewed
+by :meth:`load`, :meth:`save_turn`, :meth:`claim_session` and a turn's begin and end
+(and by stream appends and message claims for their own key). Nothing is pickled. A
+failed call is not retried (Cluster excepted: redis-py's retries follow slot moves
+there), so a turn is never written twice; it raises :class:`StoreUnavailable` and the
+pool reconnects on the next call. A pooled connection that sat idle for
+``health_check_interval`` seconds is first checked with a ``PING``; if that finds it
+closed (Redis restarted meanwhile), it reconnects before the command is sent, so a
+restart does not fail one call per stale connection.
 """
 
 from __future__ import annotations
@@ -92,10 +102,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-# Begin a turn. KEYS: lock, msgids, state, memory, stream, history, meta.
+# Begin a turn. KEYS: lock, msgids, state, memory, stream, history, meta, cancel.
 # ARGV: token, lock lease (ms), TTL (ms)[, message id to claim].
 # Returns {0} if the message id was taken before, {1} if the lock is busy (the id, if
-# any, is claimed all the same), else {2, state, memory, stream tail}.
+# any, is claimed all the same), else {2, state, memory, stream tail, whether a cancel
+# of the message was asked for}.
 _BEGIN_TURN = """
 if #ARGV > 3 then
   if redis.call('SADD', KEYS[2], ARGV[4]) == 0 then
@@ -106,11 +117,33 @@ end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1}
 end
-for i = 2, #KEYS do
+for i = 2, 7 do
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
 end
+local cancelled = 0
+if #ARGV > 3 then
+  cancelled = redis.call('SISMEMBER', KEYS[8], 'm:' .. ARGV[4])
+end
 return {2, redis.call('GET', KEYS[3]), redis.call('LRANGE', KEYS[4], 0, -1),
-        redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)}
+        redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1), cancelled}
+"""
+
+# Record a cancel. KEYS: cancel, lock. ARGV: TTL (ms)[, message id]. Without a message
+# id, the turn holding the lock now is meant (by its token); returns 0 if there is none.
+_REQUEST_CANCEL = """
+local member
+if #ARGV > 1 then
+  member = 'm:' .. ARGV[2]
+else
+  local token = redis.call('GET', KEYS[2])
+  if not token then
+    return 0
+  end
+  member = 'l:' .. token
+end
+redis.call('SADD', KEYS[1], member)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 # Delete the lock only if it still holds our token.
@@ -220,10 +253,11 @@ class _Keys:
     stream: str
     msgids: str
     lock: str
+    cancel: str
 
     @property
     def data(self) -> tuple[str, ...]:
-        """Every key with the session's sliding TTL (all but the lock)."""
+        """Every key with the session's sliding TTL (all but the lock and cancels)."""
         return (self.state, self.memory, self.history, self.meta, self.stream, self.msgids)
 
 
@@ -269,7 +303,8 @@ class RedisStore(SessionStore):
     The turn lock is a lease of ``lock_lease`` seconds (default 15), renewed every third
     of it while held, so a crashed process blocks its sessions for at most one lease.
     Waiting for a busy lock backs off from 5 ms to 100 ms and gives up with
-    :class:`SessionBusy` after ``lock_wait`` seconds.
+    :class:`SessionBusy` after ``lock_wait`` seconds. A cancel that no turn has taken up
+    is kept for ``cancel_ttl`` seconds (default 60).
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "mmchat",
@@ -277,15 +312,18 @@ class RedisStore(SessionStore):
                  pool_timeout: float = 5.0, socket_timeout: float = 5.0,
                  connect_timeout: float = 2.0, lock_lease: float = 15.0,
                  lock_wait: float = 10.0, stream_max_len: int = 2048,
-                 health_check_interval: float = 1.0) -> None:
+                 health_check_interval: float = 1.0, cancel_ttl: float = 60.0) -> None:
         if not prefix or any(c in prefix for c in "{} "):
             raise ConfigError(f"sessions.prefix = {prefix!r} is not allowed: "
                               "use a non-empty string without braces or spaces")
-        if ttl_seconds <= 0 or lock_lease <= 0 or lock_wait < 0 or stream_max_len < 1:
-            raise ConfigError("Redis store: ttl, lock lease and stream length must be positive")
+        if (ttl_seconds <= 0 or lock_lease <= 0 or lock_wait < 0 or stream_max_len < 1
+                or cancel_ttl <= 0):
+            raise ConfigError("Redis store: ttl, lock lease, stream length and cancel ttl "
+                              "must be positive")
         self._url = parse_redis_url(url)
         self._prefix = prefix
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
+        self._cancel_ttl_ms = max(1, int(cancel_ttl * 1000))
         self._socket_timeout = socket_timeout
         self.lock_lease = lock_lease
         self.lock_wait = lock_wait
@@ -358,7 +396,8 @@ class RedisStore(SessionStore):
         """The Redis keys of one session."""
         base = f"{self._prefix}:s:{{{validate_session_id(session_id)}}}"
         return _Keys(*(f"{base}:{name}" for name in
-                       ("state", "memory", "history", "meta", "stream", "msgids", "lock")))
+                       ("state", "memory", "history", "meta", "stream", "msgids", "lock",
+                        "cancel")))
 
     @contextlib.asynccontextmanager
     async def _guard(self, action: str) -> AsyncIterator[None]:
@@ -427,7 +466,7 @@ class RedisStore(SessionStore):
     async def delete(self, session_id: str) -> None:
         keys = self.keys(session_id)
         async with self._guard("delete"):
-            await self._client.delete(*keys.data)
+            await self._client.delete(*keys.data, keys.cancel)
 
     def lock(self, session_id: str) -> RedisLock:
         return RedisLock(self, session_id)
@@ -435,8 +474,9 @@ class RedisStore(SessionStore):
     async def begin_turn(self, session_id: str, *,
                          message_id: str | None = None) -> RedisTurn:
         """One Lua script: claim ``message_id``, take the lock, renew the TTLs and read
-        state, memory and the stream's tail. A busy lock is retried as :meth:`lock`
-        does (without claiming again). The lock is renewed until the turn ends."""
+        state, memory, the stream's tail and whether the message was cancelled already.
+        A busy lock is retried as :meth:`lock` does (without claiming again). The lock
+        is renewed until the turn ends."""
         keys = self.keys(session_id)
         lock = RedisLock(self, session_id)
         args: list[Any] = [lock.token, lock.lease_ms, self._ttl_ms]
@@ -447,8 +487,8 @@ class RedisStore(SessionStore):
         async def attempt() -> bool:
             async with self._guard("begin_turn"):
                 reply[:] = await self._client.eval(
-                    _BEGIN_TURN, 7, keys.lock, keys.msgids, keys.state, keys.memory,
-                    keys.stream, keys.history, keys.meta, *args)
+                    _BEGIN_TURN, 8, keys.lock, keys.msgids, keys.state, keys.memory,
+                    keys.stream, keys.history, keys.meta, keys.cancel, *args)
             if reply[0] == 0:
                 raise DuplicateMessage(f"message {message_id!r} was already taken in this "
                                        "session; resume to replay its reply")
@@ -456,10 +496,11 @@ class RedisStore(SessionStore):
             return reply[0] == 2
 
         await lock.acquire(attempt)
-        _, state, memory, tail = reply
+        _, state, memory, tail, cancelled = reply
         lock.start_renewal()
-        return RedisTurn(self, lock, state=state, memory=memory,
-                         tail=_entry(_fields(tail[0])) if tail else None)
+        return RedisTurn(self, lock, message_id, state=state, memory=memory,
+                         tail=_entry(_fields(tail[0])) if tail else None,
+                         cancel_requested=bool(cancelled))
 
     async def claim_session(self, session_id: str, owner: str) -> str:
         if not owner:
@@ -484,9 +525,21 @@ class RedisStore(SessionStore):
         return added == 1
 
     async def release_message(self, session_id: str, message_id: str) -> None:
+        """Also forgets a cancel of the message, so the client's retry runs."""
         keys = self.keys(session_id)
         async with self._guard("release_message"):
-            await self._client.srem(keys.msgids, message_id)
+            pipe = self._pipeline()
+            pipe.srem(keys.msgids, message_id)
+            pipe.srem(keys.cancel, f"m:{message_id}")
+            await pipe.execute()
+
+    async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
+        """One Lua script: add the cancel to the session's ``cancel`` set."""
+        keys = self.keys(session_id)
+        args = [self._cancel_ttl_ms] if message_id is None else [self._cancel_ttl_ms,
+                                                                  message_id]
+        async with self._guard("request_cancel"):
+            await self._client.eval(_REQUEST_CANCEL, 2, keys.cancel, keys.lock, *args)
 
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         """Append in one transaction (XADD ... MAXLEN ~ cap, then PEXPIRE).
@@ -678,14 +731,31 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
 
 
 class RedisTurn(SessionTurn):
-    """A turn of :meth:`RedisStore.begin_turn`. Ending it is one round trip: the write,
-    the stream entries and the token-checked lock release in one pipeline (one
-    ``MULTI``/``EXEC``; on Cluster a plain pipeline to the session's node)."""
+    """A turn of :meth:`RedisStore.begin_turn`. Appending is one round trip: the stream
+    entries and the question whether this turn's reply was cancelled. Ending it is one:
+    the write, the stream entries, forgetting the turn's cancels and the token-checked
+    lock release in one pipeline (one ``MULTI``/``EXEC``; on Cluster a plain pipeline to
+    the session's node)."""
 
-    def __init__(self, store: RedisStore, lock: RedisLock, **loaded: Any) -> None:
+    def __init__(self, store: RedisStore, lock: RedisLock, message_id: str | None,
+                 **loaded: Any) -> None:
         super().__init__(lock.session_id, **loaded)
         self._store = store
         self._lock = lock
+        #: The members of the ``cancel`` set that mean this turn.
+        self._cancels = [f"l:{lock.token}"]
+        if message_id is not None:
+            self._cancels.append(f"m:{message_id}")
+
+    async def _append(self, entries: list[StreamEntry]) -> bool:
+        store = self._store
+        keys = store.keys(self.session_id)
+        async with store._guard("append_stream"):
+            pipe = store._pipeline()
+            store._queue_append(pipe, keys, entries)
+            pipe.smismember(keys.cancel, self._cancels)
+            results = await store._execute(pipe, self.session_id, entries)
+        return any(results[-1])
 
     async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
         store, lock = self._store, self._lock
@@ -698,6 +768,7 @@ class RedisTurn(SessionTurn):
                     store._queue_write(pipe, keys, write)
                 if entries:
                     store._queue_append(pipe, keys, entries)
+                pipe.srem(keys.cancel, *self._cancels)
                 pipe.eval(_RELEASE, 1, keys.lock, lock.token)
                 results = await store._execute(pipe, self.session_id, entries)
         except _SeqRefused:  # the rest of the pipeline ran
