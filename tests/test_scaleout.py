@@ -99,8 +99,10 @@ async def node_process(env: dict[str, str], tmp_path) -> AsyncIterator[tuple[obj
 
 
 def _stream_append(write: list[str]) -> bool:
-    """Whether one write to Redis only appends reply events (MULTI XADD... PEXPIRE EXEC)."""
-    return "XADD" in write and set(write) <= {"MULTI", "XADD", "PEXPIRE", "EXEC"}
+    """Whether one write to Redis only appends reply events and asks whether the reply
+    was cancelled (MULTI XADD... PEXPIRE SMISMEMBER EXEC)."""
+    return "XADD" in write and set(write) <= {"MULTI", "XADD", "PEXPIRE", "SMISMEMBER",
+                                              "EXEC"}
 
 
 async def test_a_turn_takes_two_round_trips_besides_its_stream_appends(redis_url, prefix,
@@ -186,6 +188,45 @@ async def test_concurrent_messages_through_two_nodes_run_in_order(redis_url, pre
         replies = [next(r for r in sent if r.response_id == rid) for rid in order]
         assert [texts[r.message_id] for r in replies] == users
         assert [r.done.text for r in replies] == [t["text"] for t in history[1::2]]
+
+
+async def test_a_cancel_sent_to_another_node_stops_the_reply(redis_url, prefix):
+    """The reply runs on node A; a second connection of the session, on node B, follows
+    it (resume) and cancels it. B does not generate it, so the cancel goes through Redis.
+    Unstopped, the reply would run to 4000 tokens and end ``length``."""
+    config = node_config(redis_url, prefix, generation={"max_new_tokens": 4000})
+    async with running_server(config) as a, running_server(config) as b:
+        on_a = await Client.connect(a.url)
+        reply = await on_a.send("hello there")
+        seen = [await reply.__anext__() for _ in range(3)]
+
+        on_b = await Client.connect(b.url, session_id=on_a.session_id, last_seq=0)
+        assert on_b.ready.resumed
+        followed = await on_b.next_reply(60)
+        await followed.__anext__()
+        assert followed.message_id == reply.message_id
+        assert not b.turns.running(on_a.session_id)  # B follows, A generates
+        await on_b.cancel(reply.message_id)
+
+        done = await reply.wait(60)
+        assert done.finish_reason == "cancelled"
+        assert 3 <= done.usage.completion_tokens < 4000
+        check_reply(reply)
+        assert reply.deltas[:3] == seen
+        assert await followed.wait(60) == done
+        assert followed.started == reply.started and followed.deltas == reply.deltas
+        entries = await a.store.read_stream(on_a.session_id)
+        assert [e.seq for e in entries] == [reply.started.seq,
+                                            *(d.seq for d in reply.deltas), done.seq]
+
+        # The cancel is spent: the next reply of the session runs to its end.
+        after = await on_b.reply("hello there", timeout=120)
+        assert after.done.finish_reason == "length"
+        check_reply(after, after_seq=done.seq)
+        history = await a.engine.history(on_a.session_id)
+        assert [t["finish_reason"] for t in history[1::2]] == ["cancelled", "length"]
+        await on_a.close()
+        await on_b.close()
 
 
 async def test_a_reply_resumes_on_another_node_when_its_node_is_killed(

@@ -4,7 +4,8 @@
 into :attr:`Connection.outbox`: serialised events, then a final :class:`Close`.
 ``app.py`` does the socket I/O. Slow jobs (a message's reply, a resume) run one after
 another in a worker task, so a connection's replies come in the order its messages
-did; cancel and ping are answered at once.
+did; cancel and ping are answered at once. A cancel of a reply this process is not
+generating goes to the session store, which carries it to the process that is.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class Connection:
             if message is not None:
                 self._accept(message)
         elif isinstance(event, Cancel):
-            self._cancel(event.id)
+            await self._cancel(event.id)
         elif isinstance(event, Ping):
             if not self._limited("ping"):
                 self.send(Pong(event.nonce))
@@ -234,13 +235,25 @@ class Connection:
             return
         self._queued.add(message.id)
 
-    def _cancel(self, message_id: str | None) -> None:
+    async def _cancel(self, message_id: str | None) -> None:
+        """Cancel the reply to ``message_id`` (any running reply when ``None``) here, and
+        through the session store unless it was found here: another process may be
+        generating it (another connection of the session sent the message, or this
+        client came back here while its old node still generates)."""
         turns = self.server.turns.running(self.session_id)
         hit = [t for t in turns if message_id is None or t.message_id == message_id]
         for turn in hit:
             turn.cancel()
         if not hit and message_id in self._queued:
             self._cancelled.add(message_id)
+            return
+        if (hit and message_id is not None) or self._limited(message_id or "cancel"):
+            return
+        try:
+            await self.server.store.request_cancel(self.session_id, message_id)
+        except MMChatError as exc:
+            self.error(exc.code, f"{exc.message}; the cancel may not reach another server",
+                       message_id or "cancel")
 
     def _hello_expired(self) -> None:
         if self.session_id is None and not self.closing:

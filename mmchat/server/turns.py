@@ -11,6 +11,11 @@ max_new_tokens), so the reply can still be resumed.
 The engine runs in the held session (``Engine.stream(turn=...)``) and stages its write
 there; the reply's ``done`` goes with that write and the unlock, in one round trip, so
 it is in the stream before the next turn of the session numbers its events.
+
+A cancel sent through another process reaches the turn through the session store
+(:meth:`SessionStore.request_cancel`): the held session reports it when the turn
+begins and with each batch of events appended, and the turn then cancels itself as for
+a local cancel.
 """
 
 from __future__ import annotations
@@ -96,17 +101,22 @@ class Turn:
             queue.put_nowait(None)
         self._queues.clear()
 
-    async def _append(self, events: Sequence[Started | Delta | Done],
-                      held: SessionTurn | None = None) -> bool:
-        """Append to the session stream; with ``held``, as its last events, ending the
-        turn (the engine's write, the events and the unlock go together). ``False`` (and
-        keep the error) if the store failed."""
+    async def _append(self, events: Sequence[Started | Delta | Done], held: SessionTurn, *,
+                      last: bool) -> bool:
+        """Append to the session stream through ``held``; the ``last`` events end the
+        turn (the engine's write, the events and the unlock go together). A batch
+        mid-reply learns whether the reply was cancelled through another process.
+        ``False`` (and keep the error) if the store failed."""
         entries = [to_stream_entry(e) for e in events]
         try:
-            if held is not None and not held.ended:
-                await held.end(entries)
-            else:  # a batch mid-reply, or the error's done after a failed end
+            if held.ended:  # the error's done after a failed end
                 await self.manager.store.append_stream(self.request.session_id, entries)
+            elif last:
+                await held.end(entries)
+            elif await held.append(entries) and not self._cancel_requested:
+                logger.info("reply %s: cancelled through the session store",
+                            self.response_id)
+                self.cancel()
         except StoreUnavailable as exc:
             logger.warning("reply %s: events could not be saved: %s", self.response_id, exc)
             self._store_error = exc
@@ -130,8 +140,8 @@ class Turn:
                 stream = await manager.engine.stream(request.session_id, request.text,
                                                      request.attachments, turn=held)
                 self._stream = stream
-                if self._cancel_requested:
-                    stream.cancel()
+                if self._cancel_requested or held.cancel_requested:
+                    self.cancel()
                 await self._pump(stream, held, tail.seq if tail is not None else 0,
                                  queue_ms)
         except DuplicateMessage as exc:  # the claim is the first copy's: keep it
@@ -199,8 +209,7 @@ class Turn:
                     next_seq += 1
                     events.append(self._done(outcome[0], next_seq, queue_ms))
                 if events:
-                    if not await self._append(events, held if ending and not failed
-                                              else None):
+                    if not await self._append(events, held, last=ending and not failed):
                         broken = True
                         stream.cancel()
                         if ending:
@@ -234,7 +243,7 @@ class Turn:
         self._fail(error.code, message)
         metrics.turns.labels("error").inc()
         done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
-        await self._append([done], held)
+        await self._append([done], held, last=True)
         self._publish([done])
 
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
