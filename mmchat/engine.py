@@ -417,18 +417,19 @@ class Engine:
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
 
     def _prefill(self, items: list[_Prefill]) -> list[Any]:
-        """On the model thread: encode each turn's new attachments, then prefill all the
-        turns in one batch. One result per item, ``(new memory entries, run)``, or the
-        exception that item alone raises."""
+        """On the model thread: encode every turn's new attachments (one encoder call per
+        modality), then prefill all the turns in one batch. One result per item,
+        ``(new memory entries, run)``, or the exception that item alone raises."""
         from .runtime import TurnRequest, start_turns
         from .state import MemoryEntry
 
         out: list[Any] = [None] * len(items)
+        encoded = self._encode_all(items)
         todo: dict[int, tuple[list[Any], TurnRequest]] = {}
         for i, item in enumerate(items):
             try:
-                new = [MemoryEntry(m.name, self._encode(m, f), a.id)
-                       for (m, a), f in zip(item.attachments, item.features)]
+                new = [MemoryEntry(m.name, _raise_if_error(encoded[i, j]), a.id)
+                       for j, (m, a) in enumerate(item.attachments)]
             except Exception as exc:
                 out[i] = exc
                 continue
@@ -453,13 +454,34 @@ class Engine:
             out[i] = run if isinstance(run, Exception) else (new, run)
         return out
 
-    def _encode(self, modality: Modality, features: Any):
+    def _encode_all(self, items: list[_Prefill]) -> dict[tuple[int, int], Any]:
+        """Each attachment's vectors by (item, attachment), or the exception its encoding
+        raised: one encoder call per modality, then one per attachment of a modality
+        whose batch failed, so a bad one fails only its own turn."""
+        by_modality: dict[str, list[tuple[tuple[int, int], Modality, Any]]] = {}
+        for i, item in enumerate(items):
+            for j, ((modality, _), features) in enumerate(zip(item.attachments, item.features)):
+                by_modality.setdefault(modality.name, []).append(((i, j), modality, features))
+        out: dict[tuple[int, int], Any] = {}
+        for group in by_modality.values():
+            try:
+                vectors = self._encode(group[0][1], [f for _, _, f in group])
+                out.update((key, v) for (key, _, _), v in zip(group, vectors))
+            except Exception:
+                for key, modality, features in group:
+                    try:
+                        out[key] = self._encode(modality, [features])[0]
+                    except Exception as exc:
+                        out[key] = exc
+        return out
+
+    def _encode(self, modality: Modality, features: list[Any]) -> list[Any]:
         import torch
 
-        x, lengths = modality.collate([features])
+        x, lengths = modality.collate(features)
         with torch.inference_mode():
             return self.plugins.wrap_call(modality, "encode", self.model.encode, modality.name,
-                                          x, lengths)[0]
+                                          x, lengths)
 
     @staticmethod
     def _trim_stop(text: str, stops: Iterable[str]) -> str:
@@ -467,3 +489,9 @@ class Engine:
             if s and s in text:
                 text = text[: text.index(s)]
         return text
+
+
+def _raise_if_error(value: Any) -> Any:
+    if isinstance(value, Exception):
+        raise value
+    return value

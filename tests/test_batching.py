@@ -269,3 +269,42 @@ async def test_turns_that_arrive_together_are_prefilled_in_one_batch(tiny_config
     assert prefills == [len(SESSIONS)]
     for (session, _, _), reply in zip(SESSIONS, replies):
         assert summary(reply) == summary(solo[session][0]), session
+
+
+async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_config, toy_host,
+                                                                        tmp_path):
+    """One encoder call per modality for the turns prefilled together; when that call
+    fails, each attachment is encoded alone, so only the bad one's turn fails."""
+    from mmchat.errors import PluginError
+
+    config = engine_config(tiny_config, tmp_path, toy_host)
+    solo = await solo_replies(config, toy_host, SESSIONS)
+    async with Engine(config, plugins=toy_host) as engine:
+        calls: list[list[int]] = []
+        encode = engine.model.encode
+
+        def flaky(modality, x, lengths):
+            calls.append(lengths.tolist())
+            if 16 in lengths.tolist():  # session d's attachment breaks the encoder
+                raise RuntimeError("encoder blew up")
+            return encode(modality, x, lengths)
+
+        engine.model.encode = flaky
+        scheduler = engine._scheduler
+        gate = threading.Event()
+        busy = asyncio.ensure_future(scheduler.call(gate.wait, 30))
+        streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
+        for _ in range(1000):
+            if len(scheduler._jobs) == len(SESSIONS):
+                break
+            await asyncio.sleep(0.01)
+        gate.set()
+        await busy
+        results = await asyncio.gather(*(st.wait() for st in streams), return_exceptions=True)
+    assert calls[0] == [4, 2, 9, 16, 1]  # every toy attachment in one call
+    assert sorted(map(tuple, calls[1:])) == [(1,), (2,), (4,), (9,), (16,)]
+    for (session, _, _), result in zip(SESSIONS, results):
+        if session == "d":
+            assert isinstance(result, PluginError) and "encoder blew up" in str(result)
+        else:
+            assert summary(result) == summary(solo[session][0]), session
