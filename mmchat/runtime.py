@@ -196,8 +196,9 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
     """:func:`start_turn` for several turns at once: one run per request, in order.
 
     The prompts go through the RNN as one right-padded batch (each row's state is read
-    at its own last token); memories, turn memories and first logits are computed per
-    row, so every run is the one :func:`start_turn` would give (to float rounding).
+    at its own last token), and the memories, turn memories and first logits as one
+    batch padded to the longest memory (padding is masked out), so every run is the one
+    :func:`start_turn` would give (to float rounding).
     """
     decoder = decoder if decoder is not None else ReferenceDecoder(model)
     with torch.inference_mode():
@@ -213,24 +214,48 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         padded = torch.tensor(lengths) if len(set(lengths)) > 1 else None
         rnn = torch.cat([s.rnn for s in states], dim=2)  # (S, L, B, H)
         h, rnn = model.run_rnn(idx, rnn, padded)  # (B, T, H), (S, L, B, H)
-        return [_turn_run(model, tokenizer, decoder, r, s, u, n,
-                          h[b: b + 1, n - 1: n], rnn[:, :, b: b + 1].clone())
-                for b, (r, s, u, n) in enumerate(zip(requests, states, users, lengths))]
+        B = len(requests)
+        h_last = h[torch.arange(B), torch.tensor(lengths) - 1].unsqueeze(1)  # (B, 1, H)
+        entries = [[(e.modality, e.vectors) for e in r.memory if e.modality in model.kind_index]
+                   for r in requests]
+        values, kinds, mask = model.memory_bank(entries)  # (B, N, d)
+        words = torch.zeros(B, max(len(u) for u in users), dtype=torch.long)  # (B, U)
+        select = torch.zeros(words.shape)
+        for b, u in enumerate(users):
+            words[b, : len(u)], select[b, : len(u)] = torch.tensor(u), 1.0
+        bag = model.bag_of_words(words, select)  # (B, E)
+        mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
+        ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
+        logits = model.logits(h_last, ctx)[:, -1]  # (B, V)
+        runs = []
+        for b, (r, s, n) in enumerate(zip(requests, states, lengths)):
+            # row b's own slots: its null and entries, then the summary slots after the
+            # padding, so the run is laid out as start_turn lays out a batch of one
+            own = 1 + sum(v.shape[0] for _, v in entries[b])
+            keep = torch.cat([torch.arange(own), torch.arange(values.shape[1], mem.mask.shape[1])])
+            runs.append(_turn_run(model, tokenizer, decoder, r, s, n, _row(mem, b, keep),
+                                  logits[b: b + 1], weights[b: b + 1, -1, keep],
+                                  rnn[:, :, b: b + 1].clone()))
+        return runs
+
+
+def _row(mem: TurnMemory, b: int, keep: torch.Tensor) -> TurnMemory:
+    """Row ``b`` of a batched turn memory, slots ``keep`` only, as a batch of one."""
+    def one(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[b: b + 1]
+
+    return TurnMemory(mem.values[b: b + 1, keep], mem.mask[b: b + 1, keep],
+                      mem.kinds[b: b + 1, keep], mem.query[b: b + 1], one(mem.pooled),
+                      one(mem.pooled_mask))
 
 
 def _turn_run(model: DialogueLM, tokenizer: Tokenizer, decoder: Decoder, request: TurnRequest,
-              state: SessionState, user: list[int], prompt_tokens: int, h_last: torch.Tensor,
-              rnn_state: torch.Tensor) -> TurnRun:
-    """A run from one prompt's last output (1, 1, H) and RNN state (S, L, 1, H)."""
+              state: SessionState, prompt_tokens: int, mem: TurnMemory, logits: torch.Tensor,
+              weights: torch.Tensor, rnn_state: torch.Tensor) -> TurnRun:
+    """A run from one prompt's turn memory, first logits (1, V), attention (1, N) and RNN
+    state (S, L, 1, H)."""
     params = request.params
-    entries = [[(e.modality, e.vectors) for e in request.memory
-                if e.modality in model.kind_index]]
-    values, kinds, mask = model.memory_bank(entries)  # (1, N, d)
-    bag = model.bag_of_words(torch.tensor([user]), torch.ones(1, len(user)))  # (1, E)
-    mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
-    ctx, weights = model.context(h_last, mem)  # (1, 1, d), (1, 1, N)
-    logits = model.logits(h_last, ctx)[:, -1]  # (1, V)
-    step_memory = decoder.prepare(mem, weights[:, -1])
+    step_memory = decoder.prepare(mem, weights)
 
     def step(tokens: torch.Tensor, rnn: torch.Tensor):
         return decoder.step(tokens, rnn, decoder.expand(step_memory, tokens.shape[0]))
@@ -239,7 +264,7 @@ def _turn_run(model: DialogueLM, tokenizer: Tokenizer, decoder: Decoder, request
         text_so_far = tokenizer.decode(ids)
         return any(s and s in text_so_far for s in params.stop)
 
-    generation = generate(step, logits, weights[:, -1], rnn_state, params,
+    generation = generate(step, logits, weights, rnn_state, params,
                           eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None)
     return TurnRun(model, tokenizer, generation, mem, prompt_tokens=prompt_tokens,
                    turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state,
