@@ -282,10 +282,19 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
             phases.append(await measure(server.url,
                                         f"mmchat + Redis store, {clients} clients, text",
                                         clients, messages))
-    setup = (f"model: {config.model.rnn} {config.model.n_layer}x{config.model.n_hidden} "
-             f"({model}), fusion {config.fusion.method}, greedy, {REPLY_TOKENS}-token replies; "
+    sizes = config.model if untrained else _checkpoint_sizes(config.resolve(model))
+    setup = (f"model: {sizes.rnn} {sizes.n_layer}x{sizes.n_hidden} ({model}), "
+             f"fusion {sizes.fusion}, greedy, at most {REPLY_TOKENS}-token replies; "
              f"{messages} messages per client ({baseline_messages} for the baseline)")
     return setup, phases, machine_notes(threads)
+
+
+def _checkpoint_sizes(path):
+    """The model config a checkpoint folder was trained with (its config.json)."""
+    import json
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**json.loads((path / "config.json").read_text())["config"])
 
 
 def report(setup: str, phases: list[Phase], notes: str) -> str:
@@ -336,12 +345,10 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "",
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
-        "one batched step per token, but it runs the prompts of new turns (the prefill) "
-        "one after another between steps, so the last of 64 first tokens waits for 63 "
-        "prefills; the engine-alone row shows the same first-token times without any "
-        "server. The time-to-first-token targets need prefills batched in the engine; "
-        "the server's own share is the gap between the mmchat rows and the engine-alone "
-        "row, and the one-request row's first token.",
+        "one batched step per token and prefills the turns that arrived meanwhile as one "
+        "batch between two steps; the engine-alone row shows the first-token times "
+        "without any server, and the server's own share is the gap between the mmchat "
+        "rows and the engine-alone row.",
         "",
     ])
 
