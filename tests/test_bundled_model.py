@@ -97,7 +97,7 @@ def test_answers_questions_about_differently_drawn_scenes(engine):
         got = ask(engine, f"scene-{i}", question, [png(shapes)])
         if got != expected:
             wrong.append((question, expected, got))
-    assert len(wrong) <= 4, wrong  # 13 of 17 right when the model was bundled
+    assert len(wrong) <= 1, wrong  # 17 of 17 right when the model was bundled
 
 
 def test_follow_up_questions_about_an_earlier_picture(engine):
@@ -108,7 +108,7 @@ def test_follow_up_questions_about_an_earlier_picture(engine):
             got = ask(engine, f"follow-{i}", question, attachments)
             if j > 0:
                 right.append(got == expected)
-    assert sum(right) >= 2, right  # follow-ups carry no picture: the answer is remembered
+    assert all(right), right  # follow-ups carry no picture: the answer is remembered
 
 
 def test_answers_spoken_questions_in_unheard_voices(engine, tmp_path):
@@ -120,8 +120,9 @@ def test_answers_spoken_questions_in_unheard_voices(engine, tmp_path):
         reply = engine.reply_sync(f"spoken-{i}", "", [png(shapes), Attachment.from_path(wav)])
         right.append(reply.text.strip() == expected)
         assert reply.attention["image"] > 0 and reply.attention["voice"] > 0
-    # the question is only in the audio: "how many shapes are there" must be heard
-    assert right[2], right
+    # the question is only in the audio: it must be heard (2 of 3 when bundled: the
+    # colour in "what shape is the blue one" is misheard in this voice)
+    assert right[0] and right[2], right
 
 
 def test_answers_come_from_the_picture(engine):
