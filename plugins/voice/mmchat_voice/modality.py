@@ -120,7 +120,6 @@ class VoiceModality(Modality):
             x = x[:n_mels]
         else:  # the top bins repeat the highest one
             x = torch.cat([x, x[-1:].expand(n_mels - x.shape[0], -1)])
-        x = x.clone()
         width = randint(5)
         start = randint(n_mels - width + 1)
         x[start:start + width] = 0.0
