@@ -434,7 +434,8 @@ class Engine:
                 out[i] = exc
                 continue
             keep = (item.memory + new)[-self.config.fusion.max_memory:]
-            todo[i] = new, TurnRequest(item.state, keep, item.text, item.params)
+            todo[i] = new, TurnRequest(item.state, keep, item.text, item.params,
+                                       min(len(new), len(keep)))
         decoder = self._scheduler.decoder
         requests = [request for _, request in todo.values()]
         runs: list[Any]

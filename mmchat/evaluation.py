@@ -150,6 +150,7 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
                 continue
             if turn.role != "assistant" or pending_user is None:
                 continue
+            new = 0
             for att in pending_user.attachments:
                 if att.modality in drop or att.modality not in model.kind_index:
                     continue
@@ -157,8 +158,9 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
                 x, lengths = modalities[att.modality].collate([features])
                 memory.append(MemoryEntry(att.modality,
                                           model.encode(att.modality, x, lengths)[0]))
+                new += 1
             run = start_turn(model, tokenizer, state, memory, pending_user.text, params,
-                             decoder=decoder)
+                             decoder=decoder, new=new)
             while run.next_token() is not None:
                 pass
             results.append(TurnResult(d.id, turn.category or d.category or "", turn.text,

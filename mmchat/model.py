@@ -39,6 +39,8 @@ class DialogueConfig:
     modalities: list[str] = field(default_factory=list)  # order fixes the type ids
     answers: list[str] = field(default_factory=list)  # classes of the auxiliary answer head
     transcripts: bool = False  # train a head that tells which words an attachment says
+    heard: list[str] = field(default_factory=list)  # modalities whose words join the turn's bag
+    heard_tokens: float = 8.0  # how many typed tokens one heard attachment counts for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,10 +149,34 @@ class DialogueLM(nn.Module):
             mask[b, : sizes[b]] = True
         return values + self.kind_emb(kinds), kinds, mask
 
-    def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-        """Mean token embedding (B, E) over the positions ``select`` (B, T) marks."""
+    def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor,
+                     heard: torch.Tensor | None = None,
+                     n_heard: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean token embedding (B, E) over the positions ``select`` (B, T) marks.
+
+        ``heard`` (B, E) sums the :meth:`heard_words` of the turn's ``n_heard`` (B,)
+        spoken attachments; each counts as ``heard_tokens`` typed tokens, so a spoken
+        question gives about the bag its typed words would.
+        """
         emb = self.tok_emb(idx) * select.unsqueeze(-1)  # (B, T, E)
-        return emb.sum(dim=1) / select.sum(dim=1, keepdim=True).clamp_min(1)
+        total, count = emb.sum(dim=1), select.sum(dim=1)  # (B, E), (B,)
+        if heard is not None and n_heard is not None:
+            w = self.config.heard_tokens
+            total, count = total + w * heard, count + w * n_heard
+        return total / count.unsqueeze(-1).clamp_min(1)
+
+    def heard_words(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What each attachment says, as the expected embedding of its words (A, E).
+
+        The word head's distribution over the vocabulary (trained on transcripts, see
+        :meth:`transcript_loss`) weights the token embeddings: the mean embedding of
+        the words it hears.
+        """
+        pooled = torch.stack([v.max(dim=0).values for v in vectors])  # (A, d)
+        return self.word_head(pooled).softmax(dim=-1) @ self.tok_emb.weight  # (A, E)
+
+    def hears(self, modality: str) -> bool:
+        return self.word_head is not None and modality in self.config.heard
 
     def turn_memory(self, h_prompt: torch.Tensor, bag: torch.Tensor, values: torch.Tensor,
                     kinds: torch.Tensor, mask: torch.Tensor) -> TurnMemory:
@@ -220,11 +246,19 @@ class DialogueLM(nn.Module):
         entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
         entry_turns: list[list[int]] = [[] for _ in range(B)]
         said_loss, n_said = self.null.new_zeros(()), 0
+        K = prompt_end.shape[1]
+        heard = self.null.new_zeros(B, K, self.config.n_embd)  # (B, K, E) words heard per turn
+        n_heard = self.null.new_zeros(B, K)  # (B, K)
         for batch in media:
             vectors = self.encode(batch.modality, batch.x, batch.lengths)
             if batch.words is not None and transcript_weight > 0:
                 part, n = self.transcript_loss(vectors, batch.words)
                 said_loss, n_said = said_loss + part, n_said + n
+            if self.hears(batch.modality) and vectors:
+                at = (batch.item.to(idx.device), batch.turn.to(idx.device))
+                heard = heard.index_put(at, self.heard_words(vectors), accumulate=True)
+                n_heard = n_heard.index_put(at, torch.ones_like(at[0], dtype=heard.dtype),
+                                            accumulate=True)
             for v, b, k in zip(vectors, batch.item.tolist(), batch.turn.tolist()):
                 entries[b].append((batch.modality, v))
                 entry_turns[b].append(k)
@@ -241,7 +275,7 @@ class DialogueLM(nn.Module):
         use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
         aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
-        for k in range(prompt_end.shape[1]):
+        for k in range(K):
             rows = (prompt_end[:, k] >= 0).nonzero().squeeze(1)  # dialogues with a turn k
             if rows.numel() == 0:
                 continue
@@ -250,7 +284,8 @@ class DialogueLM(nn.Module):
             lo, hi = int(span.min()), int(span.max()) + 1  # the window holding turn k
             h_prompt = h[rows, prompt_end[rows, k]]  # (R, H)
             words = in_turn & (positions <= prompt_end[rows, k:k + 1]) & (idx[rows] != bos)
-            bag = self.bag_of_words(idx[rows], words.float())  # (R, E)
+            bag = self.bag_of_words(idx[rows], words.float(), heard[rows, k],
+                                    n_heard[rows, k])  # (R, E)
             visible = mask[rows] & (sent[rows] <= k)  # (R, N)
             mem = self.turn_memory(h_prompt, bag, values[rows], kinds[rows], visible)
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)

@@ -177,17 +177,19 @@ class TurnRequest:
     memory: list[MemoryEntry]
     text: str
     params: GenerationParams
+    new: int = 0  # the last ``new`` memory entries came with this turn
 
 
 def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | None,
                memory: list[MemoryEntry], text: str, params: GenerationParams,
-               decoder: Decoder | None = None) -> TurnRun:
+               decoder: Decoder | None = None, new: int = 0) -> TurnRun:
     """Feed the user's turn and return a run ready to decode the reply.
 
     The prompt always goes through the model's own modules; reply tokens go through
-    ``decoder`` (default: :class:`ReferenceDecoder`).
+    ``decoder`` (default: :class:`ReferenceDecoder`). The last ``new`` entries of
+    ``memory`` came with this turn: what they say (a spoken question) joins its words.
     """
-    return start_turns(model, tokenizer, [TurnRequest(state, memory, text, params)],
+    return start_turns(model, tokenizer, [TurnRequest(state, memory, text, params, new)],
                        decoder)[0]
 
 
@@ -223,7 +225,7 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         select = torch.zeros(words.shape)
         for b, u in enumerate(users):
             words[b, : len(u)], select[b, : len(u)] = torch.tensor(u), 1.0
-        bag = model.bag_of_words(words, select)  # (B, E)
+        bag = model.bag_of_words(words, select, *_heard(model, requests))  # (B, E)
         mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
         ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
         logits = model.logits(h_last, ctx)[:, -1]  # (B, V)
@@ -237,6 +239,21 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
                                   logits[b: b + 1], weights[b: b + 1, -1, keep],
                                   rnn[:, :, b: b + 1].clone()))
         return runs
+
+
+def _heard(model: DialogueLM, requests: Sequence[TurnRequest]
+           ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Summed heard words (B, E) and their count (B,) of each turn's new attachments."""
+    spoken = [(b, e.vectors) for b, r in enumerate(requests) if r.new > 0
+              for e in r.memory[-r.new:] if model.hears(e.modality)]
+    if not spoken:
+        return None, None
+    rows = torch.tensor([b for b, _ in spoken])
+    heard = model.tok_emb.weight.new_zeros(len(requests), model.config.n_embd)
+    n_heard = heard.new_zeros(len(requests))
+    heard.index_add_(0, rows, model.heard_words([v for _, v in spoken]))
+    n_heard.index_add_(0, rows, torch.ones(len(spoken)))
+    return heard, n_heard
 
 
 def _row(mem: TurnMemory, b: int, keep: torch.Tensor) -> TurnMemory:

@@ -82,13 +82,58 @@ def test_transcripts_train_the_word_head_and_the_encoder():
     assert loss.item() < said.item() / 2
 
 
+def hearing_model(vocab=40, heard_tokens=8.0):
+    torch.manual_seed(0)
+    cfg = DialogueConfig(vocab_size=vocab, n_layer=1, n_embd=16, n_hidden=24, d_model=16,
+                         dropout=0.0, modalities=["toy"], transcripts=True, heard=["toy"],
+                         heard_tokens=heard_tokens)
+    return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
+
+
+def test_a_sure_word_head_hears_the_bag_the_typed_words_give():
+    model = hearing_model(heard_tokens=3.0)
+    said = [7, 8, 9]
+    with torch.no_grad():
+        model.word_head.weight.zero_()
+        model.word_head.bias.fill_(-50.0)
+        model.word_head.bias[said] = 50.0
+    clip = torch.rand(6, 16)
+    roles = torch.tensor([[1, 2]])  # an empty user turn: just its role tokens
+    spoken = model.bag_of_words(roles, torch.ones(1, 2), model.heard_words([clip]),
+                                torch.ones(1))
+    typed = model.bag_of_words(torch.tensor([[1, 2] + said]), torch.ones(1, 5))
+    torch.testing.assert_close(spoken, typed)
+    assert not model.hears("image")
+
+
+def test_heard_words_reach_the_query_and_train_through_it():
+    model = hearing_model()
+    idx, turns, prompt_end, media, targets = batch()
+    _, heard = model(idx, turns, prompt_end, media, targets)
+    model.config.heard = []
+    _, deaf = model(idx, turns, prompt_end, media, targets)
+    assert heard.item() != pytest.approx(deaf.item(), abs=1e-6)
+    model.config.heard = ["toy"]
+    _, loss = model(idx, turns, prompt_end, media, targets)  # no transcript loss at all
+    loss.backward()
+    assert model.word_head.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("rnn", RNNS)
-def test_training_pass_equals_incremental_inference(fusion, rnn):
-    """The teacher-forced pass and turn-by-turn decoding compute the same logits."""
+@pytest.mark.parametrize("hearing", [False, True])
+def test_training_pass_equals_incremental_inference(fusion, rnn, hearing):
+    """The teacher-forced pass and turn-by-turn decoding compute the same logits.
+
+    With ``hearing``, the first turn's attachment is heard (its words join that turn's
+    bag) and the second turn, which sends nothing, hears nothing.
+    """
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)
     model = tiny_model(fusion, rnn, vocab=tok.vocab_size).eval()
+    if hearing:
+        model.config.transcripts, model.config.heard = True, ["toy"]
+        model.word_head = torch.nn.Linear(16, tok.vocab_size)
     feats = torch.rand(4, 5, generator=torch.Generator().manual_seed(3))
     q1, a1 = tok.encode("what colour is it"), tok.encode("the circle is red")
     q2, a2 = tok.encode("hello there"), tok.encode("red")
@@ -107,8 +152,9 @@ def test_training_pass_equals_incremental_inference(fusion, rnn):
     vectors = model.encode("toy", feats[None], torch.tensor([5]))[0]
     memory = [MemoryEntry("toy", vectors)]
     state = None
-    for end, answer, text in [(end1, a1, "what colour is it"), (end2, a2, "hello there")]:
-        run = start_turn(model, tok, state, memory, text, GenerationParams())
+    for end, answer, text, new in [(end1, a1, "what colour is it", 1),
+                                   (end2, a2, "hello there", 0)]:
+        run = start_turn(model, tok, state, memory, text, GenerationParams(), new=new)
         got = [run.prompt_logits[0]]
         rnn_state = run.prompt_state
         with torch.no_grad():

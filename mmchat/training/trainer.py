@@ -122,8 +122,10 @@ class Trainer:
         dcfg = dialogue_config(config, data.modalities, data.tokenizer.vocab_size)
         dcfg.modalities = sorted(data.modalities)
         dcfg.answers = list(data.answers) if t.aux_weight > 0 else []
-        dcfg.transcripts = t.transcript_weight > 0 and any(
-            any(e.words) for e in data.train)
+        if t.transcript_weight > 0:
+            dcfg.heard = sorted({m for e in data.train
+                                 for (m, _, _), words in zip(e.media, e.words) if words})
+        dcfg.transcripts = bool(dcfg.heard)
         self.model = checkpoint.build_untrained(dcfg, data.modalities).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay)

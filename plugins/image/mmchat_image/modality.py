@@ -105,6 +105,28 @@ class ImageModality(Modality):
 
         return ImageEncoder(d_model)
 
+    def augment(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A small random affine of one image ``(3, S, S)``, for training only.
+
+        Rotation by up to 6 degrees, scale by 0.92-1.08 and a shift of up to 5% of the
+        side, with the border pixels (the background) filling the edges. Small enough
+        that no shape leaves the picture or changes side; enough that a handwritten
+        digit is never seen twice at the same pixels.
+        """
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        u = torch.rand(4, generator=generator) * 2 - 1  # (4,) in [-1, 1)
+        angle, scale = math.radians(6.0) * float(u[0]), 1.0 + 0.08 * float(u[1])
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[cos, -sin, 0.1 * float(u[2])],
+                              [sin, cos, 0.1 * float(u[3])]], dtype=features.dtype)
+        grid = F.affine_grid(theta[None], [1, *features.shape], align_corners=False)
+        return F.grid_sample(features[None], grid, padding_mode="border",
+                             align_corners=False)[0]  # (3, S, S)
+
     def _open(self, data: bytes, mime_type: str) -> PILImage.Image:
         """Open lazily (header only) and enforce the pixel limit before decoding."""
         from PIL import Image

@@ -11,7 +11,7 @@ import mmchat_image
 import pytest
 import torch
 from mmchat_image import ImageModality
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mmchat.errors import ConfigError, CorruptMedia, MediaTooLarge
 from mmchat.plugins import PluginHost
@@ -297,3 +297,21 @@ def test_bad_settings_stop_start_up_naming_the_key():
     host = PluginHost(builtins=(), allow=["image"], settings={"image": {"size": 0}})
     with pytest.raises(ConfigError, match="plugins.image.size = 0"):
         _ = host.modalities
+
+
+def test_augment_is_seeded_small_and_keeps_the_background(image):
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((6, 24, 22, 40), fill=RED)  # a red disc on the left
+    x = image.decode(encode(img, "PNG"), "image/png")
+    a = image.augment(x, torch.Generator().manual_seed(7))
+    b = image.augment(x, torch.Generator().manual_seed(7))
+    c = image.augment(x, torch.Generator().manual_seed(8))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x)
+    for out in (a, c):
+        red = (out[0] > 0.5) & (out[2] < -0.5)  # (S, S) red pixels
+        cols = red.nonzero()[:, 1].float()
+        assert red.sum() > 0.7 * 3.14 * 8 ** 2  # the disc stayed in the picture
+        assert cols.mean() < 20  # and on the left
+        corner = out[:, :4, 60:]  # far from the disc: still white background
+        torch.testing.assert_close(corner, torch.full_like(corner, (1 - 0.5) / 0.25))
