@@ -299,11 +299,15 @@ class DecodeScheduler:
                     self._batch = _Batch()
                     out += [(r, exc) for r in batch]
                 else:
+                    # plain greedy rows take their argmax from one call for the whole batch
+                    picked = (logits.argmax(dim=-1).tolist()
+                              if any(r.sampler.batchable for r in batch) else None)
                     for b, reply in enumerate(batch):
                         n = reply.run.memory_size
                         rows = logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1]
-                        self._guarded(reply, out, lambda r=reply, rows=rows: self._choose(
-                            r, rows, out))
+                        token = picked[b] if picked and reply.sampler.batchable else None
+                        self._guarded(reply, out, lambda r=reply, rows=rows, t=token:
+                                      self._choose(r, rows, out, t))
         self._deliver(out)
 
     def _step(self, batch: list[_Reply]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -321,11 +325,11 @@ class DecodeScheduler:
         return logits, weights, state
 
     def _choose(self, reply: _Reply, rows: tuple[torch.Tensor, ...],
-                out: list[tuple[_Reply, Any]]) -> None:
+                out: list[tuple[_Reply, Any]], token: int | None = None) -> None:
         """Hand a reply its row of the step, (1, V) logits, (1, N) weights and its state,
-        and let it pick its next token."""
+        and let it pick its next token (or take ``token``, picked for it)."""
         reply.sampler.feed(*rows)
-        self._emit(reply, reply.sampler.choose(), out)
+        self._emit(reply, reply.sampler.choose(token), out)
 
     @staticmethod
     def _guarded(reply: _Reply, out: list[tuple[_Reply, Any]], fn: Callable[[], None]) -> None:

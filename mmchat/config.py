@@ -8,6 +8,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tomllib
@@ -234,9 +235,15 @@ class _EnvValue(str):
     """A raw string from the environment, converted by the field's type."""
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A section's resolved field types (resolving them costs more than the rest of a build)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = {}
     extra = {}
     for key, value in table.items():

@@ -125,10 +125,20 @@ class Sampler:
         """The token chosen last, which the next step feeds."""
         return self.out[-1]
 
-    def choose(self) -> Token | None:
-        """The next token, or ``None`` when end-of-sequence was chosen."""
+    @property
+    def batchable(self) -> bool:
+        """Whether the token is the plain argmax of the logits, so that a caller holding
+        many rows may pick for all of them at once and pass it to :meth:`choose`."""
+        return self.params.strategy == "greedy" and self.params.no_repeat_ngram <= 0
+
+    def choose(self, token: int | None = None) -> Token | None:
+        """The next token, or ``None`` when end-of-sequence was chosen.
+
+        ``token``, only when :attr:`batchable`, is the argmax the caller already took.
+        """
         assert not self.done, "choose() after decoding finished"
-        token = pick_token(self.logits[0], self.out, self.params, self.rng)
+        if token is None:
+            token = pick_token(self.logits[0], self.out, self.params, self.rng)
         self.out.append(token)
         state = self.state
         self.gen.outcome = Outcome("cancelled", state, token)

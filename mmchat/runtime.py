@@ -84,6 +84,8 @@ def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
 def pad_rows(rows: Sequence[torch.Tensor], fill: float | bool = 0) -> torch.Tensor:
     """Stack (1, n_i, ...) tensors into (B, max n_i, ...), padding dim 1 with ``fill``."""
     n = max(r.shape[1] for r in rows)
+    if all(r.shape[1] == n for r in rows):
+        return torch.cat(rows)
     out = rows[0].new_full((len(rows), n, *rows[0].shape[2:]), fill)
     for b, r in enumerate(rows):
         out[b, : r.shape[1]] = r[0]
@@ -150,11 +152,10 @@ class TurnRun:
         visible = self.memory.mask[0]  # (N,) hidden slots (e.g. absent summaries) get nothing
         per_token = (self.mass / len(self.tokens))[visible]
         kinds = self.memory.kinds[0][visible]
-        out: dict[str, float] = {}
-        for k in kinds.unique().tolist():
-            if k in names:
-                out[names[k]] = round(float(per_token[kinds == k].sum()), 4)
-        return out
+        n = len(names) + 1
+        mass = torch.bincount(kinds, weights=per_token.double(), minlength=n).tolist()
+        seen = torch.bincount(kinds, minlength=n).tolist()
+        return {names[k]: round(mass[k], 4) for k in range(1, n) if seen[k]}
 
     def finish(self, cancelled: bool = False) -> tuple[SessionState, str]:
         """The state to save and the finish reason. Call once decoding stopped."""
