@@ -27,9 +27,22 @@ VOICES = {
     "valid": ("en-us-nyc", "en-us", "en-gb-x-rp"),
     "test": ("en-029", "en-gb-x-gbcwmd", "en", "en-gb-scotland"),
 }
+#: espeak-ng's named voice variants (``espeak-ng --voices=variant``) that training also
+#: speaks with: many speakers teach the voice encoder words rather than voices. Left out:
+#: the held-out ``m6``-``m8``, ``f4``, ``f5``, the whispering and robotic ones, and
+#: duplicates (``Mr`` and ``fast`` render as the plain voice, ``klatt`` as ``caleb``).
+NAMED_VARIANTS = (
+    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "antonio", "aunty", "belinda",
+    "benjamin", "boris", "caleb", "david", "Denis", "Diogo", "ed", "edward", "edward2",
+    "Gene", "Gene2", "gustave", "announcer", "Henrique", "Hugo", "iven", "iven2", "iven3",
+    "iven4", "Jacky", "john", "kaukovalta", "Lee", "linda", "marcelo", "Marco", "Mario",
+    "max", "Michael", "michel", "miguel", "Mike", "Nguyen", "pablo", "paul", "pedro",
+    "quincy", "rob", "robert", "steph", "steph2", "steph3", "zac", "anika", "AnxiousAndy",
+    "grandpa", "klatt2", "klatt3", "klatt4",
+)
 #: ``+variant`` suffixes each split may use ("" is the voice's own).
 VARIANTS = {
-    "train": ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "croak"),
+    "train": ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "croak", *NAMED_VARIANTS),
     "valid": ("m6", "f4"),
     "test": ("m7", "m8", "f5"),
 }

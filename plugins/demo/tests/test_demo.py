@@ -274,3 +274,17 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(speech.SpeechUnavailable, match="apt-get install espeak-ng"):
         build_demo(tmp_path / "out", small=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_training_variant_is_a_voice_espeak_knows():
+    """espeak-ng quietly falls back to the plain voice for an unknown ``+variant``, so
+    a misspelt or missing variant would only repeat a speaker: each must sound its own."""
+    variants = [v for v in speech.VARIANTS["train"] if v]
+    renders = {v: speech.synthesize("hello", speech.Voice("en-us", v, 160, 50)).tobytes()
+               for v in variants}
+    plain = speech.synthesize("hello", speech.Voice("en-us", "", 160, 50)).tobytes()
+    assert plain not in renders.values()
+    assert len(set(renders.values())) == len(variants)
+    held_out = {speech.synthesize("hello", speech.Voice("en-us", v, 160, 50)).tobytes()
+                for split in ("valid", "test") for v in speech.VARIANTS[split]}
+    assert not held_out & set(renders.values())
