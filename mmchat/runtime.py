@@ -235,7 +235,10 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
             # row b's own slots: its null and entries, then the summary slots after the
             # padding, so the run is laid out as start_turn lays out a batch of one
             own = 1 + sum(v.shape[0] for _, v in entries[b])
-            keep = torch.cat([torch.arange(own), torch.arange(values.shape[1], mem.mask.shape[1])])
+            keep: slice | torch.Tensor = slice(None)  # no padding in this row: all of it
+            if own < values.shape[1]:
+                keep = torch.cat([torch.arange(own),
+                                  torch.arange(values.shape[1], mem.mask.shape[1])])
             runs.append(_turn_run(model, tokenizer, decoder, r, s, n, _row(mem, b, keep),
                                   logits[b: b + 1], weights[b: b + 1, -1, keep],
                                   rnn[:, :, b: b + 1].clone()))
@@ -257,7 +260,7 @@ def _heard(model: DialogueLM, requests: Sequence[TurnRequest]
     return heard, n_heard
 
 
-def _row(mem: TurnMemory, b: int, keep: torch.Tensor) -> TurnMemory:
+def _row(mem: TurnMemory, b: int, keep: slice | torch.Tensor) -> TurnMemory:
     """Row ``b`` of a batched turn memory, slots ``keep`` only, as a batch of one."""
     def one(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[b: b + 1]
