@@ -305,7 +305,8 @@ class DecodeScheduler:
                     for b, reply in enumerate(batch):
                         n = reply.run.memory_size
                         rows = logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1]
-                        token = picked[b] if picked and reply.sampler.batchable else None
+                        batched = picked is not None and reply.sampler.batchable
+                        token = picked[b] if batched else None
                         self._guarded(reply, out, lambda r=reply, rows=rows, t=token:
                                       self._choose(r, rows, out, t))
         self._deliver(out)

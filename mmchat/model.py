@@ -172,8 +172,11 @@ class DialogueLM(nn.Module):
         :meth:`transcript_loss`) weights the token embeddings: the mean embedding of
         the words it hears.
         """
-        pooled = torch.stack([v.max(dim=0).values for v in vectors])  # (A, d)
-        return self.word_head(pooled).softmax(dim=-1) @ self.tok_emb.weight  # (A, E)
+        return self.word_logits(vectors).softmax(dim=-1) @ self.tok_emb.weight  # (A, E)
+
+    def word_logits(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The word head on each attachment's max-pooled vectors (N_i, d): (A, V)."""
+        return self.word_head(torch.stack([v.max(dim=0).values for v in vectors]))
 
     def hears(self, modality: str) -> bool:
         return self.word_head is not None and modality in self.config.heard
@@ -210,8 +213,7 @@ class DialogueLM(nn.Module):
         rows = [i for i, w in enumerate(words) if w]
         if not rows or self.word_head is None:
             return vectors[0].new_zeros(()), 0
-        pooled = torch.stack([vectors[i].max(dim=0).values for i in rows])  # (R, d)
-        logits = self.word_head(pooled)  # (R, V)
+        logits = self.word_logits([vectors[i] for i in rows])  # (R, V)
         said = torch.zeros_like(logits)
         for r, i in enumerate(rows):
             said[r, torch.tensor(words[i], device=said.device)] = 1.0
