@@ -290,11 +290,11 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
 
 
 def _checkpoint_sizes(path):
-    """The model config a checkpoint folder was trained with (its config.json)."""
-    import json
-    from types import SimpleNamespace
+    """The model config a checkpoint folder was trained with."""
+    from mmchat.checkpoint import read_meta
+    from mmchat.model import DialogueConfig
 
-    return SimpleNamespace(**json.loads((path / "config.json").read_text())["config"])
+    return DialogueConfig.from_dict(read_meta(path)["config"])
 
 
 def report(setup: str, phases: list[Phase], notes: str) -> str:
