@@ -2,15 +2,22 @@
 
 Each split draws from its own voices and ``+variants``: every valid and test clip uses
 a variant that training never heard, and some also a voice training never heard.
+
+Half the training clips also get an accent espeak-ng has no voice for: the words are
+transcribed to phonemes by one training voice, a few accent features (th-stopping,
+h-dropping, vowel shifts: :data:`ACCENT_FEATURES`) rewrite those phonemes, and another
+training voice speaks them. A voice encoder that has heard many accents learns the
+words rather than one accent's way of saying them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from math import gcd
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,31 @@ VARIANTS = {
     "valid": ("m6", "f4"),
     "test": ("m7", "m8", "f5"),
 }
+#: Accent features a training clip may apply to espeak-ng's phoneme mnemonics
+#: (``espeak-ng -x``): a regular expression and its replacement, named after the change
+#: in English accents they imitate (vowels by Wells' lexical sets).
+ACCENT_FEATURES: dict[str, tuple[str, str]] = {
+    "th-stopping": (r"D", "d"),
+    "l-vocalised-e": (r"@L", "El"),
+    "l-vocalised-u": (r"@L", "Ul"),
+    "nurse-e": (r"3:", "Er"),
+    "nurse-rhotic": (r"3:", "IR"),
+    "no-linking-r": (r"r-", ""),
+    "h-dropping": (r"(?<![a-zA-Z])h", ""),
+    "lot-strut": (r"0", "V"),
+    "strut-lot": (r"V", "0"),
+    "face-monophthong": (r"eI", "e:"),
+    "goat-monophthong": (r"oU", "o:"),
+    "goat-fronted": (r"oU", "@U"),
+    "price-monophthong": (r"aI", "a:"),
+    "schwa-strut": (r"@", "V"),
+    "fleece-kit": (r"i:", "I"),
+    "kit-fleece": (r"I", "i:"),
+    "dress-raised": (r"E", "e"),
+    "trap-backed": (r"a", "A"),
+}
+#: Share of training clips spoken with an accent (valid and test clips never are).
+ACCENT_SHARE = 0.5
 SPEEDS = tuple(range(130, 191, 10))  # words per minute
 PITCHES = tuple(range(30, 71, 10))  # 0-99, espeak-ng's default is 50
 GREETINGS = {
@@ -69,13 +101,26 @@ class Voice:
     variant: str
     speed: int
     pitch: int
+    #: The voice whose phonemes ``name`` speaks when ``accent`` is set ("" for its own).
+    phonemes_from: str = ""
+    #: Names of the :data:`ACCENT_FEATURES` applied to those phonemes, in order.
+    accent: tuple[str, ...] = ()
 
     @property
     def espeak_name(self) -> str:
         return f"{self.name}+{self.variant}" if self.variant else self.name
 
+    @property
+    def accented(self) -> bool:
+        return bool(self.accent)
+
     def to_meta(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.accented:
+            del out["phonemes_from"], out["accent"]
+        else:
+            out["accent"] = list(self.accent)
+        return out
 
 
 def greeting_reply(greeting: str) -> tuple[str, str]:
@@ -85,14 +130,29 @@ def greeting_reply(greeting: str) -> tuple[str, str]:
 
 
 def sample_voice(rng: np.random.Generator, split: str) -> Voice:
-    return Voice(name=str(rng.choice(VOICES[split])), variant=str(rng.choice(VARIANTS[split])),
-                 speed=int(rng.choice(SPEEDS)), pitch=int(rng.choice(PITCHES)))
+    voice = Voice(name=str(rng.choice(VOICES[split])), variant=str(rng.choice(VARIANTS[split])),
+                  speed=int(rng.choice(SPEEDS)), pitch=int(rng.choice(PITCHES)))
+    if split != "train" or rng.random() >= ACCENT_SHARE:
+        return voice
+    features = rng.choice(list(ACCENT_FEATURES), size=int(rng.integers(1, 5)), replace=False)
+    return replace(voice, phonemes_from=str(rng.choice(VOICES[split])),
+                   accent=tuple(str(f) for f in features))
 
 
 def clip_name(text: str, voice: Voice) -> str:
     """A file name that is the same for identical renders, so they are made once."""
     key = f"{text}|{voice.espeak_name}|{voice.speed}|{voice.pitch}"
+    if voice.accented:
+        key += f"|{voice.phonemes_from}|{','.join(voice.accent)}"
     return hashlib.sha1(key.encode()).hexdigest()[:16] + ".flac"
+
+
+def accent_phonemes(phonemes: str, accent: tuple[str, ...]) -> str:
+    """Apply the named :data:`ACCENT_FEATURES` to espeak-ng phoneme mnemonics, in order."""
+    for name in accent:
+        pattern, replacement = ACCENT_FEATURES[name]
+        phonemes = re.sub(pattern, replacement, phonemes)
+    return phonemes
 
 
 def require_espeak() -> str:
@@ -106,21 +166,40 @@ def require_espeak() -> str:
 
 
 def synthesize(text: str, voice: Voice) -> np.ndarray:
-    """Speak ``text``; returns float32 mono samples at 16 kHz, silence trimmed."""
-    exe = require_espeak()
+    """Speak ``text``; returns float32 mono samples at 16 kHz, silence trimmed.
+
+    An accented voice speaks the phonemes of ``voice.phonemes_from``, rewritten by its
+    accent features, instead of ``text`` as its own dictionary says it.
+    """
+    if voice.accented:
+        said = phonemes(text, voice.phonemes_from or voice.name)
+        text = f"[[{accent_phonemes(said, voice.accent)}]]"
     with tempfile.TemporaryDirectory(prefix="mmchat-espeak-") as tmp:
         wav = Path(tmp) / "clip.wav"
-        cmd = [exe, "-v", voice.espeak_name, "-s", str(voice.speed), "-p", str(voice.pitch),
-               "-w", str(wav), text]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SpeechUnavailable(f"espeak-ng failed to run: {exc}") from exc
-        if done.returncode != 0 or not wav.exists():
-            raise SpeechUnavailable(f"espeak-ng failed for voice {voice.espeak_name!r}: "
-                                    f"{done.stderr.strip() or f'exit {done.returncode}'}")
+        _espeak(["-v", voice.espeak_name, "-s", str(voice.speed), "-p", str(voice.pitch),
+                 "-w", str(wav), text], voice.espeak_name)
+        if not wav.exists():
+            raise SpeechUnavailable(f"espeak-ng wrote no audio for voice {voice.espeak_name!r}")
         samples, rate = sf.read(wav, dtype="float32", always_2d=True)
     return _trim(_resample(samples.mean(axis=1), rate))
+
+
+def phonemes(text: str, voice: str) -> str:
+    """espeak-ng's phoneme mnemonics for ``text`` as ``voice`` says it, on one line."""
+    return " ".join(_espeak(["-q", "-x", "-v", voice, text], voice).split())
+
+
+def _espeak(args: list[str], voice: str) -> str:
+    """Run espeak-ng with ``args``; its standard output, or :class:`SpeechUnavailable`."""
+    try:
+        done = subprocess.run([require_espeak(), *args], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpeechUnavailable(f"espeak-ng failed to run: {exc}") from exc
+    if done.returncode != 0:
+        raise SpeechUnavailable(f"espeak-ng failed for voice {voice!r}: "
+                                f"{done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
 
 
 def _resample(samples: np.ndarray, rate: int) -> np.ndarray:

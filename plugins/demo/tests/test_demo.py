@@ -288,3 +288,40 @@ def test_every_training_variant_is_a_voice_espeak_knows():
     held_out = {speech.synthesize("hello", speech.Voice("en-us", v, 160, 50)).tobytes()
                 for split in ("valid", "test") for v in speech.VARIANTS[split]}
     assert not held_out & set(renders.values())
+
+
+def test_accent_features_rewrite_phonemes_in_order():
+    said = speech.phonemes("how many shapes are there", "en-us")
+    assert said == "h,aU m'Eni S'eIps A@ D'e@"
+    assert speech.accent_phonemes(said, ("h-dropping", "th-stopping")) == \
+        ",aU m'Eni S'eIps A@ d'e@"
+    assert speech.accent_phonemes(said, ("face-monophthong",)) == "h,aU m'Eni S'e:ps A@ D'e@"
+    assert speech.accent_phonemes(said, ()) == said
+
+
+def test_each_accent_feature_changes_how_some_question_sounds():
+    """Every feature must match something our questions say, or it is dead weight."""
+    texts = ["what colour is the purple circle", "how many shapes are there",
+             "where is the yellow triangle", "what digit is this", "good morning",
+             "which shape is the green one", "what number is written here"]
+    said = [speech.phonemes(t, v) for t in texts for v in speech.VOICES["train"]]
+    for name in speech.ACCENT_FEATURES:
+        assert any(speech.accent_phonemes(p, (name,)) != p for p in said), name
+
+
+def test_only_training_clips_are_accented_and_they_sound_different():
+    rng = np.random.default_rng(0)
+    train = [speech.sample_voice(rng, "train") for _ in range(400)]
+    accented = [v for v in train if v.accented]
+    assert 0.4 < len(accented) / len(train) < 0.6
+    assert all(v.phonemes_from in speech.VOICES["train"] for v in accented)
+    assert all(v.accent and set(v.accent) <= set(speech.ACCENT_FEATURES) for v in accented)
+    for split in ("valid", "test"):
+        assert not any(speech.sample_voice(rng, split).accented for _ in range(200))
+    plain = speech.Voice("en-gb-scotland", "m3", 160, 50)
+    accent = speech.Voice("en-gb-scotland", "m3", 160, 50, "en-us", ("th-stopping",))
+    assert speech.clip_name("where is it", plain) != speech.clip_name("where is it", accent)
+    assert accent.to_meta()["accent"] == ["th-stopping"] and "accent" not in plain.to_meta()
+    text = "what is there"
+    assert speech.synthesize(text, accent).tobytes() != speech.synthesize(text, plain).tobytes()
+    assert speech.synthesize(text, accent).tobytes() == speech.synthesize(text, accent).tobytes()
