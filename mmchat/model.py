@@ -242,6 +242,10 @@ class DialogueLM(nn.Module):
         targets (B, T) next-token ids, -1 where no loss is taken; answers (B, K) the
         auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``;
         media transcripts (``MediaBatch.words``) train the word head, by ``transcript_weight``.
+
+        Returns ``(logits, loss)``: without targets, logits (B, T, V) and no loss; with
+        targets, only the S positions that take a loss are scored (most of a dialogue
+        is prompt), so logits is (S, V), in row-major order of ``targets >= 0``.
         """
         B, T = idx.shape
         bos = idx[0, 0]  # every dialogue starts with <s>
@@ -297,16 +301,15 @@ class DialogueLM(nn.Module):
                 aux_loss = aux_loss + F.cross_entropy(self.answer_logits(mem),
                                                       answers[rows, k], ignore_index=-1,
                                                       reduction="sum")
-        logits = self.logits(h, ctx)  # (B, T, V)
-
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-            if use_aux:
-                loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)
-            if n_said:
-                loss = loss + transcript_weight * said_loss / n_said
+        if targets is None:
+            return self.logits(h, ctx), None  # (B, T, V)
+        scored = targets >= 0  # (B, T) the positions that take a loss
+        logits = self.logits(h[scored], ctx[scored])  # (S, V)
+        loss = F.cross_entropy(logits, targets[scored])
+        if use_aux:
+            loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)
+        if n_said:
+            loss = loss + transcript_weight * said_loss / n_said
         return logits, loss
 
     def num_params(self) -> int:

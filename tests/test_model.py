@@ -49,6 +49,21 @@ def test_a_few_steps_lower_the_loss(fusion, rnn):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
+def test_training_scores_only_the_positions_with_targets(fusion):
+    model = tiny_model(fusion)
+    idx, turns, prompt_end, media, targets = batch()
+    full, no_loss = model(idx, turns, prompt_end, media)  # (B, T, V)
+    scored, loss = model(idx, turns, prompt_end, media, targets)  # (S, V)
+    keep = targets >= 0
+    assert no_loss is None and full.shape == (*idx.shape, 40)
+    assert scored.shape == (int(keep.sum()), 40)
+    torch.testing.assert_close(scored, full[keep])
+    expected = torch.nn.functional.cross_entropy(full.reshape(-1, 40), targets.reshape(-1),
+                                                 ignore_index=-1)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_gradients_reach_the_modality_encoder(fusion):
     model = tiny_model(fusion)
     _, loss = model(*batch())
