@@ -53,7 +53,7 @@ class Counts:
 
 
 DEFAULT_COUNTS = {
-    "train": Counts(shapes=14_000, digits=5_000, spoken=2_400, greetings=600, chitchat=None),
+    "train": Counts(shapes=14_000, digits=5_000, spoken=2_200, greetings=600, chitchat=None),
     "valid": Counts(shapes=600, digits=150, spoken=200, greetings=40, chitchat=100),
     "test": Counts(shapes=600, digits=150, spoken=200, greetings=40, chitchat=100),
 }
