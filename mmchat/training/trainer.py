@@ -177,6 +177,29 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
 
+    def train_step(self) -> tuple[float, int]:
+        """One optimiser step on global batch ``self.step``, then advance the step.
+
+        Returns this process's ``(loss, tokens)``: the batch loss and its token count.
+        """
+        t = self.config.train
+        self.model.train()
+        torch.manual_seed(t.seed * 1_000_003 + self.step * self.dist.world + self.dist.rank)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        batch = self.make_batch([self.data.train[i] for i in self.batch_indices(self.step)],
+                                self.augmenter(self.step))
+        _, loss = (self.ddp or self.model)(batch.idx, batch.turns, batch.prompt_end,
+                                           batch.media, batch.targets, batch.answers,
+                                           t.aux_weight, t.transcript_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item(), int((batch.turns >= 0).sum())
+
     def run(self) -> TrainResult:
         t = self.config.train
         last = self.out / "last"
@@ -197,30 +220,13 @@ class Trainer:
         stopped_early = False
         started = time.perf_counter()
         tokens_seen = 0
-        module = self.ddp or self.model
         try:
             while self.step < t.steps:
-                self.model.train()
-                torch.manual_seed(t.seed * 1_000_003 + self.step * self.dist.world
-                                  + self.dist.rank)
                 lr = self.lr_at(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                batch = self.make_batch([self.data.train[i] for i in
-                                         self.batch_indices(self.step)],
-                                        self.augmenter(self.step))
-                _, loss = module(batch.idx, batch.turns, batch.prompt_end, batch.media,
-                                 batch.targets, batch.answers, t.aux_weight,
-                                 t.transcript_weight)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
-                self.step += 1
-                tokens_seen += int((batch.turns >= 0).sum()) * self.dist.world
+                loss, tokens = self.train_step()
+                tokens_seen += tokens * self.dist.world
                 elapsed = time.perf_counter() - started
-                record = {"step": self.step, "loss": round(loss.item(), 5), "lr": lr,
+                record = {"step": self.step, "loss": round(loss, 5), "lr": lr,
                           "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                           "elapsed_s": round(elapsed, 2)}
                 if self.step % t.eval_every == 0 or self.step == t.steps:
