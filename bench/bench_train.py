@@ -8,7 +8,8 @@ been built, else a ``--small`` corpus built for the run.
 
 Baseline, timed in the same run and interleaved with it: a plain LSTM language model
 of the same sizes (embedding, LSTM, vocabulary head, AdamW) on the same token batches,
-with no media, no fusion and no auxiliary losses. The ratio is what grounding costs.
+with no media, no fusion and no auxiliary losses; its batches are assembled before it
+is timed. The ratio is what grounding costs.
 
     python -m bench train
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import ROOT, machine_notes, table
+from bench import ROOT, load_plugins, machine_notes, table
 
 CONFIGS = (("bundled", ROOT / "configs" / "bundled.toml"), ("default", ROOT / "config.toml"))
 
@@ -57,12 +58,11 @@ def corpus(tmp: Path) -> tuple[Path, str]:
 def measure(name: str, path: Path, data_dir: Path, tmp: Path, steps: int,
             rounds: int) -> list[object]:
     from mmchat import config as config_module
-    from mmchat.plugins import PluginHost
     from mmchat.training.data import load_train_data
     from mmchat.training.trainer import Trainer
 
     config = config_module.load(path, env={})
-    host = PluginHost.from_config(config)
+    host = load_plugins(config)
     data = load_train_data(data_dir, host.modalities, vocab_size=config.model.vocab_size,
                            max_tokens=config.train.max_tokens)
     trainer = Trainer(config, data, tmp / name, progress=False)
@@ -70,26 +70,30 @@ def measure(name: str, path: Path, data_dir: Path, tmp: Path, steps: int,
     plain = PlainLM(data.tokenizer.vocab_size, m.n_embd, m.n_hidden, m.n_layer)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=config.train.lr)
 
-    def plain_step(step: int) -> int:
+    def tokens_of(step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Batch ``step``'s token ids and targets, assembled before the baseline is timed."""
         batch = trainer.make_batch([data.train[i] for i in trainer.batch_indices(step)])
-        loss = plain(batch.idx, batch.targets)
+        return batch.idx, batch.targets, int((batch.turns >= 0).sum())
+
+    def plain_step(idx: torch.Tensor, targets: torch.Tensor) -> None:
+        loss = plain(idx, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return int((batch.turns >= 0).sum())
 
     trainer.train_step()  # warm-up: first-call allocations and kernel choices
-    plain_step(0)
+    plain_step(*tokens_of(0)[:2])
     ours, base = [], []
     for _ in range(rounds):
         start, tokens = time.perf_counter(), 0
         for _ in range(steps):
             tokens += trainer.train_step()[1]
         ours.append((tokens, time.perf_counter() - start))
-        start, tokens = time.perf_counter(), 0
-        for step in range(trainer.step - steps, trainer.step):
-            tokens += plain_step(step)
-        base.append((tokens, time.perf_counter() - start))
+        batches = [tokens_of(step) for step in range(trainer.step - steps, trainer.step)]
+        start = time.perf_counter()
+        for idx, targets, _ in batches:
+            plain_step(idx, targets)
+        base.append((sum(n for _, _, n in batches), time.perf_counter() - start))
     ours_tps = statistics.median(t / s for t, s in ours)
     base_tps = statistics.median(t / s for t, s in base)
     per_step = statistics.median(s / steps for _, s in ours)
