@@ -133,6 +133,7 @@ class TrainConfig:
     aux_weight: float = _opt(1.0, min=0.0)
     transcript_weight: float = _opt(1.0, min=0.0)
     augment: bool = _opt(True)
+    category_weights: Mapping[str, float] = _opt({})
     seed: int = _opt(1337, min=0)
     threads: int = _opt(0, min=0, max=256)
 
@@ -183,7 +184,7 @@ def _section_to_dict(section: Any) -> dict[str, Any]:
         if isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, Mapping):
-            value = {k: dict(v) for k, v in value.items()}
+            value = {k: dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
         out[f.name] = value
     return out
 
@@ -284,9 +285,7 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
                 raise TypeError("a list of strings")
             value = tuple(value)
         elif origin is Mapping or hint is Mapping:
-            if not isinstance(value, Mapping):
-                raise TypeError("a table")
-            value = {k: dict(v) for k, v in value.items()}
+            value = _check_table(value, typing.get_args(hint))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key} = {value!r} is not allowed: expected {exc}") from None
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
@@ -298,6 +297,19 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
     if hi is not None and value > hi:
         raise ConfigError(f"{key} = {value!r} is not allowed: maximum is {hi}")
     return value
+
+
+def _check_table(value: Any, args: tuple) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError("a table")
+    if args and args[1] is float:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                   for v in value.values()):
+            raise TypeError("a table of numbers >= 0")
+        return {str(k): float(v) for k, v in value.items()}
+    if not all(isinstance(v, Mapping) for v in value.values()):
+        raise TypeError("a table of tables")
+    return {k: dict(v) for k, v in value.items()}
 
 
 def _from_env(raw: str, hint: Any) -> Any:
@@ -318,6 +330,11 @@ def _from_env(raw: str, hint: Any) -> Any:
             return float(raw)
         except ValueError:
             raise ValueError("a number") from None
+    if typing.get_origin(hint) is Mapping:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError("a JSON object") from None
     if typing.get_origin(hint) is tuple:
         if raw.strip().startswith("["):
             return json.loads(raw)

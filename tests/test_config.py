@@ -46,10 +46,24 @@ def test_environment_overrides_file(tmp_path):
     ({"model": {"colour": 1}}, "unknown setting model.colour; allowed:"),
     ({"colours": {}}, "unknown config section \\[colours\\]"),
     ({"generation": {"stop": "x"}}, "expected a list of strings"),
+    ({"train": {"category_weights": {"digit": -1}}}, "expected a table of numbers >= 0"),
+    ({"train": {"category_weights": {"digit": "lots"}}}, "expected a table of numbers >= 0"),
+    ({"train": {"category_weights": [1]}}, "expected a table"),
 ])
 def test_bad_values_name_the_key_value_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError, match=message):
         config.from_dict(data, env={})
+
+
+def test_category_weights_from_file_and_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\ncategory_weights = {digit = 2, spoken = 1.5}\n")
+    assert config.load(path, env={}).train.category_weights == {"digit": 2.0, "spoken": 1.5}
+    c = config.load(path, env={"MMCHAT_TRAIN__CATEGORY_WEIGHTS": '{"greeting": 0}'})
+    assert c.train.category_weights == {"greeting": 0.0}
+    assert c.to_dict()["train"]["category_weights"] == {"greeting": 0.0}
+    with pytest.raises(ConfigError, match="train.category_weights = 'digit=2'"):
+        config.load(path, env={"MMCHAT_TRAIN__CATEGORY_WEIGHTS": "digit=2"})
 
 
 def test_bad_environment_value_is_named():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -84,6 +85,30 @@ def test_resume_continues_exactly(data, tmp_path):
     assert resumed.step == 6
     for key, value in weights(straight.model).items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_category_weights_change_how_often_each_category_is_drawn(data, tmp_path):
+    plain = Trainer(tiny_config(), data, tmp_path / "plain", progress=False)
+    assert plain.epoch_pool == list(range(len(data.train)))
+    weighted = Trainer(tiny_config(category_weights={"digit": 2.5, "greeting": 0}), data,
+                       tmp_path / "weighted", progress=False)
+    counts = Counter(data.train[i].category for i in weighted.epoch_pool)
+    before = Counter(e.category for e in data.train)
+    assert counts["greeting"] == 0 < before["greeting"]
+    assert 2 * before["digit"] < counts["digit"] < 3 * before["digit"]
+    assert counts["colour"] == before["colour"]
+    drawn = [i for step in range(20) for i in weighted.batch_indices(step)]
+    assert all(data.train[i].category != "greeting" for i in drawn)
+    again = Trainer(tiny_config(category_weights={"digit": 2.5, "greeting": 0}), data,
+                    tmp_path / "again", progress=False)
+    assert again.batch_indices(7) == weighted.batch_indices(7)
+
+
+def test_category_weights_naming_no_category_are_an_error(data, tmp_path):
+    trainer = Trainer(tiny_config(category_weights={"digits": 2}), data, tmp_path,
+                      progress=False)
+    with pytest.raises(MMChatError, match=r"names \['digits'\], which no training dialogue"):
+        trainer.run()
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(data, tmp_path):

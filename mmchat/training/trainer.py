@@ -16,6 +16,7 @@ from ``seed`` and the step, so training to step 2N equals training to N then res
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -152,7 +153,8 @@ class Trainer:
 
     def batch_indices(self, step: int) -> list[int]:
         """This process's share of global batch ``step``: a pure function of seed and step."""
-        n = len(self.data.train)
+        pool = self.epoch_pool
+        n = len(pool)
         size = self.config.train.batch_size
         start = step * size
         out: list[int] = []
@@ -160,8 +162,34 @@ class Trainer:
             epoch, offset = divmod(start + len(out), n)
             g = torch.Generator().manual_seed(self.config.train.seed * 7919 + epoch)
             perm = torch.randperm(n, generator=g).tolist()
-            out += perm[offset: offset + size - len(out)]
+            out += [pool[i] for i in perm[offset: offset + size - len(out)]]
         return out[self.dist.rank:: self.dist.world]
+
+    @functools.cached_property
+    def epoch_pool(self) -> list[int]:
+        """The training examples one epoch draws: each repeated by its category's weight.
+
+        A weight of 1.5 puts every example of the category in once and a seeded half of
+        them in twice; 0 leaves the category out.
+        """
+        weights = self.config.train.category_weights
+        examples = self.data.train
+        if not weights:
+            return list(range(len(examples)))
+        present = {e.category for e in examples}
+        unknown = sorted(set(weights) - present)
+        if unknown:
+            raise MMChatError(f"train.category_weights names {unknown}, which no training "
+                              f"dialogue has; categories: {sorted(present)}")
+        g = torch.Generator().manual_seed(self.config.train.seed * 104_729)
+        extra = torch.rand(len(examples), generator=g).tolist()
+        pool = []
+        for i, e in enumerate(examples):
+            w = weights.get(e.category, 1.0)
+            pool += [i] * (int(w) + (extra[i] < w - int(w)))
+        if not pool:
+            raise MMChatError("train.category_weights leaves no training dialogue")
+        return pool
 
     def make_batch(self, examples: Sequence[Example],
                    augment: torch.Generator | None = None) -> Batch:
