@@ -13,10 +13,9 @@ the weights out once and runs the same function as a short list of ATen calls:
   joined and the gates reordered to ``i, f, o, g`` (one sigmoid, one tanh);
   GRU: two matmuls per layer, as the reset gate needs them apart.
 * The new RNN state is written in place into one ``(S, L, B, H)`` tensor.
-* ``attention`` re-attends every step. The query projection and the score scale are
-  folded into the memory once per turn (``m_n . (s W_q h) = (s W_q^T m_n) . h``), and so
-  is ``combine``'s context half (``W ctx = sum_n w_n (W m_n)``): a step scores and mixes
-  precomputed rows in float32.
+* ``attention`` re-attends every step with the score scale folded into the query
+  projection; ``combine``'s context half is applied to the memory once per turn
+  (``W ctx = sum_n w_n (W m_n)``), so a step mixes precomputed rows in float32.
   ``concat`` and ``weighted`` have a context that is constant over the turn, so its
   share of the ``combine`` layer is computed once per turn.
 
@@ -59,7 +58,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 class FastMemory:
     """A turn's memory as :meth:`FastDecoder.step` reads it (B rows)."""
 
-    keys: torch.Tensor | None = None  # (B, N, H) attention: the memory through the query
+    values: torch.Tensor | None = None  # (B, N, d) attention: the conditioned memory
     hidden: torch.Tensor | None = None  # (B, N) attention: True where a slot is not visible
     projected: torch.Tensor | None = None  # (B, N, H) attention: combine's context half per slot
     bias: torch.Tensor | None = None  # (B, H) pooled fusions: combine's bias plus the context
@@ -69,7 +68,7 @@ class FastMemory:
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
-        return FastMemory(apply(self.keys), apply(self.hidden), apply(self.projected),
+        return FastMemory(apply(self.values), apply(self.hidden), apply(self.projected),
                           apply(self.bias), apply(self.weights))
 
 
@@ -123,9 +122,9 @@ class FastDecoder:
             if self.attention:
                 linears.append((w_c[:, :H], b_c))  # the context half is applied per turn
                 self.combine_ctx = w_c[:, H:].t().contiguous()  # (d, H)
-                # the query projection with the score scale folded in: (d, H)
-                w_q = float_params(model.fusion.w)["weight"]  # (d, H)
-                self.query = (w_q * model.fusion.scale).contiguous()
+                # the score scale is folded into the query projection: (H, d)
+                w_q = float_params(model.fusion.w)["weight"]
+                self.query = (w_q * model.fusion.scale).t().contiguous()
             else:
                 linears.append((w_c[:, :H], torch.zeros_like(b_c)))  # context added per turn
                 self.query = torch.empty(0)
@@ -175,7 +174,7 @@ class FastDecoder:
         """Per-turn constants from a batch-1 memory and the prompt step's weights (1, N)."""
         if self.attention:
             values = mem.values.contiguous()  # (1, N, d)
-            return FastMemory(keys=torch.matmul(values, self.query), hidden=~mem.mask,
+            return FastMemory(values=values, hidden=~mem.mask,
                               projected=torch.matmul(values, self.combine_ctx))  # (1, N, H)
         h = mem.values.new_zeros(1, 1, self.model.config.n_hidden)  # unused by pooled fusions
         ctx, _ = self.model.context(h, mem)  # (1, 1, d), the same at every step
@@ -186,22 +185,22 @@ class FastDecoder:
         if len(mems) == 1:
             return mems[0]
         if self.attention:
-            return FastMemory(keys=pad_rows([m.keys for m in mems]),
+            return FastMemory(values=pad_rows([m.values for m in mems]),
                               hidden=pad_rows([m.hidden for m in mems], True),
                               projected=pad_rows([m.projected for m in mems]))
         return FastMemory(bias=torch.cat([m.bias for m in mems]),
                           weights=pad_rows([m.weights for m in mems]))
 
     def expand(self, mem: FastMemory, batch: int) -> FastMemory:
-        rows = (mem.keys if mem.keys is not None else mem.bias).shape[0]
+        rows = (mem.values if mem.values is not None else mem.bias).shape[0]
         if rows == batch:
             return mem
         return mem.map(lambda t: t.expand(batch, *t.shape[1:]))
 
     def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: FastMemory
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._step(tokens, state, mem.keys, mem.hidden, mem.projected, mem.bias,
-                          mem.weights, self.table, self.weights, self.biases,
+        return self._step(tokens, state, mem.values, mem.hidden, mem.projected, mem.bias,
+                          mem.weights, self.table, self.query, self.weights, self.biases,
                           self.packed, PRECISIONS.index(self.precision), self.lstm)
 
 
@@ -216,10 +215,10 @@ def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[t
     return torch.addmm(biases[i], x, weights[i])
 
 
-def _step(tokens: torch.Tensor, state: torch.Tensor, keys: torch.Tensor | None,
+def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
           hidden: torch.Tensor | None, projected: torch.Tensor | None,
           bias: torch.Tensor | None, const_weights: torch.Tensor | None,
-          table: torch.Tensor,
+          table: torch.Tensor, query: torch.Tensor,
           weights: list[torch.Tensor], biases: list[torch.Tensor],
           packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
           lstm: bool
@@ -251,8 +250,9 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, keys: torch.Tensor | None,
             n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
             x = torch.lerp(n, h, rz[:, H:], out=new[0, k])  # (1 - z) * n + z * h
     combine = n_layer if lstm else 2 * n_layer - 1
-    if keys is not None and hidden is not None and projected is not None:  # attention
-        scores = torch.bmm(keys, x.unsqueeze(2)).squeeze(2)  # (B, N), scaled
+    if values is not None and hidden is not None and projected is not None:  # attention
+        q = torch.mm(x, query)  # (B, d), scaled
+        scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
         w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
         ctx = torch.bmm(w.unsqueeze(1), projected).squeeze(1)  # (B, H): W_ctx times the context
         y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(ctx))
