@@ -113,10 +113,27 @@ class _Prefill:
 
     attachments: list[tuple[Modality, Attachment]]
     features: list[Any]  # decoded media, one per attachment
-    memory: list[Any]  # the session's MemoryEntry list before this turn
-    state: Any  # SessionState, or None for a new session
+    memory: list[bytes]  # the session's stored memory entries before this turn
+    state: bytes | None  # the stored SessionState, or None for a new session
     text: str
     params: Any  # GenerationParams
+
+
+@dataclass
+class _Finish:
+    """A decoded turn waiting on the model thread to become what the store keeps."""
+
+    run: Any  # TurnRun
+    cancelled: bool
+    new_entries: list[Any]  # MemoryEntry of this turn's attachments
+
+
+@dataclass
+class _Finished:
+    state: bytes
+    memory_added: list[bytes]
+    finish_reason: str
+    attention: dict[str, float]
 
 
 class Engine:
@@ -364,8 +381,6 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
-        from .state import dumps_entry, dumps_state, loads_entry, loads_state
-
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         features = await asyncio.gather(*(
@@ -375,13 +390,12 @@ class Engine:
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
-            state = loads_state(session.state) if session.state else None
-            memory = [loads_entry(b) for b in session.memory]
             # Model work runs between the steps of the replies being decoded together,
             # with the prefills of every turn that arrived meanwhile in one batch.
             scheduler = self._scheduler
             new_entries, run = await scheduler.call_batched(
-                self._prefill, _Prefill(attachments, features, memory, state, text, params))
+                self._prefill, _Prefill(attachments, features, list(session.memory),
+                                        session.state or None, text, params))
             t_prefill = time.perf_counter()
             t_first = None
             index = 0
@@ -396,45 +410,72 @@ class Engine:
                         stream._queue.put_nowait(Delta(full[len(shown):], index, token.id))
                         shown = full
                         index += 1
-            new_state, reason = run.finish(cancelled=stream.cancelled)
+            done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
             turns = [
                 {"role": "user", "text": text, "attachments": [
                     {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
                     for m, a in attachments]},
-                {"role": "assistant", "text": reply_text, "finish_reason": reason},
+                {"role": "assistant", "text": reply_text, "finish_reason": done.finish_reason},
             ]
-            session.save(state=dumps_state(new_state),
-                         memory_added=[dumps_entry(e) for e in new_entries], turns=turns,
+            session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)
         t_end = time.perf_counter()
         ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
         return Reply(
-            session_id=session_id, text=reply_text, finish_reason=reason,
-            attention=run.attention_by_modality(), prompt_tokens=run.prompt_tokens,
+            session_id=session_id, text=reply_text, finish_reason=done.finish_reason,
+            attention=done.attention, prompt_tokens=run.prompt_tokens,
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
 
+    async def _finish_turn(self, item: _Finish) -> _Finished:
+        """The turn's stored form, made on the model thread between two steps (in the
+        media pool once the engine is closing, so a cancelled turn is still saved)."""
+        try:
+            return await self._scheduler.call_batched(self._finish, item)
+        except Cancelled:
+            loop = asyncio.get_running_loop()
+            return (await loop.run_in_executor(self._media_pool, self._finish, [item]))[0]
+
+    def _finish(self, items: list[_Finish]) -> list[Any]:
+        """On the model thread: each decoded turn's state, new memory entries and
+        attention mass, serialised for the store."""
+        from .state import dumps_entry, dumps_state
+
+        out: list[Any] = []
+        for item in items:
+            try:
+                state, reason = item.run.finish(cancelled=item.cancelled)
+                out.append(_Finished(dumps_state(state),
+                                     [dumps_entry(e) for e in item.new_entries], reason,
+                                     item.run.attention_by_modality()))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def _prefill(self, items: list[_Prefill]) -> list[Any]:
-        """On the model thread: encode every turn's new attachments (one encoder call per
-        modality), then prefill all the turns in one batch. One result per item,
-        ``(new memory entries, run)``, or the exception that item alone raises."""
+        """On the model thread: read every turn's stored state, encode its new attachments
+        (one encoder call per modality), then prefill all the turns in one batch. One
+        result per item, ``(new memory entries, run)``, or the exception that item alone
+        raises."""
         from .runtime import TurnRequest, start_turns
-        from .state import MemoryEntry
+        from .state import MemoryEntry, loads_entry, loads_state
 
         out: list[Any] = [None] * len(items)
         encoded = self._encode_all(items)
         todo: dict[int, tuple[list[Any], TurnRequest]] = {}
         for i, item in enumerate(items):
             try:
+                state = loads_state(item.state) if item.state else None
+                memory = [loads_entry(b) for b in item.memory]
                 new = [MemoryEntry(m.name, _raise_if_error(encoded[i, j]), a.id)
                        for j, (m, a) in enumerate(item.attachments)]
             except Exception as exc:
                 out[i] = exc
                 continue
-            keep = (item.memory + new)[-self.config.fusion.max_memory:]
-            todo[i] = new, TurnRequest(item.state, keep, item.text, item.params,
+            keep = (memory + new)[-self.config.fusion.max_memory:]
+            todo[i] = new, TurnRequest(state, keep, item.text, item.params,
                                        min(len(new), len(keep)))
         decoder = self._scheduler.decoder
         requests = [request for _, request in todo.values()]

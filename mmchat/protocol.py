@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -563,10 +564,15 @@ _SERVER_READERS = {
 
 # Writing.
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_json(v) for f in dataclasses.fields(value)
-                if (v := getattr(value, f.name)) is not None}
+        return {name: _to_json(v) for name in _field_names(type(value))
+                if (v := getattr(value, name)) is not None}
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, (tuple, list)):
