@@ -49,18 +49,23 @@ class Counts:
     digits: int
     spoken: int
     greetings: int
+    typed_greetings: int
     chitchat: int | None
 
 
 DEFAULT_COUNTS = {
-    "train": Counts(shapes=14_000, digits=5_000, spoken=2_200, greetings=600, chitchat=None),
-    "valid": Counts(shapes=600, digits=150, spoken=200, greetings=40, chitchat=100),
-    "test": Counts(shapes=600, digits=150, spoken=200, greetings=40, chitchat=100),
+    "train": Counts(shapes=14_000, digits=5_000, spoken=2_200, greetings=600,
+                    typed_greetings=400, chitchat=None),
+    "valid": Counts(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
+                    chitchat=100),
+    "test": Counts(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
+                   chitchat=100),
 }
 SMALL_COUNTS = {
-    "train": Counts(shapes=100, digits=30, spoken=10, greetings=4, chitchat=30),
-    "valid": Counts(shapes=20, digits=10, spoken=5, greetings=2, chitchat=5),
-    "test": Counts(shapes=20, digits=10, spoken=5, greetings=2, chitchat=5),
+    "train": Counts(shapes=100, digits=30, spoken=10, greetings=4, typed_greetings=4,
+                    chitchat=30),
+    "valid": Counts(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2, chitchat=5),
+    "test": Counts(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2, chitchat=5),
 }
 
 # A rendering job: ("scene", key, Scene) | ("digit", key, DigitStyle) | ("speech", path,
@@ -84,7 +89,8 @@ def build(outdir: str | Path, *, seed: int = 0, small: bool = False, progress: b
     records: dict[str, list[dict[str, Any]]] = {}
     jobs: dict[str, Job] = {}
     inline: dict[str, list[dict[str, Any]]] = {}
-    total = sum(c.shapes + c.digits + c.spoken + c.greetings for c in counts.values())
+    total = sum(c.shapes + c.digits + c.spoken + c.greetings + c.typed_greetings
+                for c in counts.values())
     with tqdm(total=total, desc="planning", unit="dialogue", disable=not progress,
               file=sys.stderr) as bar:
         for split in SPLITS:
@@ -175,7 +181,8 @@ class _Planner:
         """Every dialogue of the split, shuffled; ``tick()`` after each one but chit-chat."""
         out = []
         for make, n in ((self.shapes, counts.shapes), (self.digit, counts.digits),
-                        (self.spoken, counts.spoken), (self.greeting, counts.greetings)):
+                        (self.spoken, counts.spoken), (self.greeting, counts.greetings),
+                        (self.typed_greeting, counts.typed_greetings)):
             for i in range(n):
                 out.append(make(i))
                 tick()
@@ -310,12 +317,24 @@ class _Planner:
         meta = {"source": "greeting", "voice": {**voice.to_meta(), "text": text}}
         return self.record("greeting", i, "greeting", turns, meta)
 
+    def typed_greeting(self, i: int) -> dict[str, Any]:
+        """A greeting typed, as people type it: the spoken greetings' words and reply."""
+        rng = self.rng(6, i)
+        words = list(speech.GREETINGS)[i % len(speech.GREETINGS)]
+        text = str(rng.choice(_typed_forms(words)))
+        reply, answer = speech.greeting_reply(words)
+        turns = [_user(text), _assistant(reply, answer, "greeting")]
+        return self.record("typed-greeting", i, "greeting", turns, {"source": "typed-greeting"})
+
     def chitchat(self, count: int | None) -> list[dict[str, Any]]:
         convs = chitchat.conversations()
         if count is None:
             chosen = list(range(len(convs)))
         else:
-            pool = chitchat.unambiguous(convs)
+            # a conversation that opens with a greeting now has two replies in the corpus
+            greetings = set(speech.GREETINGS)
+            pool = [c for c in chitchat.unambiguous(convs)
+                    if _words(convs[c].utterances[0]) not in greetings]
             picks = self.rng(5).choice(len(pool), size=min(count, len(pool)), replace=False)
             chosen = sorted(pool[int(p)] for p in picks)
         out = []
@@ -330,6 +349,17 @@ class _Planner:
             meta = {"source": "chatterbot", "file": conv.file, "index": conv.index}
             out.append(self.record("chitchat", n, "chitchat", turns, meta))
         return out
+
+
+def _typed_forms(words: str) -> list[str]:
+    """How ``words`` may be typed: either case of the first letter, with ``!``, ``.`` or
+    nothing after."""
+    return [f"{first}{end}" for first in (words, words.capitalize()) for end in ("", "!", ".")]
+
+
+def _words(text: str) -> str:
+    """``text`` in lower case, without punctuation, single-spaced."""
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
 # -- rendering ---------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_turn_shapes(records):
         first = [a["modality"] for a in turns[0]["attachments"]]
         source = r["meta"]["source"]
         assert first == {"shapes": ["image"], "digits": ["image"], "spoken": ["image", "voice"],
-                         "greeting": ["voice"], "chatterbot": []}[source]
+                         "greeting": ["voice"], "typed-greeting": [], "chatterbot": []}[source]
         if source in ("spoken", "greeting"):
             assert turns[0]["text"] == ""
         for user in turns[2::2]:
@@ -325,3 +325,25 @@ def test_only_training_clips_are_accented_and_they_sound_different():
     text = "what is there"
     assert speech.synthesize(text, accent).tobytes() != speech.synthesize(text, plain).tobytes()
     assert speech.synthesize(text, accent).tobytes() == speech.synthesize(text, accent).tobytes()
+
+
+def test_typed_greetings_get_the_spoken_greetings_reply(records):
+    typed = [r for recs in records.values() for r in recs
+             if r["meta"]["source"] == "typed-greeting"]
+    assert {r["split"] for r in typed} == set(SPLITS)
+    for r in typed:
+        user, reply = r["turns"]
+        assert user["attachments"] == [] and r["category"] == "greeting"
+        words = build_module._words(user["text"])
+        assert words in speech.GREETINGS
+        assert (reply["text"], reply["answer"]) == speech.greeting_reply(words)
+
+
+def test_chitchat_samples_skip_conversations_that_open_with_a_greeting():
+    convs = chitchat.conversations()
+    opening = [c for c in chitchat.unambiguous(convs)
+               if build_module._words(convs[c].utterances[0]) in speech.GREETINGS]
+    assert opening  # "Hi" -> "Hello" alone in chatterbot, but a typed greeting now too
+    sampled = build_module._Planner("test", 0).chitchat(len(convs))
+    assert sampled and all(build_module._words(r["turns"][0]["text"]) not in speech.GREETINGS
+                           for r in sampled)
