@@ -212,3 +212,7 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
         reply = await asyncio.wait_for(stream.wait(), timeout=10)
         assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
     assert engine._model_pool._shutdown
+    for i in range(3):  # saved, though the model thread had stopped taking work
+        turns = (await engine.store.load(f"s{i}")).history
+        assert [t["role"] for t in turns] == ["user", "assistant"]
+        assert turns[1]["finish_reason"] == "cancelled"
