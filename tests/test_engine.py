@@ -136,6 +136,16 @@ async def test_corrupt_stored_state_is_a_clear_error(engine):
         await engine.reply("bad", "hi")
 
 
+async def test_a_corrupt_state_fails_only_its_own_turn_in_a_batched_prefill(engine):
+    await engine.store.save_turn("bad-2", state=b"not safetensors", memory_added=[],
+                                 turns=[], max_memory=4)
+    outcomes = await asyncio.gather(engine.reply("bad-2", "hi"),
+                                    *(engine.reply(f"good-{i}", "hi") for i in range(3)),
+                                    return_exceptions=True)
+    assert isinstance(outcomes[0], StateError)
+    assert all(r.finish_reason in ("stop", "length") for r in outcomes[1:])
+
+
 def test_sync_wrappers(tiny_config, toy_host):
     engine = Engine(tiny_config, plugins=toy_host)
     try:
