@@ -436,7 +436,8 @@ class Engine:
             return await self._scheduler.call_batched(self._finish, item)
         except Cancelled:
             loop = asyncio.get_running_loop()
-            return (await loop.run_in_executor(self._media_pool, self._finish, [item]))[0]
+            done = await loop.run_in_executor(self._media_pool, self._finish, [item])
+            return _raise_if_error(done[0])
 
     def _finish(self, items: list[_Finish]) -> list[Any]:
         """On the model thread: each decoded turn's state, new memory entries and
