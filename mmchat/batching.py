@@ -1,9 +1,10 @@
 """Decode every active reply together: one batched model step per token.
 
 The engine owns one :class:`DecodeScheduler`. A turn's prefill runs through
-:meth:`DecodeScheduler.call`; its reply then joins with :meth:`DecodeScheduler.decode`
-and comes back as an async stream of tokens. On the model thread a single worker
-loops:
+:meth:`DecodeScheduler.call`; its reply then joins with :meth:`DecodeScheduler.feed`
+(each step's tokens go to a callback on the event loop, one wake-up for all replies)
+or :meth:`DecodeScheduler.decode` (an async stream of tokens). On the model thread a
+single worker loops:
 
 1. run queued jobs (prefills of new turns, encoders) between two steps; the prefills
    queued meanwhile run as one batch (:meth:`DecodeScheduler.call_batched`);
@@ -53,8 +54,12 @@ class _Reply:
 
     run: TurnRun
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    #: On the event loop: each token, then ``None`` at the end, or the exception that
+    #: ended the reply.
+    sink: Callable[[Any], None]
     cancelled: Callable[[], bool]
+    #: Whether a token counts as read once the sink has it (else see ``_taken``).
+    reads: bool = True
     unread: int = 0  # tokens delivered that the consumer has not taken yet
     stopped: bool = False  # the consumer went away
     started: bool = False
@@ -90,9 +95,11 @@ class TokenStream:
     """Async iterator over one reply's tokens; ``async with`` it so leaving early
     takes the reply out of the batch."""
 
-    def __init__(self, scheduler: DecodeScheduler, reply: _Reply) -> None:
+    def __init__(self, scheduler: DecodeScheduler, run: TurnRun,
+                 cancelled: Callable[[], bool]) -> None:
         self._scheduler = scheduler
-        self._reply = reply
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._reply = scheduler._join(run, self._queue.put_nowait, cancelled, reads=False)
         self._ended = False
 
     def __aiter__(self) -> TokenStream:
@@ -101,8 +108,8 @@ class TokenStream:
     async def __anext__(self) -> Token:
         if self._ended:
             raise StopAsyncIteration
-        item = await self._reply.queue.get()
-        if item is _END:
+        item = await self._queue.get()
+        if item is None:
             self._ended = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
@@ -168,12 +175,27 @@ class DecodeScheduler:
 
         ``cancelled`` is polled from the model thread before every step.
         """
-        reply = _Reply(run, asyncio.get_running_loop(), asyncio.Queue(), cancelled)
+        return TokenStream(self, run, cancelled)
+
+    def feed(self, run: TurnRun, sink: Callable[[Any], None],
+             cancelled: Callable[[], bool] = lambda: False) -> Callable[[], None]:
+        """Join ``run`` to the batch and hand its tokens to ``sink`` on the event loop:
+        each :class:`~mmchat.generate.Token`, then ``None`` at the end, or the exception
+        that ended it. A step's tokens reach every sink of a loop in one callback, with
+        no task switch per token. Returns a function that takes the reply out of the
+        batch before the next step (if it still runs).
+        """
+        reply = self._join(run, sink, cancelled)
+        return lambda: self._stop(reply)
+
+    def _join(self, run: TurnRun, sink: Callable[[Any], None], cancelled: Callable[[], bool],
+              *, reads: bool = True) -> _Reply:
+        reply = _Reply(run, asyncio.get_running_loop(), sink, cancelled, reads)
         with self._cond:
             self._check_open()
             self._joining.append(reply)
             self._wake()
-        return TokenStream(self, reply)
+        return reply
 
     def close(self) -> None:
         """Stop taking work: queued jobs fail with :class:`~mmchat.errors.Cancelled`, and
@@ -192,10 +214,28 @@ class DecodeScheduler:
         if self._closed:
             raise Cancelled("the engine is closing")
 
-    def _taken(self, reply: _Reply) -> None:
+    def _taken(self, reply: _Reply, n: int = 1) -> None:
         with self._cond:
-            reply.unread -= 1
-            if reply.unread == AHEAD - 1:
+            reply.unread -= n
+            if reply.unread < AHEAD <= reply.unread + n:
+                self._cond.notify()
+
+    def _hand_over(self, items: list[tuple[_Reply, Any]]) -> None:
+        """On the event loop: give each reply's sink what one step made for it."""
+        read: dict[_Reply, int] = {}
+        for reply, item in items:
+            if item is _END:
+                item = None
+            elif reply.reads and not isinstance(item, BaseException):
+                read[reply] = read.get(reply, 0) + 1
+            try:
+                reply.sink(item)
+            except Exception:  # one consumer's bug must not starve the others
+                logger.exception("a reply's token sink failed")
+        if read:
+            with self._cond:
+                for reply, n in read.items():
+                    reply.unread -= n
                 self._cond.notify()
 
     def _stop(self, reply: _Reply) -> None:
@@ -352,17 +392,17 @@ class DecodeScheduler:
 
     def _deliver(self, out: list[tuple[_Reply, Any]]) -> None:
         """Hand tokens to their event loops (one wake-up per loop) and retire ended replies."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Reply, Any]]] = {}
         with self._cond:
             for reply, item in out:
                 if isinstance(item, Token):
                     reply.unread += 1
                 else:
                     reply.done = True
-                by_loop.setdefault(reply.loop, []).append((reply.queue, item))
+                by_loop.setdefault(reply.loop, []).append((reply, item))
             self._replies = [r for r in self._replies if not r.done]
         for loop, items in by_loop.items():
-            _post(loop, _put_all, items)
+            _post(loop, self._hand_over, items)
 
 
 def _group(jobs: list[_Job]) -> list[list[_Job]]:
@@ -386,11 +426,6 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the loop closed; nobody is listening any more
         logger.debug("dropped a result for a closed event loop")
-
-
-def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +98,19 @@ class ReplyStream:
             raise item
         self.reply = item
         raise StopAsyncIteration
+
+    async def take(self) -> tuple[list[Delta], Reply | Exception | None]:
+        """The deltas waiting now (at least one, unless the stream ends first), and how
+        the stream ended if it did: the :class:`Reply`, or the exception that ended it.
+        Do not call it again once it returned an end."""
+        queue = self._queue
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        end = None if isinstance(items[-1], Delta) else items.pop()
+        if isinstance(end, Reply):
+            self.reply = end
+        return items, end
 
     async def wait(self) -> Reply:
         """Drain the stream and return the finished reply."""
@@ -397,19 +410,13 @@ class Engine:
                 self._prefill, _Prefill(attachments, features, list(session.memory),
                                         session.state or None, text, params))
             t_prefill = time.perf_counter()
-            t_first = None
-            index = 0
-            shown = ""
-            ids: list[int] = []
-            async with scheduler.decode(run, cancelled=lambda: stream.cancelled) as tokens:
-                async for token in tokens:
-                    t_first = t_first or time.perf_counter()
-                    ids.append(token.id)
-                    full = self.tokenizer.decode(ids)
-                    if full.startswith(shown) and len(full) > len(shown):
-                        stream._queue.put_nowait(Delta(full[len(shown):], index, token.id))
-                        shown = full
-                        index += 1
+            deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
+            stop = scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled)
+            try:
+                await deltas.finished
+            finally:
+                stop()
+            t_first = deltas.first
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
             turns = [
@@ -532,6 +539,37 @@ class Engine:
             if s and s in text:
                 text = text[: text.index(s)]
         return text
+
+
+class _Deltas:
+    """A reply's tokens as they come from the scheduler (on the event loop, without a
+    task switch per token), turned into :class:`Delta` text pieces for ``put``.
+    :attr:`finished` resolves when decoding ends (or fails)."""
+
+    def __init__(self, tokenizer: Any, put: Callable[[Delta], None]) -> None:
+        self.tokenizer = tokenizer
+        self.put = put
+        self.ids: list[int] = []
+        self.shown = ""
+        self.index = 0  # of the next delta
+        self.first: float | None = None  # perf_counter() of the first token
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def take(self, item: Any) -> None:
+        if self.finished.done():
+            return
+        if item is None:
+            self.finished.set_result(None)
+        elif isinstance(item, BaseException):
+            self.finished.set_exception(item)
+        else:
+            self.first = self.first or time.perf_counter()
+            self.ids.append(item.id)
+            full = self.tokenizer.decode(self.ids)
+            if full.startswith(self.shown) and len(full) > len(self.shown):
+                self.put(Delta(full[len(self.shown):], self.index, item.id))
+                self.shown = full
+                self.index += 1
 
 
 def _raise_if_error(value: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 from toy_plugin import ToyModality
 
 from mmchat import Attachment, Engine, checkpoint
-from mmchat.batching import DecodeScheduler
+from mmchat.batching import AHEAD, DecodeScheduler
 from mmchat.fastpath import FastDecoder
 from mmchat.generate import GenerationParams
 from mmchat.loading import load_model
@@ -215,6 +215,43 @@ async def test_a_failing_reply_or_job_ends_alone():
         got, failed = await asyncio.gather(collect(good), collect(bad), return_exceptions=True)
     assert got == expected and len(expected) > 3
     assert isinstance(failed, RuntimeError) and len(bad.tokens) == 3
+
+
+async def test_sinks_get_each_step_s_tokens_on_the_loop_and_a_failing_sink_stays_alone():
+    model, tok = tiny_model()
+    decoder = FastDecoder(model)
+    params = GenerationParams(max_new_tokens=20)
+    solo = start_turn(model, tok, None, [], "hello", params, decoder=decoder)
+    expected = [t.id for t in iter(solo.next_token, None)]
+    runs = [start_turn(model, tok, None, [], "hello", params, decoder=decoder)
+            for _ in range(4)]
+    loop = asyncio.get_running_loop()
+    got: list[list] = [[] for _ in runs]
+    ended = [loop.create_future() for _ in runs]
+    threads = set()
+    stops = []
+
+    def sink(i):
+        def take(item):
+            threads.add(threading.get_ident())
+            got[i].append(item)
+            if item is None:
+                ended[i].set_result(None)
+            elif i == 1 and len(got[1]) == 3:
+                raise RuntimeError("a consumer's bug")
+            elif i == 3:
+                stops[3]()  # stop after the first token
+        return take
+
+    with ThreadPoolExecutor(1) as pool:
+        scheduler = DecodeScheduler(decoder, pool)
+        stops += [scheduler.feed(run, sink(i)) for i, run in enumerate(runs)]
+        await asyncio.wait_for(asyncio.gather(*ended), 30)
+    assert threads == {threading.get_ident()}  # always on the event loop's thread
+    assert len(expected) > 3
+    for i in range(3):
+        assert [t.id for t in got[i][:-1]] == expected and got[i][-1] is None
+    assert len(got[3]) - 1 <= AHEAD + 1 < len(expected) and got[3][-1] is None
 
 
 @pytest.mark.parametrize("rnn, fast", [("lstm", True), ("gru", False)])

@@ -206,16 +206,13 @@ class _FailsMidway:
     def cancel(self) -> None:
         self.stream.cancel()
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
+    async def take(self):
         if self.given == 2:
             self.stream.cancel()
             await self.stream.wait()
-            raise PluginError("toy", "exploded mid-reply")
+            return [], PluginError("toy", "exploded mid-reply")
         self.given += 1
-        return await self.stream.__anext__()
+        return [await self.stream.__anext__()], None
 
 
 class _FlakyEngine(Engine):

@@ -234,15 +234,21 @@ class ChatServer:
 
     @staticmethod
     async def _write(ws: ServerConnection, connection: Connection) -> None:
+        """Send the outbox, everything waiting in it at once (no task switch per event
+        while the socket keeps up)."""
         outbox = connection.outbox
         while True:
-            item = await outbox.get()
+            items = [await outbox.get()]
+            while not outbox.empty():
+                items.append(outbox.get_nowait())
             try:
-                if isinstance(item, Close):
-                    await ws.close(item.code, item.reason)
-                    return
-                await ws.send(item)
+                for item in items:
+                    if isinstance(item, Close):
+                        await ws.close(item.code, item.reason)
+                        return
+                    await ws.send(item)
             except ConnectionClosed:
                 return
             finally:
-                outbox.task_done()
+                for _ in items:
+                    outbox.task_done()

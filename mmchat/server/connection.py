@@ -280,9 +280,7 @@ class Connection:
                     self._idle.set()
 
     async def _reply(self, job: _Message) -> None:
-        turn = self._start_turn(job)
-        async for event in turn.subscribe():
-            self.send(event)
+        await self._start_turn(job).follow(self.send)
 
     def _start_turn(self, job: _Message) -> Turn:
         """Start the message's turn. The turn claims the message id (a taken one ends

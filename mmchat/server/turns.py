@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ class Turn:
         self.response_id = uuid.uuid4().hex
         self.events: list[ReplyEvent] = []
         self.finished = asyncio.Event()
-        self._queues: set[asyncio.Queue[ReplyEvent | None]] = set()
+        self._listeners: set[Callable[[ReplyEvent], None]] = set()
         self._cancel_requested = False
         self._stream: Any = None
         self._store_error: StoreUnavailable | None = None
@@ -74,32 +74,33 @@ class Turn:
         if self._stream is not None:
             self._stream.cancel()
 
-    async def subscribe(self) -> AsyncIterator[ReplyEvent]:
-        """Every event of this reply from its start, ending after the last one."""
-        queue: asyncio.Queue[ReplyEvent | None] = asyncio.Queue()
+    async def follow(self, send: Callable[[ReplyEvent], None]) -> None:
+        """Hand every event of this reply, from its start, to ``send`` (as each is
+        published, on the event loop); return after the last one."""
         for event in self.events:
-            queue.put_nowait(event)
+            send(event)
         if self.finished.is_set():
-            queue.put_nowait(None)
-        else:
-            self._queues.add(queue)
+            return
+        self._listeners.add(send)
         try:
-            while (event := await queue.get()) is not None:
-                yield event
+            await self.finished.wait()
         finally:
-            self._queues.discard(queue)
+            self._listeners.discard(send)
 
     def _publish(self, events: Sequence[ReplyEvent]) -> None:
-        for event in events:
-            self.events.append(event)
-            for queue in self._queues:
-                queue.put_nowait(event)
+        self.events += events
+        for send in list(self._listeners):
+            for event in events:
+                try:
+                    send(event)
+                except Exception:  # one listener's failure must not end the reply
+                    logger.exception("reply %s: a listener failed", self.response_id)
+                    self._listeners.discard(send)
+                    break
 
     def _end(self) -> None:
         self.finished.set()
-        for queue in self._queues:
-            queue.put_nowait(None)
-        self._queues.clear()
+        self._listeners.clear()
 
     async def _append(self, events: Sequence[Started | Delta | Done], held: SessionTurn, *,
                       last: bool) -> bool:
@@ -168,70 +169,49 @@ class Turn:
         the seq the session's next turn also gives the reply when it finds it open.
         """
         request, metrics = self.request, self.manager.metrics
-        pending: list[Any] = []
-        wake = asyncio.Event()
-        outcome: list[Any] = []  # the Reply, or the exception that ended the stream
-
-        async def read() -> None:
-            try:
-                async for delta in stream:
-                    pending.append(delta)
-                    wake.set()
-                outcome.append(stream.reply)
-            except Exception as exc:  # reported below, after what streamed is saved
-                outcome.append(exc)
-            wake.set()
-
-        reader = asyncio.create_task(read())
+        end: Any = None  # the Reply, or the exception that ended the stream
         started = broken = False
         texts: list[str] = []  # of the deltas published
         try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                batch = pending[:]
-                del pending[:]
-                ending = bool(outcome)  # the reader adds the outcome after every delta
+            while end is None:
+                batch, end = await stream.take()
                 if broken:
-                    if ending:
-                        break
                     continue
-                failed = ending and isinstance(outcome[0], Exception)
+                failed = isinstance(end, Exception)
+                last = end is not None and not failed
                 events: list[Started | Delta | Done] = []
                 next_seq = seq
-                if not started and (batch or (ending and not failed)):
+                if not started and (batch or last):
                     next_seq += 1
                     events.append(Started(request.message_id, self.response_id, next_seq))
                 for delta in batch:
                     next_seq += 1
                     events.append(Delta(self.response_id, next_seq, delta.text))
-                if ending and not failed:
+                if last:
                     next_seq += 1
-                    events.append(self._done(outcome[0], next_seq, queue_ms))
-                if events:
-                    if not await self._append(events, held, last=ending and not failed):
-                        broken = True
-                        stream.cancel()
-                        if ending:
-                            break
-                        continue
-                    self._publish(events)
-                    if batch and not texts:
-                        metrics.ttft.observe(time.perf_counter() - request.received)
-                    started, seq = True, next_seq
-                    texts += [delta.text for delta in batch]
-                    if ending and not failed:
-                        self._count(outcome[0])
-                if ending:
-                    break
+                    events.append(self._done(end, next_seq, queue_ms))
+                if not events:
+                    continue
+                if not await self._append(events, held, last=last):
+                    broken = True
+                    stream.cancel()
+                    continue
+                self._publish(events)
+                if batch and not texts:
+                    metrics.ttft.observe(time.perf_counter() - request.received)
+                started, seq = True, next_seq
+                texts += [delta.text for delta in batch]
+                if last:
+                    self._count(end)
         finally:
-            if not reader.done():
+            if end is None:  # left early: stop generating, and wait until it stopped
                 stream.cancel()
-                await reader
+                while end is None:
+                    _, end = await stream.take()
         if broken:
             error: MMChatError = self._store_error
-        elif isinstance(outcome[0], Exception):
-            error = outcome[0]
+        elif isinstance(end, Exception):
+            error = end
             if not isinstance(error, MMChatError):
                 logger.error("reply %s failed", self.response_id, exc_info=error)
                 error = MMChatError("the server failed while replying; see its log")
