@@ -146,16 +146,17 @@ class TurnRun:
 
     def attention_by_modality(self) -> dict[str, float]:
         """Mean attention mass each modality received per emitted token."""
-        names = {i: m for m, i in self.model.kind_index.items()}
         if self.mass is None or not self.tokens:
             return {}
-        visible = self.memory.mask[0]  # (N,) hidden slots (e.g. absent summaries) get nothing
-        per_token = (self.mass / len(self.tokens))[visible]
-        kinds = self.memory.kinds[0][visible]
-        n = len(names) + 1
-        mass = torch.bincount(kinds, weights=per_token.double(), minlength=n).tolist()
-        seen = torch.bincount(kinds, minlength=n).tolist()
-        return {names[k]: round(mass[k], 4) for k in range(1, n) if seen[k]}
+        names = {i: m for m, i in self.model.kind_index.items()}
+        # plain floats: a few dozen slots cost less in Python than in tensor calls
+        totals: dict[int, float] = {}
+        for mass, kind, visible in zip(self.mass.tolist(), self.memory.kinds[0].tolist(),
+                                       self.memory.mask[0].tolist()):
+            if visible and kind:  # hidden slots (absent summaries) and the null get nothing
+                totals[kind] = totals.get(kind, 0.0) + mass
+        n = len(self.tokens)
+        return {names[k]: round(totals[k] / n, 4) for k in sorted(totals)}
 
     def finish(self, cancelled: bool = False) -> tuple[SessionState, str]:
         """The state to save and the finish reason. Call once decoding stopped."""
