@@ -564,13 +564,18 @@ _SERVER_READERS = {
 
 # Writing.
 
+_PLAIN = frozenset((str, int, bool))
+
+
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _to_json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
+    if type(value) in _PLAIN:  # most fields (and a delta's every field): as they are
+        return value
+    if hasattr(type(value), "__dataclass_fields__"):
         return {name: _to_json(v) for name in _field_names(type(value))
                 if (v := getattr(value, name)) is not None}
     if isinstance(value, (bytes, bytearray)):
