@@ -843,7 +843,7 @@ async def test_round_trips(redis_store, monkeypatch):
     _save(held, 2, (b"c",))  # staged: no round trip
     assert trips.count == before
     assert await trips.measure(held.append(_entries(21, 1))) == 1
-    assert trips.writes[-1] == ["MULTI", "XADD", "PEXPIRE", "SMISMEMBER", "EXEC"]
+    assert trips.writes[-1] == ["XADD", "PEXPIRE", "SMISMEMBER"]
     assert await trips.measure(held.end(_entries(22, 2, done=True))) == 1
     assert trips.writes[-1][0] == "MULTI" and trips.writes[-1][-2:] == ["EVAL", "EXEC"]
     assert await trips.measure(store.request_cancel(SID, "m-9")) == 1
@@ -853,6 +853,50 @@ async def test_round_trips(redis_store, monkeypatch):
             _save(held, 3)
 
     assert await trips.measure(turn()) == 2
+
+
+@needs_redis
+async def test_turns_that_append_together_share_one_round_trip(redis_store, monkeypatch):
+    store = redis_store
+    await store.ping()
+    sessions = [f"{SID}-{i}" for i in range(5)]
+    held = [await store.begin_turn(sid, message_id="m-1") for sid in sessions]
+    await store.request_cancel(sessions[2], "m-1")
+    # Session 3's stream is ahead: its append's seq is refused, and only its append fails.
+    await store.append_stream(sessions[3], _entries(1, 3))
+    trips = RoundTrips(store, monkeypatch)
+    results = await asyncio.gather(*(h.append(_entries(1, 2, f"r-{i}"))
+                                     for i, h in enumerate(held)), return_exceptions=True)
+    assert trips.count == 1  # five turns' XADDs, PEXPIREs and SMISMEMBERs
+    assert trips.writes[0].count("XADD") == 10
+    assert results[:3] + results[4:] == [False, False, True, False]
+    assert isinstance(results[3], ValueError) and "does not follow" in str(results[3])
+    for i, h in enumerate(held):
+        await h.end([] if i == 3 else _entries(3, 1, f"r-{i}", done=True))
+    for i, sid in enumerate(sessions):
+        entries = await store.read_stream(sid)
+        expected = ["r-1"] * 3 if i == 3 else [f"r-{i}"] * 3
+        assert [e.response_id for e in entries] == expected
+
+
+@needs_redis
+async def test_a_failed_round_trip_fails_every_append_of_its_batch(redis_store, monkeypatch):
+    store = redis_store
+    held = [await store.begin_turn(f"{SID}-{i}") for i in range(3)]
+    cls = store.client.connection_pool.connection_class
+
+    async def broken(conn, command, check_health=True):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(cls, "send_packed_command", broken)
+    results = await asyncio.gather(*(h.append(_entries(1, 1)) for h in held),
+                                   return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) and "append_stream" in str(r)
+               for r in results)
+    monkeypatch.undo()
+    assert await held[0].append(_entries(1, 1)) is False  # the next batch goes through
+    for h in held:
+        await h.end()
 
 
 # Redis only: the lease lock.

@@ -34,7 +34,9 @@ A multi-command call is one ``MULTI``/``EXEC`` round trip (on Cluster one plain
 pipeline to the session's node, see :meth:`RedisStore._pipeline`). A turn
 (:meth:`RedisStore.begin_turn`) is two: one Lua script claims the message id, takes the
 lock and reads state, memory and the stream's tail; one pipeline saves the turn, appends
-the reply's last events and releases the lock.
+the reply's last events and releases the lock. In between, the turns whose reply events
+come out of one decode step append them in one shared pipeline (:class:`_Appends`), so
+streaming costs one round trip per step, not one per reply and step.
 
 A cancel (:meth:`RedisStore.request_cancel`) may reach a node other than the one
 generating the reply. It is recorded in the ``cancel`` set as ``m:<message id>``, or
@@ -329,6 +331,7 @@ class RedisStore(SessionStore):
         self.lock_wait = lock_wait
         self._stream_max_len = stream_max_len
         self._sentinel = None
+        self._appends = _Appends(self)
         self._client = self._connect(max_connections=max_connections,
                                      pool_timeout=pool_timeout,
                                      socket_timeout=socket_timeout,
@@ -573,11 +576,7 @@ class RedisStore(SessionStore):
         try:
             return await pipe.execute()
         except redis.exceptions.ResponseError as exc:
-            if not entries or "equal or smaller" not in str(exc):
-                raise
-            raise _SeqRefused(
-                f"stream seq {entries[0].seq} does not follow the stream's last seq "
-                f"in session {session_id!r}") from exc
+            raise _refused(exc, session_id, entries) from exc
 
     async def read_stream(self, session_id: str, after_seq: int = 0, *,
                           limit: int | None = None) -> list[StreamEntry]:
@@ -730,6 +729,78 @@ class RedisLock(contextlib.AbstractAsyncContextManager[None]):
         await self.release_quietly()
 
 
+def _refused(exc: redis.exceptions.ResponseError, session_id: str,
+             entries: Sequence[StreamEntry]) -> Exception:
+    """:class:`_SeqRefused` if Redis refused a stream entry's id, else ``exc``."""
+    if not entries or "equal or smaller" not in str(exc):
+        return exc
+    return _SeqRefused(f"stream seq {entries[0].seq} does not follow the stream's last "
+                       f"seq in session {session_id!r}")
+
+
+class _Appends:
+    """The reply-event appends of held turns, sent together: every turn that appends
+    in one pass of the event loop (the replies of one decode step do) shares one
+    pipeline, so a batch of concurrent replies costs one round trip per token instead of
+    one each. A turn's commands are its own ``XADD``s, ``PEXPIRE`` and ``SMISMEMBER``; a
+    turn's lock keeps other writers off its keys, so they need no ``MULTI``. A command
+    that fails fails only its own turn's append."""
+
+    #: At most this many appends go in one pipeline.
+    MAX_BATCH = 256
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._pending: list[tuple[_Keys, list[StreamEntry], list[str], asyncio.Future]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(self, keys: _Keys, entries: list[StreamEntry], cancels: list[str]
+            ) -> asyncio.Future[bool]:
+        """Queue one turn's append; the future says whether one of ``cancels`` is in the
+        session's cancel set, or raises what Redis answered to the turn's commands."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)  # after every task woken in this pass
+        self._pending.append((keys, entries, cancels, future))
+        if len(self._pending) >= self.MAX_BATCH:
+            self._flush()
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[_Keys, list[StreamEntry], list[str],
+                                            asyncio.Future]]) -> None:
+        store = self._store
+        try:
+            pipe = store._client.pipeline(transaction=False)
+            for keys, entries, cancels, _ in batch:
+                store._queue_append(pipe, keys, entries)
+                pipe.smismember(keys.cancel, cancels)
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the round trip failed: every append did
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for _, entries, _, future in batch:
+            end = start + len(entries) + 2  # the XADDs, PEXPIRE, SMISMEMBER
+            mine, start = results[start:end], end
+            if future.done():  # its turn stopped waiting
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(any(mine[-1]))
+
+
 class RedisTurn(SessionTurn):
     """A turn of :meth:`RedisStore.begin_turn`. Appending is one round trip: the stream
     entries and the question whether this turn's reply was cancelled. Ending it is one:
@@ -749,13 +820,12 @@ class RedisTurn(SessionTurn):
 
     async def _append(self, entries: list[StreamEntry]) -> bool:
         store = self._store
-        keys = store.keys(self.session_id)
         async with store._guard("append_stream"):
-            pipe = store._pipeline()
-            store._queue_append(pipe, keys, entries)
-            pipe.smismember(keys.cancel, self._cancels)
-            results = await store._execute(pipe, self.session_id, entries)
-        return any(results[-1])
+            try:
+                return await store._appends.add(store.keys(self.session_id), entries,
+                                                self._cancels)
+            except redis.exceptions.ResponseError as exc:
+                raise _refused(exc, self.session_id, entries) from exc
 
     async def _finish(self, write: TurnWrite | None, entries: list[StreamEntry]) -> None:
         store, lock = self._store, self._lock
