@@ -41,6 +41,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,6 +144,7 @@ class FastDecoder:
                 self.biases = [b.clone() for _, b in linears]
                 self.packed = []
         self._step = compiled_step()
+        self._prefill = compiled_prefill()
 
     @staticmethod
     def unsupported(model: DialogueLM) -> str:
@@ -197,6 +199,15 @@ class FastDecoder:
             return mem
         return mem.map(lambda t: t.expand(batch, *t.shape[1:]))
 
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor
+                ) -> torch.Tensor:
+        """Right-padded prompts ``tokens (B, T)`` of ``lengths (B,)`` through the RNN
+        from ``state (S, L, B, H)``: the state after each row's last token. The
+        same weights and precision as :meth:`step`, so a prompt costs what feeding its
+        tokens one by one would, in one call per time step for the whole batch."""
+        return self._prefill(tokens, lengths, state, self.table, self.weights, self.biases,
+                             self.packed, PRECISIONS.index(self.precision), self.lstm)
+
     def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: FastMemory
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._step(tokens, state, mem.values, mem.hidden, mem.projected, mem.bias,
@@ -224,6 +235,41 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
           lstm: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row through the RNN, the fusion, combine and the head (TorchScript)."""
+    n_layer = state.shape[1]
+    x, new = _rnn(tokens, state, table, weights, biases, packed, precision, lstm)
+    combine = n_layer if lstm else 2 * n_layer - 1
+    if values is not None and hidden is not None and projected is not None:  # attention
+        q = torch.mm(x, query)  # (B, d), scaled
+        scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
+        w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
+        ctx = torch.bmm(w.unsqueeze(1), projected).squeeze(1)  # (B, H): W_ctx times the context
+        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(ctx))
+    else:  # a context constant over the turn, already folded into a bias
+        assert bias is not None and const_weights is not None
+        w = const_weights
+        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(bias))
+    return _linear(y, combine + 1, weights, biases, packed, precision), w, new
+
+
+def _prefill(tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor,
+             table: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+             packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+             lstm: bool) -> torch.Tensor:
+    """Right-padded prompts (B, T) through the RNN, a time step per call for all rows;
+    a row's state stops changing after its ``lengths`` tokens (TorchScript)."""
+    for t in range(tokens.shape[1]):
+        _, new = _rnn(tokens[:, t], state, table, weights, biases, packed, precision, lstm)
+        done = lengths <= t  # (B,) rows whose prompt ended
+        state = torch.where(done.view(1, 1, -1, 1), state, new) if bool(done.any()) else new
+    return state
+
+
+def _rnn(tokens: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
+         weights: list[torch.Tensor], biases: list[torch.Tensor],
+         packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+         lstm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row through the RNN layers: the top layer's output (B, H) and the
+    new state (S, L, B, H)."""
     H = state.shape[-1]
     n_layer = state.shape[1]
     x = table.index_select(0, tokens)  # (B, G): layer 0's input projection
@@ -249,31 +295,31 @@ def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None
             rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # reset, update gates
             n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
             x = torch.lerp(n, h, rz[:, H:], out=new[0, k])  # (1 - z) * n + z * h
-    combine = n_layer if lstm else 2 * n_layer - 1
-    if values is not None and hidden is not None and projected is not None:  # attention
-        q = torch.mm(x, query)  # (B, d), scaled
-        scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
-        w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
-        ctx = torch.bmm(w.unsqueeze(1), projected).squeeze(1)  # (B, H): W_ctx times the context
-        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(ctx))
-    else:  # a context constant over the turn, already folded into a bias
-        assert bias is not None and const_weights is not None
-        w = const_weights
-        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(bias))
-    return _linear(y, combine + 1, weights, biases, packed, precision), w, new
+    return x, new
 
 
 @functools.cache
 def compiled_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`_step` compiled with TorchScript, which cuts the per-op cost of the ~30
     small ops a token needs; the plain function where TorchScript is unavailable."""
+    return _script(_step)
+
+
+@functools.cache
+def compiled_prefill() -> Callable[..., torch.Tensor]:
+    """:func:`_prefill` compiled with TorchScript (or plain, as :func:`compiled_step`)."""
+    return _script(_prefill)
+
+
+def _script(fn: Callable[..., Any]) -> Callable[..., Any]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
-            return torch.jit.script(_step)
-    except Exception as exc:  # TorchScript is deprecated; the eager step is the same code
-        logger.info("TorchScript unavailable (%s); decoding with the eager step", exc)
-        return _step
+            return torch.jit.script(fn)
+    except Exception as exc:  # TorchScript is deprecated; the eager code is the same
+        logger.info("TorchScript unavailable (%s); decoding with eager %s", exc,
+                    fn.__name__)
+        return fn
 
 
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:

@@ -1,9 +1,9 @@
 """One turn of a conversation on the model: prefill, then token-by-token decoding.
 
-All of this is synchronous PyTorch work. The prompt is fed through the model's own
-modules; each reply token then goes through a *decoder*: :class:`ReferenceDecoder`
-(the same modules, one token per row) or the fused
-:class:`~mmchat.fastpath.FastDecoder`. A decoder steps any batch of rows, so the
+All of this is synchronous PyTorch work. The prompt's RNN pass and each reply token go
+through a *decoder*: :class:`ReferenceDecoder` (the model's own modules) or the fused
+:class:`~mmchat.fastpath.FastDecoder`; the memory and the turn query always go through
+the model's modules. A decoder steps any batch of rows, so the
 engine's scheduler (:mod:`mmchat.batching`) can decode many turns together; a turn
 can also be driven on its own with :meth:`TurnRun.next_token`.
 """
@@ -27,10 +27,14 @@ from .tokenizer import Tokenizer
 class Decoder(Protocol):
     """Feeds one token per row and returns the next logits.
 
-    ``prepare`` turns a turn's memory (batch 1) into whatever ``step`` reads;
-    ``stack`` puts several prepared memories side by side (rows padded to the longest
-    memory, padding hidden); ``expand`` repeats one for beams.
+    ``prefill`` runs right-padded prompts through the RNN; ``prepare`` turns a turn's
+    memory (batch 1) into whatever ``step`` reads; ``stack`` puts several prepared
+    memories side by side (rows padded to the longest memory, padding hidden);
+    ``expand`` repeats one for beams.
     """
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor
+                ) -> torch.Tensor: ...
 
     def prepare(self, mem: TurnMemory, weights: torch.Tensor) -> Any: ...
 
@@ -50,6 +54,12 @@ class ReferenceDecoder:
 
     def __init__(self, model: DialogueLM) -> None:
         self.model = model
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor
+                ) -> torch.Tensor:
+        """The state (S, L, B, H) after each right-padded prompt (B, T) of ``lengths``."""
+        padded = lengths if bool((lengths != lengths[0]).any()) else None
+        return self.model.run_rnn(tokens, state, padded)[1]
 
     def prepare(self, mem: TurnMemory, weights: torch.Tensor) -> TurnMemory:
         return mem
@@ -187,8 +197,8 @@ def start_turn(model: DialogueLM, tokenizer: Tokenizer, state: SessionState | No
                decoder: Decoder | None = None, new: int = 0) -> TurnRun:
     """Feed the user's turn and return a run ready to decode the reply.
 
-    The prompt always goes through the model's own modules; reply tokens go through
-    ``decoder`` (default: :class:`ReferenceDecoder`). The last ``new`` entries of
+    The prompt's RNN pass and every reply token go through ``decoder`` (default:
+    :class:`ReferenceDecoder`, the model's own modules). The last ``new`` entries of
     ``memory`` came with this turn: what they say (a spoken question) joins its words.
     """
     return start_turns(model, tokenizer, [TurnRequest(state, memory, text, params, new)],
@@ -199,10 +209,10 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
                 decoder: Decoder | None = None) -> list[TurnRun]:
     """:func:`start_turn` for several turns at once: one run per request, in order.
 
-    The prompts go through the RNN as one right-padded batch (each row's state is read
-    at its own last token), and the memories, turn memories and first logits as one
-    batch padded to the longest memory (padding is masked out), so every run is the one
-    :func:`start_turn` would give (to float rounding).
+    The prompts go through the RNN as one right-padded batch (``decoder.prefill``: each
+    row's state is read at its own last token), and the memories, turn memories and
+    first logits as one batch padded to the longest memory (padding is masked out), so
+    every run is the one :func:`start_turn` would give (to float rounding).
     """
     decoder = decoder if decoder is not None else ReferenceDecoder(model)
     with torch.inference_mode():
@@ -212,21 +222,15 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         users = [tokenizer.user_turn(r.text) for r in requests]
         prompts = [s.pending + u for s, u in zip(states, users)]
         lengths = [len(p) for p in prompts]
-        idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)  # (B, T) right-padded
-        for b, prompt in enumerate(prompts):
-            idx[b, : len(prompt)] = torch.tensor(prompt)
-        padded = torch.tensor(lengths) if len(set(lengths)) > 1 else None
+        idx = _right_padded(prompts)  # (B, T)
         rnn = torch.cat([s.rnn for s in states], dim=2)  # (S, L, B, H)
-        h, rnn = model.run_rnn(idx, rnn, padded)  # (B, T, H), (S, L, B, H)
-        B = len(requests)
-        h_last = h[torch.arange(B), torch.tensor(lengths) - 1].unsqueeze(1)  # (B, 1, H)
+        rnn = decoder.prefill(idx, torch.tensor(lengths), rnn)  # after each prompt
+        h_last = rnn[0, -1].unsqueeze(1)  # (B, 1, H): the top layer at each last token
         entries = [[(e.modality, e.vectors) for e in r.memory if e.modality in model.kind_index]
                    for r in requests]
         values, kinds, mask = model.memory_bank(entries)  # (B, N, d)
-        words = torch.zeros(B, max(len(u) for u in users), dtype=torch.long)  # (B, U)
-        select = torch.zeros(words.shape)
-        for b, u in enumerate(users):
-            words[b, : len(u)], select[b, : len(u)] = torch.tensor(u), 1.0
+        words = _right_padded(users)  # (B, U)
+        select = _right_padded([[1.0] * len(u) for u in users], torch.float32)
         bag = model.bag_of_words(words, select, *_heard(model, requests))  # (B, E)
         mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
         ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
@@ -244,6 +248,13 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
                                   logits[b: b + 1], weights[b: b + 1, -1, keep],
                                   rnn[:, :, b: b + 1].clone()))
         return runs
+
+
+def _right_padded(rows: Sequence[Sequence[Any]], dtype: torch.dtype = torch.long
+                  ) -> torch.Tensor:
+    """(B, longest row) from lists of numbers, zero-padded on the right, in one call."""
+    n = max(len(r) for r in rows)
+    return torch.tensor([[*r, *([0] * (n - len(r)))] for r in rows], dtype=dtype)
 
 
 def _heard(model: DialogueLM, requests: Sequence[TurnRequest]
