@@ -178,19 +178,22 @@ class DecodeScheduler:
         return TokenStream(self, run, cancelled)
 
     def feed(self, run: TurnRun, sink: Callable[[Any], None],
-             cancelled: Callable[[], bool] = lambda: False) -> Callable[[], None]:
+             cancelled: Callable[[], bool] = lambda: False, *, started: bool = False
+             ) -> Callable[[], None]:
         """Join ``run`` to the batch and hand its tokens to ``sink`` on the event loop:
         each :class:`~mmchat.generate.Token`, then ``None`` at the end, or the exception
         that ended it. A step's tokens reach every sink of a loop in one callback, with
-        no task switch per token. Returns a function that takes the reply out of the
-        batch before the next step (if it still runs).
+        no task switch per token. ``started``: the first token was already taken with
+        :func:`first_token` (and the reply goes on). Returns a function that takes the
+        reply out of the batch before the next step (if it still runs).
         """
-        reply = self._join(run, sink, cancelled)
+        reply = self._join(run, sink, cancelled, started=started)
         return lambda: self._stop(reply)
 
     def _join(self, run: TurnRun, sink: Callable[[Any], None], cancelled: Callable[[], bool],
-              *, reads: bool = True) -> _Reply:
-        reply = _Reply(run, asyncio.get_running_loop(), sink, cancelled, reads)
+              *, reads: bool = True, started: bool = False) -> _Reply:
+        reply = _Reply(run, asyncio.get_running_loop(), sink, cancelled, reads,
+                       started=started)
         with self._cond:
             self._check_open()
             self._joining.append(reply)
@@ -328,7 +331,7 @@ class DecodeScheduler:
                 elif not reply.started:  # the first token comes from the prompt's logits
                     reply.started = True
                     self._guarded(reply, out, lambda r=reply: self._emit(
-                        r, r.sampler.choose(), out))
+                        r, first_token(r.run), out, record=False))
                 else:
                     batch.append(reply)
             if batch:
@@ -403,6 +406,17 @@ class DecodeScheduler:
             self._replies = [r for r in self._replies if not r.done]
         for loop, items in by_loop.items():
             _post(loop, self._hand_over, items)
+
+
+def first_token(run: TurnRun) -> Token | None:
+    """Choose (and record) a sampled reply's first token from the prompt's logits, on the
+    model thread; ``None`` if it is the end of the reply. Unless that, or the reply is
+    then done (:attr:`~mmchat.generate.Sampler.done`), the reply goes on in a batch."""
+    assert run.generation.sampler is not None, "beam search chooses its own tokens"
+    token = run.generation.sampler.choose()
+    if token is not None:
+        run.record(token)
+    return token
 
 
 def _group(jobs: list[_Job]) -> list[list[_Job]]:

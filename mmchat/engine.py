@@ -120,6 +120,10 @@ class ReplyStream:
         return self.reply
 
 
+#: In place of a first token: the reply (beam search) chooses its own from the start.
+_UNSTARTED = object()
+
+
 @dataclass
 class _Prefill:
     """A turn waiting for its prefill on the model thread."""
@@ -130,6 +134,7 @@ class _Prefill:
     state: bytes | None  # the stored SessionState, or None for a new session
     text: str
     params: Any  # GenerationParams
+    cancelled: Callable[[], bool] = lambda: False  # the reply was cancelled meanwhile
 
 
 @dataclass
@@ -406,16 +411,24 @@ class Engine:
             # Model work runs between the steps of the replies being decoded together,
             # with the prefills of every turn that arrived meanwhile in one batch.
             scheduler = self._scheduler
-            new_entries, run = await scheduler.call_batched(
+            new_entries, run, first = await scheduler.call_batched(
                 self._prefill, _Prefill(attachments, features, list(session.memory),
-                                        session.state or None, text, params))
+                                        session.state or None, text, params,
+                                        lambda: stream.cancelled))
             t_prefill = time.perf_counter()
             deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
-            stop = scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled)
-            try:
-                await deltas.finished
-            finally:
-                stop()
+            started = first is not _UNSTARTED  # sampled: its first token came with it
+            if started:
+                deltas.take(first)
+            if started and (first is None or run.generation.sampler.done):
+                deltas.take(None)
+            else:
+                stop = scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled,
+                                      started=started)
+                try:
+                    await deltas.finished
+                finally:
+                    stop()
             t_first = deltas.first
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
@@ -464,9 +477,12 @@ class Engine:
 
     def _prefill(self, items: list[_Prefill]) -> list[Any]:
         """On the model thread: read every turn's stored state, encode its new attachments
-        (one encoder call per modality), then prefill all the turns in one batch. One
-        result per item, ``(new memory entries, run)``, or the exception that item alone
-        raises."""
+        (one encoder call per modality), then prefill all the turns in one batch and
+        choose each sampled reply's first token, so it reaches the client without waiting
+        for a decode step. One result per item, ``(new memory entries, run, first token
+        or None at once at the end)``, ``_UNSTARTED`` in place of the token for beam
+        search and cancelled replies, or the exception that item alone raises."""
+        from .batching import first_token
         from .runtime import TurnRequest, start_turns
         from .state import MemoryEntry, loads_entry, loads_state
 
@@ -501,7 +517,16 @@ class Engine:
                     except Exception as one:
                         runs.append(one)
         for (i, (new, _)), run in zip(todo.items(), runs):
-            out[i] = run if isinstance(run, Exception) else (new, run)
+            if isinstance(run, Exception):
+                out[i] = run
+                continue
+            try:
+                first = (_UNSTARTED if run.generation.sampler is None or items[i].cancelled()
+                         else first_token(run))
+            except Exception as exc:
+                out[i] = exc
+                continue
+            out[i] = new, run, first
         return out
 
     def _encode_all(self, items: list[_Prefill]) -> dict[tuple[int, int], Any]:

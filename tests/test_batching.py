@@ -178,6 +178,18 @@ async def test_a_new_turn_joins_while_another_reply_is_decoding(tiny_config, toy
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1  # joined and left between steps
 
 
+async def test_the_first_token_comes_with_the_prefill_not_a_decode_step(tiny_config,
+                                                                        toy_host):
+    async with Engine(tiny_config, plugins=toy_host) as engine:
+        sizes = record_batch_sizes(engine)
+        one = await engine.reply("a", "hello", max_new_tokens=1)
+        assert (one.completion_tokens, one.finish_reason, sizes) == (1, "length", [])
+        three = await engine.reply("b", "hello", max_new_tokens=3)
+        assert three.completion_tokens == 3 and len(sizes) == 2  # tokens 2 and 3
+        beam = await engine.reply("c", "hello", max_new_tokens=3, strategy="beam")
+        assert beam.completion_tokens >= 1  # beams still choose their own first token
+
+
 async def test_a_consumer_that_stops_reading_does_not_stall_the_others(tiny_config, toy_host):
     config = tiny_config.replace(generation={"max_new_tokens": 300})
     async with Engine(config, plugins=toy_host) as engine:
