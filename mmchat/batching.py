@@ -129,9 +129,13 @@ class TokenStream:
 
 
 class DecodeScheduler:
-    """Runs model work on ``executor`` (one thread) and decodes replies in batches."""
+    """Runs model work on ``executor`` (one thread) and decodes replies in batches.
 
-    def __init__(self, decoder: Decoder, executor: Executor) -> None:
+    Without a decoder it only runs jobs (:meth:`call`, :meth:`call_batched`): the
+    engine's encoders have one of those on a thread of their own.
+    """
+
+    def __init__(self, decoder: Decoder | None, executor: Executor) -> None:
         self.decoder = decoder
         self._executor = executor
         self._cond = threading.Condition()
@@ -192,6 +196,8 @@ class DecodeScheduler:
 
     def _join(self, run: TurnRun, sink: Callable[[Any], None], cancelled: Callable[[], bool],
               *, reads: bool = True, started: bool = False) -> _Reply:
+        if self.decoder is None:
+            raise TypeError("this scheduler runs jobs only; it has no decoder")
         reply = _Reply(run, asyncio.get_running_loop(), sink, cancelled, reads,
                        started=started)
         with self._cond:

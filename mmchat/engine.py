@@ -1,7 +1,9 @@
 """The embedding API: :class:`Engine` turns messages plus attachments into streamed replies.
 
 Model, Pillow and librosa work never runs on the event loop: media decode in a small
-thread pool, and all model work in one dedicated thread.
+thread pool, the modality encoders in a thread of their own (attachments that arrive
+together are encoded in one call per modality, while replies decode), and the rest of
+the model work in one dedicated thread.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class Reply:
     attention: dict[str, float]  # mean attention mass per modality
     prompt_tokens: int
     completion_tokens: int
-    timings: dict[str, float]  # milliseconds: decode_media, prefill, first_token, total
+    #: milliseconds: decode_media (decoding and encoding attachments), prefill,
+    #: first_token, total
+    timings: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,7 +133,7 @@ class _Prefill:
     """A turn waiting for its prefill on the model thread."""
 
     attachments: list[tuple[Modality, Attachment]]
-    features: list[Any]  # decoded media, one per attachment
+    vectors: list[Any]  # encoded, one per attachment, or the exception its encoding raised
     memory: list[bytes]  # the session's stored memory entries before this turn
     state: bytes | None  # the stored SessionState, or None for a new session
     text: str
@@ -171,7 +175,9 @@ class Engine:
         self.checkpoint_meta: dict[str, Any] = {}
         self._model_pool: ThreadPoolExecutor | None = None
         self._media_pool: ThreadPoolExecutor | None = None
+        self._encoder_pool: ThreadPoolExecutor | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
+        self._encoders: Any = None  # a DecodeScheduler without a decoder, on _encoder_pool
         self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -202,6 +208,7 @@ class Engine:
                 return self
             self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-model")
             self._media_pool = ThreadPoolExecutor(2, thread_name_prefix="mmchat-media")
+            self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-encode")
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._model_pool, self._load_model)
             self._started = True
@@ -216,6 +223,7 @@ class Engine:
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
+        self._encoders = DecodeScheduler(None, self._encoder_pool)
 
     async def close(self) -> None:
         """Cancel the replies still running, then release the model, store and threads.
@@ -227,8 +235,9 @@ class Engine:
         streams = list(self._streams)
         for stream in streams:
             stream.cancel()
-        if self._scheduler is not None:
-            self._scheduler.close()
+        for scheduler in (self._scheduler, self._encoders):
+            if scheduler is not None:
+                scheduler.close()
         tasks = {s._task: s for s in streams if s._task is not None}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
@@ -239,10 +248,10 @@ class Engine:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
         loop = asyncio.get_running_loop()
-        for pool in (self._model_pool, self._media_pool):
+        for pool in (self._model_pool, self._media_pool, self._encoder_pool):
             if pool is not None:
                 await loop.run_in_executor(None, pool.shutdown)
-        self._scheduler = None
+        self._scheduler = self._encoders = None
         self._started = False
 
     async def __aenter__(self) -> "Engine":
@@ -405,6 +414,9 @@ class Engine:
             loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
                                  modality.decode, att.data, att.mime_type)
             for modality, att in attachments))
+        vectors = await asyncio.gather(*(
+            self._encoders.call_batched(self._encode_batch, (modality, f))
+            for (modality, _), f in zip(attachments, features)), return_exceptions=True)
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
@@ -412,7 +424,7 @@ class Engine:
             # with the prefills of every turn that arrived meanwhile in one batch.
             scheduler = self._scheduler
             new_entries, run, first = await scheduler.call_batched(
-                self._prefill, _Prefill(attachments, features, list(session.memory),
+                self._prefill, _Prefill(attachments, vectors, list(session.memory),
                                         session.state or None, text, params,
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
@@ -476,8 +488,8 @@ class Engine:
         return out
 
     def _prefill(self, items: list[_Prefill]) -> list[Any]:
-        """On the model thread: read every turn's stored state, encode its new attachments
-        (one encoder call per modality), then prefill all the turns in one batch and
+        """On the model thread: read every turn's stored state, then prefill all the
+        turns (their new attachments already encoded) in one batch and
         choose each sampled reply's first token, so it reaches the client without waiting
         for a decode step. One result per item, ``(new memory entries, run, first token
         or None at once at the end)``, ``_UNSTARTED`` in place of the token for beam
@@ -487,14 +499,13 @@ class Engine:
         from .state import MemoryEntry, loads_entry, loads_state
 
         out: list[Any] = [None] * len(items)
-        encoded = self._encode_all(items)
         todo: dict[int, tuple[list[Any], TurnRequest]] = {}
         for i, item in enumerate(items):
             try:
                 state = loads_state(item.state) if item.state else None
                 memory = [loads_entry(b) for b in item.memory]
-                new = [MemoryEntry(m.name, _raise_if_error(encoded[i, j]), a.id)
-                       for j, (m, a) in enumerate(item.attachments)]
+                new = [MemoryEntry(m.name, _raise_if_error(v), a.id)
+                       for (m, a), v in zip(item.attachments, item.vectors)]
             except Exception as exc:
                 out[i] = exc
                 continue
@@ -529,25 +540,26 @@ class Engine:
             out[i] = new, run, first
         return out
 
-    def _encode_all(self, items: list[_Prefill]) -> dict[tuple[int, int], Any]:
-        """Each attachment's vectors by (item, attachment), or the exception its encoding
-        raised: one encoder call per modality, then one per attachment of a modality
+    def _encode_batch(self, items: list[tuple[Modality, Any]]) -> list[Any]:
+        """On the encoder thread: each attachment's vectors, or the exception its encoding
+        raised. One encoder call per modality, then one per attachment of a modality
         whose batch failed, so a bad one fails only its own turn."""
-        by_modality: dict[str, list[tuple[tuple[int, int], Modality, Any]]] = {}
-        for i, item in enumerate(items):
-            for j, ((modality, _), features) in enumerate(zip(item.attachments, item.features)):
-                by_modality.setdefault(modality.name, []).append(((i, j), modality, features))
-        out: dict[tuple[int, int], Any] = {}
+        by_modality: dict[str, list[int]] = {}
+        for k, (modality, _) in enumerate(items):
+            by_modality.setdefault(modality.name, []).append(k)
+        out: list[Any] = [None] * len(items)
         for group in by_modality.values():
+            modality = items[group[0]][0]
             try:
-                vectors = self._encode(group[0][1], [f for _, _, f in group])
-                out.update((key, v) for (key, _, _), v in zip(group, vectors))
+                vectors = self._encode(modality, [items[k][1] for k in group])
+                for k, v in zip(group, vectors):
+                    out[k] = v
             except Exception:
-                for key, modality, features in group:
+                for k in group:
                     try:
-                        out[key] = self._encode(modality, [features])[0]
+                        out[k] = self._encode(modality, [items[k][1]])[0]
                     except Exception as exc:
-                        out[key] = exc
+                        out[k] = exc
         return out
 
     def _encode(self, modality: Modality, features: list[Any]) -> list[Any]:

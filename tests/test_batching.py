@@ -320,10 +320,23 @@ async def test_turns_that_arrive_together_are_prefilled_in_one_batch(tiny_config
         assert summary(reply) == summary(solo[session][0]), session
 
 
+async def test_replies_decode_while_the_encoders_work(tiny_config, toy_host):
+    async with Engine(tiny_config, plugins=toy_host) as engine:
+        gate = threading.Event()
+        busy = asyncio.ensure_future(engine._encoders.call(gate.wait, 30))
+        waiting = await engine.stream("picture", "what is it", [toy(4)])
+        text = await asyncio.wait_for(engine.reply("text", "hello"), 30)
+        assert text.completion_tokens > 0 and not waiting._task.done()
+        gate.set()
+        await busy
+        assert (await waiting.wait()).completion_tokens > 0
+
+
 async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_config, toy_host,
                                                                         tmp_path):
-    """One encoder call per modality for the turns prefilled together; when that call
-    fails, each attachment is encoded alone, so only the bad one's turn fails."""
+    """One encoder call per modality for the attachments waiting together on the
+    encoder thread; when that call fails, each attachment is encoded alone, so only the
+    bad one's turn fails."""
     from mmchat.errors import PluginError
 
     config = engine_config(tiny_config, tmp_path, toy_host)
@@ -339,19 +352,20 @@ async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_con
             return encode(modality, x, lengths)
 
         engine.model.encode = flaky
-        scheduler = engine._scheduler
+        encoders = engine._encoders
         gate = threading.Event()
-        busy = asyncio.ensure_future(scheduler.call(gate.wait, 30))
+        busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
         streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
+        attachments = sum(len(atts) for _, _, atts in SESSIONS)
         for _ in range(1000):
-            if len(scheduler._jobs) == len(SESSIONS):
+            if len(encoders._jobs) == attachments:
                 break
             await asyncio.sleep(0.01)
         gate.set()
         await busy
         results = await asyncio.gather(*(st.wait() for st in streams), return_exceptions=True)
     assert sorted(calls[0]) == [1, 2, 4, 9, 16]  # every toy attachment in one call (in
-    # the order the turns' media finished decoding)
+    # the order their media finished decoding)
     assert sorted(map(tuple, calls[1:])) == [(1,), (2,), (4,), (9,), (16,)]
     for (session, _, _), result in zip(SESSIONS, results):
         if session == "d":
