@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import os
 import re
@@ -113,12 +114,15 @@ async def measure(url: str, name: str, clients: int, messages: int,
 async def measure_engine(config, name: str, sessions: int, messages: int,
                          rounds: int = 1) -> Phase:
     """The same load on an in-process :class:`~mmchat.engine.Engine`, no server: what the
-    model side gives by itself."""
+    model side gives by itself (with the collector set as ``mmchat serve`` sets it)."""
     from mmchat import Engine
 
     phase = Phase(name, sessions)
+    threshold = gc.get_threshold()
     async with Engine(config) as engine:
         await engine.reply("warm-up", "hello")
+        gc.freeze()  # as `mmchat serve` does (docs/api.md, "Latency under load")
+        gc.set_threshold(700, 20, 100)
 
         async def session(session_id: str) -> None:
             for m in range(messages):
@@ -130,10 +134,14 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
                 phase.tokens += reply.completion_tokens
                 phase.replies += 1
 
-        for r in range(rounds):
-            start = time.perf_counter()
-            await asyncio.gather(*(session(f"r{r}-s{i}") for i in range(sessions)))
-            phase.wall += time.perf_counter() - start
+        try:
+            for r in range(rounds):
+                start = time.perf_counter()
+                await asyncio.gather(*(session(f"r{r}-s{i}") for i in range(sessions)))
+                phase.wall += time.perf_counter() - start
+        finally:
+            gc.set_threshold(*threshold)
+            gc.unfreeze()
     return phase
 
 
