@@ -8,7 +8,8 @@ all on loopback, through :class:`mmchat.client.Client`:
 * ``mmchat serve`` with one client sending one message at a time: the baseline;
 * ``mmchat serve`` with 64 clients at once, each sending messages back to back, text
   only and with a 96x96 PNG; and once more with the Redis session store when a Redis
-  answers on 127.0.0.1:6379.
+  answers on 127.0.0.1:6379, by one server and by two sharing it (scale-out on one
+  machine).
 
 The model is what ``config.toml`` serves (an untrained one at the ``[model]`` sizes
 when its checkpoint is not there), greedy, replies capped at ``REPLY_TOKENS``. Time to
@@ -97,16 +98,18 @@ async def _client_loop(url: str, phase: Phase, messages: int, attachments: list)
         await client.close()
 
 
-async def measure(url: str, name: str, clients: int, messages: int,
+async def measure(url: str | list[str], name: str, clients: int, messages: int,
                   attachments: list = (), rounds: int = 1) -> Phase:
     """``clients`` connections sending ``messages`` each, back to back, all at once; then
     again with new connections and sessions, ``rounds`` times in all. Wall time counts
-    the rounds, not the pauses between them."""
+    the rounds, not the pauses between them. With several URLs the clients take them in
+    turn."""
+    urls = [url] if isinstance(url, str) else url
     phase = Phase(name, clients)
     for _ in range(rounds):
         start = time.perf_counter()
-        await asyncio.gather(*(_client_loop(url, phase, messages, list(attachments))
-                               for _ in range(clients)))
+        await asyncio.gather(*(_client_loop(urls[i % len(urls)], phase, messages,
+                                            list(attachments)) for i in range(clients)))
         phase.wall += time.perf_counter() - start
     return phase
 
@@ -295,11 +298,18 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
                                        "text (no server)", clients, messages, rounds))
 
     if _redis_answers():
-        async with Process(_serve_argv(untrained), _serve_env("redis", threads)) as server:
+        env = _serve_env("redis", threads)
+        async with Process(_serve_argv(untrained), env) as server:
             await measure(server.url, "warm-up", 4, 1)
             phases.append(await measure(server.url,
                                         f"mmchat + Redis store, {clients} clients, text",
                                         clients, messages, rounds=rounds))
+        async with Process(_serve_argv(untrained), env) as a, \
+                Process(_serve_argv(untrained), env) as b:
+            await measure([a.url, b.url], "warm-up", 4, 1)
+            phases.append(await measure([a.url, b.url], f"2 mmchat processes + Redis store, "
+                                        f"{clients} clients (half each), text", clients,
+                                        messages, rounds=rounds))
     sizes = config.model if untrained else _checkpoint_sizes(config.resolve(model))
     setup = (f"model: {sizes.rnn} {sizes.n_layer}x{sizes.n_hidden} ({model}), "
              f"fusion {sizes.fusion}, greedy, at most {REPLY_TOKENS}-token replies; "
@@ -325,7 +335,7 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
                      f"{p.tokens_per_second:,.0f}", ratio,
                      f"{percentile(p.ttft, 50) * 1000:.1f}",
                      f"{percentile(p.ttft, 99) * 1000:.1f}"])
-    text = next(p for p in phases if p.name.endswith("clients, text"))
+    text = next(p for p in phases if p.name == f"mmchat, {echo.clients} clients, text")
     alone = next(p for p in phases if p.name.startswith("engine alone"))
     image = next(p for p in phases if p.name.endswith("with an image"))
     checks = [
@@ -362,6 +372,7 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         f"{text.tokens_per_second / max(alone.tokens_per_second, 1e-9):.0%} of its "
         "throughput while sharing the cores with the clients.",
         "",
+        *_scale_out(phases),
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
         "one batched step per token and prefills the turns that arrived meanwhile as one "
@@ -370,6 +381,19 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "rows and the engine-alone row.",
         "",
     ])
+
+
+def _scale_out(phases: list[Phase]) -> list[str]:
+    """A paragraph on the two-process row, when Redis was there to run it."""
+    one = next((p for p in phases if p.name.startswith("mmchat + Redis")), None)
+    two = next((p for p in phases if p.name.startswith("2 mmchat processes")), None)
+    if one is None or two is None or not one.tokens_per_second:
+        return []
+    return [f"Two server processes sharing one Redis stream "
+            f"{two.tokens_per_second:,.0f} tokens/s, "
+            f"{two.tokens_per_second / one.tokens_per_second:.2f}x one Redis-backed process: "
+            "a process's Python runs on about one core, and more processes are how a "
+            "node uses more (here two cores are shared with the clients and Redis).", ""]
 
 
 def write_doc(section: str) -> None:
