@@ -408,40 +408,19 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        features = await asyncio.gather(*(
-            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
-                                 modality.decode, att.data, att.mime_type)
-            for modality, att in attachments))
-        vectors = await asyncio.gather(*(
-            self._encoders.call_batched(self._encode_batch, (modality, f))
-            for (modality, _), f in zip(attachments, features)), return_exceptions=True)
+        vectors = await self._media(attachments)
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
             # Model work runs between the steps of the replies being decoded together,
             # with the prefills of every turn that arrived meanwhile in one batch.
-            scheduler = self._scheduler
-            new_entries, run, first = await scheduler.call_batched(
+            new_entries, run, first = await self._scheduler.call_batched(
                 self._prefill, _Prefill(attachments, vectors, list(session.memory),
                                         session.state or None, text, params,
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
-            deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
-            started = first is not _UNSTARTED  # sampled: its first token came with it
-            if started:
-                deltas.take(first)
-            if started and (first is None or run.generation.sampler.done):
-                deltas.take(None)
-            else:
-                stop = scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled,
-                                      started=started)
-                try:
-                    await deltas.finished
-                finally:
-                    stop()
-            t_first = deltas.first
+            t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
             turns = [
@@ -460,6 +439,36 @@ class Engine:
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
+
+    async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
+        """Decode each attachment (media pool; a failure raises), then encode it (encoder
+        thread, batched with the attachments of other turns): its vectors, or the
+        exception its encoding raised."""
+        loop = asyncio.get_running_loop()
+        features = await asyncio.gather(*(
+            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
+                                 modality.decode, att.data, att.mime_type)
+            for modality, att in attachments))
+        return await asyncio.gather(*(
+            self._encoders.call_batched(self._encode_batch, (modality, f))
+            for (modality, _), f in zip(attachments, features)), return_exceptions=True)
+
+    async def _decode(self, run: Any, first: Any, stream: ReplyStream) -> float | None:
+        """Stream the reply's tokens into ``stream`` as deltas until decoding ends, the
+        first one at once when the prefill chose it; ``perf_counter()`` of the first."""
+        deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
+        started = first is not _UNSTARTED  # sampled: its first token came with it
+        if started:
+            deltas.take(first)
+            if first is None or run.generation.sampler.done:
+                return deltas.first
+        stop = self._scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled,
+                                    started=started)
+        try:
+            await deltas.finished
+        finally:
+            stop()
+        return deltas.first
 
     async def _finish_turn(self, item: _Finish) -> _Finished:
         """The turn's stored form, made on the model thread between two steps (in the
