@@ -783,10 +783,15 @@ class _Appends:
                 store._queue_append(pipe, keys, entries)
                 pipe.smismember(keys.cancel, cancels)
             results = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # the round trip failed: every append did
+        except BaseException as exc:  # the round trip failed: every append did
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:  # this task was cancelled (the loop is closing)
+                        future.cancel()
+            if not isinstance(exc, Exception):
+                raise
             return
         start = 0
         for _, entries, _, future in batch:
