@@ -6,8 +6,9 @@ The engine owns one :class:`DecodeScheduler`. A turn's prefill runs through
 or :meth:`DecodeScheduler.decode` (an async stream of tokens). On the model thread a
 single worker loops:
 
-1. run queued jobs (prefills of new turns, encoders) between two steps; the prefills
-   queued meanwhile run as one batch (:meth:`DecodeScheduler.call_batched`);
+1. run queued jobs (prefills of new turns, the stored form of finished ones) between
+   two steps; the jobs of one kind queued meanwhile run as one batch
+   (:meth:`DecodeScheduler.call_batched`);
 2. let new replies join, drop finished and cancelled ones;
 3. feed the last token of every ready reply in ONE ``decoder.step``: RNN states
    stacked along the batch, memories padded to the longest with the padding masked;
@@ -17,7 +18,8 @@ single worker loops:
 A reply is *ready* while fewer than :data:`AHEAD` of its tokens wait unread, so
 decoding runs just ahead of the event loop and a stalled consumer costs nothing.
 Cancellation is checked before every step. Beam search keeps its own batch (its
-beams) and runs by itself between steps.
+beams) and runs by itself between steps. The engine chooses a sampled reply's first
+token in its prefill job (:func:`first_token`), so it streams before the next step.
 
 While replies are decoding the worker holds the model thread, so other model work
 must go through :meth:`DecodeScheduler.call` to run between steps.
@@ -223,10 +225,10 @@ class DecodeScheduler:
         if self._closed:
             raise Cancelled("the engine is closing")
 
-    def _taken(self, reply: _Reply, n: int = 1) -> None:
+    def _taken(self, reply: _Reply) -> None:
         with self._cond:
-            reply.unread -= n
-            if reply.unread < AHEAD <= reply.unread + n:
+            reply.unread -= 1
+            if reply.unread == AHEAD - 1:
                 self._cond.notify()
 
     def _hand_over(self, items: list[tuple[_Reply, Any]]) -> None:
