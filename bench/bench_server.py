@@ -168,13 +168,13 @@ def _redis_answers(port: int = 6379) -> bool:
 class Process:
     """A server subprocess, ready once it prints its URL."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.argv, self.env = argv, env
+    def __init__(self, argv: list[str], env: dict[str, str], cwd=ROOT) -> None:
+        self.argv, self.env, self.cwd = argv, env, cwd
         self.url = ""
 
     async def __aenter__(self) -> Process:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            *self.argv, env=self.env, cwd=self.cwd, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         log = []
         while line := (await asyncio.wait_for(self.proc.stdout.readline(), 300)).decode():
