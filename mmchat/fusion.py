@@ -44,6 +44,11 @@ class TurnQuery(nn.Module):
     question reaches ``q``). ``h`` and ``bag`` are layer-normalised first: a mean of
     small token embeddings would otherwise barely move ``q``, and one changed word
     ("circle" for "square") must move it a lot.
+
+    The glimpse is ``nn.MultiheadAttention`` (its weights, its function) computed for
+    one query without projecting the memory: a head's key weights fold into its query
+    and its value weights apply after the weighted sum (:meth:`glimpse`), so a turn
+    costs O(N d) per head instead of O(N d^2) for the N memory vectors.
     """
 
     def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4) -> None:
@@ -57,9 +62,29 @@ class TurnQuery(nn.Module):
     def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.norm_h(h), self.norm_bag(bag)], dim=-1)  # (B, H + E)
-        q = self.q_proj(x).unsqueeze(1)  # (B, 1, d)
-        glimpse, _ = self.attn(q, memory, memory, key_padding_mask=~mask, need_weights=False)
-        return torch.tanh(self.out(torch.cat([x, glimpse.squeeze(1)], dim=-1)))  # (B, d)
+        glimpse = self.glimpse(self.q_proj(x), memory, mask)  # (B, d)
+        return torch.tanh(self.out(torch.cat([x, glimpse], dim=-1)))  # (B, d)
+
+    def glimpse(self, q: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+        """``self.attn(q, memory, memory, key_padding_mask=~mask)`` for one query per row:
+        q (B, d), memory (B, N, d), mask (B, N) True where visible -> (B, d).
+
+        Per head, q_h . (W_k m + b_k)_h = (W_kh^T q_h) . m + const, and the softmax
+        ignores the constant; the weights sum to 1, so sum_n a_n (W_v m_n + b_v) =
+        W_v (sum_n a_n m_n) + b_v. Every row needs a visible vector (the null slot)."""
+        attn = self.attn
+        B, d = q.shape
+        H = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # (d, d) each
+        b_q, _, b_v = attn.in_proj_bias.chunk(3)
+        heads = F.linear(q, w_q, b_q).view(B, H, d // H)  # (B, H, dh)
+        keys = torch.einsum("bhe,hed->bhd", heads, w_k.view(H, d // H, d))  # (B, H, d)
+        scores = torch.einsum("bhd,bnd->bhn", keys, memory) * (d // H) ** -0.5
+        weights = scores.masked_fill(~mask.unsqueeze(1), NEG_INF).softmax(dim=-1)
+        mixed = torch.einsum("bhn,bnd->bhd", weights, memory)  # (B, H, d)
+        values = torch.einsum("bhd,hed->bhe", mixed, w_v.view(H, d // H, d))  # (B, H, dh)
+        return attn.out_proj(values.reshape(B, d) + b_v)  # (B, d)
 
 
 class FiLM(nn.Module):

@@ -180,3 +180,23 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing):
         for i, logits in enumerate(got):
             torch.testing.assert_close(logits, full[0, end + i], atol=1e-4, rtol=1e-4)
         state = SessionState(rnn=rnn_state, pending=[tok.eos_id], turns=1)
+
+
+def test_turn_query_glimpse_is_multihead_attention_with_one_query():
+    from mmchat.fusion import TurnQuery
+
+    torch.manual_seed(0)
+    tq = TurnQuery(24, 16, 32, n_head=4)
+    B, N = 5, 9
+    q = torch.randn(B, 32, requires_grad=True)
+    memory = torch.randn(B, N, 32, requires_grad=True)
+    mask = torch.rand(B, N) > 0.4
+    mask[:, 0] = True  # the null slot is always visible
+    want, _ = tq.attn(q.unsqueeze(1), memory, memory, key_padding_mask=~mask,
+                      need_weights=False)
+    got = tq.glimpse(q, memory, mask)
+    torch.testing.assert_close(got, want.squeeze(1), atol=1e-5, rtol=1e-5)
+    g_want = torch.autograd.grad(want.square().sum(), [memory, tq.attn.in_proj_weight])
+    g_got = torch.autograd.grad(got.square().sum(), [memory, tq.attn.in_proj_weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
