@@ -81,6 +81,24 @@ async def test_state_round_trip_continues_with_the_same_tokens(engine):
     assert a.text == b.text and a.completion_tokens == b.completion_tokens
 
 
+def test_state_blobs_written_through_safetensors_torch_still_load():
+    """Sessions stored before state went through safetensors' numpy functions (the same
+    format, written by its torch ones) read back unchanged."""
+    from safetensors.torch import save
+
+    from mmchat.state import FORMAT, MEMORY_FORMAT, VERSION, loads_entry
+
+    rnn, vectors = torch.randn(2, 1, 1, 8), torch.randn(5, 4)
+    state = loads_state(save({"rnn": rnn, "pending": torch.tensor([3, 2])},
+                             metadata={"format": FORMAT, "version": VERSION, "turns": "4"}))
+    assert torch.equal(state.rnn, rnn) and (state.pending, state.turns) == ([3, 2], 4)
+    entry = loads_entry(save({"vectors": vectors},
+                             metadata={"format": MEMORY_FORMAT, "version": VERSION,
+                                       "modality": "toy", "attachment_id": "a1"}))
+    assert torch.equal(entry.vectors, vectors)
+    assert (entry.modality, entry.attachment_id) == ("toy", "a1")
+
+
 async def test_memory_bank_carries_an_attachment_into_later_turns(engine):
     await engine.reply("m", "look", [TOY])
     later = await engine.reply("m", "what was it?")

@@ -899,6 +899,29 @@ async def test_a_failed_round_trip_fails_every_append_of_its_batch(redis_store, 
         await h.end()
 
 
+@needs_redis
+async def test_appends_of_a_cancelled_batch_are_cancelled_not_left_waiting(redis_store,
+                                                                          monkeypatch):
+    store = redis_store
+    held = await store.begin_turn(SID)
+    cls = store.client.connection_pool.connection_class
+    stuck = asyncio.Event()
+
+    async def hanging(conn, command, check_health=True):
+        stuck.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(cls, "send_packed_command", hanging)
+    append = asyncio.create_task(held.append(_entries(1, 1)))
+    await asyncio.wait_for(stuck.wait(), 10)
+    for task in list(store._appends._sending):  # as asyncio.run does when it ends
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(append, 10)
+    monkeypatch.undo()
+    await held.end()
+
+
 # Redis only: the lease lock.
 
 @needs_redis

@@ -266,6 +266,21 @@ async def test_cancel_without_id_and_of_a_queued_message():
             assert done.finish_reason == "cancelled" and done.usage.completion_tokens == 0
 
 
+async def test_a_failing_listener_does_not_end_the_reply_for_the_others():
+    from mmchat.server.turns import TurnRequest
+
+    def broken(event):
+        raise RuntimeError("a listener's bug")
+
+    async with running_server() as server:
+        turn = server.turns.start(TurnRequest("listeners", "m-1", "hello"))
+        got: list[Any] = []
+        await asyncio.wait_for(asyncio.gather(turn.follow(broken), turn.follow(got.append)),
+                               30)
+    assert [e.type for e in got][0] == "started" and got[-1].type == "done"
+    assert got[-1].finish_reason != "error" and got == turn.events
+
+
 # Resume.
 
 async def test_resume_replays_missed_deltas_without_doubles():
