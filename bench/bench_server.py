@@ -32,6 +32,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import ROOT, load_config, machine_notes, percentile, table
 
@@ -168,7 +169,7 @@ def _redis_answers(port: int = 6379) -> bool:
 class Process:
     """A server subprocess, ready once it prints its URL."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd=ROOT) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         self.argv, self.env, self.cwd = argv, env, cwd
         self.url = ""
 
