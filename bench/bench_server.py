@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import io
 import os
@@ -62,6 +63,9 @@ class Phase:
     replies: int = 0
     errors: int = 0
     wall: float = 0.0
+    #: CPU seconds the phase cost, when measured: the server's event-loop thread, its
+    #: other threads (model, encoders, media), and this process's clients.
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -100,19 +104,42 @@ async def _client_loop(url: str, phase: Phase, messages: int, attachments: list)
 
 
 async def measure(url: str | list[str], name: str, clients: int, messages: int,
-                  attachments: list = (), rounds: int = 1) -> Phase:
+                  attachments: list = (), rounds: int = 1, pid: int | None = None) -> Phase:
     """``clients`` connections sending ``messages`` each, back to back, all at once; then
     again with new connections and sessions, ``rounds`` times in all. Wall time counts
     the rounds, not the pauses between them. With several URLs the clients take them in
-    turn."""
+    turn. With the server's ``pid`` (and Linux's /proc) the phase's CPU time is kept."""
     urls = [url] if isinstance(url, str) else url
     phase = Phase(name, clients)
+    before = _cpu(pid)
     for _ in range(rounds):
         start = time.perf_counter()
         await asyncio.gather(*(_client_loop(urls[i % len(urls)], phase, messages,
                                             list(attachments)) for i in range(clients)))
         phase.wall += time.perf_counter() - start
+    after = _cpu(pid)
+    if before and after:
+        phase.cpu = {k: after[k] - before[k] for k in after}
     return phase
+
+
+def _cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far: server process ``pid``'s main thread and other threads, and
+    this process; empty without a pid or /proc."""
+    tasks = Path(f"/proc/{pid}/task")
+    if pid is None or not tasks.is_dir():
+        return {}
+    main = other = 0.0
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if task.name == str(pid):
+                main += seconds
+            else:
+                other += seconds
+    return {"server event loop": main, "server other threads": other,
+            "clients": time.process_time()}
 
 
 async def measure_engine(config, name: str, sessions: int, messages: int,
@@ -286,10 +313,12 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
         await measure(server.url, "warm-up", 4, 1, [(png, "image/png")])
         phases.append(await measure(server.url, "mmchat, one request at a time", 1,
                                     baseline_messages, rounds=rounds))
+        pid = server.proc.pid
         phases.append(await measure(server.url, f"mmchat, {clients} clients, text", clients,
-                                    messages, rounds=rounds))
+                                    messages, rounds=rounds, pid=pid))
         phases.append(await measure(server.url, f"mmchat, {clients} clients, with an image",
-                                    clients, messages, [(png, "image/png")], rounds=rounds))
+                                    clients, messages, [(png, "image/png")], rounds=rounds,
+                                    pid=pid))
 
     engine_config = config.replace(
         model={"threads": threads, **({"checkpoint": ""} if untrained else {})},
@@ -373,6 +402,7 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         f"{text.tokens_per_second / max(alone.tokens_per_second, 1e-9):.0%} of its "
         "throughput while sharing the cores with the clients.",
         "",
+        *_cpu_table(phases),
         *_scale_out(phases),
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
@@ -382,6 +412,20 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "rows and the engine-alone row.",
         "",
     ])
+
+
+def _cpu_table(phases: list[Phase]) -> list[str]:
+    """CPU milliseconds per reply, where the phases measured it."""
+    measured = [p for p in phases if p.cpu and p.replies]
+    if not measured:
+        return []
+    names = list(measured[0].cpu)
+    rows = [[p.name, *(f"{p.cpu[n] / p.replies * 1000:.2f}" for n in names),
+             f"{sum(p.cpu.values()) / p.wall:.2f}"] for p in measured]
+    return ["CPU per reply (ms, from /proc and this process's CPU time; the server's "
+            "Python holds one interpreter lock, so its threads together run on about one "
+            "core):", "",
+            table(["load", *names, "cores busy"], rows), ""]
 
 
 def _scale_out(phases: list[Phase]) -> list[str]:
