@@ -114,6 +114,7 @@ class ServerConfig:
     ping_timeout_seconds: float = _opt(20.0, min=0.1)
     drain_seconds: float = _opt(30.0, min=0.0)
     resume_idle_seconds: float = _opt(30.0, min=0.1)
+    web: bool = _opt(True)
 
 
 @dataclass(frozen=True)

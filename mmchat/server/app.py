@@ -27,6 +27,7 @@ from .auth import Auth
 from .connection import Close, Connection
 from .metrics import Metrics, TimedStore
 from .turns import TurnManager
+from .web import WebPage, own_origins
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class ChatServer:
             max_message_bytes=s.max_message_bytes,
             messages_per_second=s.messages_per_second, burst=s.burst)
         self.turns = TurnManager(engine, self.store, self.metrics)
+        #: The chat page served at / (None when ``[server] web`` is off).
+        self.web = WebPage() if s.web else None
         self.modality_info: tuple[ModalityInfo, ...] = ()
         self.connections: set[Connection] = set()
         self.draining = False
@@ -197,8 +200,13 @@ class ChatServer:
             response.headers["Content-Type"] = self.metrics.content_type
             response.headers["Content-Length"] = str(len(response.body))
             return response
+        if self.web is not None and self.web.wants(request):
+            return self.web.respond(request)
         if path != CHAT_PATH:
             return ws.respond(HTTPStatus.NOT_FOUND, f"no such path: {path}\n")
+        if self.web is not None and ws.protocol.origins is not None:
+            # the page served here may connect even when [server] origins lists others
+            ws.protocol.origins = [*ws.protocol.origins, *own_origins(request)]
         if self.draining:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None
