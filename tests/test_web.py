@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -415,9 +416,14 @@ def test_a_reply_survives_its_server_being_killed_and_restarted(page, long_repli
     shown = _finished(reply, "error")
     expect(reply.locator(".error")).to_have_attribute("data-code", "reply_lost")
     session_id = page.locator("body").get_attribute("data-session")
-    stored = asyncio.run(_stored_reply(redis_server.url, long_replies.env, session_id))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Playwright owns this thread's loop
+        stored = pool.submit(asyncio.run, _stored_reply(
+            redis_server.url, long_replies.env, session_id)).result(60)
     assert shown == stored and shown.strip()  # nothing doubled, nothing lost
-    _finished(_ask(page, "are you there?"))
+    after = _ask(page, "are you there?")  # the session goes on (stopped: it is long)
+    expect(after.locator(".text")).to_have_text(re.compile(r"\S"), timeout=REPLY_MS)
+    page.click("#stop")
+    _finished(after, "cancelled")
 
 
 async def _stored_reply(url: str, env: dict[str, str], session_id: str) -> str:
