@@ -20,12 +20,18 @@ $(STAMP): pyproject.toml constraints.txt $(PLUGINS)
 		-e '.[test]' $(foreach p,$(dir $(PLUGINS)),-e $(p))
 	touch $(STAMP)
 
-# espeak-ng speaks the voice clips that tests and the demo corpus use.
+# espeak-ng speaks the voice clips that tests and the demo corpus use; chromium runs the
+# web page's browser tests (tests/test_web.py skips them, saying so, if it cannot be installed).
 system-deps:
 	@command -v espeak-ng >/dev/null || { \
 		echo "installing espeak-ng (Debian package)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get install -y -q espeak-ng >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q espeak-ng >/dev/null; }; }
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (Debian package) for the browser tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; } \
+		|| echo "could not install chromium; the browser tests will be skipped"; }
 
 serve: setup
 	$(PY) -m mmchat serve $(ARGS)

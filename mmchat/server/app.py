@@ -2,8 +2,10 @@
 
 One port serves both: WebSocket chat on ``/`` and plain HTTP on ``/healthz``,
 ``/readyz`` and ``/metrics`` (answered from ``process_request`` during the opening
-handshake). Each connection gets a :class:`~mmchat.server.connection.Connection` and two
-tasks: this module's reader loop feeds it frames and a writer task sends its outbox.
+handshake), and, for a plain ``GET`` without the WebSocket upgrade, the chat page
+(:mod:`~mmchat.server.web`). Each connection gets a
+:class:`~mmchat.server.connection.Connection` and two tasks: this module's reader loop
+feeds it frames and a writer task sends its outbox.
 """
 
 from __future__ import annotations
