@@ -233,6 +233,8 @@ export class MMChat extends EventTarget {
     this._cancels = [];
     this._sendChain = Promise.resolve();
     this._closing = false;
+    this._tokens = 0;  // the rate limit's token bucket, filled by each ready
+    this._tokensAt = 0;
   }
 
   /** @returns {Limits|null} */
@@ -306,6 +308,8 @@ export class MMChat extends EventTarget {
         }
         this.sessionId = event.session_id;
         this.ready = event;
+        this._tokens = event.limits.burst;  // the server's bucket is per connection
+        this._tokensAt = performance.now();
         this.notices = notices;
         this._ws = ws;
         ws.onmessage = (m) => this._receive(ws, m.data);
@@ -391,10 +395,12 @@ export class MMChat extends EventTarget {
   // -- sending ------------------------------------------------------------------------
 
   /**
-   * Send a message. Returns its Reply at once; iterate it for deltas. Attachments go
-   * in binary frames when together over 64 KiB (or when `binary` is true), else inline
-   * as base64. Attachments over the server's announced limits fail the reply with
-   * too_many_attachments, unsupported_media or media_too_large, without sending.
+   * Send a message. Returns its Reply at once; iterate it for deltas. Messages go out in
+   * order, paced to the server's rate limit (its ready's messages_per_second and burst).
+   * Attachments go in binary frames when together over 64 KiB (or when `binary` is
+   * true), else inline as base64. Attachments over the server's announced limits fail
+   * the reply with too_many_attachments, unsupported_media or media_too_large, without
+   * sending.
    * @param {{text?: string, attachments?: (AttachmentInput|Blob)[], id?: string,
    *          binary?: boolean}} message
    * @returns {Reply}
@@ -413,9 +419,26 @@ export class MMChat extends EventTarget {
           : new MMChatError("bad_input", String(err), { ref: id, local: true }));
         return;
       }
+      await this._paced();
       this._transmit(reply);
     });
     return reply;
+  }
+
+  /** Wait for the rate limit's bucket (ready's messages_per_second and burst, with a
+   * margin) to hold a token, and take it: a busy sender is slowed, not refused. */
+  async _paced() {
+    const limits = this.limits;
+    if (!limits) return;
+    const rate = limits.messages_per_second * 0.9 / 1000;  // tokens per ms
+    for (;;) {
+      const now = performance.now();
+      this._tokens = Math.min(limits.burst, this._tokens + (now - this._tokensAt) * rate);
+      this._tokensAt = now;
+      if (this._tokens >= 1) break;
+      await new Promise((resolve) => setTimeout(resolve, (1 - this._tokens) / rate));
+    }
+    this._tokens -= 1;
   }
 
   /** The frames of a message: its JSON, then its binary frames (checked against limits). */

@@ -201,6 +201,19 @@ const tests = {
     assertEqual(replies.map((r) => r.id), ["other"], "a reply sent from elsewhere");
   },
 
+  async "messages are paced to the rate limit, not sent to be refused"() {
+    const slow = { ...LIMITS, messages_per_second: 2, burst: 1 };
+    const server = new FakeServer({ onHello: (socket) => socket.emit({
+      type: "ready", session_id: "s-1", version: "1", modalities: MODALITIES, resumed: false,
+      limits: slow }) });
+    const chat = await connect(server);
+    for (const text of ["one", "two", "three"]) chat.send({ text });
+    await until(() => server.last.messages().length >= 1, "first sent");
+    assertEqual(server.last.messages().length, 1, "the burst only");  // the next needs ~0.55 s
+    await until(() => server.last.messages().length === 3, "all sent");
+    assertEqual(server.last.messages().map((m) => m.text), ["one", "two", "three"], "in order");
+  },
+
   async "cancel and ping"() {
     const server = new FakeServer();
     const chat = await connect(server);
