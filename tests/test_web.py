@@ -267,7 +267,7 @@ def _open(page, server, *, token: str | None = None) -> None:
     page.goto(server.http)
     if token is not None:
         expect(page.locator("#token-form")).to_be_visible()
-        page.fill("#token", token)
+        page.get_by_label("This server needs an access token").fill(token)
         page.press("#token", "Enter")
     expect(page.locator("#status")).to_have_text("Connected", timeout=30_000)
 
@@ -275,8 +275,9 @@ def _open(page, server, *, token: str | None = None) -> None:
 def _ask(page, text: str):
     """Type ``text`` and press Enter; the reply's box."""
     count = page.locator(".msg.bot").count()
-    page.fill("#text", text)
-    page.press("#text", "Enter")
+    box = page.get_by_role("textbox", name=re.compile("^Message"))
+    box.fill(text)
+    box.press("Enter")
     return page.locator(".msg.bot").nth(count)
 
 
@@ -315,12 +316,31 @@ def test_typed_hello_streams_a_greeting(page, bundled):
     assert details.evaluate("d => d.open") is False
     assert details.locator(".timings dt").count() >= 1
     assert page.locator(".msg.user .text").last.text_content() == "hello"
+    # Shift+Enter is a new line, not a send
+    page.fill("#text", "two")
+    page.press("#text", "Shift+Enter")
+    page.keyboard.type("lines")
+    assert page.input_value("#text") == "two\nlines"
+    assert page.locator(".msg.user").count() == 1
+
+
+def test_the_page_fits_a_phone_and_follows_the_dark_setting(page, bundled):
+    _open(page, bundled)
+    background = "() => getComputedStyle(document.body).backgroundColor"
+    light = page.evaluate(background)
+    page.emulate_media(color_scheme="dark")
+    assert page.evaluate(background) != light
+    page.set_viewport_size({"width": 360, "height": 640})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    for name in ("Send", "Stop", "Record a voice message"):
+        _expect()(page.get_by_role("button", name=name)).to_be_visible()
 
 
 def test_a_picked_picture_is_asked_about(page, bundled):
     expect = _expect()
     _open(page, bundled)
-    page.set_input_files("#file", files=[_file_payload("circle.png", "image/png", RED_CIRCLE)])
+    page.get_by_label("Add a picture or a sound").set_input_files(
+        files=[_file_payload("circle.png", "image/png", RED_CIRCLE)])
     expect(page.locator("#tray img")).to_be_visible()
     reply = _ask(page, "what colour is the circle?")
     assert _finished(reply, "stop") == "the circle is red"
@@ -333,7 +353,7 @@ def test_a_picked_picture_is_asked_about(page, bundled):
 def test_a_spoken_question_with_a_dropped_picture_is_answered(page, bundled, question_wav):
     expect = _expect()
     _open(page, bundled)
-    page.click("#mic")
+    page.get_by_role("button", name="Record a voice message").click()
     expect(page.locator("#mic")).to_have_attribute("aria-pressed", "true")
     # record the whole clip (the fake microphone plays it once) and a little silence
     page.wait_for_function("s => Number(document.getElementById('recording').dataset.seconds) >= s",
@@ -390,12 +410,16 @@ def test_the_js_client_unit_tests_pass_in_the_browser(page, bundled):
 @needs_redis
 def test_stop_cancels_a_reply_mid_way(page, long_replies):
     expect = _expect()
-    token = make_token(SECRET, "tester", int(time.time()) + 3600)
-    _open(page, long_replies, token=token)
+    wrong = make_token(SECRET + "-not", "tester", int(time.time()) + 3600)
+    page.goto(long_replies.http)
+    page.get_by_label("This server needs an access token").fill(wrong)
+    page.press("#token", "Enter")
+    expect(page.locator("#status")).to_have_text("The access token was refused.")
+    _open(page, long_replies, token=make_token(SECRET, "tester", int(time.time()) + 3600))
     reply = _ask(page, "tell me a long story")
     expect(reply.locator(".text")).to_have_text(re.compile(r"\S"), timeout=REPLY_MS)
     expect(page.locator("#stop")).to_be_enabled()
-    page.click("#stop")
+    page.get_by_role("button", name="Stop").click()
     _finished(reply, "cancelled")
     expect(reply.locator(".note")).to_have_text("(stopped)")
     expect(page.locator("#stop")).to_be_disabled()

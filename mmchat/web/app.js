@@ -58,10 +58,7 @@ async function connect() {
     chat = await MMChat.connect(chatUrl(), { token });
   } catch (err) {
     if (err.code === "unauthorized") {
-      sessionStorage.removeItem(TOKEN_KEY);
-      showStatus(token ? PLAIN.unauthorized : "This server needs an access token.", "closed");
-      $("token-form").hidden = false;
-      $("token").focus();
+      askForToken(token ? PLAIN.unauthorized : "This server needs an access token.");
       return;
     }
     showStatus(`${PLAIN[err.code] ?? err.message} Trying again…`, "reconnecting");
@@ -78,10 +75,20 @@ async function connect() {
     else if (state === "reconnecting") showStatus("Reconnecting…", "reconnecting");
     else showStatus("Disconnected", "closed");
   });
-  chat.addEventListener("error", (ev) => showError(ev.detail));
+  chat.addEventListener("error", (ev) => {
+    showError(ev.detail);
+    if (ev.detail.code === "unauthorized") askForToken(PLAIN.unauthorized);  // expired, say
+  });
   chat.addEventListener("notice", (ev) => showError(ev.detail));
   chat.addEventListener("reply", (ev) => showReply(ev.detail));
   text.focus();
+}
+
+function askForToken(words) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showStatus(words, "closed");
+  $("token-form").hidden = false;
+  $("token").focus();
 }
 
 $("token-form").addEventListener("submit", (ev) => {
