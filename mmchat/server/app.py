@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -202,13 +203,14 @@ class ChatServer:
             response.headers["Content-Type"] = self.metrics.content_type
             response.headers["Content-Length"] = str(len(response.body))
             return response
-        if self.web is not None and self.web.wants(request):
-            return self.web.respond(request)
+        if self.web is not None and self.web.wants(request.path, request.headers):
+            page = self.web.respond(request.path, request.headers)
+            return Response(page.status, page.status.phrase, Headers(page.headers), page.body)
         if path != CHAT_PATH:
             return ws.respond(HTTPStatus.NOT_FOUND, f"no such path: {path}\n")
         if self.web is not None and ws.protocol.origins is not None:
             # the page served here may connect even when [server] origins lists others
-            ws.protocol.origins = [*ws.protocol.origins, *own_origins(request)]
+            ws.protocol.origins = [*ws.protocol.origins, *own_origins(request.headers)]
         if self.draining:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None

@@ -5,17 +5,19 @@ file, with a ``Content-Security-Policy`` that allows only the page's own scripts
 and WebSocket, a strong ``ETag`` (``304 Not Modified`` when it matches) and
 ``Cache-Control: no-cache`` (browsers keep the files and revalidate them). Nothing else
 under ``mmchat/web/`` is reachable: the paths are a fixed list, read once at start-up.
+
+This module knows no HTTP library: it reads a path and headers and answers a status,
+headers and a body, which :mod:`mmchat.server.app` turns into the ``websockets``
+response (``websockets`` stays in that one module).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
-
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 #: URL path -> file in mmchat/web/.
 PATHS = {"/": "index.html", "/index.html": "index.html", "/mmchat.js": "mmchat.js",
@@ -35,6 +37,15 @@ class StaticFile:
     etag: str
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP response, for the server to send."""
+
+    status: HTTPStatus
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
 class WebPage:
     """The page's files, loaded once; :meth:`respond` answers a request for one."""
 
@@ -51,28 +62,23 @@ class WebPage:
         """Bytes of the whole page (HTML, CSS and JavaScript)."""
         return sum(len(f.body) for f in self.files.values())
 
-    @staticmethod
-    def is_upgrade(request: Request) -> bool:
-        return request.headers.get("Upgrade", "").lower() == "websocket"
+    def wants(self, path: str, headers: Mapping[str, str]) -> bool:
+        """Whether a GET of ``path`` asks for a file of the page (not for a WebSocket)."""
+        upgrade = headers.get("Upgrade", "").lower() == "websocket"
+        return path.partition("?")[0] in PATHS and not upgrade
 
-    def wants(self, request: Request) -> bool:
-        """Whether ``request`` asks for a file of the page (not for a WebSocket)."""
-        return request.path.partition("?")[0] in PATHS and not self.is_upgrade(request)
-
-    def respond(self, request: Request) -> Response:
-        file = self.files[PATHS[request.path.partition("?")[0]]]
-        headers = Headers([("Content-Security-Policy", CSP),
-                           ("X-Content-Type-Options", "nosniff"),
-                           ("Referrer-Policy", "no-referrer"),
-                           ("Cache-Control", "no-cache"), ("ETag", file.etag)])
-        if file.etag in request.headers.get("If-None-Match", ""):
-            return Response(HTTPStatus.NOT_MODIFIED, "Not Modified", headers, b"")
-        headers["Content-Type"] = file.content_type
-        headers["Content-Length"] = str(len(file.body))
-        return Response(HTTPStatus.OK, "OK", headers, file.body)
+    def respond(self, path: str, headers: Mapping[str, str]) -> Answer:
+        file = self.files[PATHS[path.partition("?")[0]]]
+        out = [("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
+               ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache"),
+               ("ETag", file.etag)]
+        if file.etag in headers.get("If-None-Match", ""):
+            return Answer(HTTPStatus.NOT_MODIFIED, out, b"")
+        out += [("Content-Type", file.content_type), ("Content-Length", str(len(file.body)))]
+        return Answer(HTTPStatus.OK, out, file.body)
 
 
-def own_origins(request: Request) -> list[str]:
+def own_origins(headers: Mapping[str, str]) -> list[str]:
     """The origins of a page served by this server under the request's ``Host``."""
-    host = request.headers.get("Host")
+    host = headers.get("Host")
     return [f"http://{host}", f"https://{host}"] if host else []
