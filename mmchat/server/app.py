@@ -106,6 +106,8 @@ class ChatServer:
             logger=logging.getLogger("mmchat.server.websockets"))
         self._address = self._ws.sockets[0].getsockname()[:2]
         logger.info("mmchat ready on %s (%s)", self.url, self.engine.model_description)
+        if self.web is not None:
+            logger.info("chat page on %s", self.url.replace("ws://", "http://", 1))
         return self
 
     @property

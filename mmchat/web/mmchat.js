@@ -638,6 +638,7 @@ export class MMChat extends EventTarget {
       this._byResponse.set(rid, reply);
     }
     reply._feed(event);
+    if (event.type === "started") reply._frames = null;  // taken: never sent again
     if (event.type === "done") {
       this._byResponse.delete(rid);
       this._finished.add(rid);
