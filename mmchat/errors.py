@@ -92,6 +92,19 @@ class SessionBusy(MMChatError):
     code = "session_busy"
 
 
+class SessionExpired(MMChatError):
+    """A turn found its session gone (its TTL ran out, or the store lost it): it is not
+    re-created under the connection that had it; the client starts a new session."""
+
+    code = "session_expired"
+
+
+class SessionForbidden(MMChatError):
+    """The session belongs to another owner."""
+
+    code = "forbidden"
+
+
 class DuplicateMessage(MMChatError):
     """A client message id was already taken in its session, so it is not processed again."""
 

@@ -73,6 +73,9 @@ ERROR_CODES: Mapping[str, str] = {
     "too_many_connections": "The server has as many connections as it allows; try again "
                             "later.",
     errors.SessionBusy.code: "Another turn of the session is running; try again.",
+    errors.SessionExpired.code: "The session expired or the store lost it; it is not "
+                                "re-created: start a new session (hello without "
+                                "session_id).",
     errors.StoreUnavailable.code: "The session store cannot be reached; try again later.",
     errors.Cancelled.code: "The reply was cancelled.",
     errors.MMChatError.code: "The server failed; the error is logged there.",

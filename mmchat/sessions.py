@@ -37,7 +37,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DuplicateMessage, SessionBusy, StoreUnavailable
+from .errors import (
+    DuplicateMessage,
+    SessionBusy,
+    SessionExpired,
+    SessionForbidden,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,23 @@ class StreamEntry:
     @property
     def final(self) -> bool:
         return self.kind == "done"
+
+
+def check_owner(session_id: str, owner: str | None, current: str | None) -> None:
+    """Raise unless a turn for ``owner`` may run in a session owned by ``current``.
+
+    ``owner=None`` (the embedded engine) runs anywhere, and may create the session.
+    Otherwise the session must exist with that owner: :class:`SessionExpired` when it
+    is gone (a session is never re-created under a client that had it), else
+    :class:`SessionForbidden` for another owner.
+    """
+    if owner is None:
+        return
+    if current is None:
+        raise SessionExpired(f"session {session_id!r} expired or was lost; start a new "
+                             "session (hello without session_id)")
+    if current != owner:
+        raise SessionForbidden("that session is not available to this client")
 
 
 def check_stream_entries(entries: Sequence[StreamEntry], after_seq: int = 0) -> None:
@@ -236,11 +259,14 @@ class SessionStore(ABC):
         than the store's wait limit. Not re-entrant.
         """
 
-    async def begin_turn(self, session_id: str, *,
-                         message_id: str | None = None) -> SessionTurn:
+    async def begin_turn(self, session_id: str, *, message_id: str | None = None,
+                         owner: str | None = None) -> SessionTurn:
         """Take the session's lock (waiting as :meth:`lock` does) and load what a turn
         reads: state, memory and the stream's tail. The caller must ``await end()`` the
         returned turn; :meth:`turn` does that for you.
+
+        With ``owner``, the session must exist and be ``owner``'s (see
+        :func:`check_owner`): checked once the lock is held, so it holds for the turn.
 
         With ``message_id``, first claim it as :meth:`claim_message` does, and raise
         :class:`mmchat.errors.DuplicateMessage` (without locking) if it was taken.
@@ -257,6 +283,7 @@ class SessionStore(ABC):
         await held.enter_async_context(self.lock(session_id))
         try:
             data = await self.load(session_id)
+            check_owner(session_id, owner, data.owner if data is not None else None)
             tail = await self.stream_tail(session_id)
         except BaseException:
             await held.aclose()
@@ -264,14 +291,14 @@ class SessionStore(ABC):
         return _LockedTurn(self, held, session_id, data, tail)
 
     @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, *,
-                   message_id: str | None = None) -> AsyncIterator[SessionTurn]:
+    async def turn(self, session_id: str, *, message_id: str | None = None,
+                   owner: str | None = None) -> AsyncIterator[SessionTurn]:
         """:meth:`begin_turn` as a context manager that ends the turn on exit.
 
         Leaving by an exception still sends what was staged, but an unreachable store
         is then logged instead of hiding the exception.
         """
-        held = await self.begin_turn(session_id, message_id=message_id)
+        held = await self.begin_turn(session_id, message_id=message_id, owner=owner)
         try:
             yield held
         except BaseException:

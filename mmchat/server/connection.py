@@ -192,8 +192,9 @@ class Connection:
                                "may have expired); this is a new one", "hello")
                     session_id = None
                 else:
-                    current = data.owner or await store.claim_session(session_id, owner)
-                    if current != owner:
+                    # an ownerless session is nobody's to take: sessions the server
+                    # opens are claimed at once, and turns never re-create a lost one
+                    if data.owner != owner:
                         raise ProtocolError("forbidden", "that session is not available to "
                                             "this client", "hello", fatal=True)
                     resumed = True
@@ -288,7 +289,7 @@ class Connection:
         try:
             return self.server.turns.start(
                 TurnRequest(self.session_id, job.id, job.text, job.attachments,
-                            job.received),
+                            job.received, owner_for(self.subject)),
                 cancelled=job.id in self._cancelled)
         finally:
             self._queued.discard(job.id)
@@ -329,7 +330,7 @@ class Connection:
                 return
             except TimeoutError:
                 try:
-                    lost = await server.turns.recover(session_id)
+                    lost = await server.turns.recover(session_id, owner_for(self.subject))
                 except SessionBusy:
                     continue
                 if lost is not None:

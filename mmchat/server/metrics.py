@@ -102,9 +102,9 @@ class TimedStore(SessionStore):
     def lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.lock(session_id)
 
-    async def begin_turn(self, session_id: str, *,
-                         message_id: str | None = None) -> SessionTurn:
-        inner = await self.inner.begin_turn(session_id, message_id=message_id)
+    async def begin_turn(self, session_id: str, *, message_id: str | None = None,
+                         owner: str | None = None) -> SessionTurn:
+        inner = await self.inner.begin_turn(session_id, message_id=message_id, owner=owner)
         return _TimedTurn(inner, self)
 
     async def ping(self) -> None:

@@ -48,6 +48,9 @@ class TurnRequest:
     attachments: Sequence[Attachment] = ()
     #: ``time.perf_counter()`` when the message arrived, for time to first token.
     received: float = field(default_factory=time.perf_counter)
+    #: The session's owner as the connection knows it: the turn runs only in a session
+    #: that still exists with this owner (``None``: no check, the session may be new).
+    owner: str | None = None
 
 
 class Turn:
@@ -133,7 +136,8 @@ class Turn:
         store = manager.store
         try:
             t_wait = time.perf_counter()
-            async with store.turn(request.session_id, message_id=request.message_id) as held:
+            async with store.turn(request.session_id, message_id=request.message_id,
+                                  owner=request.owner) as held:
                 queue_ms = (time.perf_counter() - t_wait) * 1000
                 tail = held.tail
                 if tail is not None and not tail.final:
@@ -307,10 +311,10 @@ class TurnManager:
         message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
         return LostReply(entry, message_id)
 
-    async def recover(self, session_id: str) -> LostReply | None:
+    async def recover(self, session_id: str, owner: str | None = None) -> LostReply | None:
         """Close the session's open reply if nobody generates it any more (its session
         is not held). Returns what this call closed, if anything."""
-        async with self.store.turn(session_id) as held:
+        async with self.store.turn(session_id, owner=owner) as held:
             tail = held.tail
             if tail is None or tail.final:
                 return None

@@ -86,6 +86,7 @@ from ..sessions import (
     SessionTurn,
     StreamEntry,
     TurnWrite,
+    check_owner,
     check_stream_entries,
     validate_session_id,
 )
@@ -105,13 +106,23 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # Begin a turn. KEYS: lock, msgids, state, memory, stream, history, meta, cancel.
-# ARGV: token, lock lease (ms), TTL (ms)[, message id to claim].
-# Returns {0} if the message id was taken before, {1} if the lock is busy (the id, if
-# any, is claimed all the same), else {2, state, memory, stream tail, whether a cancel
-# of the message was asked for}.
+# ARGV: token, lock lease (ms), TTL (ms), owner ('' for any)[, message id to claim].
+# Returns {3} if an owner is given and the session is gone, {4} if it is someone
+# else's (nothing claimed, nothing locked), {0} if the message id was taken before,
+# {1} if the lock is busy (the id, if any, is claimed all the same), else {2, state,
+# memory, stream tail, whether a cancel of the message was asked for}.
 _BEGIN_TURN = """
-if #ARGV > 3 then
-  if redis.call('SADD', KEYS[2], ARGV[4]) == 0 then
+if ARGV[4] ~= '' then
+  local owner = redis.call('HGET', KEYS[7], 'owner')
+  if not owner then
+    return {3}
+  end
+  if owner ~= ARGV[4] then
+    return {4}
+  end
+end
+if #ARGV > 4 then
+  if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
     return {0}
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -123,8 +134,8 @@ for i = 2, 7 do
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
 end
 local cancelled = 0
-if #ARGV > 3 then
-  cancelled = redis.call('SISMEMBER', KEYS[8], 'm:' .. ARGV[4])
+if #ARGV > 4 then
+  cancelled = redis.call('SISMEMBER', KEYS[8], 'm:' .. ARGV[5])
 end
 return {2, redis.call('GET', KEYS[3]), redis.call('LRANGE', KEYS[4], 0, -1),
         redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1), cancelled}
@@ -474,15 +485,16 @@ class RedisStore(SessionStore):
     def lock(self, session_id: str) -> RedisLock:
         return RedisLock(self, session_id)
 
-    async def begin_turn(self, session_id: str, *,
-                         message_id: str | None = None) -> RedisTurn:
-        """One Lua script: claim ``message_id``, take the lock, renew the TTLs and read
-        state, memory, the stream's tail and whether the message was cancelled already.
-        A busy lock is retried as :meth:`lock` does (without claiming again). The lock
-        is renewed until the turn ends."""
+    async def begin_turn(self, session_id: str, *, message_id: str | None = None,
+                         owner: str | None = None) -> RedisTurn:
+        """One Lua script: check the owner, claim ``message_id``, take the lock, renew
+        the TTLs and read state, memory, the stream's tail and whether the message was
+        cancelled already. A busy lock is retried as :meth:`lock` does (without
+        claiming again, the owner checked each time). The lock is renewed until the
+        turn ends."""
         keys = self.keys(session_id)
         lock = RedisLock(self, session_id)
-        args: list[Any] = [lock.token, lock.lease_ms, self._ttl_ms]
+        args: list[Any] = [lock.token, lock.lease_ms, self._ttl_ms, owner or ""]
         if message_id is not None:
             args.append(message_id)
         reply: list[Any] = []
@@ -492,10 +504,12 @@ class RedisStore(SessionStore):
                 reply[:] = await self._client.eval(
                     _BEGIN_TURN, 8, keys.lock, keys.msgids, keys.state, keys.memory,
                     keys.stream, keys.history, keys.meta, keys.cancel, *args)
+            if reply[0] in (3, 4):
+                check_owner(session_id, owner, None if reply[0] == 3 else "")
             if reply[0] == 0:
                 raise DuplicateMessage(f"message {message_id!r} was already taken in this "
                                        "session; resume to replay its reply")
-            del args[3:]  # claimed: a retry only waits for the lock
+            del args[4:]  # claimed: a retry only waits for the lock
             return reply[0] == 2
 
         await lock.acquire(attempt)
