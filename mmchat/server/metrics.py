@@ -17,6 +17,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -30,12 +32,16 @@ _RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 class Metrics:
     """Connections, sessions, turns, time to first token, tokens/s, errors by code and
-    session-store latency."""
+    session-store latency; and, as every Prometheus exporter has them, the process's
+    (``process_*``: resident memory, CPU seconds, open files, ...) and the platform's
+    (``python_info``)."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.connections = Gauge("mmchat_connections", "Open WebSocket connections.",
                                  registry=r)
         self.connections_opened = Counter("mmchat_connections_opened",
