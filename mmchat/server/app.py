@@ -15,6 +15,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -94,6 +95,7 @@ class ChatServer:
             process_request=self._process_request,
             origins=[*s.origins, None] if s.origins else None,
             compression=None,
+            create_connection=_ServerConnection,
             max_size=2 * max(s.max_event_bytes, s.max_attachment_bytes),
             ping_interval=s.ping_interval_seconds or None,
             ping_timeout=s.ping_timeout_seconds,
@@ -221,7 +223,10 @@ class ChatServer:
         writer = asyncio.create_task(self._write(ws, connection))
         try:
             async for frame in ws:
-                await connection.receive(frame)
+                if frame is _INVALID_TEXT:
+                    connection.receive_invalid_text()
+                else:
+                    await connection.receive(frame)
         except ConnectionClosed:
             pass
         finally:
@@ -252,3 +257,27 @@ class ChatServer:
             finally:
                 for _ in items:
                     outbox.task_done()
+
+
+#: What a text frame that is not valid UTF-8 reads as (see :class:`_ServerConnection`).
+_INVALID_TEXT: Any = object()
+
+
+class _LenientAssembler(Assembler):
+    """websockets' message assembler, except that a text frame that is not valid UTF-8
+    reads as :data:`_INVALID_TEXT` instead of failing the connection with 1007."""
+
+    async def get(self, decode: bool | None = None) -> Any:
+        try:
+            return await super().get(decode)
+        except UnicodeDecodeError:  # the frame was consumed whole
+            return _INVALID_TEXT
+
+
+class _ServerConnection(ServerConnection):
+    """A server connection whose invalid UTF-8 text frames are refused one by one
+    (``malformed_json``, as for any other bad frame) instead of closing the socket."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.__class__ = _LenientAssembler

@@ -158,6 +158,11 @@ class Connection:
             self.error(MMChatError.code, "the server failed; see its log", fatal=True)
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
+    def receive_invalid_text(self) -> None:
+        """Handle a text frame that is not valid UTF-8: refused like any bad frame."""
+        if not self.closing:
+            self._refuse(ProtocolError("malformed_json", "a text frame is not valid UTF-8"))
+
     async def _event(self, event: Hello | Message | Cancel | Ping) -> None:
         if self.session_id is None:
             if not isinstance(event, Hello):
