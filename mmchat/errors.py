@@ -99,6 +99,14 @@ class SessionExpired(MMChatError):
     code = "session_expired"
 
 
+class TurnLost(MMChatError):
+    """A turn's hold on its session passed to another turn (its lease ran out while it
+    stalled, say): the store refused its write whole, so it cannot overwrite newer
+    state. Its reply ends there."""
+
+    code = "reply_lost"
+
+
 class SessionForbidden(MMChatError):
     """The session belongs to another owner."""
 

@@ -40,8 +40,9 @@ from ..protocol import (
     parse_client_event,
     serialize,
 )
+from ..sessions import StreamEntry
 from .auth import owner_for
-from .turns import Turn, TurnRequest
+from .turns import Turn, TurnRequest, split_error
 
 if TYPE_CHECKING:
     from .app import ChatServer
@@ -311,7 +312,7 @@ class Connection:
                            f"{entries[0].seq - 1} are no longer kept; each reply's full "
                            "text is in its done", "hello")
             for entry in entries:
-                self.send(from_stream_entry(entry))
+                self._replay(entry)
             if entries:
                 cursor, open_reply = entries[-1].seq, not entries[-1].final
             else:
@@ -330,17 +331,20 @@ class Connection:
             try:
                 async for entry in server.store.follow_stream(session_id, cursor,
                                                               idle_timeout=idle):
-                    self.send(from_stream_entry(entry))
+                    self._replay(entry)
                     cursor = entry.seq
                 return
             except TimeoutError:
-                try:
-                    lost = await server.turns.recover(session_id, owner_for(self.subject))
-                except SessionBusy:
-                    continue
-                if lost is not None:
-                    self.error("reply_lost", "the process generating this reply stopped; "
-                               "the reply ends with what was streamed", lost.message_id)
+                # the done that closes it carries reply_lost
+                with contextlib.suppress(SessionBusy):
+                    await server.turns.recover(session_id, owner_for(self.subject))
+
+    def _replay(self, entry: StreamEntry) -> None:
+        """Send a stored reply event; the error that ended a reply goes before its done."""
+        error, entry = split_error(entry)
+        if error is not None:
+            self.error(error.code, error.message, error.ref)
+        self.send(from_stream_entry(entry))
 
     # -- ending ----------------------------------------------------------------------
 

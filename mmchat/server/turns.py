@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DuplicateMessage, MMChatError, StoreUnavailable
+from ..errors import DuplicateMessage, MMChatError, StoreUnavailable, TurnLost
 from ..modality import Attachment
 from ..protocol import Delta, Done, Error, Started, Usage, to_stream_entry
 from ..sessions import SessionStore, SessionTurn, StreamEntry
@@ -65,7 +66,7 @@ class Turn:
         self._listeners: set[Callable[[ReplyEvent], None]] = set()
         self._cancel_requested = False
         self._stream: Any = None
-        self._store_error: StoreUnavailable | None = None
+        self._store_error: StoreUnavailable | TurnLost | None = None
 
     @property
     def message_id(self) -> str:
@@ -106,12 +107,17 @@ class Turn:
         self._listeners.clear()
 
     async def _append(self, events: Sequence[Started | Delta | Done], held: SessionTurn, *,
-                      last: bool) -> bool:
+                      last: bool, error: Error | None = None) -> bool:
         """Append to the session stream through ``held``; the ``last`` events end the
         turn (the engine's write, the events and the unlock go together). A batch
         mid-reply learns whether the reply was cancelled through another process.
-        ``False`` (and keep the error) if the store failed."""
+        ``False`` (and keep the error) if the store failed or refused the write as stale
+        (the session passed to another turn: nothing more of this reply is stored)."""
         entries = [to_stream_entry(e) for e in events]
+        if error is not None:  # why the reply ends, for whoever follows it elsewhere
+            entries[-1] = with_error(entries[-1], error)
+        if isinstance(self._store_error, TurnLost):
+            return False
         try:
             if held.ended:  # the error's done after a failed end
                 await self.manager.store.append_stream(self.request.session_id, entries)
@@ -121,7 +127,7 @@ class Turn:
                 logger.info("reply %s: cancelled through the session store",
                             self.response_id)
                 self.cancel()
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, TurnLost) as exc:
             logger.warning("reply %s: events could not be saved: %s", self.response_id, exc)
             self._store_error = exc
             return False
@@ -141,7 +147,7 @@ class Turn:
                 queue_ms = (time.perf_counter() - t_wait) * 1000
                 tail = held.tail
                 if tail is not None and not tail.final:
-                    tail = (await manager.close_lost_reply(request.session_id, tail)).done
+                    tail = (await manager.close_lost_reply(held, tail)).done
                 stream = await manager.engine.stream(request.session_id, request.text,
                                                      request.attachments, turn=held)
                 self._stream = stream
@@ -227,7 +233,8 @@ class Turn:
         self._fail(error.code, message)
         metrics.turns.labels("error").inc()
         done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
-        await self._append([done], held, last=True)
+        await self._append([done], held, last=True,
+                           error=Error(error.code, message, self.message_id))
         self._publish([done])
 
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
@@ -295,20 +302,24 @@ class TurnManager:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         return not self._tasks
 
-    async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> LostReply:
-        """End a reply whose generator died: a ``done`` with finish reason ``error``
-        and the text streamed so far. The caller holds the session's turn."""
+    async def close_lost_reply(self, held: SessionTurn, tail: StreamEntry) -> LostReply:
+        """End a reply whose generator died (or stalled and lost the session): a
+        ``done`` with finish reason ``error`` and the text streamed so far, appended
+        through ``held``, the caller's hold on the session."""
+        session_id = held.session_id
         entries = await self.store.read_stream(session_id)
         mine = [e for e in entries if e.response_id == tail.response_id]
         text = "".join(e.text for e in mine if e.kind == "delta")
         done = Done(tail.response_id, tail.seq + 1, text, "error",
                     Usage(0, sum(e.kind == "delta" for e in mine)))
-        entry = to_stream_entry(done)
-        await self.store.append_stream(session_id, [entry])
+        message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
+        entry = with_error(to_stream_entry(done), Error(
+            "reply_lost", "the process generating this reply stopped; the reply ends with "
+            "what was streamed", message_id))
+        await held.append([entry])
         self.metrics.turns.labels("error").inc()
         logger.warning("session %s: reply %s was left open by a process that stopped; "
                        "closed it after seq %d", session_id, tail.response_id, tail.seq)
-        message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
         return LostReply(entry, message_id)
 
     async def recover(self, session_id: str, owner: str | None = None) -> LostReply | None:
@@ -318,7 +329,25 @@ class TurnManager:
             tail = held.tail
             if tail is None or tail.final:
                 return None
-            return await self.close_lost_reply(session_id, tail)
+            return await self.close_lost_reply(held, tail)
+
+
+def with_error(entry: StreamEntry, error: Error) -> StreamEntry:
+    """A reply's ``done`` entry with the error that ended it (see :func:`split_error`):
+    every client that replays or follows the reply gets that error before the ``done``,
+    as the client of the process that generated it does."""
+    fields = {"code": error.code, "message": error.message, "ref": error.ref}
+    return dataclasses.replace(entry, data={**entry.data, "error": fields})
+
+
+def split_error(entry: StreamEntry) -> tuple[Error | None, StreamEntry]:
+    """The error kept with a ``done`` entry (if any), and the entry without it."""
+    fields = entry.data.get("error") if entry.final else None
+    if not isinstance(fields, dict):
+        return None, entry
+    data = {k: v for k, v in entry.data.items() if k != "error"}
+    return (Error(fields["code"], fields["message"], fields.get("ref")),
+            dataclasses.replace(entry, data=data))
 
 
 @dataclass(frozen=True)
