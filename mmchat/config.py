@@ -88,6 +88,7 @@ class SessionsConfig:
     socket_timeout_seconds: float = _opt(5.0, min=0.1)
     connect_timeout_seconds: float = _opt(2.0, min=0.1)
     stream_max_len: int = _opt(2048, min=16)
+    max_sessions: int = _opt(10_000, min=1)
 
 
 @dataclass(frozen=True)
