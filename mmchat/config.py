@@ -89,6 +89,8 @@ class SessionsConfig:
     connect_timeout_seconds: float = _opt(2.0, min=0.1)
     stream_max_len: int = _opt(2048, min=16)
     max_sessions: int = _opt(10_000, min=1)
+    history_max_len: int = _opt(1024, min=2)
+    message_ids_max_len: int = _opt(1024, min=16)
 
 
 @dataclass(frozen=True)

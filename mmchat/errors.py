@@ -99,6 +99,14 @@ class SessionExpired(MMChatError):
     code = "session_expired"
 
 
+class SessionLost(SessionExpired):
+    """The store lost part of the session (evicted under memory pressure, or a restart
+    between writes): what was left of it is deleted, and it is never served again as
+    the same session; the client starts a new session."""
+
+    code = "session_lost"
+
+
 class TurnLost(MMChatError):
     """A turn's hold on its session passed to another turn (its lease ran out while it
     stalled, say): the store refused its write whole, so it cannot overwrite newer

@@ -76,6 +76,10 @@ ERROR_CODES: Mapping[str, str] = {
     errors.SessionExpired.code: "The session expired or the store lost it; it is not "
                                 "re-created: start a new session (hello without "
                                 "session_id).",
+    errors.SessionLost.code: "The store lost part of the session (evicted under memory "
+                             "pressure, or restarted between writes): what was left is "
+                             "deleted. On hello a new session was opened instead; on a "
+                             "message, start a new session (hello without session_id).",
     errors.StoreUnavailable.code: "The session store cannot be reached; try again later.",
     errors.Cancelled.code: "The reply was cancelled.",
     errors.MMChatError.code: "The server failed; the error is logged there.",

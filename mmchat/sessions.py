@@ -76,6 +76,15 @@ class SessionData:
 
 
 @dataclass(frozen=True)
+class SessionHead:
+    """What a client's return to a session reads: that it exists, and its owner
+    (``None``: nobody, a session of the embedded engine)."""
+
+    session_id: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
 class StreamEntry:
     """One event of a reply, kept so a resuming client can replay it.
 
@@ -309,6 +318,16 @@ class SessionStore(ABC):
                 log.warning("could not end the turn of session %r: %s", session_id, exc)
             raise
         await held.end()
+
+    async def head(self, session_id: str) -> SessionHead | None:
+        """What a client returning to the session needs, at a cost that does not grow
+        with the session: ``None`` if there is no such session (or it expired), else
+        its owner; renews its TTL. Raises :class:`mmchat.errors.SessionLost` when part of
+        it is missing (what was left is then deleted: a session is whole or gone).
+
+        This default loads the whole session; stores read only the owner."""
+        data = await self.load(session_id)
+        return None if data is None else SessionHead(session_id, data.owner)
 
     async def ping(self) -> None:
         """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot be reached."""

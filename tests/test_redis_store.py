@@ -756,7 +756,10 @@ async def test_nothing_is_pickled(redis_store):
     assert await client.lrange(keys.memory, 0, -1) == [b"\x80\x04\x95pretend", b"m"]
     for raw in await client.lrange(keys.history, 0, -1):
         assert isinstance(json.loads(raw), dict)
-    assert await client.hgetall(keys.meta) == {b"owner": b"alice", b"fence": b"1"}
+    meta = await client.hgetall(keys.meta)
+    assert {k: meta.pop(k) for k in (b"owner", b"fence")} == {b"owner": b"alice",
+                                                              b"fence": b"1"}
+    assert set(meta.values()) == {b"1"} and set(meta) <= {b"s", b"y", b"m", b"q", b"i"}
     assert await client.smembers(keys.msgids) == {b"m-1"}
     for entry_id, fields in await client.xrange(keys.stream):
         assert re.fullmatch(rb"\d+-0", entry_id)

@@ -8,11 +8,20 @@ and bytes (``INFO commandstats`` on a private server), never in wall time.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from test_redis_store import REDIS_SERVER, RedisProcess, needs_redis
 from test_server import running_server, server_config
 
-from mmchat.client import Client
+from mmchat.client import Client, ServerError
 from mmchat.config import SessionsConfig
+from mmchat.errors import SessionLost, TurnLost
 from mmchat.sessions import MemoryStore as MemoryStoreFromSessions
+from mmchat.sessions import SessionHead, StreamEntry
 from mmchat.stores import open_store
 from mmchat.stores.memory import MemoryStore
 
@@ -103,3 +112,110 @@ async def test_a_client_of_a_dropped_session_is_told_unknown_session():
             assert [n.code for n in back.notices] == ["unknown_session"]
             assert back.session_id != dropped
             assert (await back.reply("again")).started.seq == 1
+
+
+# 2. A session is whole or it is gone.
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(tmp_path_factory.mktemp("redis-scale"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def redis_store(redis, **options: Any) -> AsyncIterator[Any]:
+    from mmchat.stores.redis import RedisStore
+
+    store = RedisStore(redis.url, prefix=f"t{uuid.uuid4().hex[:10]}", ttl_seconds=TTL,
+                       **options)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _none_left(store, session_id: str) -> bool:
+    keys = store.keys(session_id)
+    return await store.client.exists(*keys.data) == 0
+
+
+@needs_redis
+@pytest.mark.parametrize("part", ["state", "memory", "history", "meta", "stream", "msgids"])
+async def test_a_session_missing_a_part_is_lost_whole_on_redis(redis, part):
+    async with redis_store(redis) as store:
+        await _session(store, "s1")
+        await store.append_stream("s1", [StreamEntry(1, "r", "started"),
+                                         StreamEntry(2, "r", "done", "hi")])
+        assert await store.head("s1") == SessionHead("s1", "alice")
+        await store.client.delete(getattr(store.keys("s1"), part))
+        with pytest.raises(SessionLost):
+            await store.head("s1")
+        assert await _none_left(store, "s1")
+        assert await store.head("s1") is None
+
+
+@needs_redis
+@pytest.mark.parametrize("owner", ["alice", None])
+async def test_a_turn_of_a_session_missing_a_part_is_refused_and_its_remains_deleted(
+        redis, owner):
+    async with redis_store(redis) as store:
+        await _session(store, "s1")
+        await store.client.delete(store.keys("s1").memory)
+        with pytest.raises(SessionLost):
+            await store.begin_turn("s1", message_id="m-9", owner=owner)
+        assert await _none_left(store, "s1")
+
+
+@needs_redis
+async def test_a_part_lost_during_a_turn_makes_its_end_write_nothing(redis):
+    async with redis_store(redis) as store:
+        await _session(store, "s1")
+        turn = await store.begin_turn("s1", message_id="m-1", owner="alice")
+        await turn.append([StreamEntry(1, "r", "started")])
+        await store.client.delete(store.keys("s1").history)  # evicted meanwhile
+        turn.save(state=b"new", memory_added=[b"x"], turns=[{"role": "user"}], max_memory=4)
+        with pytest.raises(TurnLost):
+            await turn.end([StreamEntry(2, "r", "done", "hi")])
+        assert await _none_left(store, "s1")
+        assert await store.client.exists(store.keys("s1").lock) == 0
+
+
+@needs_redis
+@pytest.mark.parametrize("part", ["state", "stream", "meta"])
+async def test_a_client_returning_to_a_partly_lost_session_gets_session_lost(
+        redis, part):
+    async with redis_store(redis) as store, running_server(server_config(),
+                                                           store=store) as server:
+        async with await Client.connect(server.url) as first:
+            await first.reply("hello")
+            await first.reply("again")
+            session_id, seen = first.session_id, first.last_seq
+        await store.client.delete(getattr(store.keys(session_id), part))
+        async with await Client.connect(server.url, session_id=session_id,
+                                        last_seq=seen) as back:
+            assert [n.code for n in back.notices] == ["session_lost"]
+            assert back.session_id != session_id and not back.ready.resumed
+            assert (await back.reply("hi")).started.seq == 1
+        assert await _none_left(store, session_id)
+
+
+@needs_redis
+async def test_a_turn_on_an_open_connection_to_a_partly_lost_session(redis):
+    async with redis_store(redis) as store, running_server(server_config(),
+                                                           store=store) as server:
+        async with await Client.connect(server.url) as client:
+            first = await client.reply("hello")
+            session_id = client.session_id
+            await store.client.delete(store.keys(session_id).stream)
+            again = await client.send("again")
+            with pytest.raises(ServerError) as caught:
+                await again.wait(30)
+            assert (caught.value.code, caught.value.fatal) == ("session_lost", False)
+        assert await _none_left(store, session_id)
+        # the id's seqs never start again: nothing is numbered under it
+        assert await store.read_stream(session_id) == []
+        assert first.done.seq >= 3

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import MMChatError, SessionBusy
+from ..errors import MMChatError, SessionBusy, SessionLost
 from ..modality import Attachment
 from ..protocol import (
     CLOSE_GOING_AWAY,
@@ -192,15 +192,20 @@ class Connection:
         resumed = False
         try:
             if session_id is not None:
-                data = await store.load(session_id)
-                if data is None:
+                try:
+                    head = await store.head(session_id)
+                except SessionLost:
+                    self.error("session_lost", f"the store lost part of session "
+                               f"{session_id!r}; this is a new one", "hello")
+                    head = session_id = None
+                if head is None and session_id is not None:
                     self.error("unknown_session", f"there is no session {session_id!r} (it "
                                "may have expired); this is a new one", "hello")
                     session_id = None
-                else:
+                elif head is not None:
                     # an ownerless session is nobody's to take: sessions the server
                     # opens are claimed at once, and turns never re-create a lost one
-                    if data.owner != owner:
+                    if head.owner != owner:
                         raise ProtocolError("forbidden", "that session is not available to "
                                             "this client", "hello", fatal=True)
                     resumed = True

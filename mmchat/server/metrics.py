@@ -22,7 +22,14 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ..sessions import SessionData, SessionStore, SessionTurn, StreamEntry, TurnWrite
+from ..sessions import (
+    SessionData,
+    SessionHead,
+    SessionStore,
+    SessionTurn,
+    StreamEntry,
+    TurnWrite,
+)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0)
@@ -112,6 +119,10 @@ class TimedStore(SessionStore):
                          owner: str | None = None) -> SessionTurn:
         inner = await self.inner.begin_turn(session_id, message_id=message_id, owner=owner)
         return _TimedTurn(inner, self)
+
+    async def head(self, session_id: str) -> SessionHead | None:
+        with self._timed("head"):
+            return await self.inner.head(session_id)
 
     async def ping(self) -> None:
         with self._timed("ping"):

@@ -23,6 +23,8 @@ def open_store(config: SessionsConfig) -> SessionStore:
             ("lock_timeout", "lock_wait_seconds"),
             ("stream_max_len", "stream_max_len"),
             ("max_sessions", "max_sessions"),
+            ("history_max_len", "history_max_len"),
+            ("message_ids_max_len", "message_ids_max_len"),
         ) if hasattr(config, setting)}
         return MemoryStore(ttl_seconds=config.ttl_seconds, **optional)
     if config.backend == "redis":

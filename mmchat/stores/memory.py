@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import SessionBusy
 from ..sessions import (
     SessionData,
+    SessionHead,
     SessionStore,
     StreamEntry,
     check_stream_entries,
@@ -37,7 +38,8 @@ class _Record:
     data: SessionData
     touched: float
     stream: collections.deque[StreamEntry]
-    message_ids: set[str] = field(default_factory=set)
+    #: Oldest first (a dict keeps insertion order), trimmed to ``message_ids_max_len``.
+    message_ids: dict[str, None] = field(default_factory=dict)
     #: Set (and replaced) whenever the stream grows, to wake :meth:`MemoryStore.wait_stream`.
     grew: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -53,14 +55,17 @@ class MemoryStore(SessionStore):
     looked up again; ``max_sessions`` bounds the sessions held (the least recently used
     goes first); ``lock_timeout`` bounds the wait for a session's lock (then
     :class:`SessionBusy`); ``stream_max_len`` bounds the reply events kept per session
-    for resume.
+    for resume, ``history_max_len`` the history entries (the newest are kept) and
+    ``message_ids_max_len`` the client message ids remembered against retries.
     """
 
     def __init__(self, *, ttl_seconds: float = 86_400,
                  clock: Callable[[], float] = time.monotonic, lock_timeout: float = 10.0,
-                 stream_max_len: int = 2048, max_sessions: int = 10_000) -> None:
-        if stream_max_len < 1:
-            raise ValueError("stream_max_len must be at least 1")
+                 stream_max_len: int = 2048, max_sessions: int = 10_000,
+                 history_max_len: int = 1024, message_ids_max_len: int = 1024) -> None:
+        if min(stream_max_len, history_max_len, message_ids_max_len) < 1:
+            raise ValueError("stream_max_len, history_max_len and message_ids_max_len "
+                             "must be at least 1")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self._ttl = ttl_seconds
@@ -68,6 +73,8 @@ class MemoryStore(SessionStore):
         self._lock_timeout = lock_timeout
         self._stream_max_len = stream_max_len
         self._max_sessions = max_sessions
+        self._history_max_len = history_max_len
+        self._message_ids_max_len = message_ids_max_len
         #: Oldest touch first.
         self._sessions: collections.OrderedDict[str, _Record] = collections.OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -123,6 +130,12 @@ class MemoryStore(SessionStore):
         return SessionData(session_id, data.state, list(data.memory),
                            [dict(t) for t in data.history], data.owner)
 
+    async def head(self, session_id: str) -> SessionHead | None:
+        record = self._record(session_id)
+        if record is None or not record.exists():
+            return None
+        return SessionHead(session_id, record.data.owner)
+
     async def save_turn(self, session_id: str, *, state: bytes, memory_added: list[bytes],
                         turns: list[dict[str, Any]], max_memory: int) -> None:
         if max_memory < 0:
@@ -132,6 +145,7 @@ class MemoryStore(SessionStore):
         memory = data.memory + [bytes(m) for m in memory_added]
         data.memory = memory[-max_memory:] if max_memory else []
         data.history.extend(dict(t) for t in turns)
+        del data.history[:-self._history_max_len]
 
     async def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
@@ -172,13 +186,15 @@ class MemoryStore(SessionStore):
         ids = self._record(session_id, create=True).message_ids
         if message_id in ids:
             return False
-        ids.add(message_id)
+        ids[message_id] = None
+        while len(ids) > self._message_ids_max_len:
+            del ids[next(iter(ids))]
         return True
 
     async def release_message(self, session_id: str, message_id: str) -> None:
         record = self._record(session_id, touch=False)
         if record is not None:
-            record.message_ids.discard(message_id)
+            record.message_ids.pop(message_id, None)
 
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         if not entries:

@@ -1,7 +1,8 @@
 """The store's Lua scripts (``scripts/*.lua``), read once and run by their SHA1.
 
-A script whose first line is ``-- uses queue.lua`` gets ``queue.lua`` (the fair lock's
-functions) put before it. Redis keeps loaded scripts until it restarts; a call that
+A script whose first lines say ``-- uses queue.lua`` (the fair lock's functions) or
+``-- uses whole.lua`` (the check that a session is whole) gets those files put before it.
+Redis keeps loaded scripts until it restarts; a call that
 finds its script gone (``NOSCRIPT``: nothing ran) loads it and runs again.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import redis.exceptions
 
-_USES_QUEUE = "-- uses queue.lua"
+_USES = "-- uses "
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,12 @@ def _read(name: str) -> str:
 def script(name: str) -> Script:
     """The script ``scripts/<name>.lua``, read on first use."""
     text = _read(name)
-    if text.startswith(_USES_QUEUE):
-        text = _read("queue") + "\n" + text
-    return Script(name, text)
+    used = []
+    for line in text.splitlines():
+        if not line.startswith(_USES):
+            break
+        used.append(_read(line.removeprefix(_USES).strip().removesuffix(".lua")))
+    return Script(name, "\n".join([*used, text]))
 
 
 def is_noscript(result: Any) -> bool:
@@ -66,4 +70,4 @@ async def load(client: Any, name: str) -> None:
 
 #: Every script the store runs.
 NAMES = ("acquire", "append", "begin_turn", "end_turn", "leave", "release", "renew",
-         "request_cancel")
+         "request_cancel", "resume")

@@ -11,9 +11,16 @@ from typing import Any
 import redis.exceptions
 
 from ...config import SessionsConfig
-from ...errors import ConfigError, DuplicateMessage, StateError, StoreUnavailable
+from ...errors import (
+    ConfigError,
+    DuplicateMessage,
+    SessionLost,
+    StateError,
+    StoreUnavailable,
+)
 from ...sessions import (
     SessionData,
+    SessionHead,
     SessionStore,
     StreamEntry,
     TurnWrite,
@@ -63,12 +70,13 @@ class RedisStore(SessionStore):
                  pool_timeout: float = 5.0, socket_timeout: float = 5.0,
                  connect_timeout: float = 2.0, lock_lease: float = 5.0,
                  lock_wait: float = 10.0, stream_max_len: int = 2048,
-                 health_check_interval: float = 1.0, cancel_ttl: float = 60.0) -> None:
+                 health_check_interval: float = 1.0, cancel_ttl: float = 60.0,
+                 history_max_len: int = 1024) -> None:
         if not prefix or any(c in prefix for c in "{} "):
             raise ConfigError(f"sessions.prefix = {prefix!r} is not allowed: "
                               "use a non-empty string without braces or spaces")
         if (ttl_seconds <= 0 or lock_lease <= 0 or lock_wait < 0 or stream_max_len < 1
-                or cancel_ttl <= 0):
+                or cancel_ttl <= 0 or history_max_len < 1):
             raise ConfigError("Redis store: ttl, lock lease, stream length and cancel ttl "
                               "must be positive")
         if lock_lease >= lock_wait:
@@ -83,6 +91,7 @@ class RedisStore(SessionStore):
         self.lock_lease = lock_lease
         self.lock_wait = lock_wait
         self.stream_max_len = stream_max_len
+        self.history_max_len = history_max_len
         self.appends = Appends(self)
         self._client, self._sentinel = connect(
             self._url, max_connections=max_connections, pool_timeout=pool_timeout,
@@ -99,6 +108,7 @@ class RedisStore(SessionStore):
             ("lock_lease", "lock_lease_seconds"),
             ("lock_wait", "lock_wait_seconds"),
             ("stream_max_len", "stream_max_len"),
+            ("history_max_len", "history_max_len"),
         ) if hasattr(config, setting)}
         return cls(config.url, prefix=config.prefix, ttl_seconds=config.ttl_seconds,
                    max_connections=config.max_connections, **optional)
@@ -185,8 +195,16 @@ class RedisStore(SessionStore):
             pipe.ltrim(keys.memory, -write.max_memory, -1)
         else:
             pipe.delete(keys.memory)
+        flags = {"s": 1}
         if encoded:
             pipe.rpush(keys.history, *encoded)
+            pipe.ltrim(keys.history, -self.history_max_len, -1)
+            flags["y"] = 1
+        if write.memory_added and write.max_memory:
+            flags["m"] = 1
+        elif not write.max_memory:
+            pipe.hdel(keys.meta, "m")
+        pipe.hset(keys.meta, mapping=flags)
         for key in keys.data[1:]:
             pipe.pexpire(key, self.ttl_ms)
 
@@ -219,6 +237,10 @@ class RedisStore(SessionStore):
                     self._client, "begin_turn",
                     [keys.lock, keys.msgids, keys.state, keys.memory, keys.stream,
                      keys.history, keys.meta, keys.cancel, keys.queue, keys.waiters], args)
+            if reply[0] == 5:
+                raise SessionLost(f"session {session_id!r} lost part of its data in the "
+                                  "store, so what was left was deleted; start a new "
+                                  "session (hello without session_id)")
             if reply[0] in (3, 4):
                 check_owner(session_id, owner, None if reply[0] == 3 else "")
             if reply[0] == 0:
@@ -236,6 +258,23 @@ class RedisStore(SessionStore):
         return RedisTurn(self, lock, message_id, state=state, memory=memory,
                          tail=_entry(_fields(tail[0])) if tail else None,
                          cancel_requested=bool(cancelled))
+
+    async def head(self, session_id: str) -> SessionHead | None:
+        """One Lua script: check that the session is whole (else delete what is left
+        and raise :class:`SessionLost`), renew its TTLs and read its owner; nothing of
+        its history, memory or stream is read."""
+        keys = self.keys(session_id)
+        async with self._guard("head"):
+            found = await lua.run(self._client, "resume", list(keys.data), [self.ttl_ms])
+        if found[0] == -1:
+            log.info("session %s had lost a part in Redis; what was left is deleted",
+                     session_id)
+            raise SessionLost(f"session {session_id!r} lost part of its data in the store; "
+                              "what was left is deleted")
+        if found[0] == 0:
+            return None
+        owner = found[1] if len(found) > 1 else None
+        return SessionHead(session_id, owner.decode() if owner is not None else None)
 
     async def claim_session(self, session_id: str, owner: str) -> str:
         if not owner:
@@ -256,7 +295,8 @@ class RedisStore(SessionStore):
             pipe = self._pipeline()
             pipe.sadd(keys.msgids, message_id)
             pipe.pexpire(keys.msgids, self.ttl_ms)
-            added, _ = await pipe.execute()
+            pipe.hset(keys.meta, "i", 1)
+            added, *_ = await pipe.execute()
         return added == 1
 
     async def release_message(self, session_id: str, message_id: str) -> None:
@@ -301,6 +341,7 @@ class RedisStore(SessionStore):
             pipe.xadd(keys.stream, fields, id=f"{entry.seq}-0",
                       maxlen=self.stream_max_len, approximate=True)
         pipe.pexpire(keys.stream, self.ttl_ms)
+        pipe.hset(keys.meta, "q", 1)
 
     @staticmethod
     async def _execute(pipe: Any, session_id: str, entries: Sequence[StreamEntry]) -> list[Any]:

@@ -86,7 +86,8 @@ class RedisTurn(SessionTurn):
                     [keys.meta, keys.stream, keys.cancel, *keys.fair_lock, keys.state,
                      keys.memory, keys.history, keys.msgids],
                     [self.fence, lock.token, store.ttl_ms, store.stream_max_len,
-                     keys.wake_prefix, *write_args(write), len(entries),
+                     keys.wake_prefix, store.history_max_len, *write_args(write),
+                     len(entries),
                      *entry_args(entries), *self._cancels])
         except BaseException:
             await lock.release_quietly()  # in case the script did not run

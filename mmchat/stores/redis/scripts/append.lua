@@ -20,6 +20,7 @@ for i = 0, n - 1 do
   end
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'q', 1)
 local cancelled = 0
 for i = 5 + 5 * n, #ARGV do
   if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 1 then

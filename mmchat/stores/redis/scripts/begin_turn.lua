@@ -1,14 +1,19 @@
 -- uses queue.lua
+-- uses whole.lua
 -- Begin a turn: check the owner, claim the message id, take the lock (or queue for it)
 -- and read what the turn needs.
 -- KEYS: lock, msgids, state, memory, stream, history, meta, cancel, queue, waiters.
 -- ARGV: token, lease (ms), TTL (ms), owner ('' for any), place kept (ms), wake prefix
 --       [, message id to claim].
--- Returns {3} if an owner is given and the session is gone, {4} if it is someone
+-- Returns {5} if the session was lost (part of it missing: what was left is deleted),
+-- {3} if an owner is given and the session is gone, {4} if it is someone
 -- else's (nothing claimed, nothing queued), {0} if the message id was taken before,
 -- {1, place in the queue, ms left of the holder's lease} if the lock is busy (the id,
 -- if any, is claimed all the same), else {2, state, memory, stream tail, whether a
 -- cancel of the message was asked for, fencing token}.
+if whole(KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[5], KEYS[2]) == -1 then
+  return {5}
+end
 if ARGV[4] ~= '' then
   local owner = redis.call('HGET', KEYS[7], 'owner')
   if not owner then
@@ -23,6 +28,7 @@ if #ARGV > 6 then
     return {0}
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('HSET', KEYS[7], 'i', 1)
 end
 local taken = take(KEYS[1], KEYS[9], KEYS[10], KEYS[7], ARGV[1], ARGV[2], ARGV[5], ARGV[3],
                    ARGV[6])
