@@ -19,7 +19,8 @@ from test_server import running_server, server_config
 
 from mmchat.client import Client, ServerError
 from mmchat.config import SessionsConfig
-from mmchat.errors import SessionLost, TurnLost
+from mmchat.errors import SessionLost, StoreUnavailable, TurnLost
+from mmchat.server.auth import owner_for
 from mmchat.sessions import MemoryStore as MemoryStoreFromSessions
 from mmchat.sessions import SessionHead, StreamEntry
 from mmchat.stores import open_store
@@ -219,3 +220,83 @@ async def test_a_turn_on_an_open_connection_to_a_partly_lost_session(redis):
         # the id's seqs never start again: nothing is numbered under it
         assert await store.read_stream(session_id) == []
         assert first.done.seq >= 3
+
+
+@needs_redis
+async def test_a_failed_end_of_turn_leaves_the_session_as_it_was(tmp_path):
+    """Redis full under noeviction refuses the end of a turn whole: state, memory and
+    history stay those of the turn before (the reply it streamed is closed by
+    reply_lost on the next resume)."""
+    redis = RedisProcess(tmp_path, None, "--maxmemory-policy", "noeviction")
+    redis.start()
+    try:
+        async with redis_store(redis) as store:
+            await _session(store, "s1")
+            keys = store.keys("s1")
+            before = [await store.client.get(keys.state),
+                      await store.client.lrange(keys.memory, 0, -1),
+                      await store.client.lrange(keys.history, 0, -1)]
+            turn = await store.begin_turn("s1", message_id="m-1", owner="alice")
+            await turn.append([StreamEntry(1, "r", "started")])
+            await store.client.config_set("maxmemory", 1)  # full from now on
+            turn.save(state=b"new", memory_added=[b"x"], turns=[{"role": "user"}],
+                      max_memory=4)
+            with pytest.raises(StoreUnavailable):
+                await turn.end([StreamEntry(2, "r", "done", "hi")])
+            after = [await store.client.get(keys.state),
+                     await store.client.lrange(keys.memory, 0, -1),
+                     await store.client.lrange(keys.history, 0, -1)]
+            assert after == before
+            await store.client.config_set("maxmemory", 0)
+            assert (await store.head("s1")).owner == "alice"
+    finally:
+        redis.stop()
+
+
+# 3. Resume at a constant cost.
+
+async def _long_session(store, session_id: str, turns: int) -> int:
+    """A session of ``turns`` turns written through the store, each with a reply of
+    three stream events; returns its last seq."""
+    await store.claim_session(session_id, owner_for(None))
+    seq = 0
+    for n in range(turns):
+        await store.save_turn(session_id, state=b"s" * 400, memory_added=[],
+                              turns=[{"role": "user", "text": f"question {n} " * 4},
+                                     {"role": "assistant", "text": f"answer {n} " * 8}],
+                              max_memory=4)
+        await store.append_stream(session_id, [
+            StreamEntry(seq + 1, f"r{n}", "started", data={"message_id": f"m{n}"}),
+            StreamEntry(seq + 2, f"r{n}", "delta", "answer"),
+            StreamEntry(seq + 3, f"r{n}", "done", "answer", {"finish_reason": "stop"})])
+        seq += 3
+    return seq
+
+
+async def _resume_cost(store, url: str, session_id: str, last_seq: int) -> tuple[int, int]:
+    """Redis commands run and bytes sent while a client resumes ``session_id``."""
+    async def stats() -> tuple[int, int]:
+        info = await store.client.info("stats")
+        return info["total_commands_processed"], info["total_net_output_bytes"]
+
+    commands, sent = await stats()
+    async with await Client.connect(url, session_id=session_id, last_seq=last_seq) as back:
+        assert back.ready.resumed
+    commands_after, sent_after = await stats()
+    return commands_after - commands, sent_after - sent
+
+
+@needs_redis
+async def test_resume_costs_the_same_at_2000_turns_as_at_one(redis):
+    async with redis_store(redis) as store, running_server(server_config(),
+                                                           store=store) as server:
+        short_seq = await _long_session(store, "short", 1)
+        long_seq = await _long_session(store, "long", 2000)
+        await _resume_cost(store, server.url, "short", short_seq)  # scripts loaded
+        short = await _resume_cost(store, server.url, "short", short_seq)
+        long = await _resume_cost(store, server.url, "long", long_seq)
+        assert long[0] == short[0]
+        assert long[1] <= 1.3 * short[1], (short, long)
+        # and the session's size is bounded by its settings, not by its length
+        keys = store.keys("long")
+        assert await store.client.llen(keys.history) == store.history_max_len
