@@ -272,6 +272,9 @@ class Done:
     usage: Usage
     attention: Mapping[str, float] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: Ids of the attachments that this turn pushed out of the session's memory bank
+    #: (oldest first; left out when none): later turns no longer see them.
+    dropped: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -552,8 +555,12 @@ def _read_done(r: _Reader) -> Done:
     u = r.child("usage")
     usage = Usage(u.integer("prompt_tokens"), u.integer("completion_tokens"))
     u.finish()
+    dropped = r.array("dropped")
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in dropped):
+        raise r.fail("bad_value", "'dropped' must hold attachment ids")
     return Done(response_id, seq, text, finish_reason, usage,
-                r.number_map("attention"), r.number_map("timings"))
+                r.number_map("attention"), r.number_map("timings"),
+                tuple(dropped) if dropped else None)
 
 
 _SERVER_READERS = {

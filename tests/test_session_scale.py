@@ -20,6 +20,7 @@ from test_server import running_server, server_config
 from mmchat.client import Client, ServerError
 from mmchat.config import SessionsConfig
 from mmchat.errors import SessionLost, StoreUnavailable, TurnLost
+from mmchat.protocol import to_json
 from mmchat.server.auth import owner_for
 from mmchat.sessions import MemoryStore as MemoryStoreFromSessions
 from mmchat.sessions import SessionHead, StreamEntry
@@ -300,3 +301,28 @@ async def test_resume_costs_the_same_at_2000_turns_as_at_one(redis):
         # and the session's size is bounded by its settings, not by its length
         keys = store.keys("long")
         assert await store.client.llen(keys.history) == store.history_max_len
+
+
+# 4. Pictures held: the client is told which ones drop out of the memory bank.
+
+async def test_done_names_the_pictures_pushed_out_of_the_memory_bank(tmp_path):
+    from PIL import Image
+
+    from mmchat.modality import Attachment
+
+    pictures = []
+    for n, colour in enumerate(("red", "green", "blue")):
+        path = tmp_path / f"p{n}.png"
+        Image.new("RGB", (32, 32), colour).save(path)
+        pictures.append(path)
+    ids = [Attachment.from_path(p).id for p in pictures]
+    async with running_server(server_config(fusion={"max_memory": 2})) as server:
+        async with await Client.connect(server.url) as client:
+            first = await client.reply("one", [pictures[0]])
+            second = await client.reply("two", [pictures[1]])
+            third = await client.reply("three", [pictures[2]])
+            plain = await client.reply("and now?")
+    assert first.done.dropped is None and second.done.dropped is None
+    assert third.done.dropped == (ids[0],)
+    assert plain.done.dropped is None
+    assert "dropped" not in to_json(first.done)
