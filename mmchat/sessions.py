@@ -332,6 +332,12 @@ class SessionStore(ABC):
     async def ping(self) -> None:
         """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot be reached."""
 
+    async def probe(self, node: str) -> None:
+        """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot take a
+        write now (unreachable, or full and refusing writes). ``node`` names the caller:
+        a store writes a short-lived key of that node's own. This default pings."""
+        await self.ping()
+
     async def close(self) -> None:
         """Release connections."""
 

@@ -8,20 +8,24 @@ and bytes (``INFO commandstats`` on a private server), never in wall time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from test_redis_store import REDIS_SERVER, RedisProcess, needs_redis
-from test_server import running_server, server_config
+from test_server import eventually, http_get, recv_event, running_server, server_config
+from websockets.asyncio.client import connect
 
 from mmchat.client import Client, ServerError
 from mmchat.config import SessionsConfig
 from mmchat.errors import SessionLost, StoreUnavailable, TurnLost
 from mmchat.protocol import to_json
 from mmchat.server.auth import owner_for
+from mmchat.server.episodes import Episodes
 from mmchat.sessions import MemoryStore as MemoryStoreFromSessions
 from mmchat.sessions import SessionHead, StreamEntry
 from mmchat.stores import open_store
@@ -326,3 +330,79 @@ async def test_done_names_the_pictures_pushed_out_of_the_memory_bank(tmp_path):
     assert third.done.dropped == (ids[0],)
     assert plain.done.dropped is None
     assert "dropped" not in to_json(first.done)
+
+
+# 5. Readiness and logs tell the truth.
+
+def _episode_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mmchat.server.episodes" and r.levelno == logging.WARNING]
+
+
+@needs_redis
+async def test_readyz_is_503_while_redis_is_full_and_refuses_writes(tmp_path, caplog):
+    redis = RedisProcess(tmp_path, None, "--maxmemory-policy", "noeviction")
+    redis.start()
+    caplog.set_level(logging.WARNING, "mmchat.server.episodes")
+    config = server_config(sessions={"backend": "redis", "url": redis.url,
+                                     "prefix": "full"})
+    try:
+        async with running_server(config) as server:
+            ready = f"http://127.0.0.1:{server.port}/readyz"
+            assert (await asyncio.to_thread(http_get, ready))[0] == 200
+            store = server.store.inner
+            await store.client.config_set("maxmemory", 1)  # full: every write refused
+            assert await store.client.ping()  # ... while it still answers pings
+            status, _, body = await asyncio.to_thread(http_get, ready)
+            assert status == 503
+            assert "refusing writes" in body and "OutOfMemoryError" in body, body
+            for _ in range(3):  # every hello fails, but the log says so once
+                with pytest.raises(ServerError) as caught:
+                    await Client.connect(server.url)
+                assert caught.value.code == "store_unavailable"
+            lines = _episode_lines(caplog)
+            assert len(lines) == 1 and lines[0].startswith("session store: trouble began")
+            await store.client.config_set("maxmemory", 0)
+            assert (await asyncio.to_thread(http_get, ready))[0] == 200
+            lines = _episode_lines(caplog)
+            assert len(lines) == 2
+            assert lines[1].startswith("session store: back to normal after 4 failures")
+            async with await Client.connect(server.url) as client:
+                await client.reply("hello")
+    finally:
+        redis.stop()
+
+
+async def test_refused_connections_are_logged_once_per_episode(caplog):
+    caplog.set_level(logging.WARNING, "mmchat.server.episodes")
+    config = server_config(server={"max_connections": 1})
+    async with running_server(config) as server:
+        first = await Client.connect(server.url)
+        for _ in range(3):
+            async with connect(server.url) as ws:
+                assert (await recv_event(ws)).code == "too_many_connections"
+        lines = _episode_lines(caplog)
+        assert len(lines) == 1 and lines[0].startswith("connections: trouble began")
+        await first.close()
+        await eventually(lambda: not server.connections)
+        async with await Client.connect(server.url):
+            pass
+    lines = _episode_lines(caplog)
+    assert len(lines) == 2
+    assert lines[1].startswith("connections: back to normal after 3 failures")
+
+
+def test_a_long_episode_is_reported_with_its_count_now_and_then(caplog):
+    caplog.set_level(logging.WARNING, "mmchat.server.episodes")
+    clock = [0.0]
+    episodes = Episodes(every=60, clock=lambda: clock[0])
+    for _ in range(100):
+        episodes.failed("session store", "refused")
+        clock[0] += 1
+    assert episodes.failing("session store") == 100
+    episodes.succeeded("session store")
+    episodes.succeeded("session store")
+    assert _episode_lines(caplog) == [
+        "session store: trouble began: refused",
+        "session store: still failing: 61 failures in 60s, the last: refused",
+        "session store: back to normal after 100 failures in 100.0s"]

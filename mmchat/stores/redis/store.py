@@ -142,6 +142,14 @@ class RedisStore(SessionStore):
         async with self._guard("ping"):
             await self._client.ping()
 
+    async def probe(self, node: str) -> None:
+        """Write ``{prefix}:node:<node>:probe`` with a 10 s TTL: Redis full under a
+        ``noeviction`` policy refuses it (OOM), as it would refuse a turn."""
+        if not node or any(c in node for c in "{} "):
+            raise ValueError(f"bad node name {node!r}")
+        async with self._guard("write probe"):
+            await self._client.set(f"{self._prefix}:node:{node}:probe", "1", px=10_000)
+
     async def load_scripts(self) -> None:
         """Load every Lua script now, so no later call finds one missing (a call that
         does loads it itself, at the cost of two more round trips)."""
