@@ -406,3 +406,44 @@ def test_a_long_episode_is_reported_with_its_count_now_and_then(caplog):
         "session store: trouble began: refused",
         "session store: still failing: 61 failures in 60s, the last: refused",
         "session store: back to normal after 100 failures in 100.0s"]
+
+
+@needs_redis
+async def test_under_lru_eviction_no_session_is_served_with_parts_missing(tmp_path):
+    """Redis at maxmemory under volatile-lru (deploy/): sessions lose keys at random;
+    each comes back whole or not at all."""
+    redis = RedisProcess(tmp_path, None, "--maxmemory-policy", "volatile-lru")
+    redis.start()
+    try:
+        async with redis_store(redis) as store:
+            client = store.client
+            used = (await client.info("memory"))["used_memory"]
+            await client.config_set("maxmemory", used + 1_000_000)
+            names = [f"s{n}" for n in range(300)]
+            for name in names:  # about 3 MB in all: much of it is evicted
+                await store.claim_session(name, "alice")
+                await store.save_turn(name, state=b"s" * 2000, memory_added=[b"m" * 4000],
+                                      turns=[{"role": "user", "text": "x" * 1000}],
+                                      max_memory=4)
+                await store.append_stream(name, [StreamEntry(1, "r", "started"),
+                                                 StreamEntry(2, "r", "done", "y" * 1000)])
+            assert (await client.info("stats"))["evicted_keys"] > 0
+            await client.config_set("maxmemory", 0)
+            outcomes = {"whole": 0, "lost": 0, "gone": 0}
+            for name in names:
+                try:
+                    head = await store.head(name)
+                except SessionLost:
+                    outcomes["lost"] += 1
+                    assert await _none_left(store, name)
+                    continue
+                if head is None:
+                    outcomes["gone"] += 1
+                    continue
+                outcomes["whole"] += 1
+                keys = store.keys(name)
+                parts = (keys.state, keys.memory, keys.history, keys.meta, keys.stream)
+                assert await client.exists(*parts) == len(parts), name
+            assert outcomes["whole"] > 0 and outcomes["lost"] > 0, outcomes
+    finally:
+        redis.stop()
