@@ -22,6 +22,11 @@ A store shared by several processes also carries cancels between them
 (:meth:`SessionStore.request_cancel`): the turn learns of one when it appends reply
 events (:meth:`SessionTurn.append`), in the same round trip.
 
+A session is whole or it is gone: a store that can lose part of one (a Redis evicting
+keys) never serves it with parts missing, but deletes what is left and raises
+:class:`mmchat.errors.SessionLost`. A client's return to a session reads only its head
+(:meth:`SessionStore.head`), so its cost does not grow with the conversation.
+
 Nothing here is pickled: stores hold plain bytes and JSON.
 """
 

@@ -447,3 +447,35 @@ async def test_under_lru_eviction_no_session_is_served_with_parts_missing(tmp_pa
             assert outcomes["whole"] > 0 and outcomes["lost"] > 0, outcomes
     finally:
         redis.stop()
+
+
+@needs_redis
+async def test_message_ids_are_capped_and_a_released_first_one_loses_nothing(redis):
+    async with redis_store(redis, message_ids_max_len=4) as store:
+        await store.claim_session("s1", "alice")
+        assert await store.claim_message("s1", "m-0")
+        await store.release_message("s1", "m-0")  # its only id, released: still whole
+        assert await store.head("s1") == SessionHead("s1", "alice")
+        for n in range(20):
+            turn = await store.begin_turn("s1", message_id=f"m-{n}", owner="alice")
+            await turn.end()
+        keys = store.keys("s1")
+        kept = await store.client.scard(keys.msgids) + await store.client.scard(
+            keys.msgids_old)
+        assert 4 <= kept <= 9
+        for n in range(16, 20):  # the newest are still refused as retries
+            assert not await store.claim_message("s1", f"m-{n}")
+        assert await store.head("s1") == SessionHead("s1", "alice")
+
+
+async def test_the_memory_store_caps_history_and_message_ids():
+    store = MemoryStore(history_max_len=6, message_ids_max_len=4)
+    for n in range(10):
+        assert await store.claim_message("s1", f"m-{n}")
+        await store.save_turn("s1", state=b"s", memory_added=[],
+                              turns=[{"n": n, "role": "user"}, {"n": n, "role": "bot"}],
+                              max_memory=4)
+    history = (await store.load("s1")).history
+    assert [t["n"] for t in history] == [7, 7, 8, 8, 9, 9]
+    assert not await store.claim_message("s1", "m-9")
+    assert await store.claim_message("s1", "m-0")  # forgotten: the newest 4 are kept

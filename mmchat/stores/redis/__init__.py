@@ -26,15 +26,28 @@ one slot and one node serves a whole turn:
 ``{prefix}:s:{<id>}:state``         string  serialised RNN state (raw bytes)
 ``{prefix}:s:{<id>}:memory``        list    memory-bank entries (raw bytes)
 ``{prefix}:s:{<id>}:history``       list    turns, one JSON document each
-``{prefix}:s:{<id>}:meta``          hash    ``owner``, ``fence`` (the fencing token)
+``{prefix}:s:{<id>}:meta``          hash    ``owner``, ``fence`` (the fencing token),
+                                            the parts the session has (see below)
 ``{prefix}:s:{<id>}:stream``        stream  reply events for resume, id ``<seq>-0``
 ``{prefix}:s:{<id>}:msgids``        set     client message ids already taken
+``{prefix}:s:{<id>}:msgids_old``    set     the generation of ids before (own TTL)
 ``{prefix}:s:{<id>}:lock``          string  the turn lock's token (own lease)
 ``{prefix}:s:{<id>}:cancel``        set     cancels asked for (own TTL, see below)
 ``{prefix}:s:{<id>}:queue``         list    tokens of the turns waiting for the lock
 ``{prefix}:s:{<id>}:waiters``       zset    until when each waiter's place is kept
 ``{prefix}:s:{<id>}:wake:<token>``  list    pushed to wake that waiter
 ==================================  ======  ====================================
+
+A session is whole or it is gone (``scripts/whole.lua``): ``meta`` has a flag for each
+part the session has (``s`` state, ``y`` history, ``m`` memory, ``q`` stream, ``i``
+message ids), set by the write that makes the part. The scripts behind a hello that
+resumes (:meth:`RedisStore.head`), a turn's begin and its end check them; a session
+missing a part (evicted under ``maxmemory``, or a restart between writes), or parts
+without their ``meta``, is deleted and refused (:class:`mmchat.errors.SessionLost`), so
+it is never served with parts missing and its seqs never restart under its id. The
+history keeps the newest ``history_max_len`` entries and the message ids at least the
+newest ``message_ids_max_len`` (``scripts/claims.lua``), so a session's size is bounded
+by its settings.
 
 A multi-command call is one ``MULTI``/``EXEC`` round trip (on Cluster one plain
 pipeline to the session's node, see :meth:`RedisStore._pipeline`). A turn

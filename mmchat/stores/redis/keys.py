@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ...sessions import validate_session_id
 
 _NAMES = ("state", "memory", "history", "meta", "stream", "msgids", "lock", "cancel",
-          "queue", "waiters")
+          "queue", "waiters", "msgids_old")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class Keys:
     cancel: str
     queue: str
     waiters: str
+    #: The generation of message ids before ``msgids`` (see ``scripts/claims.lua``).
+    msgids_old: str
 
     @classmethod
     def of(cls, prefix: str, session_id: str) -> Keys:

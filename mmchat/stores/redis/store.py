@@ -71,12 +71,12 @@ class RedisStore(SessionStore):
                  connect_timeout: float = 2.0, lock_lease: float = 5.0,
                  lock_wait: float = 10.0, stream_max_len: int = 2048,
                  health_check_interval: float = 1.0, cancel_ttl: float = 60.0,
-                 history_max_len: int = 1024) -> None:
+                 history_max_len: int = 1024, message_ids_max_len: int = 1024) -> None:
         if not prefix or any(c in prefix for c in "{} "):
             raise ConfigError(f"sessions.prefix = {prefix!r} is not allowed: "
                               "use a non-empty string without braces or spaces")
         if (ttl_seconds <= 0 or lock_lease <= 0 or lock_wait < 0 or stream_max_len < 1
-                or cancel_ttl <= 0 or history_max_len < 1):
+                or cancel_ttl <= 0 or history_max_len < 1 or message_ids_max_len < 1):
             raise ConfigError("Redis store: ttl, lock lease, stream length and cancel ttl "
                               "must be positive")
         if lock_lease >= lock_wait:
@@ -92,6 +92,7 @@ class RedisStore(SessionStore):
         self.lock_wait = lock_wait
         self.stream_max_len = stream_max_len
         self.history_max_len = history_max_len
+        self.message_ids_max_len = message_ids_max_len
         self.appends = Appends(self)
         self._client, self._sentinel = connect(
             self._url, max_connections=max_connections, pool_timeout=pool_timeout,
@@ -109,6 +110,7 @@ class RedisStore(SessionStore):
             ("lock_wait", "lock_wait_seconds"),
             ("stream_max_len", "stream_max_len"),
             ("history_max_len", "history_max_len"),
+            ("message_ids_max_len", "message_ids_max_len"),
         ) if hasattr(config, setting)}
         return cls(config.url, prefix=config.prefix, ttl_seconds=config.ttl_seconds,
                    max_connections=config.max_connections, **optional)
@@ -219,7 +221,7 @@ class RedisStore(SessionStore):
     async def delete(self, session_id: str) -> None:
         keys = self.keys(session_id)
         async with self._guard("delete"):
-            await self._client.delete(*keys.data, keys.cancel)
+            await self._client.delete(*keys.data, keys.msgids_old, keys.cancel)
 
     def lock(self, session_id: str) -> RedisLock:
         return RedisLock(self, session_id)
@@ -236,7 +238,7 @@ class RedisStore(SessionStore):
         args: list[Any] = [lock.token, lock.lease_ms, self.ttl_ms, owner or "",
                            int(lock.PLACE_KEPT * 1000), keys.wake_prefix]
         if message_id is not None:
-            args.append(message_id)
+            args += [message_id, self.message_ids_max_len]
         reply: list[Any] = []
 
         async def attempt() -> Attempt:
@@ -244,7 +246,8 @@ class RedisStore(SessionStore):
                 reply[:] = await lua.run(
                     self._client, "begin_turn",
                     [keys.lock, keys.msgids, keys.state, keys.memory, keys.stream,
-                     keys.history, keys.meta, keys.cancel, keys.queue, keys.waiters], args)
+                     keys.history, keys.meta, keys.cancel, keys.queue, keys.waiters,
+                     keys.msgids_old], args)
             if reply[0] == 5:
                 raise SessionLost(f"session {session_id!r} lost part of its data in the "
                                   "store, so what was left was deleted; start a new "
@@ -298,23 +301,22 @@ class RedisStore(SessionStore):
         return current.decode()
 
     async def claim_message(self, session_id: str, message_id: str) -> bool:
+        """One Lua script (``claim.lua``): the newest ``message_ids_max_len`` ids at least
+        are remembered, at most twice that."""
         keys = self.keys(session_id)
         async with self._guard("claim_message"):
-            pipe = self._pipeline()
-            pipe.sadd(keys.msgids, message_id)
-            pipe.pexpire(keys.msgids, self.ttl_ms)
-            pipe.hset(keys.meta, "i", 1)
-            added, *_ = await pipe.execute()
+            added = await lua.run(self._client, "claim",
+                                  [keys.msgids, keys.msgids_old, keys.meta],
+                                  [message_id, self.message_ids_max_len, self.ttl_ms])
         return added == 1
 
     async def release_message(self, session_id: str, message_id: str) -> None:
         """Also forgets a cancel of the message, so the client's retry runs."""
         keys = self.keys(session_id)
         async with self._guard("release_message"):
-            pipe = self._pipeline()
-            pipe.srem(keys.msgids, message_id)
-            pipe.srem(keys.cancel, f"m:{message_id}")
-            await pipe.execute()
+            await lua.run(self._client, "unclaim",
+                          [keys.msgids, keys.msgids_old, keys.meta, keys.cancel],
+                          [message_id])
 
     async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
         """One Lua script: add the cancel to the session's ``cancel`` set."""

@@ -1,10 +1,12 @@
 -- uses queue.lua
 -- uses whole.lua
+-- uses claims.lua
 -- Begin a turn: check the owner, claim the message id, take the lock (or queue for it)
 -- and read what the turn needs.
--- KEYS: lock, msgids, state, memory, stream, history, meta, cancel, queue, waiters.
+-- KEYS: lock, msgids, state, memory, stream, history, meta, cancel, queue, waiters,
+--       old msgids.
 -- ARGV: token, lease (ms), TTL (ms), owner ('' for any), place kept (ms), wake prefix
---       [, message id to claim].
+--       [, message id to claim, message ids kept (see claims.lua)].
 -- Returns {5} if the session was lost (part of it missing: what was left is deleted),
 -- {3} if an owner is given and the session is gone, {4} if it is someone
 -- else's (nothing claimed, nothing queued), {0} if the message id was taken before,
@@ -24,10 +26,9 @@ if ARGV[4] ~= '' then
   end
 end
 if #ARGV > 6 then
-  if redis.call('SADD', KEYS[2], ARGV[7]) == 0 then
+  if claim(KEYS[2], KEYS[11], ARGV[7], ARGV[8], ARGV[3]) == 0 then
     return {0}
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[7], 'i', 1)
 end
 local taken = take(KEYS[1], KEYS[9], KEYS[10], KEYS[7], ARGV[1], ARGV[2], ARGV[5], ARGV[3],
