@@ -12,7 +12,12 @@ own process) with the Redis session store on a private ``redis-server`` started 
   said hello), less before, divided by ``CONNECTIONS``;
 * per session at the caps: a session's Redis keys (``MEMORY USAGE``) after ``LONG``
   picture turns, bounded by ``[sessions]`` ``history_max_len`` and ``stream_max_len``
-  and ``fusion.max_memory`` however long it runs.
+  and ``fusion.max_memory`` however long it runs;
+* the in-process store over time: a server with ``backend = "memory"`` and a TTL of
+  ``TTL`` seconds serves ``PHASES`` phases of ``SESSIONS`` sessions (a picture each),
+  each phase after the sessions of the one before expired; its RSS after each phase,
+  against the first (expired sessions are freed without being looked up, so it levels
+  off).
 
     python -m bench store           python -m bench.bench_store --quick
 """
@@ -34,6 +39,8 @@ from bench.bench_server import Process, _free_port, _png, _serve_argv, _serve_en
 SESSIONS = 200
 CONNECTIONS = 200
 LONG = 40
+PHASES = 3
+TTL = 3
 
 
 def _rss(pid: int) -> int:
@@ -96,6 +103,22 @@ async def _sessions(url: str, count: int, attachments: list) -> list[str]:
     return out
 
 
+async def _memory_phases(untrained: bool, ttl: int, sessions: int,
+                         attachments: list) -> list[int]:
+    """Server RSS after each phase of ``sessions`` new sessions, in-process store with
+    a TTL of ``ttl`` seconds; each phase starts once the one before has expired."""
+    env = _serve_env("memory", 1)
+    env["MMCHAT_SESSIONS__TTL_SECONDS"] = str(ttl)
+    levels = []
+    async with Process(_serve_argv(untrained), env) as server:
+        await _sessions(server.url, 4, attachments)  # warm-up
+        for _ in range(PHASES):
+            await _sessions(server.url, sessions, attachments)
+            levels.append(_rss(server.proc.pid))
+            await asyncio.sleep(TTL + 1)
+    return levels
+
+
 async def _run(quick: bool) -> tuple[list[list[object]], str]:
     from mmchat.client import Client
 
@@ -116,6 +139,12 @@ async def _run(quick: bool) -> tuple[list[list[object]], str]:
             await _sessions(server.url, 4, png)  # warm-up
             node = _rss(pid)
 
+            rss = _rss(pid)  # before any session: freed memory would hide connections
+            idle = [await Client.connect(server.url) for _ in range(connections)]
+            conn_rss = (_rss(pid) - rss) / connections
+            for c in idle:
+                await c.close()
+
             used, rss = await _used(client), _rss(pid)
             await _sessions(server.url, sessions, [])
             text_redis = (await _used(client) - used) / sessions
@@ -125,12 +154,6 @@ async def _run(quick: bool) -> tuple[list[list[object]], str]:
             await _sessions(server.url, sessions, png)
             picture_redis = (await _used(client) - used) / sessions - text_redis
 
-            rss = _rss(pid)
-            idle = [await Client.connect(server.url) for _ in range(connections)]
-            conn_rss = (_rss(pid) - rss) / connections
-            for c in idle:
-                await c.close()
-
             async with await Client.connect(server.url) as chat:
                 for n in range(long):
                     await chat.reply(f"and now? {n}", png, timeout=300)
@@ -139,6 +162,9 @@ async def _run(quick: bool) -> tuple[list[list[object]], str]:
                 sizes = [await client.memory_usage(k) or 0 for k in keys]
     finally:
         redis.stop()
+
+    levels = {ttl: await _memory_phases(untrained, ttl, sessions, png)
+              for ttl in (TTL, 86_400)}
     kb = lambda n: f"{n / 1024:.1f} KB"  # noqa: E731
     s = config.sessions
     rows = [
@@ -152,6 +178,12 @@ async def _run(quick: bool) -> tuple[list[list[object]], str]:
          f"state {kb(sizes[0])}, memory {kb(sizes[1])}, history {kb(sizes[2])}, "
          f"stream {kb(sizes[4])}; bounded by history_max_len = {s.history_max_len}, "
          f"stream_max_len = {s.stream_max_len}"],
+        *([f"in-process store: server RSS after each of {PHASES} phases of {sessions} "
+           f"sessions with a picture, TTL {ttl}s",
+           " → ".join(f"{n / 2**20:.0f} MB" for n in rss),
+           f"last / first = {rss[-1] / rss[0]:.2f}"
+           + (" (the baseline: nothing expires)" if ttl != TTL else "")]
+          for ttl, rss in levels.items()),
     ]
     notes = (f"{machine_notes(1)}; model: "
              f"{'untrained' if untrained else config.model.checkpoint}; {sessions} sessions "
