@@ -5,6 +5,7 @@ import torch
 
 from mmchat import Attachment, Engine, checkpoint
 from mmchat.errors import (
+    Cancelled,
     CheckpointError,
     EmptyMessage,
     InputError,
@@ -230,17 +231,25 @@ async def test_dynamic_int8_models_serve_every_fusion(tiny_config, toy_host, fus
 
 
 async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
+    """Closing ends a reply by how far it got, never by timing: one that reached the
+    model (it is decoding) ends ``cancelled`` and is saved; one that had not (here: not
+    yet scheduled when close began) raises Cancelled and stores nothing, so the turn is
+    whole or gone. The test used to leave the third reply's progress to chance."""
     engine = Engine(tiny_config, plugins=toy_host)
     await engine.start()
     streams = [await engine.stream(f"s{i}", "hello", max_new_tokens=4096) for i in range(3)]
-    for stream in streams[:2]:
+    for stream in streams:
         await stream.__anext__()  # decoding; nobody reads on, so it waits for its consumer
+    unscheduled = await engine.stream("late", "hello", max_new_tokens=4096)
     await asyncio.wait_for(engine.close(), timeout=60)  # used to deadlock
     for stream in streams:
         reply = await asyncio.wait_for(stream.wait(), timeout=10)
         assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
+    with pytest.raises(Cancelled, match="closing"):
+        await asyncio.wait_for(unscheduled.wait(), timeout=10)
     assert engine._model_pool._shutdown
     for i in range(3):  # saved, though the model thread had stopped taking work
         turns = (await engine.store.load(f"s{i}")).history
         assert [t["role"] for t in turns] == ["user", "assistant"]
         assert turns[1]["finish_reason"] == "cancelled"
+    assert await engine.store.load("late") is None
