@@ -3,7 +3,7 @@ import asyncio
 import pytest
 import torch
 
-from mmchat import Attachment, Engine, checkpoint
+from mmchat import Attachment, Engine, checkpoint, hookimpl
 from mmchat.errors import (
     Cancelled,
     CheckpointError,
@@ -14,6 +14,7 @@ from mmchat.errors import (
     UnsupportedMedia,
 )
 from mmchat.loading import load_model
+from mmchat.plugins import PluginHost
 from mmchat.state import dumps_state, loads_state
 
 TOY = Attachment(bytes(range(16)), "application/x-toy")
@@ -253,3 +254,49 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
         assert [t["role"] for t in turns] == ["user", "assistant"]
         assert turns[1]["finish_reason"] == "cancelled"
     assert await engine.store.load("late") is None
+
+
+async def test_one_turns_attachments_hold_one_media_thread(tiny_config):
+    """A turn with four slow attachments (decodes that block until released) leaves
+    the media pool's other thread to another turn's attachment, which is answered while
+    the slow ones still wait. It waited behind them when a turn decoded all at once."""
+    import threading
+
+    import toy_plugin
+
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    decoding = [0]
+
+    class Gated(toy_plugin.ToyModality):
+        name = "gated"
+        mime_types = ("application/x-gated",)
+
+        def decode(self, data, mime_type):
+            decoding[0] += 1
+            entered.release()
+            gate.wait(60)
+            return super().decode(data, mime_type)
+
+    class GatedPlugin:
+        @hookimpl
+        def register_modalities(self, register):
+            register(Gated())
+
+    host = PluginHost(entry_points=False)
+    host.register(toy_plugin, "toy", version=toy_plugin.__version__)
+    host.register(GatedPlugin(), "gated", version="1")
+    engine = Engine(tiny_config, plugins=host)
+    await engine.start()
+    try:
+        slow = await engine.stream("a", "look", [
+            Attachment(bytes([i] * 4), "application/x-gated") for i in range(4)])
+        assert await asyncio.to_thread(entered.acquire, True, 30)
+        quick = await asyncio.wait_for(engine.reply("b", "look", [
+            Attachment(b"abcd", "application/x-toy")]), 60)
+        assert quick.finish_reason in ("stop", "length")
+        assert decoding[0] == 1  # the slow turn holds one media thread, not both
+    finally:
+        gate.set()
+    reply = await asyncio.wait_for(slow.wait(), 60)
+    assert reply.finish_reason in ("stop", "length") and decoding[0] == 4
+    await engine.close()
