@@ -460,12 +460,17 @@ class Engine:
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
         """Decode each attachment (media pool; a failure raises), then encode it (encoder
         thread, batched with the attachments of other turns): its vectors, or the
-        exception its encoding raised."""
+        exception its encoding raised.
+
+        A turn decodes its attachments one after another, so it never holds more than
+        one media thread: another turn's picture does not wait behind all of its
+        pictures (the pool's threads are the global budget, one each the turn's)."""
         loop = asyncio.get_running_loop()
-        features = await asyncio.gather(*(
-            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
-                                 modality.decode, att.data, att.mime_type)
-            for modality, att in attachments))
+        features = []
+        for modality, att in attachments:
+            features.append(await loop.run_in_executor(
+                self._media_pool, self.plugins.wrap_call, modality, "decode", modality.decode,
+                att.data, att.mime_type))
         return await asyncio.gather(*(
             self._encoders.call_batched(self._encode_batch, (modality, f))
             for (modality, _), f in zip(attachments, features)), return_exceptions=True)

@@ -261,8 +261,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Done:
-    """The reply ended. ``text`` is all of it; ``attention`` maps each modality (and
-    ``"text"``) to the share of attention it got; ``timings`` are in milliseconds."""
+    """The reply ended. ``text`` is all of it; ``attention`` maps each modality in the
+    session's memory to the share of memory attention it got (no ``"text"``, and not
+    summing to 1); ``timings`` are in milliseconds (docs/protocol.md lists them)."""
 
     type: ClassVar[str] = "done"
     response_id: str

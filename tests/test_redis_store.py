@@ -31,8 +31,11 @@ from mmchat.errors import (
     ConfigError,
     DuplicateMessage,
     SessionBusy,
+    SessionExpired,
+    SessionForbidden,
     StateError,
     StoreUnavailable,
+    TurnLost,
 )
 from mmchat.sessions import MemoryStore, SessionData, SessionStore, SessionTurn, StreamEntry
 from mmchat.stores import open_store
@@ -321,6 +324,32 @@ async def test_ownership(harness):
     assert await store.claim_session(SID, "alice") == "alice"
     with pytest.raises(ValueError):
         await store.claim_session("other", "")
+
+
+async def test_a_turn_for_an_owner_needs_the_session_to_be_theirs(harness):
+    """Checked under the lock, on every turn: a missing session is SessionExpired (and
+    is not created), another owner's is SessionForbidden; without an owner (the
+    embedded engine) a turn may create the session."""
+    store = harness.store
+    with pytest.raises(SessionExpired):
+        async with store.turn(SID, message_id="m-1", owner="alice"):
+            pass
+    assert await store.load(SID) is None
+    await store.claim_session(SID, "alice")
+    with pytest.raises(SessionForbidden):
+        async with store.turn(SID, owner="bob"):
+            pass
+    async with store.turn(SID, message_id="m-2", owner="alice") as held:
+        _save(held, 1)
+    assert (await store.load(SID)).state == b"state-1"
+    await harness.expire(SID)
+    with pytest.raises(SessionExpired):
+        async with store.turn(SID, owner="alice"):
+            pass
+    assert await store.load(SID) is None
+    async with store.turn("embedded") as held:
+        _save(held, 2)
+    assert (await store.load("embedded")).owner is None
 
 
 async def test_idempotent_message_claims(harness):
@@ -1015,6 +1044,35 @@ async def test_renewal_stops_even_if_the_driver_drops_its_cancellation(redis_ser
                 async with store.lock(SID) if via == "lock" else store.turn(SID):
                     await in_flight.wait()
         assert await store.client.get(store.keys(SID).lock) is None
+    finally:
+        await store.close()
+
+
+@needs_redis
+async def test_a_turn_that_lost_its_session_to_another_writes_nothing(redis_server):
+    """Turn A's lease runs out (it stalled) and turn B is granted the session: A's
+    append and A's end (its staged write) are refused whole with TurnLost, B's state and
+    stream stand, and B's lock is not released by A."""
+    store = _redis_store(redis_server.url, f"fence-{uuid.uuid4().hex[:6]}", lock_lease=60)
+    try:
+        first = await store.begin_turn(SID)
+        await first.append(_entries(1, 1))
+        await first._lock.stop_renewal()
+        await store.client.delete(store.keys(SID).lock)  # the lease ran out
+        second = await store.begin_turn(SID)
+        assert second.fence == first.fence + 1
+        await second.append(_entries(2, 1, "r-2"))
+        with pytest.raises(TurnLost):
+            await first.append(_entries(2, 1))
+        _save(first, 1)
+        with pytest.raises(TurnLost):
+            await first.end(_entries(3, 1, done=True))
+        assert await store.client.get(store.keys(SID).lock) == second._lock.token.encode()
+        _save(second, 2)
+        await second.end(_entries(3, 1, "r-2", done=True))
+        assert (await store.load(SID)).state == b"state-2"
+        assert [(e.seq, e.response_id) for e in await store.read_stream(SID)] == [
+            (1, "r-1"), (2, "r-2"), (3, "r-2")]
     finally:
         await store.close()
 

@@ -42,14 +42,14 @@ async def redis_store(tmp_path, how: str):
 
     redis = RedisProcess(tmp_path)
     redis.start()
-    # every idle pooled connection is checked first, so the restart costs no failed call
-    store = RedisStore(redis.url, prefix=f"t{uuid.uuid4().hex[:8]}", ttl_seconds=TTL,
-                       health_check_interval=0.001)
+    store = RedisStore(redis.url, prefix=f"t{uuid.uuid4().hex[:8]}", ttl_seconds=TTL)
 
     async def lose(session_id: str) -> None:
         if how == "restart":  # no persistence: every key is gone
             redis.stop()
             redis.start()
+            # what this tests is ownership, not how stale pooled connections recover
+            await store.client.connection_pool.disconnect()
             return
         client, keys = store.client, store.keys(session_id)
         for key in keys.data:

@@ -67,6 +67,7 @@ class Turn:
         self._cancel_requested = False
         self._stream: Any = None
         self._store_error: StoreUnavailable | TurnLost | None = None
+        self._failed = False  # an error event was published
 
     @property
     def message_id(self) -> str:
@@ -134,6 +135,7 @@ class Turn:
         return True
 
     def _fail(self, code: str, message: str) -> None:
+        self._failed = True
         self.manager.metrics.errors.labels(code).inc()
         self._publish([Error(code, message, self.message_id)])
 
@@ -157,6 +159,13 @@ class Turn:
                                  queue_ms)
         except DuplicateMessage as exc:  # the claim is the first copy's: keep it
             self._fail(exc.code, exc.message)
+        except TurnLost as exc:  # another turn has the session: nothing more was stored
+            logger.warning("reply %s: %s", self.response_id, exc)
+            if not self._failed:
+                self._fail(exc.code, exc.message)
+            if not any(isinstance(e, Started) for e in self.events):
+                with contextlib.suppress(StoreUnavailable):
+                    await store.release_message(request.session_id, request.message_id)
         except MMChatError as exc:  # before the reply started: the message may be retried
             self._fail(exc.code, exc.message)
             with contextlib.suppress(StoreUnavailable):

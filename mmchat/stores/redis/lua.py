@@ -1,22 +1,24 @@
 """The store's Lua scripts (``scripts/*.lua``), read once and run by their SHA1.
 
-A script whose first lines say ``-- uses queue.lua`` (the fair lock's functions) or
-``-- uses whole.lua`` (the check that a session is whole) gets those files put before it.
-Redis keeps loaded scripts until it restarts; a call that
-finds its script gone (``NOSCRIPT``: nothing ran) loads it and runs again.
+A script that starts with ``-- uses <name>.lua`` lines gets those files put before it
+(``queue.lua``: the fair lock's functions; ``stream.lua``: appending reply events;
+``whole.lua``: the check that a session is whole; ``claims.lua``: message id claims).
+Redis keeps loaded scripts until it restarts; a call that finds its script gone
+(``NOSCRIPT``: nothing ran) loads it and runs again.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.exceptions
 
-_USES = "-- uses "
+_USES = re.compile(r"-- uses (\w+)\.lua\n")
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,11 @@ def _read(name: str) -> str:
 def script(name: str) -> Script:
     """The script ``scripts/<name>.lua``, read on first use."""
     text = _read(name)
-    used = []
-    for line in text.splitlines():
-        if not line.startswith(_USES):
-            break
-        used.append(_read(line.removeprefix(_USES).strip().removesuffix(".lua")))
-    return Script(name, "\n".join([*used, text]))
+    parts, at = [], 0
+    while found := _USES.match(text, at):
+        parts.append(_read(found.group(1)))
+        at = found.end()
+    return Script(name, "\n".join([*parts, text]))
 
 
 def is_noscript(result: Any) -> bool:

@@ -1,3 +1,4 @@
+-- uses stream.lua
 -- Append a held turn's reply events, if its fencing token is still the session's, and
 -- say whether its reply was cancelled.
 -- KEYS: meta, stream, cancel. ARGV: fencing token, TTL (ms), stream length kept,
@@ -9,16 +10,7 @@ if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
   return {0}
 end
 local n = tonumber(ARGV[4])
-for i = 0, n - 1 do
-  local at = 5 + 5 * i
-  if ARGV[at + 4] == '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[at],
-               'r', ARGV[at + 1], 'k', ARGV[at + 2], 't', ARGV[at + 3])
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[at],
-               'r', ARGV[at + 1], 'k', ARGV[at + 2], 't', ARGV[at + 3], 'd', ARGV[at + 4])
-  end
-end
+add_entries(KEYS[2], ARGV[3], 5, n)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'q', 1)
 local cancelled = 0

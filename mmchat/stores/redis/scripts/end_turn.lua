@@ -1,5 +1,6 @@
 -- uses queue.lua
 -- uses whole.lua
+-- uses stream.lua
 -- End a held turn in one step: if its fencing token is still the session's, save its
 -- write and append its last reply events; forget its cancels; release the lock (if it
 -- still holds the turn's token) and wake the next waiter. A stale turn writes nothing,
@@ -63,16 +64,7 @@ if fresh then
       redis.call('PEXPIRE', key, ttl)
     end
   end
-  for i = 0, n_entries - 1 do
-    local e = entries_at + 5 * i
-    if ARGV[e + 4] == '' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[e],
-                 'r', ARGV[e + 1], 'k', ARGV[e + 2], 't', ARGV[e + 3])
-    else
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[e],
-                 'r', ARGV[e + 1], 'k', ARGV[e + 2], 't', ARGV[e + 3], 'd', ARGV[e + 4])
-    end
-  end
+  add_entries(KEYS[2], ARGV[4], entries_at, n_entries)
   if n_entries > 0 then
     redis.call('PEXPIRE', KEYS[2], ttl)
     redis.call('HSET', KEYS[1], 'q', 1)
