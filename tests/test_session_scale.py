@@ -479,3 +479,15 @@ async def test_the_memory_store_caps_history_and_message_ids():
     assert [t["n"] for t in history] == [7, 7, 8, 8, 9, 9]
     assert not await store.claim_message("s1", "m-9")
     assert await store.claim_message("s1", "m-0")  # forgotten: the newest 4 are kept
+
+
+@needs_redis
+async def test_loading_a_session_missing_a_part_raises_and_deletes_it(redis):
+    async with redis_store(redis) as store:
+        await _session(store, "s1")
+        assert (await store.load("s1")).state == b"s" * 100
+        await store.client.delete(store.keys("s1").state)
+        with pytest.raises(SessionLost):
+            await store.load("s1")
+        assert await _none_left(store, "s1")
+        assert await store.load("s1") is None

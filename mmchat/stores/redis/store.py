@@ -167,16 +167,14 @@ class RedisStore(SessionStore):
                     await client.aclose()
 
     async def load(self, session_id: str) -> SessionData | None:
+        """One Lua script: check the session whole (else delete what is left and raise
+        :class:`SessionLost`), renew its TTLs and read it."""
         keys = self.keys(session_id)
         async with self._guard("load"):
-            pipe = self._pipeline()
-            pipe.get(keys.state)
-            pipe.lrange(keys.memory, 0, -1)
-            pipe.lrange(keys.history, 0, -1)
-            pipe.hget(keys.meta, "owner")
-            for key in keys.data:
-                pipe.pexpire(key, self.ttl_ms)
-            state, memory, history, owner, *_ = await pipe.execute()
+            found = await lua.run(self._client, "load", list(keys.data), [self.ttl_ms])
+        if found[0] == -1:
+            raise _lost(session_id)
+        _, state, memory, history, owner = found
         if state is None and not memory and not history and owner is None:
             return None
         return SessionData(session_id, state, list(memory),
@@ -278,10 +276,7 @@ class RedisStore(SessionStore):
         async with self._guard("head"):
             found = await lua.run(self._client, "resume", list(keys.data), [self.ttl_ms])
         if found[0] == -1:
-            log.info("session %s had lost a part in Redis; what was left is deleted",
-                     session_id)
-            raise SessionLost(f"session {session_id!r} lost part of its data in the store; "
-                              "what was left is deleted")
+            raise _lost(session_id)
         if found[0] == 0:
             return None
         owner = found[1] if len(found) > 1 else None
@@ -392,6 +387,12 @@ class RedisStore(SessionStore):
         async with self._guard("stream_tail"):
             rows = await self._client.xrevrange(keys.stream, max="+", min="-", count=1)
         return _entry(rows[0]) if rows else None
+
+
+def _lost(session_id: str) -> SessionLost:
+    log.info("session %s had lost a part in Redis; what was left is deleted", session_id)
+    return SessionLost(f"session {session_id!r} lost part of its data in the store; "
+                       "what was left is deleted")
 
 
 def _load_turn(session_id: str, index: int, raw: bytes) -> dict[str, Any]:
