@@ -215,9 +215,11 @@ class Client:
                     if isinstance(event, Ready):
                         break
                     if isinstance(event, Error):
-                        # unknown_session comes with a new session; other hello errors
-                        # (store_unavailable, say) mean there is no session yet.
-                        refused = event.ref == "hello" and event.code != "unknown_session"
+                        # unknown_session and session_lost come with a new session;
+                        # other hello errors (store_unavailable, say) mean there is no
+                        # session yet.
+                        refused = event.ref == "hello" and event.code not in (
+                            "unknown_session", "session_lost")
                         if event.fatal or refused:
                             raise ServerError(event)
                         self.notices.append(ServerError(event))

@@ -82,12 +82,15 @@ class SessionsConfig:
     prefix: str = _opt("mmchat")
     ttl_seconds: int = _opt(86_400, min=1)
     max_connections: int = _opt(32, min=1)
-    lock_lease_seconds: float = _opt(15.0, min=1.0)
+    lock_lease_seconds: float = _opt(5.0, min=1.0)
     lock_wait_seconds: float = _opt(10.0, min=0.0)
     pool_timeout_seconds: float = _opt(5.0, min=0.0)
     socket_timeout_seconds: float = _opt(5.0, min=0.1)
     connect_timeout_seconds: float = _opt(2.0, min=0.1)
     stream_max_len: int = _opt(2048, min=16)
+    max_sessions: int = _opt(10_000, min=1)
+    history_max_len: int = _opt(1024, min=2)
+    message_ids_max_len: int = _opt(1024, min=16)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class Reply:
     #: milliseconds: decode_media (decoding and encoding attachments), prefill,
     #: first_token, total
     timings: dict[str, float]
+    #: ids of the attachments this turn pushed out of the memory bank (it keeps the last
+    #: ``fusion.max_memory``), oldest first
+    dropped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,7 +70,7 @@ class Reply:
             "finish_reason": self.finish_reason, "attention": self.attention,
             "usage": {"prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens},
-            "timings": self.timings,
+            "timings": self.timings, "dropped": self.dropped,
         }
 
 
@@ -420,6 +423,7 @@ class Engine:
                                         session.state or None, text, params,
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
+            dropped = self._dropped(session.memory, new_entries)
             t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
@@ -438,17 +442,35 @@ class Engine:
             attention=done.attention, prompt_tokens=run.prompt_tokens,
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
-                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
+                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)},
+            dropped=dropped)
+
+    def _dropped(self, memory: Sequence[bytes], new: Sequence[Any]) -> list[str]:
+        """Ids of the attachments that the turn's new ones push out of the memory bank,
+        oldest first (read from the stored entries' headers only)."""
+        from .state import entry_attachment_id
+
+        over = len(memory) + len(new) - self.config.fusion.max_memory
+        if over <= 0:
+            return []
+        ids = ([entry_attachment_id(entry) for entry in memory[:over]]
+               + [entry.attachment_id for entry in new[:max(0, over - len(memory))]])
+        return [i for i in ids if i]  # entries stored before ids were kept have none
 
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
         """Decode each attachment (media pool; a failure raises), then encode it (encoder
         thread, batched with the attachments of other turns): its vectors, or the
-        exception its encoding raised."""
+        exception its encoding raised.
+
+        A turn decodes its attachments one after another, so it never holds more than
+        one media thread: another turn's picture does not wait behind all of its
+        pictures (the pool's threads are the global budget, one each the turn's)."""
         loop = asyncio.get_running_loop()
-        features = await asyncio.gather(*(
-            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
-                                 modality.decode, att.data, att.mime_type)
-            for modality, att in attachments))
+        features = []
+        for modality, att in attachments:
+            features.append(await loop.run_in_executor(
+                self._media_pool, self.plugins.wrap_call, modality, "decode", modality.decode,
+                att.data, att.mime_type))
         return await asyncio.gather(*(
             self._encoders.call_batched(self._encode_batch, (modality, f))
             for (modality, _), f in zip(attachments, features)), return_exceptions=True)

@@ -92,6 +92,35 @@ class SessionBusy(MMChatError):
     code = "session_busy"
 
 
+class SessionExpired(MMChatError):
+    """A turn found its session gone (its TTL ran out, or the store lost it): it is not
+    re-created under the connection that had it; the client starts a new session."""
+
+    code = "session_expired"
+
+
+class SessionLost(SessionExpired):
+    """The store lost part of the session (evicted under memory pressure, or a restart
+    between writes): what was left of it is deleted, and it is never served again as
+    the same session; the client starts a new session."""
+
+    code = "session_lost"
+
+
+class TurnLost(MMChatError):
+    """A turn's hold on its session passed to another turn (its lease ran out while it
+    stalled, say): the store refused its write whole, so it cannot overwrite newer
+    state. Its reply ends there."""
+
+    code = "reply_lost"
+
+
+class SessionForbidden(MMChatError):
+    """The session belongs to another owner."""
+
+    code = "forbidden"
+
+
 class DuplicateMessage(MMChatError):
     """A client message id was already taken in its session, so it is not processed again."""
 

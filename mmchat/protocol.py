@@ -73,6 +73,13 @@ ERROR_CODES: Mapping[str, str] = {
     "too_many_connections": "The server has as many connections as it allows; try again "
                             "later.",
     errors.SessionBusy.code: "Another turn of the session is running; try again.",
+    errors.SessionExpired.code: "The session expired or the store lost it; it is not "
+                                "re-created: start a new session (hello without "
+                                "session_id).",
+    errors.SessionLost.code: "The store lost part of the session (evicted under memory "
+                             "pressure, or restarted between writes): what was left is "
+                             "deleted. On hello a new session was opened instead; on a "
+                             "message, start a new session (hello without session_id).",
     errors.StoreUnavailable.code: "The session store cannot be reached; try again later.",
     errors.Cancelled.code: "The reply was cancelled.",
     errors.MMChatError.code: "The server failed; the error is logged there.",
@@ -254,8 +261,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Done:
-    """The reply ended. ``text`` is all of it; ``attention`` maps each modality (and
-    ``"text"``) to the share of attention it got; ``timings`` are in milliseconds."""
+    """The reply ended. ``text`` is all of it; ``attention`` maps each modality in the
+    session's memory to the share of memory attention it got (no ``"text"``, and not
+    summing to 1); ``timings`` are in milliseconds (docs/protocol.md lists them)."""
 
     type: ClassVar[str] = "done"
     response_id: str
@@ -265,6 +273,9 @@ class Done:
     usage: Usage
     attention: Mapping[str, float] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: Ids of the attachments that this turn pushed out of the session's memory bank
+    #: (oldest first; left out when none): later turns no longer see them.
+    dropped: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -545,8 +556,12 @@ def _read_done(r: _Reader) -> Done:
     u = r.child("usage")
     usage = Usage(u.integer("prompt_tokens"), u.integer("completion_tokens"))
     u.finish()
+    dropped = r.array("dropped")
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in dropped):
+        raise r.fail("bad_value", "'dropped' must hold attachment ids")
     return Done(response_id, seq, text, finish_reason, usage,
-                r.number_map("attention"), r.number_map("timings"))
+                r.number_map("attention"), r.number_map("timings"),
+                tuple(dropped) if dropped else None)
 
 
 _SERVER_READERS = {

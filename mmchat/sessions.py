@@ -1,4 +1,5 @@
-"""Where sessions live: the :class:`SessionStore` interface and the in-process default.
+"""Where sessions live: the :class:`SessionStore` interface (the in-process default,
+:class:`MemoryStore`, is in :mod:`mmchat.stores.memory`, importable from here too).
 
 A session is three things, kept apart so a turn writes only what changed:
 
@@ -21,23 +22,34 @@ A store shared by several processes also carries cancels between them
 (:meth:`SessionStore.request_cancel`): the turn learns of one when it appends reply
 events (:meth:`SessionTurn.append`), in the same round trip.
 
+A session is whole or it is gone: a store that can lose part of one (a Redis evicting
+keys) never serves it with parts missing, but deletes what is left and raises
+:class:`mmchat.errors.SessionLost`. A client's return to a session reads only its head
+(:meth:`SessionStore.head`), so its cost does not grow with the conversation.
+
 Nothing here is pickled: stores hold plain bytes and JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import re
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import DuplicateMessage, SessionBusy, StoreUnavailable
+from .errors import (
+    DuplicateMessage,
+    SessionExpired,
+    SessionForbidden,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .stores.memory import MemoryStore  # noqa: F401  (the lazy export below)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,15 @@ class SessionData:
 
 
 @dataclass(frozen=True)
+class SessionHead:
+    """What a client's return to a session reads: that it exists, and its owner
+    (``None``: nobody, a session of the embedded engine)."""
+
+    session_id: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
 class StreamEntry:
     """One event of a reply, kept so a resuming client can replay it.
 
@@ -86,6 +107,23 @@ class StreamEntry:
     @property
     def final(self) -> bool:
         return self.kind == "done"
+
+
+def check_owner(session_id: str, owner: str | None, current: str | None) -> None:
+    """Raise unless a turn for ``owner`` may run in a session owned by ``current``.
+
+    ``owner=None`` (the embedded engine) runs anywhere, and may create the session.
+    Otherwise the session must exist with that owner: :class:`SessionExpired` when it
+    is gone (a session is never re-created under a client that had it), else
+    :class:`SessionForbidden` for another owner.
+    """
+    if owner is None:
+        return
+    if current is None:
+        raise SessionExpired(f"session {session_id!r} expired or was lost; start a new "
+                             "session (hello without session_id)")
+    if current != owner:
+        raise SessionForbidden("that session is not available to this client")
 
 
 def check_stream_entries(entries: Sequence[StreamEntry], after_seq: int = 0) -> None:
@@ -236,11 +274,14 @@ class SessionStore(ABC):
         than the store's wait limit. Not re-entrant.
         """
 
-    async def begin_turn(self, session_id: str, *,
-                         message_id: str | None = None) -> SessionTurn:
+    async def begin_turn(self, session_id: str, *, message_id: str | None = None,
+                         owner: str | None = None) -> SessionTurn:
         """Take the session's lock (waiting as :meth:`lock` does) and load what a turn
         reads: state, memory and the stream's tail. The caller must ``await end()`` the
         returned turn; :meth:`turn` does that for you.
+
+        With ``owner``, the session must exist and be ``owner``'s (see
+        :func:`check_owner`): checked once the lock is held, so it holds for the turn.
 
         With ``message_id``, first claim it as :meth:`claim_message` does, and raise
         :class:`mmchat.errors.DuplicateMessage` (without locking) if it was taken.
@@ -257,6 +298,7 @@ class SessionStore(ABC):
         await held.enter_async_context(self.lock(session_id))
         try:
             data = await self.load(session_id)
+            check_owner(session_id, owner, data.owner if data is not None else None)
             tail = await self.stream_tail(session_id)
         except BaseException:
             await held.aclose()
@@ -264,14 +306,14 @@ class SessionStore(ABC):
         return _LockedTurn(self, held, session_id, data, tail)
 
     @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, *,
-                   message_id: str | None = None) -> AsyncIterator[SessionTurn]:
+    async def turn(self, session_id: str, *, message_id: str | None = None,
+                   owner: str | None = None) -> AsyncIterator[SessionTurn]:
         """:meth:`begin_turn` as a context manager that ends the turn on exit.
 
         Leaving by an exception still sends what was staged, but an unreachable store
         is then logged instead of hiding the exception.
         """
-        held = await self.begin_turn(session_id, message_id=message_id)
+        held = await self.begin_turn(session_id, message_id=message_id, owner=owner)
         try:
             yield held
         except BaseException:
@@ -282,8 +324,24 @@ class SessionStore(ABC):
             raise
         await held.end()
 
+    async def head(self, session_id: str) -> SessionHead | None:
+        """What a client returning to the session needs, at a cost that does not grow
+        with the session: ``None`` if there is no such session (or it expired), else
+        its owner; renews its TTL. Raises :class:`mmchat.errors.SessionLost` when part of
+        it is missing (what was left is then deleted: a session is whole or gone).
+
+        This default loads the whole session; stores read only the owner."""
+        data = await self.load(session_id)
+        return None if data is None else SessionHead(session_id, data.owner)
+
     async def ping(self) -> None:
         """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot be reached."""
+
+    async def probe(self, node: str) -> None:
+        """Raise :class:`mmchat.errors.StoreUnavailable` if the store cannot take a
+        write now (unreachable, or full and refusing writes). ``node`` names the caller:
+        a store writes a short-lived key of that node's own. This default pings."""
+        await self.ping()
 
     async def close(self) -> None:
         """Release connections."""
@@ -384,149 +442,10 @@ class SessionStore(ABC):
             entries = await self.wait_stream(session_id, after_seq, timeout=remaining)
 
 
-@dataclass
-class _Record:
-    data: SessionData
-    touched: float
-    stream: collections.deque[StreamEntry]
-    message_ids: set[str] = field(default_factory=set)
-    #: Set (and replaced) whenever the stream grows, to wake :meth:`MemoryStore.wait_stream`.
-    grew: asyncio.Event = field(default_factory=asyncio.Event)
+def __getattr__(name: str) -> Any:
+    # MemoryStore moved to mmchat.stores.memory; imported on first use (no circle).
+    if name == "MemoryStore":
+        from .stores.memory import MemoryStore
 
-    def exists(self) -> bool:
-        data = self.data
-        return bool(data.state is not None or data.memory or data.history or data.owner)
-
-
-class MemoryStore(SessionStore):
-    """Sessions in this process's memory, with a sliding TTL. The embedded default.
-
-    ``lock_timeout`` bounds the wait for a session's lock (then :class:`SessionBusy`);
-    ``stream_max_len`` bounds the reply events kept per session for resume.
-    """
-
-    def __init__(self, *, ttl_seconds: float = 86_400, clock=time.monotonic,
-                 lock_timeout: float = 10.0, stream_max_len: int = 2048) -> None:
-        if stream_max_len < 1:
-            raise ValueError("stream_max_len must be at least 1")
-        self._ttl = ttl_seconds
-        self._clock = clock
-        self._lock_timeout = lock_timeout
-        self._stream_max_len = stream_max_len
-        self._sessions: dict[str, _Record] = {}
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    def _record(self, session_id: str, *, create: bool = False,
-                touch: bool = True) -> _Record | None:
-        validate_session_id(session_id)
-        record = self._sessions.get(session_id)
-        now = self._clock()
-        if record is not None and now - record.touched > self._ttl:
-            del self._sessions[session_id]
-            record = None
-        if record is None:
-            if not create:
-                return None
-            record = _Record(SessionData(session_id), now,
-                             collections.deque(maxlen=self._stream_max_len))
-            self._sessions[session_id] = record
-        if touch:
-            record.touched = now
-        return record
-
-    async def load(self, session_id: str) -> SessionData | None:
-        record = self._record(session_id)
-        if record is None or not record.exists():
-            return None
-        data = record.data
-        return SessionData(session_id, data.state, list(data.memory),
-                           [dict(t) for t in data.history], data.owner)
-
-    async def save_turn(self, session_id: str, *, state: bytes, memory_added: list[bytes],
-                        turns: list[dict[str, Any]], max_memory: int) -> None:
-        if max_memory < 0:
-            raise ValueError("max_memory must not be negative")
-        data = self._record(session_id, create=True).data
-        data.state = bytes(state)
-        memory = data.memory + [bytes(m) for m in memory_added]
-        data.memory = memory[-max_memory:] if max_memory else []
-        data.history.extend(dict(t) for t in turns)
-
-    async def delete(self, session_id: str) -> None:
-        validate_session_id(session_id)
-        self._sessions.pop(session_id, None)
-
-    @contextlib.asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[None]:
-        validate_session_id(session_id)
-        lock, users = self._locks.get(session_id) or (asyncio.Lock(), 0)
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            try:
-                await asyncio.wait_for(lock.acquire(), self._lock_timeout)
-            except TimeoutError:
-                raise SessionBusy(
-                    f"session {session_id!r} is busy: another turn held it for more than "
-                    f"{self._lock_timeout}s") from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._locks[session_id]
-            if users == 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
-
-    async def claim_session(self, session_id: str, owner: str) -> str:
-        if not owner:
-            raise ValueError("owner must be a non-empty string")
-        data = self._record(session_id, create=True).data
-        if data.owner is None:
-            data.owner = owner
-        return data.owner
-
-    async def claim_message(self, session_id: str, message_id: str) -> bool:
-        ids = self._record(session_id, create=True).message_ids
-        if message_id in ids:
-            return False
-        ids.add(message_id)
-        return True
-
-    async def release_message(self, session_id: str, message_id: str) -> None:
-        record = self._record(session_id, touch=False)
-        if record is not None:
-            record.message_ids.discard(message_id)
-
-    async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
-        if not entries:
-            return
-        record = self._record(session_id, create=True)
-        check_stream_entries(entries, record.stream[-1].seq if record.stream else 0)
-        record.stream.extend(entries)
-        grew, record.grew = record.grew, asyncio.Event()
-        grew.set()
-
-    async def read_stream(self, session_id: str, after_seq: int = 0, *,
-                          limit: int | None = None) -> list[StreamEntry]:
-        record = self._record(session_id, touch=False)
-        if record is None:
-            return []
-        entries = [e for e in record.stream if e.seq > after_seq]
-        return entries if limit is None else entries[:limit]
-
-    async def wait_stream(self, session_id: str, after_seq: int, *,
-                          timeout: float) -> list[StreamEntry]:
-        record = self._record(session_id, create=True, touch=False)
-        grew = record.grew
-        entries = await self.read_stream(session_id, after_seq)
-        if entries:
-            return entries
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(grew.wait(), max(timeout, 0))
-        return await self.read_stream(session_id, after_seq)
-
-    async def stream_tail(self, session_id: str) -> StreamEntry | None:
-        record = self._record(session_id, touch=False)
-        return record.stream[-1] if record is not None and record.stream else None
+        return MemoryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,6 +75,14 @@ def loads_entry(data: bytes) -> MemoryEntry:
                        meta.get("attachment_id", ""))
 
 
+def entry_attachment_id(data: bytes) -> str:
+    """The attachment id of a serialised memory entry, read from its header only."""
+    try:
+        return _metadata(bytes(data)).get("attachment_id", "")
+    except (ValueError, struct.error) as exc:
+        raise StateError(f"memory entry is not readable: {exc}") from None
+
+
 def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
 

@@ -161,3 +161,16 @@ def test_deploy_docs_cover_every_file():
     for path in DEPLOY.rglob("*"):
         if path.is_file():
             assert path.relative_to(ROOT).as_posix() in text, path
+
+
+def test_the_bundled_redis_is_capped_and_evicts_whole_sessions_lru():
+    """docs/deploy.md, "Sizing and Redis settings": maxmemory set, an LRU policy over
+    keys with a TTL (every mmchat key has one), never noeviction."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    statefulset = next(d for d in _documents(DEPLOY / "k8s" / "redis.yaml")
+                       if d["kind"] == "StatefulSet")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    for argv in (compose["services"]["redis"]["command"], container["args"]):
+        settings = dict(zip(argv[1::2], argv[2::2], strict=True))
+        assert settings["--maxmemory-policy"] == "volatile-lru"
+        assert settings["--maxmemory"].endswith("mb")

@@ -3,8 +3,9 @@ import asyncio
 import pytest
 import torch
 
-from mmchat import Attachment, Engine, checkpoint
+from mmchat import Attachment, Engine, checkpoint, hookimpl
 from mmchat.errors import (
+    Cancelled,
     CheckpointError,
     EmptyMessage,
     InputError,
@@ -13,6 +14,7 @@ from mmchat.errors import (
     UnsupportedMedia,
 )
 from mmchat.loading import load_model
+from mmchat.plugins import PluginHost
 from mmchat.state import dumps_state, loads_state
 
 TOY = Attachment(bytes(range(16)), "application/x-toy")
@@ -230,17 +232,71 @@ async def test_dynamic_int8_models_serve_every_fusion(tiny_config, toy_host, fus
 
 
 async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
+    """Closing ends a reply by how far it got, never by timing: one that reached the
+    model (it is decoding) ends ``cancelled`` and is saved; one that had not (here: not
+    yet scheduled when close began) raises Cancelled and stores nothing, so the turn is
+    whole or gone. The test used to leave the third reply's progress to chance."""
     engine = Engine(tiny_config, plugins=toy_host)
     await engine.start()
     streams = [await engine.stream(f"s{i}", "hello", max_new_tokens=4096) for i in range(3)]
-    for stream in streams[:2]:
+    for stream in streams:
         await stream.__anext__()  # decoding; nobody reads on, so it waits for its consumer
+    unscheduled = await engine.stream("late", "hello", max_new_tokens=4096)
     await asyncio.wait_for(engine.close(), timeout=60)  # used to deadlock
     for stream in streams:
         reply = await asyncio.wait_for(stream.wait(), timeout=10)
         assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
+    with pytest.raises(Cancelled, match="closing"):
+        await asyncio.wait_for(unscheduled.wait(), timeout=10)
     assert engine._model_pool._shutdown
     for i in range(3):  # saved, though the model thread had stopped taking work
         turns = (await engine.store.load(f"s{i}")).history
         assert [t["role"] for t in turns] == ["user", "assistant"]
         assert turns[1]["finish_reason"] == "cancelled"
+    assert await engine.store.load("late") is None
+
+
+async def test_one_turns_attachments_hold_one_media_thread(tiny_config):
+    """A turn with four slow attachments (decodes that block until released) leaves
+    the media pool's other thread to another turn's attachment, which is answered while
+    the slow ones still wait. It waited behind them when a turn decoded all at once."""
+    import threading
+
+    import toy_plugin
+
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    decoding = [0]
+
+    class Gated(toy_plugin.ToyModality):
+        name = "gated"
+        mime_types = ("application/x-gated",)
+
+        def decode(self, data, mime_type):
+            decoding[0] += 1
+            entered.release()
+            gate.wait(60)
+            return super().decode(data, mime_type)
+
+    class GatedPlugin:
+        @hookimpl
+        def register_modalities(self, register):
+            register(Gated())
+
+    host = PluginHost(entry_points=False)
+    host.register(toy_plugin, "toy", version=toy_plugin.__version__)
+    host.register(GatedPlugin(), "gated", version="1")
+    engine = Engine(tiny_config, plugins=host)
+    await engine.start()
+    try:
+        slow = await engine.stream("a", "look", [
+            Attachment(bytes([i] * 4), "application/x-gated") for i in range(4)])
+        assert await asyncio.to_thread(entered.acquire, True, 30)
+        quick = await asyncio.wait_for(engine.reply("b", "look", [
+            Attachment(b"abcd", "application/x-toy")]), 60)
+        assert quick.finish_reason in ("stop", "length")
+        assert decoding[0] == 1  # the slow turn holds one media thread, not both
+    finally:
+        gate.set()
+    reply = await asyncio.wait_for(slow.wait(), 60)
+    assert reply.finish_reason in ("stop", "length") and decoding[0] == 4
+    await engine.close()

@@ -76,7 +76,7 @@ SERVER_EXAMPLES = [
     Delta("r-1", 3, ""),
     Done("r-1", 4, "Hello", "stop", Usage(3, 2)),
     Done("r-2", 9, "x", "length", Usage(0, 64), {"text": 0.25, "image": 0.75},
-         {"generate_ms": 12.5}),
+         {"generate_ms": 12.5}, ("0123456789abcdef",)),
     Error("bad_value", "no", None, False),
     Error("unauthorized", "token refused", "hello", True),
     Pong(),

@@ -31,8 +31,11 @@ from mmchat.errors import (
     ConfigError,
     DuplicateMessage,
     SessionBusy,
+    SessionExpired,
+    SessionForbidden,
     StateError,
     StoreUnavailable,
+    TurnLost,
 )
 from mmchat.sessions import MemoryStore, SessionData, SessionStore, SessionTurn, StreamEntry
 from mmchat.stores import open_store
@@ -321,6 +324,32 @@ async def test_ownership(harness):
     assert await store.claim_session(SID, "alice") == "alice"
     with pytest.raises(ValueError):
         await store.claim_session("other", "")
+
+
+async def test_a_turn_for_an_owner_needs_the_session_to_be_theirs(harness):
+    """Checked under the lock, on every turn: a missing session is SessionExpired (and
+    is not created), another owner's is SessionForbidden; without an owner (the
+    embedded engine) a turn may create the session."""
+    store = harness.store
+    with pytest.raises(SessionExpired):
+        async with store.turn(SID, message_id="m-1", owner="alice"):
+            pass
+    assert await store.load(SID) is None
+    await store.claim_session(SID, "alice")
+    with pytest.raises(SessionForbidden):
+        async with store.turn(SID, owner="bob"):
+            pass
+    async with store.turn(SID, message_id="m-2", owner="alice") as held:
+        _save(held, 1)
+    assert (await store.load(SID)).state == b"state-1"
+    await harness.expire(SID)
+    with pytest.raises(SessionExpired):
+        async with store.turn(SID, owner="alice"):
+            pass
+    assert await store.load(SID) is None
+    async with store.turn("embedded") as held:
+        _save(held, 2)
+    assert (await store.load("embedded")).owner is None
 
 
 async def test_idempotent_message_claims(harness):
@@ -756,7 +785,10 @@ async def test_nothing_is_pickled(redis_store):
     assert await client.lrange(keys.memory, 0, -1) == [b"\x80\x04\x95pretend", b"m"]
     for raw in await client.lrange(keys.history, 0, -1):
         assert isinstance(json.loads(raw), dict)
-    assert await client.hgetall(keys.meta) == {b"owner": b"alice"}
+    meta = await client.hgetall(keys.meta)
+    assert {k: meta.pop(k) for k in (b"owner", b"fence")} == {b"owner": b"alice",
+                                                              b"fence": b"1"}
+    assert set(meta.values()) == {b"1"} and set(meta) <= {b"s", b"y", b"m", b"q", b"i"}
     assert await client.smembers(keys.msgids) == {b"m-1"}
     for entry_id, fields in await client.xrange(keys.stream):
         assert re.fullmatch(rb"\d+-0", entry_id)
@@ -765,7 +797,8 @@ async def test_nothing_is_pickled(redis_store):
             value.decode("utf-8")
         if b"d" in fields:
             assert isinstance(json.loads(fields[b"d"]), dict)
-    for path in (ROOT / "mmchat" / "stores" / "redis.py", ROOT / "mmchat" / "sessions.py"):
+    for path in [*(ROOT / "mmchat" / "stores" / "redis").glob("*.py"),
+                 ROOT / "mmchat" / "sessions.py"]:
         assert "pickle" not in _imports(path)
 
 
@@ -820,7 +853,7 @@ class RoundTrips:
 @needs_redis
 async def test_round_trips(redis_store, monkeypatch):
     store = redis_store
-    await store.ping()  # open the connection first
+    await store.load_scripts()  # opens the connection too
     trips = RoundTrips(store, monkeypatch)
     assert await trips.measure(store.load(SID)) == 1
     assert await trips.measure(_turn(store, memory=(b"a", b"b"))) == 1
@@ -835,17 +868,17 @@ async def test_round_trips(redis_store, monkeypatch):
             await store.load(SID)
             await _turn(store, n=1)
 
-    assert await trips.measure(locked_turn()) == 4  # SET NX, load, save, release
+    assert await trips.measure(locked_turn()) == 4  # take, load, save, release
 
     held = await store.begin_turn(SID, message_id="m-2")
-    assert trips.writes[-1] == ["EVAL"]  # claim, lock, TTLs, state, memory, tail
+    assert trips.writes[-1] == ["EVALSHA"]  # owner, claim, lock, TTLs, state, memory, tail
     before = trips.count
     _save(held, 2, (b"c",))  # staged: no round trip
     assert trips.count == before
     assert await trips.measure(held.append(_entries(21, 1))) == 1
-    assert trips.writes[-1] == ["XADD", "PEXPIRE", "SMISMEMBER"]
+    assert trips.writes[-1] == ["EVALSHA"]  # fence, XADD, PEXPIRE, cancelled?
     assert await trips.measure(held.end(_entries(22, 2, done=True))) == 1
-    assert trips.writes[-1][0] == "MULTI" and trips.writes[-1][-2:] == ["EVAL", "EXEC"]
+    assert trips.writes[-1] == ["EVALSHA"]  # fence, write, XADDs, cancels, release
     assert await trips.measure(store.request_cancel(SID, "m-9")) == 1
 
     async def turn():
@@ -858,7 +891,7 @@ async def test_round_trips(redis_store, monkeypatch):
 @needs_redis
 async def test_turns_that_append_together_share_one_round_trip(redis_store, monkeypatch):
     store = redis_store
-    await store.ping()
+    await store.load_scripts()
     sessions = [f"{SID}-{i}" for i in range(5)]
     held = [await store.begin_turn(sid, message_id="m-1") for sid in sessions]
     await store.request_cancel(sessions[2], "m-1")
@@ -867,8 +900,8 @@ async def test_turns_that_append_together_share_one_round_trip(redis_store, monk
     trips = RoundTrips(store, monkeypatch)
     results = await asyncio.gather(*(h.append(_entries(1, 2, f"r-{i}"))
                                      for i, h in enumerate(held)), return_exceptions=True)
-    assert trips.count == 1  # five turns' XADDs, PEXPIREs and SMISMEMBERs
-    assert trips.writes[0].count("XADD") == 10
+    assert trips.count == 1  # five turns' appends
+    assert trips.writes[0] == ["EVALSHA"] * 5
     assert results[:3] + results[4:] == [False, False, True, False]
     assert isinstance(results[3], ValueError) and "does not follow" in str(results[3])
     for i, h in enumerate(held):
@@ -914,7 +947,7 @@ async def test_appends_of_a_cancelled_batch_are_cancelled_not_left_waiting(redis
     monkeypatch.setattr(cls, "send_packed_command", hanging)
     append = asyncio.create_task(held.append(_entries(1, 1)))
     await asyncio.wait_for(stuck.wait(), 10)
-    for task in list(store._appends._sending):  # as asyncio.run does when it ends
+    for task in list(store.appends._sending):  # as asyncio.run does when it ends
         task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(append, 10)
@@ -1011,6 +1044,35 @@ async def test_renewal_stops_even_if_the_driver_drops_its_cancellation(redis_ser
                 async with store.lock(SID) if via == "lock" else store.turn(SID):
                     await in_flight.wait()
         assert await store.client.get(store.keys(SID).lock) is None
+    finally:
+        await store.close()
+
+
+@needs_redis
+async def test_a_turn_that_lost_its_session_to_another_writes_nothing(redis_server):
+    """Turn A's lease runs out (it stalled) and turn B is granted the session: A's
+    append and A's end (its staged write) are refused whole with TurnLost, B's state and
+    stream stand, and B's lock is not released by A."""
+    store = _redis_store(redis_server.url, f"fence-{uuid.uuid4().hex[:6]}", lock_lease=60)
+    try:
+        first = await store.begin_turn(SID)
+        await first.append(_entries(1, 1))
+        await first._lock.stop_renewal()
+        await store.client.delete(store.keys(SID).lock)  # the lease ran out
+        second = await store.begin_turn(SID)
+        assert second.fence == first.fence + 1
+        await second.append(_entries(2, 1, "r-2"))
+        with pytest.raises(TurnLost):
+            await first.append(_entries(2, 1))
+        _save(first, 1)
+        with pytest.raises(TurnLost):
+            await first.end(_entries(3, 1, done=True))
+        assert await store.client.get(store.keys(SID).lock) == second._lock.token.encode()
+        _save(second, 2)
+        await second.end(_entries(3, 1, "r-2", done=True))
+        assert (await store.load(SID)).state == b"state-2"
+        assert [(e.seq, e.response_id) for e in await store.read_stream(SID)] == [
+            (1, "r-1"), (2, "r-2"), (3, "r-2")]
     finally:
         await store.close()
 
@@ -1345,9 +1407,9 @@ def _imports(path: Path) -> set[str]:
 
 def test_only_the_redis_store_imports_redis():
     for path in (ROOT / "mmchat").rglob("*.py"):
-        if path != ROOT / "mmchat" / "stores" / "redis.py":
+        if path.parent != ROOT / "mmchat" / "stores" / "redis":
             assert "redis" not in _imports(path), path
     mine = [ROOT / "mmchat" / "protocol.py", ROOT / "mmchat" / "sessions.py",
-            *(ROOT / "mmchat" / "stores").glob("*.py")]
+            *(ROOT / "mmchat" / "stores").rglob("*.py")]
     for path in mine:
         assert "websockets" not in _imports(path), path

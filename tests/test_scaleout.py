@@ -2,7 +2,8 @@
 
 Two nodes run in this process (two engines, two Redis stores, two servers on their own
 ports), except where a node must die or drain for real: there it is a
-``mmchat serve`` subprocess, killed with SIGKILL or stopped with SIGTERM.
+``mmchat serve`` subprocess, killed with SIGKILL, stalled with SIGSTOP or stopped
+with SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import signal
 import sys
@@ -18,11 +20,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conftest import TINY_MODEL
-from test_redis_store import RoundTrips, needs_redis, redis_server  # noqa: F401  (a fixture)
+from test_redis_store import (  # noqa: F401  (a fixture)
+    RoundTrips,
+    eventually,
+    needs_redis,
+    redis_server,
+)
 from test_server import check_reply, running_server, server_config
 
 from mmchat.client import Client, ConnectionLost
 from mmchat.config import Config
+from mmchat.protocol import Error
 
 pytestmark = needs_redis
 
@@ -98,18 +106,13 @@ async def node_process(env: dict[str, str], tmp_path) -> AsyncIterator[tuple[obj
         proc.log = "".join(lines)
 
 
-def _stream_append(write: list[str]) -> bool:
-    """Whether one write to Redis only appends reply events and asks whether the reply
-    was cancelled (MULTI XADD... PEXPIRE SMISMEMBER EXEC)."""
-    return "XADD" in write and set(write) <= {"MULTI", "XADD", "PEXPIRE", "SMISMEMBER",
-                                              "EXEC"}
-
-
 async def test_a_turn_takes_two_round_trips_besides_its_stream_appends(redis_url, prefix,
                                                                       monkeypatch):
     """Counted at the socket: each write to Redis is one round trip (a pipeline is one
     write). Health-check PINGs of idle pooled connections are not the turn's; the lease
-    is long enough that no renewal falls inside the count."""
+    is long enough that no renewal falls inside the count. Each write is one script:
+    begin (owner, claim, lock, reads), appends (fence, events, cancelled?), end (fence,
+    write, last events, release)."""
     from mmchat.stores.redis import RedisStore
 
     store = RedisStore(redis_url, prefix=prefix, lock_lease=600)
@@ -120,19 +123,14 @@ async def test_a_turn_takes_two_round_trips_besides_its_stream_appends(redis_url
             reply = await client.reply("hello", timeout=60)
             check_reply(reply)
             writes = [w for w in trips.writes if w != ["PING"]]
-            others = [w for w in writes if not _stream_append(w)]
-            assert len(others) == 2, writes
-            begin, end = others
-            assert begin == ["EVAL"]  # claim the id, lock, read state, memory, tail
-            # the engine's write, the reply's last events with its done, the unlock
-            assert end[:2] == ["MULTI", "SET"] and end[-2:] == ["EVAL", "EXEC"], end
-            assert "XADD" in end and writes[-1] == end
-            assert writes[0] == begin and len(writes) >= 3  # a started/delta append
+            assert all(w == ["EVALSHA"] for w in writes), writes
+            # begin, at least one append (started, deltas), end (with the done)
+            assert 3 <= len(writes) <= 2 + len(reply.deltas) + 1, writes
 
             # The embedded engine: hold, then save and unlock.
             del trips.writes[:]
             await server.engine.reply("embedded", "hello")
-            assert [w[0] for w in trips.writes if w != ["PING"]] == ["EVAL", "MULTI"]
+            assert [w for w in trips.writes if w != ["PING"]] == [["EVALSHA"], ["EVALSHA"]]
         assert [t["text"] for t in await server.engine.history(client.session_id)][::2] == [
             "warm up", "hello"]
 
@@ -279,3 +277,175 @@ async def test_sigterm_drains_a_node_then_closes_with_1001(redis_url, prefix, tm
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         assert client.close_code == 1001
     assert "draining: 1 replies in flight" in proc.log and "mmchat stopped" in proc.log
+
+
+# Fair, fenced turns: served in arrival order (the Redis lock is a queue), a node that
+# stalls past its lease cannot overwrite newer state, and a dead node's sessions are
+# usable again on the first message with the default settings.
+
+ROUNDS = 25
+
+
+async def test_turns_run_in_arrival_order_across_two_nodes(redis_url, prefix):
+    """2 nodes x 4 connections (two on each) of one session: each round, a third party
+    holds the session while the four messages arrive one after another (each waits in
+    the queue before the next is sent), in a shuffled order of connections; then the
+    turns must run in exactly that order."""
+    from mmchat.stores.redis import RedisStore
+
+    config = node_config(redis_url, prefix)
+    rng = random.Random(15)
+    holder_store = RedisStore(redis_url, prefix=prefix, lock_lease=60)
+    try:
+        async with running_server(config) as a, running_server(config) as b:
+            first = await Client.connect(a.url)
+            sid = first.session_id
+            clients = [first, await Client.connect(a.url, session_id=sid),
+                       await Client.connect(b.url, session_id=sid),
+                       await Client.connect(b.url, session_id=sid)]
+            queue = holder_store.keys(sid).queue
+            expected: list[str] = []
+            for n in range(ROUNDS):
+                order = rng.sample(range(4), 4)
+                async with holder_store.lock(sid):
+                    replies = []
+                    for place, i in enumerate(order, 1):
+                        replies.append(await clients[i].send(f"round {n} from {i}"))
+                        expected.append(f"round {n} from {i}")
+
+                        async def queued(place: int = place) -> bool:
+                            return await holder_store.client.llen(queue) == place
+
+                        await eventually(queued, 60)
+                for reply in replies:
+                    await reply.wait(60)
+                    check_reply(reply)
+                seqs = [r.started.seq for r in replies]
+                assert seqs == sorted(seqs), (n, order)
+            history = await a.engine.history(sid)
+            assert [t["text"] for t in history[::2]] == expected
+            for client in clients:
+                await client.close()
+    finally:
+        await holder_store.close()
+
+
+async def test_a_stalled_node_cannot_overwrite_newer_state(redis_url, prefix, tmp_path):
+    """Node A stalls (SIGSTOP) mid-reply past its 1 s lease; node B serves the next
+    message, closing A's reply. When A wakes (SIGCONT), each write of its turn is
+    refused: the session's state and history stay B's, and A's client gets
+    ``reply_lost`` and a ``done`` with finish reason ``error``."""
+    from mmchat.stores.redis import RedisStore
+
+    env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="4096")
+    config = node_config(redis_url, prefix)
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        async with (asyncio.timeout(SUBPROCESS_TEST_S), running_server(config) as b,
+                    node_process(env, tmp_path) as (proc, url_a)):
+            on_a = await Client.connect(url_a)
+            first = await on_a.reply("hello", timeout=60)
+            sid = on_a.session_id
+            keys = store.keys(sid)
+            reply = await on_a.send("tell me a long story")
+            seen = [await reply.__anext__() for _ in range(3)]
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                async def lease_ran_out() -> bool:
+                    return not await store.client.exists(keys.lock)
+
+                await eventually(lease_ran_out, 30)
+                on_b = await Client.connect(b.url, session_id=sid)
+                after = await on_b.reply("are you there?", timeout=60)
+                check_reply(after)
+                state = await store.client.get(keys.state)
+                history = await b.engine.history(sid)
+                assert [t["text"] for t in history[::2]] == ["hello", "are you there?"]
+            finally:
+                proc.send_signal(signal.SIGCONT)
+
+            rest = [d async for d in reply]
+            assert reply.done.finish_reason == "error"
+            assert "reply_lost" in [e.code for e in reply.errors]
+            assert [d.seq for d in reply.deltas] == [d.seq for d in seen + rest]
+            # A's reply ends where B closed it in the stream, before B's own reply.
+            entries = await store.read_stream(sid, first.done.seq)
+            closed = [e for e in entries if e.response_id == reply.response_id and e.final]
+            assert [e.seq for e in closed] == [reply.done.seq] == [after.started.seq - 1]
+            assert [e.seq for e in entries] == list(range(first.done.seq + 1,
+                                                          after.done.seq + 1))
+
+            # A's turn has ended (its client got done), and wrote nothing.
+            async def a_ended() -> bool:
+                return await store.client.llen(keys.queue) == 0 and not await \
+                    store.client.exists(keys.lock)
+
+            await eventually(a_ended, 30)
+            await on_a.ping()  # A is awake and has handled its turn's end
+            assert await store.client.get(keys.state) == state
+            assert await b.engine.history(sid) == history
+            assert (await store.read_stream(sid))[-1].seq == after.done.seq
+            await on_a.close()
+            await on_b.close()
+    finally:
+        await store.close()
+
+
+async def test_failover_with_default_settings_serves_the_first_message(redis_url, prefix,
+                                                                       tmp_path):
+    """Default lease and wait: after node A dies (SIGKILL) mid-reply, the next message
+    of its session, on node B, waits out A's lease and is served (it was
+    ``session_busy`` when the lease was longer than the wait), and a client that
+    follows A's reply on B gets ``reply_lost`` before its ``done``."""
+    env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="4096")
+    del env["MMCHAT_SESSIONS__LOCK_LEASE_SECONDS"]
+    config = server_config(sessions={"backend": "redis", "url": redis_url, "prefix": prefix})
+    async with (asyncio.timeout(SUBPROCESS_TEST_S), running_server(config) as b,
+                node_process(env, tmp_path) as (proc, url_a)):
+        on_a = await Client.connect(url_a)
+        await on_a.reply("hello", timeout=60)
+        reply = await on_a.send("tell me a long story")
+        seen = [await reply.__anext__() for _ in range(3)]
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+        follower = await Client.connect(b.url, session_id=on_a.session_id,
+                                        last_seq=seen[-1].seq)  # not its message
+        followed = await follower.next_reply(60)
+        after = await Client.connect(b.url, session_id=on_a.session_id)
+        served = await after.reply("are you there?", timeout=60)
+        check_reply(served)
+        await followed.wait(60)
+        assert followed.response_id == reply.response_id
+        assert followed.done.finish_reason == "error"
+        lost = await follower.next_event(10)  # the error of a reply it did not ask for
+        assert isinstance(lost, Error) and (lost.code, lost.ref) == ("reply_lost",
+                                                                     reply.message_id)
+        assert served.started.seq == followed.done.seq + 1
+        await follower.close()
+        await after.close()
+
+
+async def test_a_waiter_gives_up_with_its_place_in_the_queue(redis_url, prefix):
+    from mmchat.errors import SessionBusy
+    from mmchat.stores.redis import RedisStore
+
+    stores = [RedisStore(redis_url, prefix=prefix, lock_lease=1.0, lock_wait=w)
+              for w in (60, 60, 0.2)]
+    try:
+        async with stores[0].lock("s"):
+            second = asyncio.create_task(stores[1].lock("s").__aenter__())
+
+            async def queued() -> bool:
+                return await stores[0].client.llen(stores[0].keys("s").queue) == 1
+
+            await eventually(queued)
+            with pytest.raises(SessionBusy, match="place 2 of its queue"):
+                async with stores[2].lock("s"):
+                    pass
+            assert await stores[0].client.llen(stores[0].keys("s").queue) == 1
+        await second  # the first in line got it
+        assert await stores[0].client.get(stores[0].keys("s").lock) is not None
+    finally:
+        for store in stores:
+            await store.close()

@@ -471,7 +471,10 @@ async def test_health_readiness_and_metrics(server):
                  'mmchat_errors_total{code="empty_message"} 1.0', "mmchat_tokens_total",
                  "mmchat_active_sessions", "mmchat_reply_tokens_per_second_count 1.0",
                  'mmchat_store_latency_seconds_count{op="end_turn"}',
-                 "mmchat_store_up 1.0"]:
+                 "mmchat_store_up 1.0",
+                 # the process and platform collectors
+                 "process_resident_memory_bytes ", "process_cpu_seconds_total ",
+                 "process_open_fds ", "process_max_fds ", "python_info{"]:
         assert line in body, line
     assert (await asyncio.to_thread(http_get, base + "/nope"))[0] == 404
 

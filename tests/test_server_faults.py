@@ -93,6 +93,26 @@ async def test_bad_events_get_error_codes_and_the_connection_carries_on(server):
         "still here"]
 
 
+async def test_a_text_frame_that_is_not_utf8_is_malformed_json_not_a_close(server):
+    """websockets alone would close with 1007; the protocol promises an error event."""
+    from websockets.asyncio.client import connect
+
+    async with connect(server.url, compression=None) as ws:
+        await ws.send(b'{"type": "ping", "nonce": "\xff\xfe"}', text=True)  # before hello
+        event = await recv_event(ws)
+        assert isinstance(event, Error) and (event.code, event.fatal) == ("malformed_json",
+                                                                          False)
+    ws, ready = await raw_hello(server.url)
+    async with ws:
+        await ws.send(b"\xc3\x28 not utf-8", text=True)
+        event = await recv_event(ws)
+        assert isinstance(event, Error) and (event.code, event.fatal) == ("malformed_json",
+                                                                          False)
+        await ws.send(json.dumps({"type": "message", "id": "m", "text": "still here"}))
+        events = await collect(ws)
+        assert events[0].type == "started" and events[-1].type == "done"
+
+
 async def test_bad_media_is_refused_and_the_session_is_intact(server, image_dir):
     png = (image_dir / "circle.png").read_bytes()
     corrupt = (image_dir / "corrupt.png").read_bytes()

@@ -14,9 +14,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
+from websockets.asyncio.messages import Assembler
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -28,6 +30,7 @@ from ..protocol import CLOSE_TRY_AGAIN_LATER, Error, Limits, ModalityInfo, seria
 from ..stores import open_store
 from .auth import Auth
 from .connection import Close, Connection
+from .episodes import Episodes
 from .metrics import Metrics, TimedStore
 from .turns import TurnManager
 from .web import WebPage, own_origins
@@ -36,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: The path WebSocket clients connect to; the others are plain HTTP.
 CHAT_PATH = "/"
-#: How long /readyz waits for the session store to answer a ping.
+#: How long /readyz waits for the session store to take its write probe.
 READY_PING_SECONDS = 2.0
+#: The kind of trouble (see :mod:`.episodes`) of connections refused at the limit.
+CONNECTION_TROUBLE = "connections"
 
 
 class ChatServer:
@@ -53,15 +58,19 @@ class ChatServer:
         self.config = config
         self.settings = s = config.server
         self.metrics = Metrics()
+        #: Names this process's own keys in the store (the readiness write probe).
+        self.node_id = uuid.uuid4().hex[:16]
+        self.episodes = Episodes()
         self.auth = Auth.from_config(s, env)
         self._owns_engine = engine is None
         if engine is None:
             from ..engine import Engine
 
-            self.store = TimedStore(open_store(config.sessions), self.metrics)
+            self.store = TimedStore(open_store(config.sessions), self.metrics,
+                                    self.episodes)
             engine = Engine(config, store=self.store)
         else:
-            self.store = TimedStore(engine.store, self.metrics)
+            self.store = TimedStore(engine.store, self.metrics, self.episodes)
         self.engine = engine
         self.limits = Limits(
             max_event_bytes=s.max_event_bytes, max_attachments=config.limits.max_attachments,
@@ -100,6 +109,7 @@ class ChatServer:
             process_request=self._process_request,
             origins=[*s.origins, None] if s.origins else None,
             compression=None,
+            create_connection=_ServerConnection,
             max_size=2 * max(s.max_event_bytes, s.max_attachment_bytes),
             ping_interval=s.ping_interval_seconds or None,
             ping_timeout=s.ping_timeout_seconds,
@@ -173,16 +183,18 @@ class ChatServer:
         self.metrics.sessions.set(len(self._sessions))
 
     async def ready(self) -> tuple[bool, str]:
-        """Whether this process should get traffic, and why not."""
+        """Whether this process should get traffic, and why not. The store must take a
+        write (a key of this node's own, with a TTL): a full Redis that refuses writes
+        answers pings but fails every turn."""
         if self.draining:
             return False, "shutting down"
         if self.engine.model is None:
             return False, "model not loaded"
         try:
-            await asyncio.wait_for(self.store.ping(), READY_PING_SECONDS)
+            await asyncio.wait_for(self.store.probe(self.node_id), READY_PING_SECONDS)
         except (StoreUnavailable, TimeoutError) as exc:
             self.metrics.store_up.set(0)
-            return False, f"session store unreachable: {exc or 'no answer'}"
+            return False, f"session store unreachable or refusing writes: {exc or 'no answer'}"
         self.metrics.store_up.set(1)
         return True, "ready"
 
@@ -222,12 +234,16 @@ class ChatServer:
     async def _handle(self, ws: ServerConnection) -> None:
         if len(self.connections) >= self.settings.max_connections:
             self.metrics.errors.labels("too_many_connections").inc()
+            self.episodes.failed(CONNECTION_TROUBLE, f"refused a connection: "
+                                 f"{len(self.connections)} open, the limit "
+                                 f"(server.max_connections)")
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(serialize(Error(
                     "too_many_connections", f"this server takes at most "
                     f"{self.settings.max_connections} connections", fatal=True)))
                 await ws.close(CLOSE_TRY_AGAIN_LATER, "too many connections")
             return
+        self.episodes.succeeded(CONNECTION_TROUBLE)
         connection = Connection(self)
         self.connections.add(connection)
         self.metrics.connections.inc()
@@ -235,7 +251,10 @@ class ChatServer:
         writer = asyncio.create_task(self._write(ws, connection))
         try:
             async for frame in ws:
-                await connection.receive(frame)
+                if frame is _INVALID_TEXT:
+                    connection.receive_invalid_text()
+                else:
+                    await connection.receive(frame)
         except ConnectionClosed:
             pass
         finally:
@@ -266,3 +285,27 @@ class ChatServer:
             finally:
                 for _ in items:
                     outbox.task_done()
+
+
+#: What a text frame that is not valid UTF-8 reads as (see :class:`_ServerConnection`).
+_INVALID_TEXT: Any = object()
+
+
+class _LenientAssembler(Assembler):
+    """websockets' message assembler, except that a text frame that is not valid UTF-8
+    reads as :data:`_INVALID_TEXT` instead of failing the connection with 1007."""
+
+    async def get(self, decode: bool | None = None) -> Any:
+        try:
+            return await super().get(decode)
+        except UnicodeDecodeError:  # the frame was consumed whole
+            return _INVALID_TEXT
+
+
+class _ServerConnection(ServerConnection):
+    """A server connection whose invalid UTF-8 text frames are refused one by one
+    (``malformed_json``, as for any other bad frame) instead of closing the socket."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.__class__ = _LenientAssembler

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import MMChatError, SessionBusy
+from ..errors import MMChatError, SessionBusy, SessionLost
 from ..modality import Attachment
 from ..protocol import (
     CLOSE_GOING_AWAY,
@@ -40,8 +40,9 @@ from ..protocol import (
     parse_client_event,
     serialize,
 )
+from ..sessions import StreamEntry
 from .auth import owner_for
-from .turns import Turn, TurnRequest
+from .turns import Turn, TurnRequest, split_error
 
 if TYPE_CHECKING:
     from .app import ChatServer
@@ -158,6 +159,11 @@ class Connection:
             self.error(MMChatError.code, "the server failed; see its log", fatal=True)
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
+    def receive_invalid_text(self) -> None:
+        """Handle a text frame that is not valid UTF-8: refused like any bad frame."""
+        if not self.closing:
+            self._refuse(ProtocolError("malformed_json", "a text frame is not valid UTF-8"))
+
     async def _event(self, event: Hello | Message | Cancel | Ping) -> None:
         if self.session_id is None:
             if not isinstance(event, Hello):
@@ -186,14 +192,20 @@ class Connection:
         resumed = False
         try:
             if session_id is not None:
-                data = await store.load(session_id)
-                if data is None:
+                try:
+                    head = await store.head(session_id)
+                except SessionLost:
+                    self.error("session_lost", f"the store lost part of session "
+                               f"{session_id!r}; this is a new one", "hello")
+                    head = session_id = None
+                if head is None and session_id is not None:
                     self.error("unknown_session", f"there is no session {session_id!r} (it "
                                "may have expired); this is a new one", "hello")
                     session_id = None
-                else:
-                    current = data.owner or await store.claim_session(session_id, owner)
-                    if current != owner:
+                elif head is not None:
+                    # an ownerless session is nobody's to take: sessions the server
+                    # opens are claimed at once, and turns never re-create a lost one
+                    if head.owner != owner:
                         raise ProtocolError("forbidden", "that session is not available to "
                                             "this client", "hello", fatal=True)
                     resumed = True
@@ -288,7 +300,7 @@ class Connection:
         try:
             return self.server.turns.start(
                 TurnRequest(self.session_id, job.id, job.text, job.attachments,
-                            job.received),
+                            job.received, owner_for(self.subject)),
                 cancelled=job.id in self._cancelled)
         finally:
             self._queued.discard(job.id)
@@ -305,7 +317,7 @@ class Connection:
                            f"{entries[0].seq - 1} are no longer kept; each reply's full "
                            "text is in its done", "hello")
             for entry in entries:
-                self.send(from_stream_entry(entry))
+                self._replay(entry)
             if entries:
                 cursor, open_reply = entries[-1].seq, not entries[-1].final
             else:
@@ -324,17 +336,20 @@ class Connection:
             try:
                 async for entry in server.store.follow_stream(session_id, cursor,
                                                               idle_timeout=idle):
-                    self.send(from_stream_entry(entry))
+                    self._replay(entry)
                     cursor = entry.seq
                 return
             except TimeoutError:
-                try:
-                    lost = await server.turns.recover(session_id)
-                except SessionBusy:
-                    continue
-                if lost is not None:
-                    self.error("reply_lost", "the process generating this reply stopped; "
-                               "the reply ends with what was streamed", lost.message_id)
+                # the done that closes it carries reply_lost
+                with contextlib.suppress(SessionBusy):
+                    await server.turns.recover(session_id, owner_for(self.subject))
+
+    def _replay(self, entry: StreamEntry) -> None:
+        """Send a stored reply event; the error that ended a reply goes before its done."""
+        error, entry = split_error(entry)
+        if error is not None:
+            self.error(error.code, error.message, error.ref)
+        self.send(from_stream_entry(entry))
 
     # -- ending ----------------------------------------------------------------------
 

@@ -17,10 +17,24 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
-from ..sessions import SessionData, SessionStore, SessionTurn, StreamEntry, TurnWrite
+from ..errors import StoreUnavailable
+from ..sessions import (
+    SessionData,
+    SessionHead,
+    SessionStore,
+    SessionTurn,
+    StreamEntry,
+    TurnWrite,
+)
+from .episodes import Episodes
+
+#: The kind of trouble (see :mod:`.episodes`) of session store errors and outages.
+STORE_TROUBLE = "session store"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0)
@@ -30,12 +44,16 @@ _RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 class Metrics:
     """Connections, sessions, turns, time to first token, tokens/s, errors by code and
-    session-store latency."""
+    session-store latency; and, as every Prometheus exporter has them, the process's
+    (``process_*``: resident memory, CPU seconds, open files, ...) and the platform's
+    (``python_info``)."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.connections = Gauge("mmchat_connections", "Open WebSocket connections.",
                                  registry=r)
         self.connections_opened = Counter("mmchat_connections_opened",
@@ -73,15 +91,28 @@ class TimedStore(SessionStore):
     beginning a turn (which waits for the lock) are not timed: their duration is the
     other party's, not the store's. Ending a turn is, as ``end_turn``."""
 
-    def __init__(self, inner: SessionStore, metrics: Metrics) -> None:
+    def __init__(self, inner: SessionStore, metrics: Metrics,
+                 episodes: Episodes | None = None) -> None:
         self.inner = inner
         self._latency = metrics.store_latency
+        #: Every call's outcome, so outages are logged once per episode.
+        self.episodes = episodes or Episodes()
+
+    @contextlib.contextmanager
+    def _watched(self):
+        try:
+            yield
+        except StoreUnavailable as exc:
+            self.episodes.failed(STORE_TROUBLE, str(exc))
+            raise
+        self.episodes.succeeded(STORE_TROUBLE)
 
     @contextlib.contextmanager
     def _timed(self, op: str):
         start = time.perf_counter()
         try:
-            yield
+            with self._watched():
+                yield
         finally:
             self._latency.labels(op).observe(time.perf_counter() - start)
 
@@ -102,14 +133,24 @@ class TimedStore(SessionStore):
     def lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         return self.inner.lock(session_id)
 
-    async def begin_turn(self, session_id: str, *,
-                         message_id: str | None = None) -> SessionTurn:
-        inner = await self.inner.begin_turn(session_id, message_id=message_id)
+    async def begin_turn(self, session_id: str, *, message_id: str | None = None,
+                         owner: str | None = None) -> SessionTurn:
+        with self._watched():
+            inner = await self.inner.begin_turn(session_id, message_id=message_id,
+                                                owner=owner)
         return _TimedTurn(inner, self)
+
+    async def head(self, session_id: str) -> SessionHead | None:
+        with self._timed("head"):
+            return await self.inner.head(session_id)
 
     async def ping(self) -> None:
         with self._timed("ping"):
             await self.inner.ping()
+
+    async def probe(self, node: str) -> None:
+        with self._timed("probe"):
+            await self.inner.probe(node)
 
     async def close(self) -> None:
         await self.inner.close()

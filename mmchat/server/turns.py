@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DuplicateMessage, MMChatError, StoreUnavailable
+from ..errors import DuplicateMessage, MMChatError, StoreUnavailable, TurnLost
 from ..modality import Attachment
 from ..protocol import Delta, Done, Error, Started, Usage, to_stream_entry
 from ..sessions import SessionStore, SessionTurn, StreamEntry
@@ -48,6 +49,9 @@ class TurnRequest:
     attachments: Sequence[Attachment] = ()
     #: ``time.perf_counter()`` when the message arrived, for time to first token.
     received: float = field(default_factory=time.perf_counter)
+    #: The session's owner as the connection knows it: the turn runs only in a session
+    #: that still exists with this owner (``None``: no check, the session may be new).
+    owner: str | None = None
 
 
 class Turn:
@@ -62,7 +66,8 @@ class Turn:
         self._listeners: set[Callable[[ReplyEvent], None]] = set()
         self._cancel_requested = False
         self._stream: Any = None
-        self._store_error: StoreUnavailable | None = None
+        self._store_error: StoreUnavailable | TurnLost | None = None
+        self._failed = False  # an error event was published
 
     @property
     def message_id(self) -> str:
@@ -103,12 +108,17 @@ class Turn:
         self._listeners.clear()
 
     async def _append(self, events: Sequence[Started | Delta | Done], held: SessionTurn, *,
-                      last: bool) -> bool:
+                      last: bool, error: Error | None = None) -> bool:
         """Append to the session stream through ``held``; the ``last`` events end the
         turn (the engine's write, the events and the unlock go together). A batch
         mid-reply learns whether the reply was cancelled through another process.
-        ``False`` (and keep the error) if the store failed."""
+        ``False`` (and keep the error) if the store failed or refused the write as stale
+        (the session passed to another turn: nothing more of this reply is stored)."""
         entries = [to_stream_entry(e) for e in events]
+        if error is not None:  # why the reply ends, for whoever follows it elsewhere
+            entries[-1] = with_error(entries[-1], error)
+        if isinstance(self._store_error, TurnLost):
+            return False
         try:
             if held.ended:  # the error's done after a failed end
                 await self.manager.store.append_stream(self.request.session_id, entries)
@@ -118,13 +128,14 @@ class Turn:
                 logger.info("reply %s: cancelled through the session store",
                             self.response_id)
                 self.cancel()
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, TurnLost) as exc:
             logger.warning("reply %s: events could not be saved: %s", self.response_id, exc)
             self._store_error = exc
             return False
         return True
 
     def _fail(self, code: str, message: str) -> None:
+        self._failed = True
         self.manager.metrics.errors.labels(code).inc()
         self._publish([Error(code, message, self.message_id)])
 
@@ -133,11 +144,12 @@ class Turn:
         store = manager.store
         try:
             t_wait = time.perf_counter()
-            async with store.turn(request.session_id, message_id=request.message_id) as held:
+            async with store.turn(request.session_id, message_id=request.message_id,
+                                  owner=request.owner) as held:
                 queue_ms = (time.perf_counter() - t_wait) * 1000
                 tail = held.tail
                 if tail is not None and not tail.final:
-                    tail = (await manager.close_lost_reply(request.session_id, tail)).done
+                    tail = (await manager.close_lost_reply(held, tail)).done
                 stream = await manager.engine.stream(request.session_id, request.text,
                                                      request.attachments, turn=held)
                 self._stream = stream
@@ -147,6 +159,13 @@ class Turn:
                                  queue_ms)
         except DuplicateMessage as exc:  # the claim is the first copy's: keep it
             self._fail(exc.code, exc.message)
+        except TurnLost as exc:  # another turn has the session: nothing more was stored
+            logger.warning("reply %s: %s", self.response_id, exc)
+            if not self._failed:
+                self._fail(exc.code, exc.message)
+            if not any(isinstance(e, Started) for e in self.events):
+                with contextlib.suppress(StoreUnavailable):
+                    await store.release_message(request.session_id, request.message_id)
         except MMChatError as exc:  # before the reply started: the message may be retried
             self._fail(exc.code, exc.message)
             with contextlib.suppress(StoreUnavailable):
@@ -223,13 +242,15 @@ class Turn:
         self._fail(error.code, message)
         metrics.turns.labels("error").inc()
         done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
-        await self._append([done], held, last=True)
+        await self._append([done], held, last=True,
+                           error=Error(error.code, message, self.message_id))
         self._publish([done])
 
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
         return Done(self.response_id, seq, reply.text, reply.finish_reason,
                     Usage(reply.prompt_tokens, reply.completion_tokens),
-                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)})
+                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)},
+                    tuple(reply.dropped) or None)
 
     def _count(self, reply: Any) -> None:
         metrics = self.manager.metrics
@@ -291,30 +312,52 @@ class TurnManager:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         return not self._tasks
 
-    async def close_lost_reply(self, session_id: str, tail: StreamEntry) -> LostReply:
-        """End a reply whose generator died: a ``done`` with finish reason ``error``
-        and the text streamed so far. The caller holds the session's turn."""
+    async def close_lost_reply(self, held: SessionTurn, tail: StreamEntry) -> LostReply:
+        """End a reply whose generator died (or stalled and lost the session): a
+        ``done`` with finish reason ``error`` and the text streamed so far, appended
+        through ``held``, the caller's hold on the session."""
+        session_id = held.session_id
         entries = await self.store.read_stream(session_id)
         mine = [e for e in entries if e.response_id == tail.response_id]
         text = "".join(e.text for e in mine if e.kind == "delta")
         done = Done(tail.response_id, tail.seq + 1, text, "error",
                     Usage(0, sum(e.kind == "delta" for e in mine)))
-        entry = to_stream_entry(done)
-        await self.store.append_stream(session_id, [entry])
+        message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
+        entry = with_error(to_stream_entry(done), Error(
+            "reply_lost", "the process generating this reply stopped; the reply ends with "
+            "what was streamed", message_id))
+        await held.append([entry])
         self.metrics.turns.labels("error").inc()
         logger.warning("session %s: reply %s was left open by a process that stopped; "
                        "closed it after seq %d", session_id, tail.response_id, tail.seq)
-        message_id = next((e.data.get("id") for e in mine if e.kind == "started"), None)
         return LostReply(entry, message_id)
 
-    async def recover(self, session_id: str) -> LostReply | None:
+    async def recover(self, session_id: str, owner: str | None = None) -> LostReply | None:
         """Close the session's open reply if nobody generates it any more (its session
         is not held). Returns what this call closed, if anything."""
-        async with self.store.turn(session_id) as held:
+        async with self.store.turn(session_id, owner=owner) as held:
             tail = held.tail
             if tail is None or tail.final:
                 return None
-            return await self.close_lost_reply(session_id, tail)
+            return await self.close_lost_reply(held, tail)
+
+
+def with_error(entry: StreamEntry, error: Error) -> StreamEntry:
+    """A reply's ``done`` entry with the error that ended it (see :func:`split_error`):
+    every client that replays or follows the reply gets that error before the ``done``,
+    as the client of the process that generated it does."""
+    fields = {"code": error.code, "message": error.message, "ref": error.ref}
+    return dataclasses.replace(entry, data={**entry.data, "error": fields})
+
+
+def split_error(entry: StreamEntry) -> tuple[Error | None, StreamEntry]:
+    """The error kept with a ``done`` entry (if any), and the entry without it."""
+    fields = entry.data.get("error") if entry.final else None
+    if not isinstance(fields, dict):
+        return None, entry
+    data = {k: v for k, v in entry.data.items() if k != "error"}
+    return (Error(fields["code"], fields["message"], fields.get("ref")),
+            dataclasses.replace(entry, data=data))
 
 
 @dataclass(frozen=True)

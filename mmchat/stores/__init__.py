@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from ..config import SessionsConfig
 from ..errors import ConfigError
-from ..sessions import MemoryStore, SessionStore
+from ..sessions import SessionStore
+from .memory import MemoryStore
 
-__all__ = ["open_store"]
+__all__ = ["MemoryStore", "open_store"]
 
 
 def open_store(config: SessionsConfig) -> SessionStore:
@@ -21,6 +22,9 @@ def open_store(config: SessionsConfig) -> SessionStore:
         optional = {name: getattr(config, setting) for name, setting in (
             ("lock_timeout", "lock_wait_seconds"),
             ("stream_max_len", "stream_max_len"),
+            ("max_sessions", "max_sessions"),
+            ("history_max_len", "history_max_len"),
+            ("message_ids_max_len", "message_ids_max_len"),
         ) if hasattr(config, setting)}
         return MemoryStore(ttl_seconds=config.ttl_seconds, **optional)
     if config.backend == "redis":

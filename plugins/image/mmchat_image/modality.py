@@ -164,6 +164,7 @@ class ImageModality(Modality):
         ImageOps.exif_transpose(img, in_place=True)
         if img.mode in ("I", "F") or img.mode.startswith("I;"):
             img = _deep_to_l(img)
+        img = _shrink(img, self.size)
         if img.has_transparency_data:
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -201,3 +202,20 @@ def _to_tensor(img: PILImage.Image) -> torch.Tensor:
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32))  # (S, S, 3)
     x = pixels.permute(2, 0, 1)  # (3, S, S)
     return (x * (1.0 / (255.0 * STD)) - MEAN / STD).contiguous()  # (3, S, S)
+
+
+#: Modes whose pixels :meth:`PIL.Image.Image.reduce` may average (not palette indices).
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F")
+
+
+def _shrink(img: PILImage.Image, size: int) -> PILImage.Image:
+    """Box-reduce a big picture by a whole factor right after decoding, while its shorter
+    side stays at least ``2 * size``, so the conversions that follow (flattening on
+    white, RGB) and the final resize work on the pixels the encoder needs, not on up to
+    ``max_pixels`` of them (what JPEG's ``draft`` does while decoding, for any format)."""
+    factor = min(img.size) // (2 * size)
+    if factor < 2:
+        return img
+    if img.mode not in _REDUCIBLE:  # palette or bilevel: to pixels first
+        img = img.convert("RGBA" if img.has_transparency_data else "RGB")
+    return img.reduce(factor)

@@ -315,3 +315,22 @@ def test_augment_is_seeded_small_and_keeps_the_background(image):
         assert cols.mean() < 20  # and on the left
         corner = out[:, :4, 60:]  # far from the disc: still white background
         torch.testing.assert_close(corner, torch.full_like(corner, (1 - 0.5) / 0.25))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_a_big_picture_is_shrunk_before_it_is_converted(image, mode):
+    """16 MP with transparency: box-reduced right after decoding, then flattened and
+    resized, it shows what the full-size path showed (white left, blue right)."""
+    from mmchat_image.modality import _shrink
+
+    img = halves((4000, 4000), left=(0, 0, 0, 0), right=(0, 0, 255, 255), mode="RGBA")
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+        img.info["transparency"] = img.getpixel((0, 0))
+    small = _shrink(img, image.size)
+    assert small.size == (130, 130)  # reduced by 4000 // (2 * 64) = 31, rounding up
+    assert small.mode in ("RGBA", "RGB")
+    x = image.decode(encode(img, "PNG"), "image/png")
+    assert torch.allclose(colour_at(x, slice(None), slice(0, 24)), torch.full((3,), WHITE_VALUE))
+    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+    assert _shrink(halves((200, 100)), image.size).size == (200, 100)  # small: as it is
