@@ -112,7 +112,7 @@ class Engine:
         self._closed = False
         self._at_exit: Callable[[], None] | None = None
         self._sync: SyncEngine | None = None  # drives the *_sync methods
-        self._sync_lock = threading.Lock()
+        self._sync_lock = threading.RLock()
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> "Engine":
@@ -191,10 +191,9 @@ class Engine:
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
-        loop = asyncio.get_running_loop()
         for pool in (self._model_pool, self._media_pool, self._encoder_pool):
             if pool is not None:
-                await loop.run_in_executor(None, pool.shutdown)
+                await pool.aclose()
         self._scheduler = self._encoders = None
         self._started = False
 
@@ -312,9 +311,7 @@ class Engine:
         from .sync import SyncEngine
 
         with self._sync_lock:
-            if self._sync is None:
-                self._sync = SyncEngine.wrap(self)
-            return self._sync
+            return self._sync or SyncEngine.wrap(self)
 
     # -- internals -------------------------------------------------------------------
 
@@ -604,5 +601,9 @@ def _raise_if_error(value: Any) -> Any:
 def _stop_at_exit(ref: weakref.ReferenceType[Engine]) -> None:
     """``atexit``: stop the worker threads of an engine its program did not close."""
     engine = ref()
-    if engine is not None and not engine._closed:
+    if engine is None or engine._closed:
+        return
+    if engine._sync is not None and not engine._sync.closed:
+        engine._sync.close_at_exit()  # its loop still runs: close it there
+    else:
         engine._stop_threads()

@@ -70,6 +70,10 @@ class SyncEngine:
 
     def _setup(self, engine: Engine) -> None:
         self.engine = engine
+        with engine._sync_lock:
+            if engine._sync is not None:
+                raise RuntimeError("this engine already has a SyncEngine: engine.sync()")
+            engine._sync = self
         self._lock = threading.Lock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -112,6 +116,16 @@ class SyncEngine:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if threading.current_thread() is not self._thread:
                 self._thread.join()
+
+    def close_at_exit(self) -> None:
+        """Close, waiting at most :data:`EXIT_CLOSE_TIMEOUT_S`: turns still running are
+        saved as cancelled and no worker thread is left inside torch when the
+        interpreter finalizes."""
+        if self._closed:
+            return
+        worker = threading.Thread(target=self.close, name="mmchat-exit", daemon=True)
+        worker.start()
+        worker.join(EXIT_CLOSE_TIMEOUT_S)
 
     def __enter__(self) -> SyncEngine:
         return self.start()
@@ -220,10 +234,29 @@ class SyncReplyStream:
                     delta = self._engine._call(stream.__anext__)
                 except StopAsyncIteration:
                     return
+                except EngineClosed:
+                    yield from self._left_at_close()
+                    return
                 yield delta
         finally:
             if not stream._ended:  # left early, or this thread was interrupted
                 self.cancel()
+
+    def _left_at_close(self) -> Iterator[Delta]:
+        """Once the engine closed (its loop stopped): the deltas the turn left, then its
+        end (the cancelled reply)."""
+        if threading.current_thread() is not self._engine._thread:
+            self._engine._thread.join()
+        stream = self._stream
+        while not stream._ended:
+            try:
+                item = stream._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                raise EngineClosed("the engine closed before this reply ended") from None
+            if isinstance(item, Delta):
+                yield item
+            else:
+                stream._end(item)
 
     def __enter__(self) -> SyncReplyStream:
         return self
@@ -235,11 +268,7 @@ class SyncReplyStream:
 
 
 def _close_at_exit(ref: weakref.ReferenceType[SyncEngine]) -> None:
-    """``atexit``: close an engine its program forgot to close, so turns still running
-    are saved as cancelled before the interpreter finalizes."""
+    """``atexit``: close an engine its program forgot to close."""
     sync = ref()
-    if sync is None or sync._closed:
-        return
-    worker = threading.Thread(target=sync.close, name="mmchat-exit", daemon=True)
-    worker.start()
-    worker.join(EXIT_CLOSE_TIMEOUT_S)
+    if sync is not None:
+        sync.close_at_exit()

@@ -10,6 +10,7 @@ of them is inside torch while the interpreter finalizes.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from collections.abc import Callable
@@ -55,6 +56,19 @@ class DaemonPool(Executor):
             for thread in self._threads:
                 if thread is not current:
                     thread.join()
+
+    async def aclose(self) -> None:
+        """:meth:`shutdown`, waiting for the threads to end without blocking the event
+        loop (nor needing an executor of its own, which may be gone at exit)."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def wait() -> None:
+            self.shutdown(wait=True)
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+
+        threading.Thread(target=wait, name="mmchat-pool-close", daemon=True).start()
+        await ended
 
     def _cancel_queued(self) -> None:
         while True:
