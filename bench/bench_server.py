@@ -321,7 +321,7 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
                                     pid=pid))
 
     engine_config = config.replace(
-        model={"threads": threads, **({"checkpoint": ""} if untrained else {})},
+        model={"threads": threads, **({"checkpoint": "untrained"} if untrained else {})},
         generation={"max_new_tokens": REPLY_TOKENS, "strategy": "greedy"},
         sessions={"backend": "memory"})
     phases.append(await measure_engine(engine_config, f"engine alone, {clients} sessions, "

@@ -98,8 +98,8 @@ class Engine:
         c = self.config
         self.plugins = plugins or PluginHost.from_config(c)
         self.store = store or open_store(c.sessions)
-        self.model = None
-        self.tokenizer = None
+        self.model: Any = None  # the DialogueLM, once started
+        self.tokenizer: Any = None  # its Tokenizer
         self.checkpoint_meta: dict[str, Any] = {}
         self._model_pool: DaemonPool | None = None
         self._media_pool: DaemonPool | None = None
@@ -146,6 +146,7 @@ class Engine:
             atexit.register(self._at_exit)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._model_pool, self._load_model)
+            await self._warm_up()
             self._started = True
         self.plugins.call_each("startup", engine=self)
         return self
@@ -157,8 +158,31 @@ class Engine:
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
+        assert self._model_pool is not None and self._encoder_pool is not None
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
         self._encoders = DecodeScheduler(None, self._encoder_pool)
+
+    async def _warm_up(self) -> None:
+        """Decode and encode each modality's :meth:`~mmchat.Modality.example` once, as a
+        turn would; a failure is logged (the modality's first turn will fail loudly)."""
+        loop = asyncio.get_running_loop()
+        for modality in self.modalities.values():
+            if modality.name not in self.model.kind_index:
+                continue
+            t0 = time.perf_counter()
+            try:
+                example = await loop.run_in_executor(
+                    self._media_pool, self.plugins.wrap_call, modality, "example",
+                    modality.example)
+                if example is None:
+                    continue
+                vectors = await self._media([(modality, Attachment(*example))])
+                _raise_if_error(vectors[0])
+            except Exception:
+                logger.exception("warming up modality %r failed", modality.name)
+                continue
+            logger.info("warmed up modality %r in %.0f ms", modality.name,
+                        (time.perf_counter() - t0) * 1000)
 
     async def close(self) -> None:
         """Cancel the replies still running, then release the model, store and threads.
@@ -397,7 +421,7 @@ class Engine:
             t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
-            turns = [
+            turns: list[dict[str, Any]] = [
                 {"role": "user", "text": text, "attachments": [
                     {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
                     for m, a in attachments]},
@@ -406,7 +430,10 @@ class Engine:
             session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)
         t_end = time.perf_counter()
-        ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
+
+        def ms(a: float, b: float) -> float:
+            return round((b - a) * 1000, 3)
+
         return Reply(
             session_id=session_id, text=reply_text, finish_reason=done.finish_reason,
             attention=done.attention, prompt_tokens=run.prompt_tokens,
@@ -447,12 +474,14 @@ class Engine:
     async def _finish_turn(self, item: _Finish) -> _Finished:
         """The turn's stored form, made on the model thread between two steps (in the
         media pool once the engine is closing, so a cancelled turn is still saved)."""
+        finished: _Finished
         try:
-            return await self._scheduler.call_batched(self._finish, item)
+            finished = await self._scheduler.call_batched(self._finish, item)
         except Cancelled:
             loop = asyncio.get_running_loop()
             done = await loop.run_in_executor(self._media_pool, self._finish, [item])
-            return _raise_if_error(done[0])
+            finished = _raise_if_error(done[0])
+        return finished
 
     def _finish(self, items: list[_Finish]) -> list[Any]:
         """On the model thread: each decoded turn's state, new memory entries and
@@ -550,8 +579,9 @@ class Engine:
 
         x, lengths = modality.collate(features)
         with torch.inference_mode():
-            return self.plugins.wrap_call(modality, "encode", self.model.encode, modality.name,
-                                          x, lengths)
+            vectors: list[Any] = self.plugins.wrap_call(
+                modality, "encode", self.model.encode, modality.name, x, lengths)
+        return vectors
 
     @staticmethod
     def _trim_stop(text: str, stops: Iterable[str]) -> str:

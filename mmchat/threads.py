@@ -65,7 +65,7 @@ class DaemonPool(Executor):
 
         def wait() -> None:
             self.shutdown(wait=True)
-            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+            loop.call_soon_threadsafe(_settle, ended)
 
         threading.Thread(target=wait, name="mmchat-pool-close", daemon=True).start()
         await ended
@@ -90,3 +90,8 @@ class DaemonPool(Executor):
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -45,7 +45,7 @@ def chat_command(config_path, checkpoint, untrained: bool, session: str | None,
 
         config = load_config(config_path)
         if untrained:
-            config = config.replace(model={"checkpoint": ""})
+            config = config.replace(model={"checkpoint": "untrained"})
         elif checkpoint is not None:
             config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
         backend = LocalBackend(Engine(config), session or uuid.uuid4().hex)
