@@ -18,7 +18,8 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -405,7 +406,7 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
-        t0 = time.perf_counter()
+        t0, received = time.perf_counter(), _now()
         vectors = await self._media(attachments)
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
@@ -422,10 +423,15 @@ class Engine:
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
             turns: list[dict[str, Any]] = [
-                {"role": "user", "text": text, "attachments": [
-                    {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
-                    for m, a in attachments]},
-                {"role": "assistant", "text": reply_text, "finish_reason": done.finish_reason},
+                {"role": "user", "id": uuid.uuid4().hex, "time": received, "text": text,
+                 "attachments": [{"modality": m.name, "mime_type": a.mime_type, "id": a.id}
+                                 for m, a in attachments]},
+                {"role": "assistant", "id": uuid.uuid4().hex, "time": _now(),
+                 "text": reply_text, "finish_reason": done.finish_reason,
+                 "usage": {"prompt_tokens": run.prompt_tokens,
+                           "completion_tokens": len(run.tokens)},
+                 "attention": done.attention,
+                 "generation": {**asdict(params), "stop": list(params.stop)}},
             ]
             session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)
@@ -620,6 +626,11 @@ class _Deltas:
                 self.put(Delta(full[len(self.shown):], self.index, item.id))
                 self.shown = full
                 self.index += 1
+
+
+def _now() -> str:
+    """The time now, for transcripts: ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _raise_if_error(value: Any) -> Any:
