@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -308,6 +308,42 @@ class Engine:
         self._check_open()
         data = await self.store.load(session_id)
         return [] if data is None else data.history
+
+    async def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]]
+                   ) -> list[dict[str, Any]]:
+        """Add a transcript's turns to a session without generating: its state, memory
+        and history then are what they would be had the replies been generated (a
+        greedy reply that ended by itself). ``turns`` alternate user turns (``text``,
+        ``attachments``: :class:`Attachment`\\ s or paths) and assistant turns (``text``);
+        :meth:`history` entries qualify. Returns the history entries added."""
+        from .seeding import read_transcript, seeded_state
+        from .state import MemoryEntry, dumps_entry
+
+        await self.start()
+        self._check_session_id(session_id)
+        seeded = read_transcript(turns, self.config.limits.max_text_chars)
+        media = [(self._modality_for(a), a) for turn in seeded for a in turn.attachments]
+        vectors = [_raise_if_error(v) for v in await self._media(media)]
+        added: list[dict[str, Any]] = []
+        for turn in seeded:
+            time_now = _now()
+            added += [
+                {"role": "user", "id": uuid.uuid4().hex, "time": time_now, "text": turn.text,
+                 "attachments": [{"modality": self._modality_for(a).name,
+                                  "mime_type": a.mime_type, "id": a.id}
+                                 for a in turn.attachments]},
+                {"role": "assistant", "id": uuid.uuid4().hex, "time": time_now,
+                 "text": turn.reply, "finish_reason": "seeded"},
+            ]
+        async with self.store.turn(session_id) as session:
+            state = await self._scheduler.call(
+                seeded_state, self.model, self.tokenizer, self._scheduler.decoder,
+                session.state or None, seeded)
+            entries = [dumps_entry(MemoryEntry(m.name, v, a.id))
+                       for (m, a), v in zip(media, vectors)]
+            session.save(state=state, memory_added=entries, turns=added,
+                         max_memory=self.config.fusion.max_memory)
+        return added
 
     # -- sync twins (mmchat.SyncEngine is the full sync API) ---------------------------
 

@@ -16,7 +16,7 @@ import concurrent.futures
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
@@ -163,6 +163,10 @@ class SyncEngine:
 
     def history(self, session_id: str) -> list[dict[str, Any]]:
         return self._call(self.engine.history, session_id)
+
+    def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Blocking :meth:`mmchat.Engine.seed`."""
+        return self._call(self.engine.seed, session_id, turns)
 
     # -- the loop thread -------------------------------------------------------------
 
