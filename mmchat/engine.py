@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +44,7 @@ from .stores import open_store
 from .threads import DaemonPool
 
 if TYPE_CHECKING:
-    from .sync import SyncEngine, SyncReplyStream
+    from .sync import SyncEngine
 
 __all__ = ["Delta", "Engine", "Reply", "ReplyStream"]
 
@@ -357,11 +357,11 @@ class Engine:
     def stream_sync(self, session_id: str, text: str = "",
                     attachments: Sequence[Attachment | str | Path] = (), *,
                     timeout: float | None = None, **generation: Unpack[GenerationSettings]
-                    ) -> SyncReplyStream:
-        """Blocking iterator of deltas, through :meth:`sync`; leaving it early cancels
-        the turn."""
-        return self.sync().stream(session_id, text, attachments, timeout=timeout,
-                                  **generation)
+                    ) -> Iterator[Delta]:
+        """Blocking iterator of deltas, through :meth:`sync`; leaving it early or closing
+        it cancels the turn. ``self.sync().stream(...)`` also gives the reply."""
+        return iter(self.sync().stream(session_id, text, attachments, timeout=timeout,
+                                       **generation))
 
     def close_sync(self) -> None:
         self.sync().close()
