@@ -235,6 +235,8 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
     streams = [await engine.stream(f"s{i}", "hello", max_new_tokens=4096) for i in range(3)]
     for stream in streams[:2]:
         await stream.__anext__()  # decoding; nobody reads on, so it waits for its consumer
+    while streams[2]._queue.empty():  # decoding too (a turn not at the model yet is dropped)
+        await asyncio.sleep(0.01)
     await asyncio.wait_for(engine.close(), timeout=60)  # used to deadlock
     for stream in streams:
         reply = await asyncio.wait_for(stream.wait(), timeout=10)
