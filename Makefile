@@ -44,6 +44,7 @@ test: setup system-deps
 
 lint: setup
 	$(VENV)/bin/ruff check mmchat plugins tests bench
+	$(VENV)/bin/mypy  # strict over the public API and docs/examples ([tool.mypy])
 
 bench: setup system-deps
 	$(PY) -m bench $(ARGS)

@@ -14,7 +14,7 @@ import torch
 
 from mmchat import checkpoint, config, evaluation
 from mmchat.fastpath import build_decoder
-from mmchat.loading import quantize
+from mmchat.loading import checkpoint_path, quantize
 from mmchat.plugins import PluginHost
 from mmchat.training.data import decode_media, load_dialogues
 from mmchat.training.examples import FeatureCache
@@ -24,7 +24,7 @@ def run(quick: bool = False, data: str = "data/demo") -> str:
     torch.set_num_threads(1)
     cfg = config.load(Path("config.toml") if Path("config.toml").is_file() else None)
     host = PluginHost.from_config(cfg)
-    model, tok, _ = checkpoint.load(cfg.resolve(cfg.model.checkpoint), host.modalities)
+    model, tok, _ = checkpoint.load(checkpoint_path(cfg) or "", host.modalities)
     dialogues = load_dialogues(Path(data) / "test.jsonl")[: 60 if quick else 400]
     modalities = {m: host.modalities[m] for m in model.config.modalities}
     cache = FeatureCache()

@@ -294,8 +294,11 @@ async def echo_server(tokens: int) -> None:
 # The run.
 
 async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase], str]:
+    from mmchat.loading import checkpoint_path
+
     config = load_config()
-    untrained = not (config.model.checkpoint and config.resolve(config.model.checkpoint).exists())
+    path = checkpoint_path(config)
+    untrained = path is None or not path.exists()
     model = "untrained" if untrained else config.model.checkpoint
     png = _png()
     messages, baseline_messages = (1, 4) if quick else (3, 8)
@@ -321,7 +324,7 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
                                     pid=pid))
 
     engine_config = config.replace(
-        model={"threads": threads, **({"checkpoint": ""} if untrained else {})},
+        model={"threads": threads, **({"checkpoint": "untrained"} if untrained else {})},
         generation={"max_new_tokens": REPLY_TOKENS, "strategy": "greedy"},
         sessions={"backend": "memory"})
     phases.append(await measure_engine(engine_config, f"engine alone, {clients} sessions, "

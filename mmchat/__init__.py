@@ -1,18 +1,85 @@
-"""mmchat: a plugin-based multimodal chatbot backend."""
+"""mmchat: a plugin-based multimodal chatbot backend.
 
-from .errors import MMChatError
+Every public name is importable from here. The ones that pull in more modules
+(the engine, the stores, the config) load on first use, so ``mmchat --help`` stays fast;
+the ``TYPE_CHECKING`` block gives type checkers their real types.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    Cancelled,
+    CheckpointError,
+    ConfigError,
+    CorruptMedia,
+    DatasetError,
+    DuplicateMessage,
+    EmptyMessage,
+    EngineClosed,
+    InputError,
+    MediaTooLarge,
+    MessageTooLong,
+    MMChatError,
+    PluginError,
+    ReplyTimeout,
+    SessionBusy,
+    StateError,
+    StoreUnavailable,
+    UnsupportedMedia,
+)
 from .hookspecs import hookimpl
 from .modality import Attachment, Modality
+from .settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .engine import Engine
+    from .paths import bundled_model_path
+    from .plugins import PluginHost
+    from .replies import Delta, Reply, ReplyStream
+    from .sessions import MemoryStore, SessionStore, SessionTurn
+    from .stores.redis import RedisStore
+    from .sync import SyncEngine, SyncReplyStream
 
 __version__ = "0.1.0"
 
-__all__ = ["Attachment", "Engine", "MMChatError", "Modality", "hookimpl", "__version__"]
+#: Names loaded on first use, and the module each comes from.
+_LAZY = {
+    "Config": ".config",
+    "Engine": ".engine",
+    "bundled_model_path": ".paths",
+    "PluginHost": ".plugins",
+    "Delta": ".replies",
+    "Reply": ".replies",
+    "ReplyStream": ".replies",
+    "MemoryStore": ".sessions",
+    "SessionStore": ".sessions",
+    "SessionTurn": ".sessions",
+    "RedisStore": ".stores.redis",
+    "SyncEngine": ".sync",
+    "SyncReplyStream": ".sync",
+}
+
+__all__ = [
+    "Attachment", "Cancelled", "CheckpointError", "Config", "ConfigError", "CorruptMedia",
+    "DatasetError", "Delta", "DuplicateMessage", "EmptyMessage", "Engine", "EngineClosed",
+    "GenerationSettings", "InputError", "MMChatError", "MediaTooLarge", "MemoryStore",
+    "MessageTooLong", "Modality", "PluginError", "PluginHost", "RedisStore", "Reply",
+    "ReplyStream", "ReplyTimeout", "SessionBusy", "SessionStore", "SessionTurn", "StateError",
+    "StoreUnavailable", "SyncEngine", "SyncReplyStream", "UnsupportedMedia", "__version__",
+    "bundled_model_path", "hookimpl",
+]
 
 
-def __getattr__(name: str):
-    # Engine pulls in torch; import it only when asked so `mmchat --help` stays fast.
-    if name == "Engine":
-        from .engine import Engine
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmchat' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
 
-        return Engine
-    raise AttributeError(f"module 'mmchat' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

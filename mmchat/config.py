@@ -23,7 +23,7 @@ from .errors import ConfigError
 ENV_PREFIX = "MMCHAT_"
 
 
-def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
+def _opt(default: Any, *, choices: tuple[Any, ...] | None = None, min: float | None = None,
          max: float | None = None) -> Any:
     meta = {"choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
@@ -33,7 +33,7 @@ def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None
 
 @dataclass(frozen=True)
 class ModelConfig:
-    checkpoint: str = _opt("")
+    checkpoint: str = _opt("bundled")
     rnn: str = _opt("lstm", choices=("lstm", "gru"))
     n_layer: int = _opt(2, min=1, max=8)
     n_embd: int = _opt(256, min=8, max=4096)
@@ -303,7 +303,7 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
     return value
 
 
-def _check_table(value: Any, args: tuple) -> dict[str, Any]:
+def _check_table(value: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError("a table")
     if args and args[1] is float:

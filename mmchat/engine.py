@@ -9,21 +9,26 @@ the model work in one dedicated thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from . import config as config_module
 from .config import Config
 from .errors import (
     Cancelled,
     EmptyMessage,
+    EngineClosed,
     InputError,
     MediaTooLarge,
     MessageTooLong,
@@ -32,100 +37,21 @@ from .errors import (
 )
 from .modality import Attachment, Modality
 from .plugins import PluginHost
+from .replies import Delta, Reply, ReplyStream
 from .sessions import SessionStore, SessionTurn, validate_session_id
+from .settings import GenerationSettings
 from .stores import open_store
+from .threads import DaemonPool
+
+if TYPE_CHECKING:
+    from .sync import SyncEngine
+
+__all__ = ["Delta", "Engine", "Reply", "ReplyStream"]
 
 logger = logging.getLogger(__name__)
 
 #: How long :meth:`Engine.close` waits for cancelled replies to finish saving.
 CLOSE_TIMEOUT_S = 10.0
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of streamed reply text."""
-
-    text: str
-    index: int  # 0-based position of this delta within the reply
-    token_id: int
-
-
-@dataclass
-class Reply:
-    session_id: str
-    text: str
-    finish_reason: str  # "stop", "length" or "cancelled"
-    attention: dict[str, float]  # mean attention mass per modality
-    prompt_tokens: int
-    completion_tokens: int
-    #: milliseconds: decode_media (decoding and encoding attachments), prefill,
-    #: first_token, total
-    timings: dict[str, float]
-    #: ids of the attachments this turn pushed out of the memory bank (it keeps the last
-    #: ``fusion.max_memory``), oldest first
-    dropped: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id, "text": self.text,
-            "finish_reason": self.finish_reason, "attention": self.attention,
-            "usage": {"prompt_tokens": self.prompt_tokens,
-                      "completion_tokens": self.completion_tokens},
-            "timings": self.timings, "dropped": self.dropped,
-        }
-
-
-@dataclass(eq=False)
-class ReplyStream:
-    """Async iterator of :class:`Delta`; :attr:`reply` is set once it is exhausted.
-
-    Breaking out of the loop does not stop generation: the reply completes and is
-    saved. Call :meth:`cancel` to stop within one decode step.
-    """
-
-    _queue: asyncio.Queue
-    _task: asyncio.Task | None = None
-    _cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    reply: Reply | None = None
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def __aiter__(self) -> "ReplyStream":
-        return self
-
-    async def __anext__(self) -> Delta:
-        item = await self._queue.get()
-        if isinstance(item, Delta):
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        self.reply = item
-        raise StopAsyncIteration
-
-    async def take(self) -> tuple[list[Delta], Reply | Exception | None]:
-        """The deltas waiting now (at least one, unless the stream ends first), and how
-        the stream ended if it did: the :class:`Reply`, or the exception that ended it.
-        Do not call it again once it returned an end."""
-        queue = self._queue
-        items = [await queue.get()]
-        while not queue.empty():
-            items.append(queue.get_nowait())
-        end = None if isinstance(items[-1], Delta) else items.pop()
-        if isinstance(end, Reply):
-            self.reply = end
-        return items, end
-
-    async def wait(self) -> Reply:
-        """Drain the stream and return the finished reply."""
-        async for _ in self:
-            pass
-        assert self.reply is not None
-        return self.reply
-
 
 #: In place of a first token: the reply (beam search) chooses its own from the start.
 _UNSTARTED = object()
@@ -173,17 +99,21 @@ class Engine:
         c = self.config
         self.plugins = plugins or PluginHost.from_config(c)
         self.store = store or open_store(c.sessions)
-        self.model = None
-        self.tokenizer = None
+        self.model: Any = None  # the DialogueLM, once started
+        self.tokenizer: Any = None  # its Tokenizer
         self.checkpoint_meta: dict[str, Any] = {}
-        self._model_pool: ThreadPoolExecutor | None = None
-        self._media_pool: ThreadPoolExecutor | None = None
-        self._encoder_pool: ThreadPoolExecutor | None = None
+        self._model_pool: DaemonPool | None = None
+        self._media_pool: DaemonPool | None = None
+        self._encoder_pool: DaemonPool | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
         self._encoders: Any = None  # a DecodeScheduler without a decoder, on _encoder_pool
         self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
+        self._closed = False
+        self._at_exit: Callable[[], None] | None = None
+        self._sync: SyncEngine | None = None  # drives the *_sync methods
+        self._sync_lock = threading.RLock()
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, **kwargs: Any) -> "Engine":
@@ -207,13 +137,17 @@ class Engine:
     async def start(self) -> "Engine":
         """Load plugins and the model (in a worker thread) and run ``startup`` hooks."""
         async with self._start_lock:
+            self._check_open()
             if self._started:
                 return self
-            self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-model")
-            self._media_pool = ThreadPoolExecutor(2, thread_name_prefix="mmchat-media")
-            self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-encode")
+            self._model_pool = DaemonPool(1, "mmchat-model")
+            self._media_pool = DaemonPool(2, "mmchat-media")
+            self._encoder_pool = DaemonPool(1, "mmchat-encode")
+            self._at_exit = functools.partial(_stop_at_exit, weakref.ref(self))
+            atexit.register(self._at_exit)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._model_pool, self._load_model)
+            await self._warm_up()
             self._started = True
         self.plugins.call_each("startup", engine=self)
         return self
@@ -225,16 +159,47 @@ class Engine:
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
+        assert self._model_pool is not None and self._encoder_pool is not None
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
         self._encoders = DecodeScheduler(None, self._encoder_pool)
+
+    async def _warm_up(self) -> None:
+        """Decode and encode each modality's :meth:`~mmchat.Modality.example` once, as a
+        turn would; a failure is logged (the modality's first turn will fail loudly)."""
+        loop = asyncio.get_running_loop()
+        for modality in self.modalities.values():
+            if modality.name not in self.model.kind_index:
+                continue
+            t0 = time.perf_counter()
+            try:
+                example = await loop.run_in_executor(
+                    self._media_pool, self.plugins.wrap_call, modality, "example",
+                    modality.example)
+                if example is None:
+                    continue
+                vectors = await self._media([(modality, Attachment(*example))])
+                _raise_if_error(vectors[0])
+            except Exception:
+                logger.exception("warming up modality %r failed", modality.name)
+                continue
+            logger.info("warmed up modality %r in %.0f ms", modality.name,
+                        (time.perf_counter() - t0) * 1000)
 
     async def close(self) -> None:
         """Cancel the replies still running, then release the model, store and threads.
 
-        An in-flight reply ends with finish_reason ``"cancelled"`` (or, if it had not
-        reached the model yet, with :class:`~mmchat.errors.Cancelled`). Nothing here
-        blocks the event loop: the decode worker needs it to hand replies their ends.
+        Every stream still running ends as :meth:`ReplyStream.cancel` ends it: its
+        iteration stops and its reply has finish_reason ``"cancelled"``. A turn that had
+        reached the model is saved up to its last token; one still decoding its media
+        or waiting for its session is dropped, with an empty reply. Afterwards every
+        method raises :class:`~mmchat.errors.EngineClosed`. Nothing here blocks the
+        event loop: the decode worker needs it to hand replies their ends.
         """
+        if self._closed:
+            return
+        self._closed = True
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
         streams = list(self._streams)
         for stream in streams:
             stream.cancel()
@@ -246,16 +211,30 @@ class Engine:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
             for task in pending:  # stuck outside the model (a store call, say)
                 task.cancel()
-                tasks[task]._queue.put_nowait(Cancelled("the engine closed"))
+                stream = tasks[task]
+                stream._queue.put_nowait(self._dropped(stream))
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
-        loop = asyncio.get_running_loop()
         for pool in (self._model_pool, self._media_pool, self._encoder_pool):
             if pool is not None:
-                await loop.run_in_executor(None, pool.shutdown)
+                await pool.aclose()
         self._scheduler = self._encoders = None
         self._started = False
+
+    def _stop_threads(self) -> None:
+        """Without an event loop (at exit): stop model work and wait for the worker
+        threads to end, so none of them is inside torch while the interpreter finalizes."""
+        for scheduler in (self._scheduler, self._encoders):
+            if scheduler is not None:
+                scheduler.close()
+        for pool in (self._model_pool, self._media_pool, self._encoder_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is closed; make a new one")
 
     async def __aenter__(self) -> "Engine":
         return await self.start()
@@ -270,11 +249,15 @@ class Engine:
 
     async def stream(self, session_id: str, text: str = "",
                      attachments: Sequence[Attachment | str | Path] = (), *,
-                     turn: SessionTurn | None = None, **generation: Any) -> ReplyStream:
+                     turn: SessionTurn | None = None, timeout: float | None = None,
+                     **generation: Unpack[GenerationSettings]) -> ReplyStream:
         """Start a reply. Validation errors raise here, before anything is stored.
 
         ``generation`` overrides ``[generation]`` settings for this reply
         (``strategy="beam"``, ``seed=1`` ...).
+
+        ``timeout`` (seconds, from this call): when it passes the turn is cancelled and
+        the stream raises :class:`~mmchat.errors.ReplyTimeout`.
 
         ``turn`` is the session already held for this reply (from the store's
         ``begin_turn``): the engine then neither locks nor loads, and only stages the
@@ -288,6 +271,8 @@ class Engine:
         if turn is not None and turn.session_id != session_id:
             raise InputError(f"the turn held is of session {turn.session_id!r}, "
                              f"not {session_id!r}")
+        if timeout is not None and not timeout > 0:
+            raise InputError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         atts = [a if isinstance(a, Attachment) else Attachment.from_path(a) for a in attachments]
         self._check_message(text, atts)
         resolved = [(self._modality_for(a), a) for a in atts]
@@ -295,8 +280,8 @@ class Engine:
             params = GenerationParams.from_config(self.config.generation, **generation)
         except (ValueError, MMChatError) as exc:
             raise InputError(str(exc)) from None
-        queue: asyncio.Queue = asyncio.Queue()
-        stream = ReplyStream(queue)
+        stream = ReplyStream(asyncio.Queue(), session_id=session_id)
+        stream._set_timeout(timeout)
         stream._task = asyncio.create_task(
             self._run_turn(session_id, text, resolved, params, stream, turn))
         self._streams.add(stream)
@@ -304,51 +289,90 @@ class Engine:
         return stream
 
     async def reply(self, session_id: str, text: str = "",
-                    attachments: Sequence[Attachment | str | Path] = (),
-                    **generation: Any) -> Reply:
-        """Generate a whole reply and return it with attention mass, usage and timings."""
-        stream = await self.stream(session_id, text, attachments, **generation)
+                    attachments: Sequence[Attachment | str | Path] = (), *,
+                    timeout: float | None = None,
+                    **generation: Unpack[GenerationSettings]) -> Reply:
+        """Generate a whole reply and return it with attention mass, usage and timings.
+
+        Cancelling the task that awaits it cancels the turn, as ``timeout`` does."""
+        stream = await self.stream(session_id, text, attachments, timeout=timeout,
+                                   **generation)
         return await stream.wait()
 
     async def reset(self, session_id: str) -> None:
+        self._check_open()
         self._check_session_id(session_id)
         await self.store.delete(session_id)
 
     async def history(self, session_id: str) -> list[dict[str, Any]]:
+        self._check_open()
         data = await self.store.load(session_id)
         return [] if data is None else data.history
 
-    # -- sync wrappers for scripts ---------------------------------------------------
+    async def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]]
+                   ) -> list[dict[str, Any]]:
+        """Add a transcript's turns to a session without generating: its state, memory
+        and history then are what they would be had the replies been generated (a
+        greedy reply that ended by itself). ``turns`` alternate user turns (``text``,
+        ``attachments``: :class:`Attachment`\\ s or paths) and assistant turns (``text``);
+        :meth:`history` entries qualify. Returns the history entries added."""
+        from .seeding import read_transcript, seeded_state
+        from .state import MemoryEntry, dumps_entry
+
+        await self.start()
+        self._check_session_id(session_id)
+        seeded = read_transcript(turns, self.config.limits.max_text_chars)
+        media = [(self._modality_for(a), a) for turn in seeded for a in turn.attachments]
+        vectors = [_raise_if_error(v) for v in await self._media(media)]
+        added: list[dict[str, Any]] = []
+        for turn in seeded:
+            time_now = _now()
+            added += [
+                {"role": "user", "id": uuid.uuid4().hex, "time": time_now, "text": turn.text,
+                 "attachments": [{"modality": self._modality_for(a).name,
+                                  "mime_type": a.mime_type, "id": a.id}
+                                 for a in turn.attachments]},
+                {"role": "assistant", "id": uuid.uuid4().hex, "time": time_now,
+                 "text": turn.reply, "finish_reason": "seeded"},
+            ]
+        async with self.store.turn(session_id) as session:
+            state = await self._scheduler.call(
+                seeded_state, self.model, self.tokenizer, self._scheduler.decoder,
+                session.state or None, seeded)
+            entries = [dumps_entry(MemoryEntry(m.name, v, a.id))
+                       for (m, a), v in zip(media, vectors)]
+            session.save(state=state, memory_added=entries, turns=added,
+                         max_memory=self.config.fusion.max_memory)
+        return added
+
+    # -- sync twins (mmchat.SyncEngine is the full sync API) ---------------------------
 
     def reply_sync(self, session_id: str, text: str = "",
-                   attachments: Sequence[Attachment | str | Path] = (), **generation: Any
+                   attachments: Sequence[Attachment | str | Path] = (), *,
+                   timeout: float | None = None, **generation: Unpack[GenerationSettings]
                    ) -> Reply:
-        """Blocking :meth:`reply` for scripts (not for use inside a running event loop)."""
-        return self._runner().run(self.reply(session_id, text, attachments, **generation))
+        """Blocking :meth:`reply`, through :meth:`sync` (safe from any thread)."""
+        return self.sync().reply(session_id, text, attachments, timeout=timeout, **generation)
 
     def stream_sync(self, session_id: str, text: str = "",
-                    attachments: Sequence[Attachment | str | Path] = (), **generation: Any
+                    attachments: Sequence[Attachment | str | Path] = (), *,
+                    timeout: float | None = None, **generation: Unpack[GenerationSettings]
                     ) -> Iterator[Delta]:
-        """Blocking iterator of deltas for scripts."""
-        runner = self._runner()
-        stream = runner.run(self.stream(session_id, text, attachments, **generation))
-        while True:
-            try:
-                yield runner.run(stream.__anext__())
-            except StopAsyncIteration:
-                return
+        """Blocking iterator of deltas, through :meth:`sync`; leaving it early or closing
+        it cancels the turn. ``self.sync().stream(...)`` also gives the reply."""
+        return iter(self.sync().stream(session_id, text, attachments, timeout=timeout,
+                                       **generation))
 
     def close_sync(self) -> None:
-        runner = self._runner()
-        runner.run(self.close())
-        runner.close()
-        self._sync_runner = None
+        self.sync().close()
 
-    def _runner(self) -> asyncio.Runner:
-        runner = getattr(self, "_sync_runner", None)
-        if runner is None:
-            runner = self._sync_runner = asyncio.Runner()
-        return runner
+    def sync(self) -> SyncEngine:
+        """The :class:`~mmchat.SyncEngine` that runs this engine on a loop thread of its
+        own (made on first use). Use either it or this engine's async methods."""
+        from .sync import SyncEngine
+
+        with self._sync_lock:
+            return self._sync or SyncEngine.wrap(self)
 
     # -- internals -------------------------------------------------------------------
 
@@ -403,19 +427,27 @@ class Engine:
         try:
             reply = await self._turn(session_id, text, attachments, params, stream, turn)
             stream._queue.put_nowait(reply)
+        except Cancelled as exc:
+            stream._queue.put_nowait(self._dropped(stream) if self._closed else exc)
         except Exception as exc:  # every failure reaches the consumer, nothing is lost
             if not isinstance(exc, MMChatError):
                 logger.exception("turn failed for session %s", session_id)
             stream._queue.put_nowait(exc)
 
+    def _dropped(self, stream: ReplyStream) -> Reply:
+        """The end of a turn the closing engine dropped before it reached the model."""
+        return Reply(session_id=stream.session_id, text="", finish_reason="cancelled", attention={},
+                     prompt_tokens=0, completion_tokens=0, timings={})
+
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
-        t0 = time.perf_counter()
+        t0, received = time.perf_counter(), _now()
         vectors = await self._media(attachments)
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
+            stream._holds_session = True
             # Model work runs between the steps of the replies being decoded together,
             # with the prefills of every turn that arrived meanwhile in one batch.
             new_entries, run, first = await self._scheduler.call_batched(
@@ -427,16 +459,24 @@ class Engine:
             t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
-            turns = [
-                {"role": "user", "text": text, "attachments": [
-                    {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
-                    for m, a in attachments]},
-                {"role": "assistant", "text": reply_text, "finish_reason": done.finish_reason},
+            turns: list[dict[str, Any]] = [
+                {"role": "user", "id": uuid.uuid4().hex, "time": received, "text": text,
+                 "attachments": [{"modality": m.name, "mime_type": a.mime_type, "id": a.id}
+                                 for m, a in attachments]},
+                {"role": "assistant", "id": uuid.uuid4().hex, "time": _now(),
+                 "text": reply_text, "finish_reason": done.finish_reason,
+                 "usage": {"prompt_tokens": run.prompt_tokens,
+                           "completion_tokens": len(run.tokens)},
+                 "attention": done.attention,
+                 "generation": {**asdict(params), "stop": list(params.stop)}},
             ]
             session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)
         t_end = time.perf_counter()
-        ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
+
+        def ms(a: float, b: float) -> float:
+            return round((b - a) * 1000, 3)
+
         return Reply(
             session_id=session_id, text=reply_text, finish_reason=done.finish_reason,
             attention=done.attention, prompt_tokens=run.prompt_tokens,
@@ -495,12 +535,14 @@ class Engine:
     async def _finish_turn(self, item: _Finish) -> _Finished:
         """The turn's stored form, made on the model thread between two steps (in the
         media pool once the engine is closing, so a cancelled turn is still saved)."""
+        finished: _Finished
         try:
-            return await self._scheduler.call_batched(self._finish, item)
+            finished = await self._scheduler.call_batched(self._finish, item)
         except Cancelled:
             loop = asyncio.get_running_loop()
             done = await loop.run_in_executor(self._media_pool, self._finish, [item])
-            return _raise_if_error(done[0])
+            finished = _raise_if_error(done[0])
+        return finished
 
     def _finish(self, items: list[_Finish]) -> list[Any]:
         """On the model thread: each decoded turn's state, new memory entries and
@@ -598,8 +640,9 @@ class Engine:
 
         x, lengths = modality.collate(features)
         with torch.inference_mode():
-            return self.plugins.wrap_call(modality, "encode", self.model.encode, modality.name,
-                                          x, lengths)
+            vectors: list[Any] = self.plugins.wrap_call(
+                modality, "encode", self.model.encode, modality.name, x, lengths)
+        return vectors
 
     @staticmethod
     def _trim_stop(text: str, stops: Iterable[str]) -> str:
@@ -640,7 +683,23 @@ class _Deltas:
                 self.index += 1
 
 
+def _now() -> str:
+    """The time now, for transcripts: ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
 def _raise_if_error(value: Any) -> Any:
     if isinstance(value, Exception):
         raise value
     return value
+
+
+def _stop_at_exit(ref: weakref.ReferenceType[Engine]) -> None:
+    """``atexit``: stop the worker threads of an engine its program did not close."""
+    engine = ref()
+    if engine is None or engine._closed:
+        return
+    if engine._sync is not None and not engine._sync.closed:
+        engine._sync.close_at_exit()  # its loop still runs: close it there
+    else:
+        engine._stop_threads()

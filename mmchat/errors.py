@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .replies import Reply
+
 
 class MMChatError(Exception):
     """Base class. ``code`` is stable and is what clients see in error events."""
@@ -129,3 +134,23 @@ class DuplicateMessage(MMChatError):
 
 class Cancelled(MMChatError):
     code = "cancelled"
+
+
+class EngineClosed(MMChatError):
+    """The engine was closed; it does not start again. Make a new one."""
+
+    code = "engine_closed"
+
+
+class ReplyTimeout(MMChatError, TimeoutError):
+    """A reply's ``timeout`` passed, so its turn was cancelled.
+
+    ``reply`` is the cancelled reply as it was saved, or ``None`` when the turn had
+    not reached its session yet (it is then saved with an empty reply once it does).
+    """
+
+    code = "timeout"
+
+    def __init__(self, message: str, *, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply

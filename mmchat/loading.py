@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,9 +14,14 @@ from .config import Config
 from .errors import CheckpointError
 from .modality import Modality
 from .model import DialogueConfig, DialogueLM
+from .paths import bundled_model_path
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+#: ``model.checkpoint`` values that are not paths.
+BUNDLED = "bundled"
+UNTRAINED = "untrained"
 
 #: Text for the tokenizer of an untrained model: enough pieces to babble with.
 SEED_TEXT = (
@@ -36,17 +42,34 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         modalities=sorted(modalities))
 
 
+def checkpoint_path(config: Config) -> Path | None:
+    """The folder ``model.checkpoint`` names: ``"bundled"`` (the default) is the model in
+    the package, ``"untrained"`` (``None`` here) asks for an untrained model, anything
+    else is a path. An empty value is refused, so an untrained model is never served
+    by accident."""
+    setting = config.model.checkpoint
+    if setting == UNTRAINED:
+        return None
+    if setting == BUNDLED:
+        return bundled_model_path()
+    if not setting.strip():
+        raise CheckpointError('model.checkpoint is empty: set it to "bundled" (the model in '
+                              'the package), a checkpoint folder, or "untrained" for an '
+                              "untrained model that answers gibberish")
+    return config.resolve(setting)
+
+
 def load_model(config: Config, modalities: Mapping[str, Modality]
                ) -> tuple[DialogueLM, Tokenizer, dict[str, Any]]:
-    """The model named by ``model.checkpoint`` ('' means an untrained model)."""
+    """The model named by ``model.checkpoint`` (:func:`checkpoint_path`)."""
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
-    if config.model.checkpoint:
-        path = config.resolve(config.model.checkpoint)
+    path = checkpoint_path(config)
+    if path is not None:
         if not path.exists():
             raise CheckpointError(f"model.checkpoint {path} does not exist; train one with "
-                                  "`mmchat train` or set model.checkpoint = \"\" for an "
-                                  "untrained model")
+                                  "`mmchat train`, or set model.checkpoint = \"bundled\" "
+                                  "for the model in the package")
         model, tokenizer, meta = checkpoint.load(path, modalities)
         meta["path"] = str(path)
         logger.info("loaded checkpoint %s", path)

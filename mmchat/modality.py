@@ -85,6 +85,15 @@ class Modality(ABC):
         """
         return features
 
+    def example(self) -> tuple[bytes, str] | None:
+        """A small valid payload and its MIME type, or ``None`` (the default).
+
+        :meth:`mmchat.Engine.start` decodes and encodes it once, in its worker threads,
+        before the engine reports ready: imports, JIT compilation (librosa's numba
+        functions) and lazy set-up then happen at start-up, not in the first reply.
+        """
+        return None
+
     def accepts(self, mime_type: str) -> bool:
         """Whether this modality takes ``mime_type`` (parameters such as ``; codecs=1`` ignored)."""
         return mime_type.split(";", 1)[0].strip().lower() in self.mime_types

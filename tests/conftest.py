@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mmchat.config import from_dict  # noqa: E402
 from mmchat.plugins import PluginHost  # noqa: E402
 
-TINY_MODEL = {"checkpoint": "", "n_layer": 1, "n_embd": 32, "n_hidden": 48, "d_model": 32,
+TINY_MODEL = {"checkpoint": "untrained", "n_layer": 1, "n_embd": 32, "n_hidden": 48, "d_model": 32,
               "dropout": 0.0}
 
 

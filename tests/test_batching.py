@@ -305,8 +305,15 @@ async def test_turns_that_arrive_together_are_prefilled_in_one_batch(tiny_config
     monkeypatch.setattr(mmchat.runtime, "start_turns", counting)
     async with Engine(config, plugins=toy_host) as engine:
         scheduler = engine._scheduler
-        gate = threading.Event()
-        busy = asyncio.ensure_future(scheduler.call(gate.wait, 30))  # holds the model thread
+        gate, holding = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            gate.wait(30)
+
+        busy = asyncio.ensure_future(scheduler.call(hold))  # holds the model thread
+        while not holding.is_set():  # before the first turn queues its prefill
+            await asyncio.sleep(0.01)
         streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
         for _ in range(1000):  # until every turn waits for its prefill
             if len(scheduler._jobs) == len(SESSIONS):

@@ -19,7 +19,7 @@ from mmchat import Attachment, Engine
 from mmchat.config import from_dict
 
 ROOT = Path(__file__).parent.parent
-BUNDLED = ROOT / "models" / "bundled"
+BUNDLED = ROOT / "mmchat" / "bundled_model"
 NUMBER = {1: "one", 2: "two", 3: "three"}
 
 # (shapes on a 3x3 grid as (kind, colour, (col, row)), question, expected answer)

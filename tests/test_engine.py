@@ -241,13 +241,15 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
     streams = [await engine.stream(f"s{i}", "hello", max_new_tokens=4096) for i in range(3)]
     for stream in streams:
         await stream.__anext__()  # decoding; nobody reads on, so it waits for its consumer
+    while streams[2]._queue.empty():  # decoding too (a turn not at the model yet is dropped)
+        await asyncio.sleep(0.01)
     unscheduled = await engine.stream("late", "hello", max_new_tokens=4096)
     await asyncio.wait_for(engine.close(), timeout=60)  # used to deadlock
     for stream in streams:
         reply = await asyncio.wait_for(stream.wait(), timeout=10)
         assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
-    with pytest.raises(Cancelled, match="closing"):
-        await asyncio.wait_for(unscheduled.wait(), timeout=10)
+    late = await asyncio.wait_for(unscheduled.wait(), timeout=10)
+    assert late.finish_reason == "cancelled" and late.completion_tokens == 0
     assert engine._model_pool._shutdown
     for i in range(3):  # saved, though the model thread had stopped taking work
         turns = (await engine.store.load(f"s{i}")).history

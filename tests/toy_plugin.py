@@ -26,7 +26,13 @@ class ToyModality(Modality):
     max_bytes = 64
     version = "1"
 
+    decoded = 0  # payloads decoded, the warm-up's included
+
+    def example(self):
+        return bytes(range(8)), "application/x-toy"
+
     def decode(self, data, mime_type):
+        self.decoded += 1
         if len(data) % 4 or not data:
             raise CorruptMedia(f"toy payload must be a non-empty multiple of 4 bytes, "
                                f"got {len(data)}")

@@ -45,7 +45,7 @@ def chat_command(config_path, checkpoint, untrained: bool, session: str | None,
 
         config = load_config(config_path)
         if untrained:
-            config = config.replace(model={"checkpoint": ""})
+            config = config.replace(model={"checkpoint": "untrained"})
         elif checkpoint is not None:
             config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
         backend = LocalBackend(Engine(config), session or uuid.uuid4().hex)
@@ -63,7 +63,7 @@ class LocalBackend:
         self.session_id = session_id
 
     def start(self) -> str:
-        self.engine._runner().run(self.engine.start())
+        self.engine.sync().start()
         return f"mmchat — {self.engine.model_description}. Session {self.session_id}."
 
     def stream(self, text: str, attachments: Sequence) -> Iterator[str]:
@@ -71,7 +71,7 @@ class LocalBackend:
             yield delta.text
 
     def reset(self) -> None:
-        self.engine._runner().run(self.engine.reset(self.session_id))
+        self.engine.sync().reset(self.session_id)
 
     def close(self) -> None:
         self.engine.close_sync()

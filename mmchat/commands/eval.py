@@ -41,13 +41,18 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
         click.echo(table)
         return
     from .. import checkpoint as ckpt
+    from ..errors import CheckpointError
     from ..evaluation import evaluate
+    from ..loading import checkpoint_path
     from ..plugins import PluginHost
     from ..report import category_table, summary_table, write_report
     from ..training.data import decode_media, load_dialogues
     from ..training.examples import FeatureCache
 
-    path = checkpoint or config.resolve(config.model.checkpoint)
+    path = checkpoint or checkpoint_path(config)
+    if path is None:
+        raise CheckpointError('model.checkpoint = "untrained" names no checkpoint to evaluate; '
+                              "pass --checkpoint")
     host = PluginHost.from_config(config)
     model, tokenizer, meta = ckpt.load(path, host.modalities)
     dialogues = load_dialogues(split_file)[:limit]

@@ -37,7 +37,7 @@ def serve_command(config_path, host: str | None, port: int | None, checkpoint,
     """
     config = load_config(config_path)
     if untrained:
-        config = config.replace(model={"checkpoint": ""})
+        config = config.replace(model={"checkpoint": "untrained"})
     elif checkpoint is not None:
         config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
     logging.basicConfig(level=logging.INFO,

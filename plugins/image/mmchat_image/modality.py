@@ -76,6 +76,14 @@ class ImageModality(Modality):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "max_pixels": self.max_pixels, "size": self.size}
 
+    def example(self) -> tuple[bytes, str]:
+        """An 8x8 PNG, for the engine's warm-up at start."""
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(out, format="PNG")
+        return out.getvalue(), "image/png"
+
     def decode(self, data: bytes, mime_type: str) -> torch.Tensor:
         """Decode ``data`` to a float32 tensor ``(3, size, size)``, normalised by MEAN/STD.
 

@@ -79,6 +79,18 @@ class VoiceModality(Modality):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "max_seconds": self.max_seconds}
 
+    def example(self) -> tuple[bytes, str]:
+        """A quarter second of a 440 Hz tone as a 22.05 kHz WAV, for the engine's warm-up
+        at start: decoding it resamples, which compiles librosa's numba functions."""
+        import numpy as np
+        import soundfile
+
+        rate = 22_050
+        t = np.arange(rate // 4, dtype=np.float32) / rate
+        out = io.BytesIO()
+        soundfile.write(out, 0.1 * np.sin(2 * np.pi * 440 * t), rate, format="WAV")
+        return out.getvalue(), "audio/wav"
+
     def decode(self, data: bytes, mime_type: str) -> torch.Tensor:
         """Decode ``data`` to float32 log-mel features ``(n_mels, T)``, T = 1 + samples // 160.
 
