@@ -455,7 +455,7 @@ class Engine:
                                         session.state or None, text, params,
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
-            dropped = self._dropped(session.memory, new_entries)
+            dropped = self._pushed_out(session.memory, new_entries)
             t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
@@ -485,7 +485,7 @@ class Engine:
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)},
             dropped=dropped)
 
-    def _dropped(self, memory: Sequence[bytes], new: Sequence[Any]) -> list[str]:
+    def _pushed_out(self, memory: Sequence[bytes], new: Sequence[Any]) -> list[str]:
         """Ids of the attachments that the turn's new ones push out of the memory bank,
         oldest first (read from the stored entries' headers only)."""
         from .state import entry_attachment_id
