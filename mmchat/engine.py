@@ -1,9 +1,9 @@
 """The embedding API: :class:`Engine` turns messages plus attachments into streamed replies.
 
-Model, Pillow and librosa work never runs on the event loop: media decode in a small
-thread pool, the modality encoders in a thread of their own (attachments that arrive
-together are encoded in one call per modality, while replies decode), and the rest of
-the model work in one dedicated thread.
+Model, Pillow and librosa work never runs on the event loop: each modality decodes
+and encodes in threads of its own, with a time limit and its output checked
+(:mod:`mmchat.isolation`; attachments that arrive together are encoded in one call per
+modality, while replies decode), and the rest of the model work in one dedicated thread.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from .errors import (
     MediaTooLarge,
     MessageTooLong,
     MMChatError,
-    UnsupportedMedia,
 )
+from .isolation import until_cancelled
 from .modality import Attachment, Modality
 from .plugins import PluginHost
 from .sessions import SessionStore, SessionTurn, validate_session_id
@@ -175,9 +175,8 @@ class Engine:
         self.checkpoint_meta: dict[str, Any] = {}
         self._model_pool: ThreadPoolExecutor | None = None
         self._media_pool: ThreadPoolExecutor | None = None
-        self._encoder_pool: ThreadPoolExecutor | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
-        self._encoders: Any = None  # a DecodeScheduler without a decoder, on _encoder_pool
+        self._guard: Any = None  # isolation.PluginGuard: the modalities' threads
         self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -208,7 +207,6 @@ class Engine:
                 return self
             self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-model")
             self._media_pool = ThreadPoolExecutor(2, thread_name_prefix="mmchat-media")
-            self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="mmchat-encode")
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._model_pool, self._load_model)
             self._started = True
@@ -218,12 +216,27 @@ class Engine:
     def _load_model(self) -> None:
         from .batching import DecodeScheduler
         from .fastpath import build_decoder
+        from .isolation import PluginGuard
         from .loading import load_model
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
-        self._encoders = DecodeScheduler(None, self._encoder_pool)
+        served = {m: self.modalities[m] for m in self.model.kind_index}
+        self._guard = PluginGuard(served, self.model.encoders, self.model.config.d_model,
+                                  self.config.plugins)
+
+    @property
+    def served_modalities(self) -> dict[str, Modality]:
+        """The modalities the loaded model takes (every installed one before it loads)."""
+        if self.model is None:
+            return dict(self.modalities)
+        return {m: self.modalities[m] for m in self.model.kind_index}
+
+    def plugin_health(self) -> list[dict[str, Any]]:
+        """Each served modality's plugin, breaker state (``closed``, ``open``,
+        ``half_open``), failures and time limit."""
+        return [] if self._guard is None else self._guard.health()
 
     async def close(self) -> None:
         """Cancel the replies still running, then release the model, store and threads.
@@ -235,9 +248,10 @@ class Engine:
         streams = list(self._streams)
         for stream in streams:
             stream.cancel()
-        for scheduler in (self._scheduler, self._encoders):
-            if scheduler is not None:
-                scheduler.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._guard is not None:
+            self._guard.close()
         tasks = {s._task: s for s in streams if s._task is not None}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
@@ -248,10 +262,10 @@ class Engine:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
         loop = asyncio.get_running_loop()
-        for pool in (self._model_pool, self._media_pool, self._encoder_pool):
+        for pool in (self._model_pool, self._media_pool):
             if pool is not None:
                 await loop.run_in_executor(None, pool.shutdown)
-        self._scheduler = self._encoders = None
+        self._scheduler = self._guard = None
         self._started = False
 
     async def __aenter__(self) -> "Engine":
@@ -369,29 +383,13 @@ class Engine:
                              f"{limits.max_attachments} (limits.max_attachments)")
 
     def _modality_for(self, attachment: Attachment) -> Modality:
-        modalities = self.modalities
-        if attachment.modality is not None:
-            modality = modalities.get(attachment.modality)
-            if modality is None:
-                raise UnsupportedMedia(f"unknown modality {attachment.modality!r}; this server "
-                                       f"accepts: {', '.join(sorted(modalities)) or 'none'}")
-            if not modality.accepts(attachment.mime_type):
-                raise UnsupportedMedia(f"modality {modality.name!r} does not accept "
-                                       f"{attachment.mime_type!r}; it accepts "
-                                       f"{', '.join(modality.mime_types)}")
-        else:
-            matches = [m for m in modalities.values() if m.accepts(attachment.mime_type)]
-            if not matches:
-                accepted = sorted(t for m in modalities.values() for t in m.mime_types)
-                raise UnsupportedMedia(f"no modality accepts MIME type {attachment.mime_type!r}; "
-                                       f"accepted: {', '.join(accepted) or 'none'}")
-            modality = matches[0]
+        from .isolation import choose_modality
+
+        modality = choose_modality(self.modalities, attachment,
+                                   None if self.model is None else self.model.kind_index)
         if len(attachment.data) > modality.max_bytes:
             raise MediaTooLarge(f"{modality.name} attachment is {len(attachment.data)} bytes; "
                                 f"the limit is {modality.max_bytes}")
-        if self.model is not None and modality.name not in self.model.kind_index:
-            raise UnsupportedMedia(f"the loaded model was not trained with modality "
-                                   f"{modality.name!r}")
         return modality
 
     async def _run_turn(self, session_id: str, text: str,
@@ -409,7 +407,9 @@ class Engine:
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
         t0 = time.perf_counter()
-        vectors = await self._media(attachments)
+        # a turn cancelled while its media wait (on a slow plugin, say) ends there
+        vectors = (await until_cancelled(self._media(attachments), stream._cancel)
+                   if attachments else [])
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
@@ -441,17 +441,14 @@ class Engine:
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
 
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
-        """Decode each attachment (media pool; a failure raises), then encode it (encoder
-        thread, batched with the attachments of other turns): its vectors, or the
-        exception its encoding raised."""
-        loop = asyncio.get_running_loop()
-        features = await asyncio.gather(*(
-            loop.run_in_executor(self._media_pool, self.plugins.wrap_call, modality, "decode",
-                                 modality.decode, att.data, att.mime_type)
-            for modality, att in attachments))
+        """Decode each attachment (a failure raises), then encode it (batched with the
+        attachments of other turns): its vectors, or the exception its encoding raised.
+        Both run in the modality's own threads, limited and checked."""
+        guard = self._guard
+        features = await asyncio.gather(*(guard.decode(m, a) for m, a in attachments))
         return await asyncio.gather(*(
-            self._encoders.call_batched(self._encode_batch, (modality, f))
-            for (modality, _), f in zip(attachments, features)), return_exceptions=True)
+            guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
+            return_exceptions=True)
 
     async def _decode(self, run: Any, first: Any, stream: ReplyStream) -> float | None:
         """Stream the reply's tokens into ``stream`` as deltas until decoding ends, the
@@ -548,36 +545,6 @@ class Engine:
                 continue
             out[i] = new, run, first
         return out
-
-    def _encode_batch(self, items: list[tuple[Modality, Any]]) -> list[Any]:
-        """On the encoder thread: each attachment's vectors, or the exception its encoding
-        raised. One encoder call per modality, then one per attachment of a modality
-        whose batch failed, so a bad one fails only its own turn."""
-        by_modality: dict[str, list[int]] = {}
-        for k, (modality, _) in enumerate(items):
-            by_modality.setdefault(modality.name, []).append(k)
-        out: list[Any] = [None] * len(items)
-        for group in by_modality.values():
-            modality = items[group[0]][0]
-            try:
-                vectors = self._encode(modality, [items[k][1] for k in group])
-                for k, v in zip(group, vectors):
-                    out[k] = v
-            except Exception:
-                for k in group:
-                    try:
-                        out[k] = self._encode(modality, [items[k][1]])[0]
-                    except Exception as exc:
-                        out[k] = exc
-        return out
-
-    def _encode(self, modality: Modality, features: list[Any]) -> list[Any]:
-        import torch
-
-        x, lengths = modality.collate(features)
-        with torch.inference_mode():
-            return self.plugins.wrap_call(modality, "encode", self.model.encode, modality.name,
-                                          x, lengths)
 
     @staticmethod
     def _trim_stop(text: str, stops: Iterable[str]) -> str:
