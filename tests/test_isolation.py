@@ -290,3 +290,39 @@ async def test_among_served_modalities_the_highest_priority_wins(rival, chosen):
         assert set(engine.served_modalities) == {"toy", "a_rival"}
         reply = await engine.reply("s", "look", [TOY])
         assert set(reply.attention) == {chosen}
+
+
+async def test_websocket_clients_see_the_codes_and_readyz_and_metrics_say_so():
+    from test_server import http_get
+
+    from mmchat.client import Client, ServerError
+    from mmchat.server import ChatServer
+
+    slow = Gated("decode")
+    c = from_dict({"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 4},
+                   "server": {"messages_per_second": 100.0, "burst": 50,
+                              "ping_interval_seconds": 0.0},
+                   "plugins": {"breaker_failures": 1, "breaker_cooldown_seconds": 3600,
+                               "gated": {"timeout_seconds": 0.3}}}, env={})
+    engine = Engine(c, plugins=host_with(slow, name="sluggish"))
+    server = await ChatServer(c, engine=engine).start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with await Client.connect(server.url) as client:
+            assert {m.name for m in client.modalities} == {"toy", "gated"}
+            for code in ("plugin_timeout", "plugin_unavailable"):
+                with pytest.raises(ServerError) as info:
+                    await client.reply("look", [GATED], timeout=60)
+                assert info.value.code == code and "'sluggish'" in str(info.value)
+            assert (await client.reply("look", [TOY], timeout=60)).done.text is not None
+        status, _, body = await asyncio.to_thread(http_get, base + "/readyz")
+        assert status == 200 and body.startswith("ready; degraded: modality 'gated' (plugin "
+                                                 "'sluggish') is out of service")
+        metrics = (await asyncio.to_thread(http_get, base + "/metrics"))[2]
+        assert 'mmchat_plugin_up{modality="gated",plugin="sluggish"} 0.0' in metrics
+        assert 'mmchat_plugin_up{modality="toy",plugin="toy"} 1.0' in metrics
+        assert 'mmchat_plugin_failures{modality="gated",plugin="sluggish"} 1.0' in metrics
+    finally:
+        slow.gate.set()
+        await server.shutdown(drain_seconds=10)
+        await engine.close()
