@@ -132,7 +132,7 @@ class PluginHost:
                 return
             except pluggy.PluginValidationError as exc:
                 name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
-                message = f"{exc}; {_nearest_hook(self.pm, exc.plugin)}"
+                message = _unknown_hooks(self.pm, exc.plugin)
                 logger.error("plugin %r: %s", name, message)
                 self.pm.unregister(exc.plugin)
                 self._info.pop(name, None)
@@ -147,9 +147,10 @@ class PluginHost:
         self.pm.register(plugin, name=name)
         try:
             self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
+        except pluggy.PluginValidationError:
+            message = _unknown_hooks(self.pm, plugin)
             self.pm.unregister(plugin)
-            raise PluginError(name, f"{exc}; {_nearest_hook(self.pm, plugin)}") from None
+            raise PluginError(name, message) from None
         self._info[name] = PluginInfo(name=name, source=source, version=version)
         self._modalities = None
 
@@ -300,14 +301,14 @@ def _first(caller: Any) -> Callable[..., Any]:
     return call
 
 
-def _nearest_hook(pm: pluggy.PluginManager, plugin: object) -> str:
-    """"did you mean ...?" for a plugin's hooks that no hookspec names."""
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> str:
+    """The hooks of ``plugin`` that no hookspec names, each with the nearest real one."""
     real = [name for name in vars(pm.hook) if not name.startswith("_")
             and getattr(pm.hook, name).has_spec()]
     unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec()]
     hints = []
     for name in unknown:
         near = difflib.get_close_matches(name, real, n=1, cutoff=0.5)
-        hints.append(f"{name!r}: did you mean {near[0]!r}?" if near
-                     else f"{name!r}: no hook is like it")
-    return "; ".join(hints) + f" (hooks: {', '.join(sorted(real))})"
+        hints.append(f"unknown hook {name!r}: did you mean {near[0]!r}?" if near
+                     else f"unknown hook {name!r}")
+    return "; ".join(hints) + f" (the hooks are: {', '.join(sorted(real))})"
