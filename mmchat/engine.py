@@ -34,6 +34,7 @@ from .modality import Attachment, Modality
 from .plugins import PluginHost
 from .sessions import SessionStore, SessionTurn, validate_session_id
 from .stores import open_store
+from .turnhooks import TurnHooks
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class Engine:
         self.config = config or Config()
         c = self.config
         self.plugins = plugins or PluginHost.from_config(c)
+        self._hooks = TurnHooks(self.plugins)  # prepare_turn, redact_text, record_turn
         self.store = store or open_store(c.sessions)
         self.model = None
         self.tokenizer = None
@@ -300,6 +302,7 @@ class Engine:
             raise InputError(f"the turn held is of session {turn.session_id!r}, "
                              f"not {session_id!r}")
         atts = [a if isinstance(a, Attachment) else Attachment.from_path(a) for a in attachments]
+        text, atts = await self._hooks.prepare(session_id, text, atts)
         self._check_message(text, atts)
         resolved = [(self._modality_for(a), a) for a in atts]
         try:
@@ -398,6 +401,7 @@ class Engine:
         try:
             reply = await self._turn(session_id, text, attachments, params, stream, turn)
             stream._queue.put_nowait(reply)
+            await self._hooks.record(session_id, text, [a for _, a in attachments], reply)
         except Exception as exc:  # every failure reaches the consumer, nothing is lost
             if not isinstance(exc, MMChatError):
                 logger.exception("turn failed for session %s", session_id)
@@ -420,9 +424,14 @@ class Engine:
                                         session.state or None, text, params,
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
-            t_first = await self._decode(run, first, stream)
+            redactor = self._hooks.redactor(session_id)
+            t_first = await self._decode(run, first, stream, redactor)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
+            if redactor is not None:  # a failed redaction ends the turn, nothing stored
+                if redactor.error is not None:
+                    raise redactor.error
+                reply_text = redactor.text(reply_text, final=True)
             turns = [
                 {"role": "user", "text": text, "attachments": [
                     {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
@@ -450,10 +459,14 @@ class Engine:
             guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
             return_exceptions=True)
 
-    async def _decode(self, run: Any, first: Any, stream: ReplyStream) -> float | None:
-        """Stream the reply's tokens into ``stream`` as deltas until decoding ends, the
-        first one at once when the prefill chose it; ``perf_counter()`` of the first."""
-        deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
+    async def _decode(self, run: Any, first: Any, stream: ReplyStream,
+                      redactor: Any = None) -> float | None:
+        """Stream the reply's tokens into ``stream`` as deltas (through ``redactor``, a
+        :class:`~mmchat.turnhooks.Redactor`) until decoding ends, the first one at once
+        when the prefill chose it; ``perf_counter()`` of the first."""
+        put = stream._queue.put_nowait
+        deltas = _Deltas(self.tokenizer,
+                         put if redactor is None else redactor.wrap(put, stream.cancel))
         started = first is not _UNSTARTED  # sampled: its first token came with it
         if started:
             deltas.take(first)
