@@ -41,9 +41,7 @@ class TurnHooks:
             except MMChatError:
                 raise
             except Exception as exc:
-                logger.exception("plugin %r failed in prepare_turn", plugin)
-                raise PluginError(plugin, f"prepare_turn raised {type(exc).__name__}: "
-                                          f"{exc}") from exc
+                raise _failed(plugin, "prepare_turn", exc) from exc
             if changed is None:
                 continue
             if not (isinstance(changed, tuple) and len(changed) == 2
@@ -86,9 +84,7 @@ class Redactor:
             try:
                 changed = call(session_id=self.session_id, text=text, final=final)
             except Exception as exc:
-                logger.exception("plugin %r failed in redact_text", plugin)
-                raise PluginError(plugin, f"redact_text raised {type(exc).__name__}: "
-                                          f"{exc}") from exc
+                raise _failed(plugin, "redact_text", exc) from exc
             if changed is None:
                 continue
             if not isinstance(changed, str):
@@ -112,6 +108,12 @@ class Redactor:
                 return
             put(type(delta)(text, delta.index, delta.token_id))
         return redacted
+
+
+def _failed(plugin: str, hook: str, exc: Exception) -> PluginError:
+    """Log a hook's exception; the PluginError that ends its turn."""
+    logger.error("plugin %r failed in %s", plugin, hook, exc_info=exc)
+    return PluginError(plugin, f"{hook} raised {type(exc).__name__}: {exc}")
 
 
 async def _maybe_await(value: Any) -> Any:
