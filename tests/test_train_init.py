@@ -153,3 +153,41 @@ def test_freeze_needs_init_from_and_init_from_refuses_another_tokenizer(work, tm
                            tokenizer=other, modality_names=["toy"])
     with pytest.raises(MMChatError, match="train with its tokenizer"):
         Trainer(config, data, tmp_path, progress=False, init_from=base)
+
+
+LEARNS = {**MODEL, "n_embd": 32, "n_hidden": 64, "d_model": 32}
+LEVELS = [200, 205, 195, 210, 190, 20, 25, 15, 30, 10]  # near the trained 200 and 20
+
+
+async def accuracy(checkpoint_dir, host, modality):
+    """Share of hot/cold readings answered right, in percent."""
+    c = from_dict({"model": {"checkpoint": str(checkpoint_dir)},
+                   "generation": {"max_new_tokens": 6}}, env={})
+    right = 0
+    async with Engine(c, plugins=host) as engine:
+        for i, level in enumerate(LEVELS):
+            reply = await engine.reply(f"{modality}{i}", "is it hot or cold?",
+                                       [Attachment(bytes([level] * 8),
+                                                   f"application/x-{modality}")])
+            right += ("hot" if level > 128 else "cold") in reply.text
+    return 100 * right / len(LEVELS)
+
+
+async def test_after_fine_tuning_the_new_modality_is_answered_and_the_old_kept(work, tmp_path):
+    """End to end, tiny: a model that learned toy readings learns pulse readings from
+    them plus toy data, and answers toy ones as well as before (within 2 points)."""
+    host = PluginHost(paths=[work / "plugins"], entry_points=False)
+    config = from_dict({"model": LEARNS, "train": {**TRAIN, "steps": 300, "eval_every": 300,
+                                                    "checkpoint_every": 300, "lr": 0.01}},
+                       env={})
+    toy = load_train_data(work / "toy", host.modalities, vocab_size=64, max_tokens=64)
+    Trainer(config, toy, tmp_path / "base", progress=False).run()
+    base = Base.load(tmp_path / "base" / "model", host.modalities)
+    both = load_train_data([work / "toy", work / "pulse"], host.modalities, vocab_size=64,
+                           max_tokens=64, tokenizer=base.tokenizer,
+                           modality_names=base.config.modalities, answers=base.config.answers)
+    Trainer(config, both, tmp_path / "tuned", progress=False, init_from=base).run()
+    before = await accuracy(tmp_path / "base" / "model", host, "toy")
+    assert before >= 90  # the base model did learn its modality
+    assert await accuracy(tmp_path / "tuned" / "model", host, "toy") >= before - 2
+    assert await accuracy(tmp_path / "tuned" / "model", host, "pulse") >= 90
