@@ -224,9 +224,8 @@ class Engine:
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
-        served = {m: self.modalities[m] for m in self.model.kind_index}
-        self._guard = PluginGuard(served, self.model.encoders, self.model.config.d_model,
-                                  self.config.plugins)
+        self._guard = PluginGuard(self.served_modalities, self.model.encoders,
+                                  self.model.config.d_model, self.config.plugins)
 
     @property
     def served_modalities(self) -> dict[str, Modality]:
@@ -452,9 +451,10 @@ class Engine:
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
         """Decode each attachment (a failure raises), then encode it (batched with the
         attachments of other turns): its vectors, or the exception its encoding raised.
-        Both run in the modality's own threads, limited and checked."""
+        Both run in the modality's own threads, limited and checked. A turn decodes its
+        attachments one after another, so it holds one decode thread at a time."""
         guard = self._guard
-        features = await asyncio.gather(*(guard.decode(m, a) for m, a in attachments))
+        features = [await guard.decode(m, a) for m, a in attachments]
         return await asyncio.gather(*(
             guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
             return_exceptions=True)
