@@ -191,3 +191,27 @@ async def test_after_fine_tuning_the_new_modality_is_answered_and_the_old_kept(w
     assert before >= 90  # the base model did learn its modality
     assert await accuracy(tmp_path / "tuned" / "model", host, "toy") >= before - 2
     assert await accuracy(tmp_path / "tuned" / "model", host, "pulse") >= 90
+
+
+async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp_path,
+                                                                       image_dir):
+    """docs/training-a-modality.md's command on the real bundled model (two steps: the
+    mechanics, not the accuracy), then the result serves all three modalities."""
+    bundled = HERE.parent / "models" / "bundled"
+    out = train(work, "pulse", "--init-from", str(bundled), "--steps", "2", "--batch-size",
+                "4", "--out", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    tuned = tmp_path / "run" / "model"
+    meta = checkpoint.read_meta(tuned)
+    assert meta["config"]["modalities"] == ["image", "voice", "pulse"]
+    assert meta["config"]["answers"] == checkpoint.read_meta(bundled)["config"]["answers"]
+    host = PluginHost(paths=[work / "plugins"])
+    c = from_dict({"model": {"checkpoint": str(tuned)}, "generation": {"max_new_tokens": 8}},
+                  env={})
+    async with Engine(c, plugins=host) as engine:
+        assert set(engine.served_modalities) == {"image", "voice", "pulse"}
+        await engine.reply("p", "is it hot or cold?",
+                           [Attachment(bytes([200] * 8), "application/x-pulse")])
+        picture = await engine.reply("i", "what colour is the circle?",
+                                     [image_dir / "circle.png"])
+        assert picture.attention["image"] > 0
