@@ -14,6 +14,7 @@ into place, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from .errors import CheckpointError
 from .modality import Modality
 from .model import DialogueConfig, DialogueLM
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "mmchat-checkpoint"
 VERSION = 1
@@ -55,11 +58,8 @@ def save(path: str | Path, model: DialogueLM, tokenizer: Tokenizer,
             "version": VERSION,
             "mmchat_version": __version__,
             "config": model.config.to_dict(),
-            "plugins": {
-                name: {"plugin": modalities[name].plugin_name or name,
-                       "version": modalities[name].version}
-                for name in model.config.modalities
-            },
+            "plugins": {name: plugin_record(modalities[name])
+                        for name in model.config.modalities},
             **dict(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -106,6 +106,8 @@ def load(path: str | Path, modalities: Mapping[str, Modality]
             f"version {plugins.get(m, {}).get('version', '?')})" for m in missing)
         raise CheckpointError(f"checkpoint {path} needs modality {names}, but no loaded "
                               "plugin provides it; install or enable that plugin")
+    for m in config.modalities:
+        check_plugin(path, m, meta.get("plugins", {}).get(m, {}), modalities[m])
     encoders = {m: modalities[m].build_encoder(config.d_model) for m in config.modalities}
     model = DialogueLM(config, encoders)
     try:
@@ -124,6 +126,41 @@ def load(path: str | Path, modalities: Mapping[str, Modality]
                               f"model expects {config.vocab_size}")
     model.eval()
     return model, tokenizer, meta
+
+
+def plugin_record(modality: Modality) -> dict[str, Any]:
+    """What a checkpoint records of the plugin behind a modality."""
+    return {"plugin": modality.plugin_name or modality.name, "version": modality.version,
+            "plugin_version": modality.plugin_version, "settings": dict(modality.settings)}
+
+
+def check_plugin(path: Path, name: str, recorded: Mapping[str, Any],
+                 modality: Modality) -> None:
+    """Refuse a modality whose encoder's major version differs from the one the checkpoint
+    was trained with; warn, naming each key, when its settings changed."""
+    plugin = modality.plugin_name or name
+    trained = str(recorded.get("version", modality.version))
+    if _major(trained) != _major(modality.version):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with modality {name!r} version {trained} (plugin "
+            f"{recorded.get('plugin', plugin)!r} {recorded.get('plugin_version') or ''}), but "
+            f"plugin {plugin!r} {modality.plugin_version or ''} provides version "
+            f"{modality.version}: install the plugin version it was trained with, or train "
+            "again")
+    if "settings" not in recorded:
+        return  # recorded before checkpoints kept settings
+    was, now = dict(recorded["settings"]), dict(modality.settings)
+    changed = [f"{key} (trained with {was.get(key, 'the default')!r}, now "
+               f"{now.get(key, 'the default')!r})"
+               for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+    if changed:
+        logger.warning("checkpoint %s: the settings of modality %r (plugin %r) changed since "
+                       "training: %s; accuracy may suffer", path, name, plugin,
+                       ", ".join(changed))
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
 
 
 def build_untrained(config: DialogueConfig, modalities: Mapping[str, Modality]) -> DialogueLM:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -28,26 +29,54 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """mmchat: a multimodal chatbot backend that sees images and hears voice."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.WARNING - 10 * min(verbose, 2))
 
 
-def build_cli() -> click.Group:
-    """The root group with built-in and plugin commands attached."""
-    from .commands import chat, data, eval, plugins, serve, train
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    for module in (chat, data, eval, plugins, serve, train):
+
+def build_cli(argv: list[str] | None = None) -> click.Group:
+    """The root group with built-in and plugin commands attached.
+
+    Plugin commands come from the plugins the configuration loads (``--config`` in
+    ``argv``, else ``./config.toml``, with ``MMCHAT_LOAD_PLUGINS``): a disabled plugin is
+    not even imported.
+    """
+    from .commands import chat, data, eval, plugin, plugins, serve, train
+    from .plugins import TRACE_ENV
+
+    if os.environ.get(TRACE_ENV):  # hook calls are traced at INFO, from here on
+        logging.basicConfig(format=LOG_FORMAT)
+        logging.getLogger("mmchat.plugins").setLevel(logging.INFO)
+    for module in (chat, data, eval, plugin, plugins, serve, train):
         module.register(cli)
-    _add_plugin_commands(cli)
+    _add_plugin_commands(cli, _config_path(sys.argv[1:] if argv is None else argv))
     return cli
 
 
-def _add_plugin_commands(group: click.Group) -> None:
+def _config_path(argv: list[str]) -> str | None:
+    """The ``--config`` given on the command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _add_plugin_commands(group: click.Group, config_path: str | None) -> None:
+    from pathlib import Path
+
+    from .commands.options import load_config
     from .plugins import PluginHost
 
-    host = PluginHost(builtins=())
-    host.call_each("register_commands", cli=group)
+    try:
+        config = load_config(None if config_path is None else Path(config_path))
+    except (MMChatError, OSError):
+        return  # the command itself reports the bad configuration
+    PluginHost.from_config(config).call_each("register_commands", cli=group)
 
 
 def main(argv: list[str] | None = None) -> None:
-    build_cli().main(args=argv, prog_name="mmchat")
+    build_cli(argv).main(args=argv, prog_name="mmchat")

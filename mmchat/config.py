@@ -73,6 +73,9 @@ class PluginsConfig:
     disabled: tuple[str, ...] = _opt(())
     paths: tuple[str, ...] = _opt(())
     settings: Mapping[str, Mapping[str, Any]] = _opt({})
+    timeout_seconds: float = _opt(60.0, min=0.001)
+    breaker_failures: int = _opt(5, min=1)
+    breaker_cooldown_seconds: float = _opt(30.0, min=0.0)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The embedding API: :class:`Engine` turns messages plus attachments into streamed replies.
 
-Model, Pillow and librosa work never runs on the event loop: media decode in a small
-thread pool, the modality encoders in a thread of their own (attachments that arrive
-together are encoded in one call per modality, while replies decode), and the rest of
-the model work in one dedicated thread.
+Model, Pillow and librosa work never runs on the event loop: each modality decodes
+and encodes in threads of its own, with a time limit and its output checked
+(:mod:`mmchat.isolation`; attachments that arrive together are encoded in one call per
+modality, while replies decode), and the rest of the model work in one dedicated thread.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from .errors import (
     MediaTooLarge,
     MessageTooLong,
     MMChatError,
-    UnsupportedMedia,
 )
+from .isolation import run_plugin, until_cancelled
 from .modality import Attachment, Modality
 from .plugins import PluginHost
 from .replies import Delta, Reply, ReplyStream
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .sync import SyncEngine
 
 __all__ = ["Delta", "Engine", "Reply", "ReplyStream"]
+from .turnhooks import TurnHooks
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,15 @@ class Engine:
         self.config = config or Config()
         c = self.config
         self.plugins = plugins or PluginHost.from_config(c)
+        self._hooks = TurnHooks(self.plugins)  # prepare_turn, redact_text, record_turn
         self.store = store or open_store(c.sessions)
         self.model: Any = None  # the DialogueLM, once started
         self.tokenizer: Any = None  # its Tokenizer
         self.checkpoint_meta: dict[str, Any] = {}
         self._model_pool: DaemonPool | None = None
         self._media_pool: DaemonPool | None = None
-        self._encoder_pool: DaemonPool | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
-        self._encoders: Any = None  # a DecodeScheduler without a decoder, on _encoder_pool
+        self._guard: Any = None  # isolation.PluginGuard: the modalities' threads
         self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -142,7 +143,6 @@ class Engine:
                 return self
             self._model_pool = DaemonPool(1, "mmchat-model")
             self._media_pool = DaemonPool(2, "mmchat-media")
-            self._encoder_pool = DaemonPool(1, "mmchat-encode")
             self._at_exit = functools.partial(_stop_at_exit, weakref.ref(self))
             atexit.register(self._at_exit)
             loop = asyncio.get_running_loop()
@@ -155,13 +155,27 @@ class Engine:
     def _load_model(self) -> None:
         from .batching import DecodeScheduler
         from .fastpath import build_decoder
+        from .isolation import PluginGuard
         from .loading import load_model
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
-        assert self._model_pool is not None and self._encoder_pool is not None
+        assert self._model_pool is not None
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
-        self._encoders = DecodeScheduler(None, self._encoder_pool)
+        self._guard = PluginGuard(self.served_modalities, self.model.encoders,
+                                  self.model.config.d_model, self.config.plugins)
+
+    @property
+    def served_modalities(self) -> dict[str, Modality]:
+        """The modalities the loaded model takes (every installed one before it loads)."""
+        if self.model is None:
+            return dict(self.modalities)
+        return {m: self.modalities[m] for m in self.model.kind_index}
+
+    def plugin_health(self) -> list[dict[str, Any]]:
+        """Each served modality's plugin, breaker state (``closed``, ``open``,
+        ``half_open``), failures and time limit."""
+        return [] if self._guard is None else self._guard.health()
 
     async def _warm_up(self) -> None:
         """Decode and encode each modality's :meth:`~mmchat.Modality.example` once, as a
@@ -173,8 +187,7 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 example = await loop.run_in_executor(
-                    self._media_pool, self.plugins.wrap_call, modality, "example",
-                    modality.example)
+                    self._media_pool, run_plugin, modality, "example", modality.example)
                 if example is None:
                     continue
                 vectors = await self._media([(modality, Attachment(*example))])
@@ -203,9 +216,10 @@ class Engine:
         streams = list(self._streams)
         for stream in streams:
             stream.cancel()
-        for scheduler in (self._scheduler, self._encoders):
-            if scheduler is not None:
-                scheduler.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._guard is not None:
+            self._guard.close()
         tasks = {s._task: s for s in streams if s._task is not None}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
@@ -216,19 +230,20 @@ class Engine:
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
-        for pool in (self._model_pool, self._media_pool, self._encoder_pool):
+        for pool in (self._model_pool, self._media_pool):
             if pool is not None:
                 await pool.aclose()
-        self._scheduler = self._encoders = None
+        self._scheduler = self._guard = None
         self._started = False
 
     def _stop_threads(self) -> None:
         """Without an event loop (at exit): stop model work and wait for the worker
         threads to end, so none of them is inside torch while the interpreter finalizes."""
-        for scheduler in (self._scheduler, self._encoders):
-            if scheduler is not None:
-                scheduler.close()
-        for pool in (self._model_pool, self._media_pool, self._encoder_pool):
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._guard is not None:
+            self._guard.close()
+        for pool in (self._model_pool, self._media_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -274,6 +289,7 @@ class Engine:
         if timeout is not None and not timeout > 0:
             raise InputError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         atts = [a if isinstance(a, Attachment) else Attachment.from_path(a) for a in attachments]
+        text, atts = await self._hooks.prepare(session_id, text, atts)
         self._check_message(text, atts)
         resolved = [(self._modality_for(a), a) for a in atts]
         try:
@@ -396,29 +412,13 @@ class Engine:
                              f"{limits.max_attachments} (limits.max_attachments)")
 
     def _modality_for(self, attachment: Attachment) -> Modality:
-        modalities = self.modalities
-        if attachment.modality is not None:
-            modality = modalities.get(attachment.modality)
-            if modality is None:
-                raise UnsupportedMedia(f"unknown modality {attachment.modality!r}; this server "
-                                       f"accepts: {', '.join(sorted(modalities)) or 'none'}")
-            if not modality.accepts(attachment.mime_type):
-                raise UnsupportedMedia(f"modality {modality.name!r} does not accept "
-                                       f"{attachment.mime_type!r}; it accepts "
-                                       f"{', '.join(modality.mime_types)}")
-        else:
-            matches = [m for m in modalities.values() if m.accepts(attachment.mime_type)]
-            if not matches:
-                accepted = sorted(t for m in modalities.values() for t in m.mime_types)
-                raise UnsupportedMedia(f"no modality accepts MIME type {attachment.mime_type!r}; "
-                                       f"accepted: {', '.join(accepted) or 'none'}")
-            modality = matches[0]
+        from .isolation import choose_modality
+
+        modality = choose_modality(self.modalities, attachment,
+                                   None if self.model is None else self.model.kind_index)
         if len(attachment.data) > modality.max_bytes:
             raise MediaTooLarge(f"{modality.name} attachment is {len(attachment.data)} bytes; "
                                 f"the limit is {modality.max_bytes}")
-        if self.model is not None and modality.name not in self.model.kind_index:
-            raise UnsupportedMedia(f"the loaded model was not trained with modality "
-                                   f"{modality.name!r}")
         return modality
 
     async def _run_turn(self, session_id: str, text: str,
@@ -427,6 +427,7 @@ class Engine:
         try:
             reply = await self._turn(session_id, text, attachments, params, stream, turn)
             stream._queue.put_nowait(reply)
+            await self._hooks.record(session_id, text, [a for _, a in attachments], reply)
         except Cancelled as exc:
             stream._queue.put_nowait(self._dropped(stream) if self._closed else exc)
         except Exception as exc:  # every failure reaches the consumer, nothing is lost
@@ -443,7 +444,9 @@ class Engine:
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
         t0, received = time.perf_counter(), _now()
-        vectors = await self._media(attachments)
+        # a turn cancelled while its media wait (on a slow plugin, say) ends there
+        vectors = (await until_cancelled(self._media(attachments), stream._cancel)
+                   if attachments else [])
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
         async with held as session:
@@ -456,9 +459,14 @@ class Engine:
                                         lambda: stream.cancelled))
             t_prefill = time.perf_counter()
             dropped = self._pushed_out(session.memory, new_entries)
-            t_first = await self._decode(run, first, stream)
+            redactor = self._hooks.redactor(session_id)
+            t_first = await self._decode(run, first, stream, redactor)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
+            if redactor is not None:  # a failed redaction ends the turn, nothing stored
+                if redactor.error is not None:
+                    raise redactor.error
+                reply_text = redactor.text(reply_text, final=True)
             turns: list[dict[str, Any]] = [
                 {"role": "user", "id": uuid.uuid4().hex, "time": received, "text": text,
                  "attachments": [{"modality": m.name, "mime_type": a.mime_type, "id": a.id}
@@ -498,27 +506,24 @@ class Engine:
         return [i for i in ids if i]  # entries stored before ids were kept have none
 
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
-        """Decode each attachment (media pool; a failure raises), then encode it (encoder
-        thread, batched with the attachments of other turns): its vectors, or the
-        exception its encoding raised.
-
-        A turn decodes its attachments one after another, so it never holds more than
-        one media thread: another turn's picture does not wait behind all of its
-        pictures (the pool's threads are the global budget, one each the turn's)."""
-        loop = asyncio.get_running_loop()
-        features = []
-        for modality, att in attachments:
-            features.append(await loop.run_in_executor(
-                self._media_pool, self.plugins.wrap_call, modality, "decode", modality.decode,
-                att.data, att.mime_type))
+        """Decode each attachment (a failure raises), then encode it (batched with the
+        attachments of other turns): its vectors, or the exception its encoding raised.
+        Both run in the modality's own threads, limited and checked. A turn decodes its
+        attachments one after another, so it holds one decode thread at a time."""
+        guard = self._guard
+        features = [await guard.decode(m, a) for m, a in attachments]
         return await asyncio.gather(*(
-            self._encoders.call_batched(self._encode_batch, (modality, f))
-            for (modality, _), f in zip(attachments, features)), return_exceptions=True)
+            guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
+            return_exceptions=True)
 
-    async def _decode(self, run: Any, first: Any, stream: ReplyStream) -> float | None:
-        """Stream the reply's tokens into ``stream`` as deltas until decoding ends, the
-        first one at once when the prefill chose it; ``perf_counter()`` of the first."""
-        deltas = _Deltas(self.tokenizer, stream._queue.put_nowait)
+    async def _decode(self, run: Any, first: Any, stream: ReplyStream,
+                      redactor: Any = None) -> float | None:
+        """Stream the reply's tokens into ``stream`` as deltas (through ``redactor``, a
+        :class:`~mmchat.turnhooks.Redactor`) until decoding ends, the first one at once
+        when the prefill chose it; ``perf_counter()`` of the first."""
+        put = stream._queue.put_nowait
+        deltas = _Deltas(self.tokenizer,
+                         put if redactor is None else redactor.wrap(put, stream.cancel))
         started = first is not _UNSTARTED  # sampled: its first token came with it
         if started:
             deltas.take(first)
@@ -612,37 +617,6 @@ class Engine:
                 continue
             out[i] = new, run, first
         return out
-
-    def _encode_batch(self, items: list[tuple[Modality, Any]]) -> list[Any]:
-        """On the encoder thread: each attachment's vectors, or the exception its encoding
-        raised. One encoder call per modality, then one per attachment of a modality
-        whose batch failed, so a bad one fails only its own turn."""
-        by_modality: dict[str, list[int]] = {}
-        for k, (modality, _) in enumerate(items):
-            by_modality.setdefault(modality.name, []).append(k)
-        out: list[Any] = [None] * len(items)
-        for group in by_modality.values():
-            modality = items[group[0]][0]
-            try:
-                vectors = self._encode(modality, [items[k][1] for k in group])
-                for k, v in zip(group, vectors):
-                    out[k] = v
-            except Exception:
-                for k in group:
-                    try:
-                        out[k] = self._encode(modality, [items[k][1]])[0]
-                    except Exception as exc:
-                        out[k] = exc
-        return out
-
-    def _encode(self, modality: Modality, features: list[Any]) -> list[Any]:
-        import torch
-
-        x, lengths = modality.collate(features)
-        with torch.inference_mode():
-            vectors: list[Any] = self.plugins.wrap_call(
-                modality, "encode", self.model.encode, modality.name, x, lengths)
-        return vectors
 
     @staticmethod
     def _trim_stop(text: str, stops: Iterable[str]) -> str:

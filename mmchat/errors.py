@@ -71,6 +71,24 @@ class PluginError(MMChatError):
         self.plugin = plugin
 
 
+class PluginTimeout(PluginError):
+    """A plugin's ``decode`` or encoder ran past its time limit."""
+
+    code = "plugin_timeout"
+
+
+class PluginUnavailable(PluginError):
+    """A plugin failed too often in a row and is out of service until its cool-down ends."""
+
+    code = "plugin_unavailable"
+
+
+class Refused(InputError):
+    """A ``prepare_turn`` hook refused the message (moderation). Raise it from the hook."""
+
+    code = "refused"
+
+
 class CheckpointError(MMChatError):
     code = "bad_checkpoint"
 

@@ -54,3 +54,46 @@ def shutdown(engine):
 
     :param engine: the engine. Return value is ignored.
     """
+
+
+@hookspec
+def prepare_turn(session_id, text, attachments):
+    """Called before every turn, whatever its entry (``Engine.reply``, ``Engine.stream``,
+    WebSocket), before the message is checked: see, change or refuse it (moderation).
+
+    :param session_id: the session's id.
+    :param text: the message's text.
+    :param attachments: its :class:`mmchat.Attachment` s (a list of its own).
+    :return: ``None`` to leave the message as it is, or ``(text, attachments)`` to
+        change it; the next plugin sees the change. Raise
+        :class:`mmchat.errors.Refused` to refuse it: the caller gets that error (code
+        ``refused``) and nothing is stored. May return an awaitable (an ``async def``
+        hook); it runs on the event loop, so it must not block.
+    """
+
+
+@hookspec
+def redact_text(session_id, text, final):
+    """Called on the text of each streamed delta (``final=False``), and on the finished
+    reply's text before it is stored and returned (``final=True``): redaction.
+
+    :param session_id: the session's id.
+    :param text: a delta's text, or the whole reply's.
+    :param final: whether ``text`` is the whole reply.
+    :return: the text to use instead, or ``None`` to keep it. Runs on the event loop
+        for every delta: plain ``def``, quick, never blocking.
+    """
+
+
+@hookspec
+def record_turn(session_id, text, attachments, reply):
+    """Called after every turn that produced a reply (logging, metrics, storage).
+
+    :param session_id: the session's id.
+    :param text: the message's text (after ``prepare_turn``).
+    :param attachments: its :class:`mmchat.Attachment` s.
+    :param reply: the :class:`mmchat.Reply`: ``text``, ``finish_reason``,
+        ``attention``, ``prompt_tokens``, ``completion_tokens`` and ``timings``.
+    :return: ignored. May return an awaitable. A failure is logged; the reply, already
+        delivered, is unaffected.
+    """

@@ -36,10 +36,15 @@ class Modality(ABC):
     mime_types: tuple[str, ...] = ()
     #: Largest accepted payload, in bytes, before decoding.
     max_bytes: int = 10 * 1024 * 1024
-    #: Version of the encoder architecture; recorded in checkpoints.
+    #: Version of the encoder architecture, recorded in checkpoints. A checkpoint whose
+    #: major version (the part before the first ".") differs is refused.
     version: str = "0"
-    #: Name of the plugin that registered this modality (set by the plugin host).
+    #: When several served modalities take an attachment's MIME type and the client names
+    #: none, the highest priority wins (then the first name in alphabetical order).
+    priority: int = 0
+    #: Name and version of the plugin that registered this modality (set by the host).
     plugin_name: str = ""
+    plugin_version: str | None = None
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = dict(settings or {})

@@ -8,6 +8,7 @@ plugins load; ``MMCHAT_TRACE_PLUGINS=1`` logs every hook call.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -23,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError
+from .isolation import split_settings
 from .modality import Modality
 
 if TYPE_CHECKING:
@@ -75,13 +77,15 @@ class PluginHost:
         self._block = set(block)
         self._entry_points = entry_points
         self._builtins = tuple(builtins)
-        self._settings = {k: dict(v) for k, v in (settings or {}).items()}
+        # the keys of [plugins.<name>] that the engine reads (timeout_seconds) are not theirs
+        self._settings, _ = split_settings(settings or {})
         self._loaded = False
+        self._seen: set[str] = set()  # every plugin name found, loaded or not
         self._info: dict[str, PluginInfo] = {}
         self._modalities: dict[str, Modality] | None = None
         self.failures: list[PluginFailure] = []
         if os.environ.get(TRACE_ENV):
-            self.pm.trace.root.setwriter(logger.info)
+            self.pm.trace.root.setwriter(lambda text: logger.info("%s", text.rstrip()))
             self.pm.enable_tracing()
 
     @classmethod
@@ -111,12 +115,42 @@ class PluginHost:
         for path in self._paths:
             for file in _plugin_files(path):
                 self._load(file.stem, lambda f=file: _import_file(f), f"path {file}", None)
+        self._check_pending()
+        for name in sorted((self._allow or set()) - self._seen):
+            logger.error("plugin %r is enabled but not installed", name)
+            self.failures.append(PluginFailure(
+                name, "enabled", f"{ALLOW_ENV} or [plugins] enabled names {name!r}, but no "
+                f"installed plugin has that name; installed: {', '.join(sorted(self._seen))}"))
         return self
+
+    def _check_pending(self) -> None:
+        """pluggy's ``check_pending``: a plugin with a hook that no hookspec names fails to
+        load (unregistered), and the nearest real hook is suggested."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+                message = _unknown_hooks(self.pm, exc.plugin)
+                logger.error("plugin %r: %s", name, message)
+                self.pm.unregister(exc.plugin)
+                self._info.pop(name, None)
+                self.failures.append(PluginFailure(name, "load", message))
 
     def register(self, plugin: object, name: str, *, source: str = "registered",
                  version: str | None = None) -> None:
-        """Register an already-imported plugin object (used by tests and embedders)."""
+        """Register an already-imported plugin object (used by tests and embedders).
+
+        Raises :class:`PluginError` if it implements a hook that no hookspec names.
+        """
         self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            message = _unknown_hooks(self.pm, plugin)
+            self.pm.unregister(plugin)
+            raise PluginError(name, message) from None
         self._info[name] = PluginInfo(name=name, source=source, version=version)
         self._modalities = None
 
@@ -126,13 +160,14 @@ class PluginHost:
         self._modalities = None
 
     def _wanted(self, name: str) -> bool:
+        self._seen.add(name)
         if name in self._block:
             return False
         return self._allow is None or name in self._allow
 
     def _load(self, name: str, loader: Callable[[], object], source: str, version: str | None,
               *, always: bool = False) -> None:
-        if self.pm.has_plugin(name) or not (always or self._wanted(name)):
+        if self.pm.has_plugin(name) or not (self._wanted(name) or always):
             return
         try:
             plugin = loader()
@@ -150,22 +185,36 @@ class PluginHost:
     def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation of a hook, isolating failures per plugin.
 
-        Returns ``(plugin_name, result)`` pairs for the implementations that did not
-        raise; the ones that raised are logged and recorded in :attr:`failures`.
+        Each plugin is called through pluggy's hook caller (so ``MMCHAT_TRACE_PLUGINS``
+        traces it) on its own. Returns ``(plugin_name, result)`` pairs for the plugins
+        that did not raise; the ones that raised are logged and recorded in
+        :attr:`failures`.
         """
+        results = []
+        for plugin_name, call in self.callers(hook_name):
+            try:
+                results.append((plugin_name, call(**kwargs)))
+            except Exception as exc:
+                logger.exception("plugin %r failed in %s", plugin_name, hook_name)
+                self.failures.append(
+                    PluginFailure(plugin_name, hook_name, f"{type(exc).__name__}: {exc}"))
+        return results
+
+    def callers(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
+        """``(plugin_name, call)`` for each implementation of a hook, in pluggy's call
+        order: ``call(**kwargs)`` runs that plugin's implementation alone, through the
+        hook caller. Empty (and cheap) when no plugin implements the hook."""
         self.load()
         caller = getattr(self.pm.hook, hook_name)
-        results = []
-        for impl in reversed(caller.get_hookimpls()):
-            try:
-                args = {k: kwargs[k] for k in impl.argnames}
-                results.append((impl.plugin_name, impl.function(**args)))
-            except Exception as exc:
-                logger.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
-                self.failures.append(
-                    PluginFailure(impl.plugin_name, hook_name, f"{type(exc).__name__}: {exc}")
-                )
-        return results
+        impls = caller.get_hookimpls()
+        if not impls:
+            return []
+        if len(impls) == 1:
+            return [(impls[0].plugin_name, _first(caller))]
+        plugins = [impl.plugin for impl in impls]
+        return [(impl.plugin_name, _first(self.pm.subset_hook_caller(
+                    hook_name, [p for p in plugins if p is not impl.plugin])))
+                for impl in reversed(impls)]
 
     @property
     def modalities(self) -> dict[str, Modality]:
@@ -178,33 +227,28 @@ class PluginHost:
         found: dict[str, Modality] = {}
         for info in self._info.values():
             info.modalities = []
-        self.load()
-        caller = self.pm.hook.register_modalities
-        for impl in reversed(caller.get_hookimpls()):
+        for plugin_name, call in self.callers("register_modalities"):
             registered: list[Modality] = []
             try:
-                impl.function(
-                    **{k: v for k, v in
-                       {"register": registered.append, "settings": self._settings}.items()
-                       if k in impl.argnames}
-                )
+                call(register=registered.append, settings=self._settings)
                 for modality in registered:
                     _validate_modality(modality)
             except ConfigError:
                 raise  # bad settings must stop start-up, naming the key
             except Exception as exc:
-                logger.exception("plugin %r failed to register modalities", impl.plugin_name)
+                logger.exception("plugin %r failed to register modalities", plugin_name)
                 self.failures.append(PluginFailure(
-                    impl.plugin_name, "register_modalities", f"{type(exc).__name__}: {exc}"))
+                    plugin_name, "register_modalities", f"{type(exc).__name__}: {exc}"))
                 continue
             for modality in registered:
                 if modality.name in found:
                     logger.warning("modality %r registered twice; %r wins",
-                                   modality.name, impl.plugin_name)
-                modality.plugin_name = impl.plugin_name
+                                   modality.name, plugin_name)
+                modality.plugin_name = plugin_name
+                modality.plugin_version = self.plugin_version(plugin_name)
                 found[modality.name] = modality
-                if impl.plugin_name in self._info:
-                    self._info[impl.plugin_name].modalities.append(modality.name)
+                if plugin_name in self._info:
+                    self._info[plugin_name].modalities.append(modality.name)
         return found
 
     def plugin_version(self, plugin_name: str) -> str | None:
@@ -221,19 +265,6 @@ class PluginHost:
             info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             out.append(info)
         return sorted(out, key=lambda i: i.name)
-
-    def wrap_call(self, modality: Modality, what: str, fn: Callable, *args: Any) -> Any:
-        """Run a modality's own code, turning unexpected exceptions into PluginError."""
-        from .errors import MMChatError
-
-        try:
-            return fn(*args)
-        except MMChatError:
-            raise
-        except Exception as exc:
-            logger.exception("modality %r raised in %s", modality.name, what)
-            raise PluginError(modality.plugin_name or modality.name,
-                              f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _validate_modality(modality: object) -> None:
@@ -260,3 +291,24 @@ def _import_file(path: Path) -> object:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _first(caller: Any) -> Callable[..., Any]:
+    """A hook caller for one implementation: its result rather than a list of one."""
+    def call(**kwargs: Any) -> Any:
+        results = caller(**kwargs)
+        return results[0] if results else None
+    return call
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> str:
+    """The hooks of ``plugin`` that no hookspec names, each with the nearest real one."""
+    real = [name for name in vars(pm.hook) if not name.startswith("_")
+            and getattr(pm.hook, name).has_spec()]
+    unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec()]
+    hints = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, real, n=1, cutoff=0.5)
+        hints.append(f"unknown hook {name!r}: did you mean {near[0]!r}?" if near
+                     else f"unknown hook {name!r}")
+    return "; ".join(hints) + f" (the hooks are: {', '.join(sorted(real))})"

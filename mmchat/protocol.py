@@ -91,6 +91,10 @@ ERROR_CODES: Mapping[str, str] = {
     errors.MediaTooLarge.code: "An attachment is over its modality's size limits.",
     errors.CorruptMedia.code: "An attachment could not be decoded as its MIME type.",
     errors.PluginError.code: "A plugin failed while handling the message.",
+    errors.PluginTimeout.code: "A plugin's decode or encoder ran past its time limit.",
+    errors.PluginUnavailable.code: "The plugin that would take an attachment is out of "
+                                   "service after repeated failures; try again later.",
+    errors.Refused.code: "A plugin (moderation) refused the message.",
 }
 
 _FATAL_CLOSE_CODES = {

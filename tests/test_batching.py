@@ -330,7 +330,7 @@ async def test_turns_that_arrive_together_are_prefilled_in_one_batch(tiny_config
 async def test_replies_decode_while_the_encoders_work(tiny_config, toy_host):
     async with Engine(tiny_config, plugins=toy_host) as engine:
         gate = threading.Event()
-        busy = asyncio.ensure_future(engine._encoders.call(gate.wait, 30))
+        busy = asyncio.ensure_future(engine._guard._lanes["toy"].encoders.call(gate.wait, 30))
         waiting = await engine.stream("picture", "what is it", [toy(4)])
         text = await asyncio.wait_for(engine.reply("text", "hello"), 30)
         assert text.completion_tokens > 0 and not waiting._task.done()
@@ -341,7 +341,7 @@ async def test_replies_decode_while_the_encoders_work(tiny_config, toy_host):
 
 async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_config, toy_host,
                                                                         tmp_path):
-    """One encoder call per modality for the attachments waiting together on the
+    """One encoder call per modality for the attachments waiting together on its
     encoder thread; when that call fails, each attachment is encoded alone, so only the
     bad one's turn fails."""
     from mmchat.errors import PluginError
@@ -350,16 +350,16 @@ async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_con
     solo = await solo_replies(config, toy_host, SESSIONS)
     async with Engine(config, plugins=toy_host) as engine:
         calls: list[list[int]] = []
-        encode = engine.model.encode
+        encode = engine.model.encoders["toy"]
 
-        def flaky(modality, x, lengths):
+        def flaky(x, lengths):
             calls.append(lengths.tolist())
             if 16 in lengths.tolist():  # session d's attachment breaks the encoder
                 raise RuntimeError("encoder blew up")
-            return encode(modality, x, lengths)
+            return encode(x, lengths)
 
-        engine.model.encode = flaky
-        encoders = engine._encoders
+        engine._guard._encoders["toy"] = flaky
+        encoders = engine._guard._lanes["toy"].encoders
         gate = threading.Event()
         busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
         streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]

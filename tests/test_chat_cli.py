@@ -39,3 +39,38 @@ def test_repl_chats_with_images_and_voice_and_reports_errors(tmp_path, image_dir
 def test_repl_ends_cleanly_on_end_of_input(tmp_path):
     out = run_chat("hello\n", tmp_path)
     assert out.returncode == 0 and "bot> " in out.stdout
+
+
+def test_attach_takes_any_installed_modality(tmp_path, image_dir, speech_dir):
+    import os
+    from pathlib import Path
+
+    toy = Path(__file__).parent / "toy_plugin.py"
+    (tmp_path / "config.toml").write_text(f'[plugins]\npaths = ["{toy}"]\n')
+    (tmp_path / "reading.bin").write_bytes(b"abcdefgh")
+    script = "\n".join([
+        "/modalities",
+        f"/attach {tmp_path / 'reading.bin'} toy",
+        "what does it read?",
+        f"/attach {image_dir / 'circle.png'}",
+        "and this?",
+        f"/attach {speech_dir / 'question.wav'} voice",
+        "listen",
+        f"/attach {image_dir / 'circle.png'} voice",
+        "wrong",
+        f"/attach {image_dir / 'circle.png'} nosuch",
+        "/quit",
+    ]) + "\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "mmchat", "chat", "--untrained"], input=script,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"MMCHAT_MODEL__N_HIDDEN": "32", "MMCHAT_MODEL__N_EMBD": "16",
+             "MMCHAT_MODEL__D_MODEL": "16", "MMCHAT_GENERATION__MAX_NEW_TOKENS": "4",
+             "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout
+    assert "  toy: application/x-toy" in lines
+    assert "as application/x-toy;" in lines and "as image/png;" in lines
+    assert lines.count("bot> ") == 4
+    assert "error [unsupported_media]: modality 'voice' does not accept 'image/png'" in lines
+    assert "error: no modality 'nosuch'" in lines

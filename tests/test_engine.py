@@ -5,7 +5,6 @@ import torch
 
 from mmchat import Attachment, Engine, checkpoint, hookimpl
 from mmchat.errors import (
-    Cancelled,
     CheckpointError,
     EmptyMessage,
     InputError,
@@ -183,7 +182,8 @@ def test_checkpoint_round_trip_and_missing_plugin(tmp_path, tiny_config, toy_hos
     assert sorted(p.name for p in path.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.model"]
     loaded, tok2, meta = checkpoint.load(path, toy_host.modalities)
-    assert meta["plugins"] == {"toy": {"plugin": "toy", "version": "1"}}
+    assert meta["plugins"] == {"toy": {"plugin": "toy", "version": "1", "plugin_version": "9.9",
+                                       "settings": {}}}
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert tok2.proto == tok.proto

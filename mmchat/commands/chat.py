@@ -16,6 +16,10 @@ from .options import config_option, load_config
 HELP = """Commands:
   /image PATH [text]   attach a picture (sent now with text, else with your next message)
   /voice PATH [text]   attach a voice clip (likewise)
+  /attach PATH [MODALITY]
+                       attach a file for any modality (see /modalities), sent with
+                       your next message; without MODALITY its type decides
+  /modalities          the modalities the model takes, with their MIME types
   /reset               forget this conversation
   /help                this help
   /quit                leave (Ctrl-D works too)"""
@@ -70,6 +74,10 @@ class LocalBackend:
         for delta in self.engine.stream_sync(self.session_id, text, attachments):
             yield delta.text
 
+    def modalities(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(m.mime_types)
+                for name, m in sorted(self.engine.served_modalities.items())}
+
     def reset(self) -> None:
         self.engine.sync().reset(self.session_id)
 
@@ -117,6 +125,9 @@ class RemoteBackend:
                 run(self.client.resume())
                 continue
             yield delta.text
+
+    def modalities(self) -> dict[str, tuple[str, ...]]:
+        return {m.name: tuple(m.mime_types) for m in self.client.modalities}
 
     def reset(self) -> None:
         from ..client import Client
@@ -172,6 +183,13 @@ class Repl:
                     self.pending.clear()
                     click.echo("(conversation reset)")
                     continue
+                if command == "/modalities":
+                    for name, types in self.backend.modalities().items():
+                        click.echo(f"  {name}: {', '.join(types)}")
+                    continue
+                if command == "/attach" and 1 <= len(args) <= 2:
+                    self.attach(args[0], args[1] if len(args) == 2 else None)
+                    continue
                 if command in ("/image", "/voice") and args:
                     try:
                         att = Attachment.from_path(args[0])
@@ -188,6 +206,28 @@ class Repl:
                     click.echo(f"unknown command {command!r}\n{HELP}")
                     continue
             self.send(line)
+
+    def attach(self, path: str, modality: str | None) -> None:
+        """Keep ``path`` for the next message, for ``modality`` if named (a file whose type
+        its suffix does not tell is sent as the modality's first MIME type)."""
+        from ..modality import Attachment
+
+        try:
+            att = Attachment.from_path(path)
+        except OSError as exc:
+            click.echo(f"error: cannot read {path}: {exc.strerror}")
+            return
+        mime_type = att.mime_type
+        if modality is not None:
+            types = self.backend.modalities().get(modality)
+            if types is None:
+                click.echo(f"error: no modality {modality!r}; the model takes "
+                           f"{', '.join(self.backend.modalities()) or 'none'}")
+                return
+            if mime_type == "application/octet-stream" and types:
+                mime_type = types[0]
+        self.pending.append(Attachment(att.data, mime_type, modality=modality))
+        click.echo(f"(attached {path} as {mime_type}; it goes with your next message)")
 
     def send(self, text: str) -> None:
         attachments, self.pending = self.pending, []

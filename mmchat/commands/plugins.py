@@ -17,7 +17,7 @@ def register(cli: click.Group) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_command(config_path, as_json: bool) -> None:
-    """List installed plugins."""
+    """List installed plugins; exits with 1 if any failed to load or to register."""
     from ..plugins import PluginHost
 
     c = load_config(config_path)
@@ -28,7 +28,7 @@ def plugins_command(config_path, as_json: bool) -> None:
     failures = [{"plugin": f.plugin, "stage": f.stage, "error": f.error} for f in host.failures]
     if as_json:
         click.echo(json.dumps({"plugins": rows, "failures": failures}, indent=2))
-        return
+        raise SystemExit(1 if failures else 0)
     for row in rows:
         click.echo(f"{row['name']} {row['version'] or '-'}  [{row['source']}]")
         click.echo(f"  hooks: {', '.join(row['hooks']) or '-'}")
@@ -36,3 +36,5 @@ def plugins_command(config_path, as_json: bool) -> None:
             click.echo(f"  modalities: {', '.join(row['modalities'])}")
     for f in failures:
         click.echo(f"FAILED {f['plugin']} ({f['stage']}): {f['error']}", err=True)
+    if failures:
+        raise SystemExit(1)

@@ -196,6 +196,11 @@ class ChatServer:
             self.metrics.store_up.set(0)
             return False, f"session store unreachable or refusing writes: {exc or 'no answer'}"
         self.metrics.store_up.set(1)
+        down = [h for h in self.engine.plugin_health() if h["state"] != "closed"]
+        if down:  # still ready: every node has the same plugins, and the rest works
+            return True, "ready; degraded: " + "; ".join(
+                f"modality {h['modality']!r} (plugin {h['plugin']!r}) is out of service, "
+                f"tried again in {h['retry_in']:.0f}s" for h in down)
         return True, "ready"
 
     # -- HTTP ------------------------------------------------------------------------
@@ -210,6 +215,7 @@ class ChatServer:
             return ws.respond(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
                               why + "\n")
         if path == "/metrics":
+            self.metrics.observe_plugins(self.engine.plugin_health())
             response = ws.respond(HTTPStatus.OK, "")
             response.body = self.metrics.render()
             del response.headers["Content-Type"]

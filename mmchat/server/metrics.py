@@ -79,6 +79,18 @@ class Metrics:
                                        ["op"], buckets=_LATENCY_BUCKETS, registry=r)
         self.store_up = Gauge("mmchat_store_up",
                               "1 if the last session store ping succeeded, else 0.", registry=r)
+        self.plugin_up = Gauge("mmchat_plugin_up", "1 if a modality's plugin is in service, "
+                               "0 while its circuit breaker keeps it out.",
+                               ["modality", "plugin"], registry=r)
+        self.plugin_failures = Gauge("mmchat_plugin_failures", "Failures and timeouts of a "
+                                     "modality's decode and encoder calls so far.",
+                                     ["modality", "plugin"], registry=r)
+
+    def observe_plugins(self, health: Sequence[dict[str, Any]]) -> None:
+        """Set the plugin gauges from :meth:`mmchat.Engine.plugin_health`."""
+        for h in health:
+            self.plugin_up.labels(h["modality"], h["plugin"]).set(h["state"] != "open")
+            self.plugin_failures.labels(h["modality"], h["plugin"]).set(h["failures"])
 
     def render(self) -> bytes:
         """The text exposition format for ``/metrics``."""

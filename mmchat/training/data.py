@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..dataset import Dialogue, read_dataset
@@ -70,25 +70,40 @@ def decode_media(cache: FeatureCache, dialogues: list[Dialogue],
     cache.add_all(items)
 
 
-def load_train_data(data_dir: str | Path, registered: Mapping[str, Modality], *,
+def load_train_data(data_dir: str | Path | Sequence[str | Path],
+                    registered: Mapping[str, Modality], *,
                     vocab_size: int, max_tokens: int, tokenizer: Tokenizer | None = None,
-                    modality_names: list[str] | None = None) -> TrainData:
-    """Read ``train.jsonl`` and ``valid.jsonl``; train a tokenizer unless one is given."""
-    data_dir = Path(data_dir)
-    train = load_dialogues(split_path(data_dir, "train"))
-    valid_path = data_dir / "valid.jsonl"
-    valid = load_dialogues(valid_path) if valid_path.is_file() else []
-    if not train:
-        raise MMChatError(f"{data_dir}/train.jsonl holds no dialogues")
+                    modality_names: list[str] | None = None,
+                    answers: list[str] | None = None) -> TrainData:
+    """Read ``train.jsonl`` and ``valid.jsonl`` of one dataset folder, or of several
+    together (media paths stay relative to each folder); train a tokenizer unless one is
+    given. ``modality_names`` are modalities to keep besides those the data uses;
+    ``answers`` fixes the auxiliary answer classes (else they come from the data)."""
+    dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
+    if not dirs:
+        raise MMChatError("no dataset folder given")
+    train: list[Dialogue] = []
+    valid: list[Dialogue] = []
+    for folder in dirs:
+        part = load_dialogues(split_path(folder, "train"))
+        if not part:
+            raise MMChatError(f"{folder}/train.jsonl holds no dialogues")
+        train += part
+        if (folder / "valid.jsonl").is_file():
+            valid += load_dialogues(folder / "valid.jsonl")
     modalities = used_modalities(train + valid, registered)
     if modality_names is not None:
-        modalities = {n: registered[n] for n in modality_names}
+        missing = sorted(set(modality_names) - set(registered))
+        if missing:
+            raise MMChatError(f"modalities {missing} are needed but no loaded plugin "
+                              "provides them")
+        modalities = {n: registered[n] for n in sorted(set(modality_names) | set(modalities))}
     if tokenizer is None:
         tokenizer = Tokenizer.train(texts_of(train), vocab_size=vocab_size)
         logger.info("trained a tokenizer with %d pieces", tokenizer.vocab_size)
     cache = FeatureCache()
     decode_media(cache, train + valid, modalities)
-    answers = answer_classes(train)
+    answers = answer_classes(train) if answers is None else list(answers)
     ids = {a: i for i, a in enumerate(answers)}
     return TrainData(encode_all(train, tokenizer, max_tokens, ids),
                      encode_all(valid, tokenizer, max_tokens, ids), cache, tokenizer, modalities,

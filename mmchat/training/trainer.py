@@ -37,6 +37,7 @@ from ..loading import dialogue_config
 from ..modality import Modality
 from ..tokenizer import Tokenizer
 from .examples import Batch, Example, FeatureCache, collate
+from .init import Base
 from .state import dump_optimizer, load_optimizer
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,10 @@ class Distributed:
 class Trainer:
     def __init__(self, config: Config, data: TrainData, out_dir: str | Path, *,
                  resume: bool = False, progress: bool = True,
-                 on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_eval: Callable[[dict[str, Any]], None] | None = None,
+                 init_from: Base | None = None, freeze: bool = False) -> None:
+        """``init_from``: a trained model to start from (its tokenizer must be the
+        data's), adding the modalities it lacks; ``freeze`` trains only what is new."""
         self.config = config
         self.data = data
         self.out = Path(out_dir)
@@ -127,9 +131,21 @@ class Trainer:
             dcfg.heard = sorted({m for e in data.train
                                  for (m, _, _), words in zip(e.media, e.words) if words})
         dcfg.transcripts = bool(dcfg.heard)
-        self.model = checkpoint.build_untrained(dcfg, data.modalities).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
-                                           weight_decay=t.weight_decay)
+        if init_from is not None:
+            if init_from.tokenizer.proto != data.tokenizer.proto:
+                raise MMChatError(f"--init-from {init_from.path}: train with its tokenizer")
+            lacking = sorted(set(init_from.config.modalities) - set(data.modalities))
+            if lacking:
+                raise MMChatError(f"--init-from {init_from.path} needs modalities {lacking} "
+                                  "in the data's (load_train_data(modality_names=...))")
+            dcfg = init_from.grown(sorted(data.modalities), dcfg.heard)
+        self.model = checkpoint.build_untrained(dcfg, data.modalities)
+        if init_from is not None:
+            init_from.load_into(self.model, freeze=freeze)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+            weight_decay=t.weight_decay)
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel

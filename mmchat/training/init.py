@@ -1,0 +1,97 @@
+"""Start training from a trained model (``mmchat train --init-from CHECKPOINT``).
+
+The new model keeps the checkpoint's shape, tokenizer, answer classes and modalities,
+in their order (a modality's type id is its place in that list), and appends the
+modalities the data has that the checkpoint lacks. Every weight of the checkpoint is
+loaded; a weight that grew with the new modalities (the modality type embedding, the
+``concat`` fusion's projection) keeps its trained part and starts the new part at zero
+or at its fresh initialisation. ``freeze`` keeps every weight loaded unchanged and
+trains only the new encoders and the new part of the grown weights (with
+``[train] weight_decay = 0``, the default, the loaded part then stays exactly as it was).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..errors import MMChatError
+from ..modality import Modality
+from ..model import DialogueConfig, DialogueLM
+from ..tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Base:
+    """A trained model to start from."""
+
+    path: Path
+    config: DialogueConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, registered: Mapping[str, Modality]) -> Base:
+        model, tokenizer, _ = checkpoint.load(path, registered)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return cls(Path(path), model.config, state, tokenizer)
+
+    def grown(self, modalities: list[str], heard: list[str]) -> DialogueConfig:
+        """The checkpoint's config with ``modalities`` it lacks appended, and the
+        transcript head kept (or added) for ``heard``."""
+        old = self.config.modalities
+        added = [m for m in sorted(modalities) if m not in old]
+        heard_all = sorted(set(self.config.heard) | set(heard))
+        return dataclasses.replace(self.config, modalities=[*old, *added], heard=heard_all,
+                                   transcripts=self.config.transcripts or bool(heard_all))
+
+    def load_into(self, model: DialogueLM, *, freeze: bool = False) -> list[str]:
+        """Copy the checkpoint's weights into ``model`` (built from :meth:`grown`); with
+        ``freeze``, stop gradients of every weight loaded unchanged. Returns the names of
+        the weights that start fresh or grew."""
+        fresh = []
+        kept: dict[str, torch.Tensor] = {}  # grown weight -> 1 where it is new, 0 where loaded
+        n_old = len(self.config.modalities)
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                old = self.state.get(name)
+                if old is None:
+                    fresh.append(name)
+                elif old.shape == param.shape:
+                    param.copy_(old)
+                elif name == "fusion.proj.weight":  # concat: [kind 1..K blocks | query]
+                    d = model.config.d_model
+                    param[:, n_old * d:].zero_()
+                    param[:, : n_old * d] = old[:, : n_old * d]
+                    param[:, -d:] = old[:, -d:]
+                    fresh.append(name)
+                    kept[name] = torch.zeros_like(param)
+                    kept[name][:, n_old * d: -d] = 1
+                elif old.dim() == param.dim() and all(
+                        o <= n for o, n in zip(old.shape, param.shape)):
+                    param[tuple(slice(0, o) for o in old.shape)] = old  # rows appended
+                    fresh.append(name)
+                    kept[name] = torch.ones_like(param)
+                    kept[name][tuple(slice(0, o) for o in old.shape)] = 0
+                else:
+                    raise MMChatError(f"cannot start from {self.path}: weight {name} has "
+                                      f"shape {tuple(old.shape)} there and "
+                                      f"{tuple(param.shape)} here")
+        if freeze:
+            for name, param in model.named_parameters():
+                if name not in fresh:
+                    param.requires_grad_(False)
+                elif name in kept:  # only the new part of a grown weight learns
+                    param.register_hook(lambda grad, new=kept[name]: grad * new)
+        added = model.config.modalities[n_old:]
+        logger.info("starting from %s; new modalities: %s; %d weights start fresh or grew%s",
+                    self.path, ", ".join(added) or "none", len(fresh),
+                    "; the rest is frozen" if freeze else "")
+        return fresh

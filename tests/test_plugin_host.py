@@ -1,0 +1,194 @@
+"""The plugin host: what the configuration loads, for every command; hook names checked;
+tracing; what checkpoints record of each plugin."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL
+from toy_plugin import ToyModality
+
+from mmchat import checkpoint, hookimpl
+from mmchat.config import from_dict
+from mmchat.errors import CheckpointError, PluginError
+from mmchat.loading import load_model
+from mmchat.plugins import PluginHost
+
+ROOT = Path(__file__).parent.parent
+
+PROBE = '''
+import sys
+from pathlib import Path
+
+import click
+from mmchat import hookimpl
+
+Path("imported-probe").touch()
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("probe")
+    def probe():
+        "Say which plugin packages are imported."
+        click.echo("image imported: %s" % ("mmchat_image" in sys.modules))
+'''
+
+TYPO = '''
+from mmchat import hookimpl
+
+
+@hookimpl
+def register_modality(register):
+    pass
+'''
+
+
+def mmchat(*args, cwd, env=None, check=False):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")}
+    return subprocess.run([sys.executable, "-m", "mmchat", *args], capture_output=True,
+                          text=True, cwd=cwd, env={**environ, **(env or {})}, check=check)
+
+
+def project(tmp_path, plugins="", **files):
+    """A folder with a config.toml (``[plugins]`` lines) and plugin files in plugins/."""
+    (tmp_path / "plugins").mkdir()
+    for name, text in files.items():
+        (tmp_path / "plugins" / f"{name}.py").write_text(text)
+    (tmp_path / "config.toml").write_text(f'[plugins]\npaths = ["plugins"]\n{plugins}\n')
+    return tmp_path
+
+
+def test_folder_plugins_add_commands_and_disabled_plugins_are_never_imported(tmp_path):
+    cwd = project(tmp_path, 'disabled = ["image"]', probe=PROBE)
+    out = mmchat("probe", cwd=cwd, check=True)
+    assert out.stdout.strip() == "image imported: False"
+    assert mmchat("probe", cwd=cwd, env={"MMCHAT_LOAD_PLUGINS": "probe,voice"},
+                  check=True).stdout.strip() == "image imported: False"
+    (cwd / "config.toml").write_text('[plugins]\npaths = ["plugins"]\n')
+    assert mmchat("probe", cwd=cwd, check=True).stdout.strip() == "image imported: True"
+
+
+def test_a_disabled_folder_plugin_is_not_imported_and_its_commands_do_not_run(tmp_path):
+    cwd = project(tmp_path, 'disabled = ["probe"]', probe=PROBE)
+    out = mmchat("probe", cwd=cwd)
+    assert out.returncode != 0 and "No such command 'probe'" in out.stderr
+    assert "probe" not in mmchat("--help", cwd=cwd, check=True).stdout
+    assert not (cwd / "imported-probe").exists()
+    assert "probe" not in mmchat("plugins", "--json", cwd=cwd, check=True).stdout
+
+
+def test_the_config_named_on_the_command_line_decides_too(tmp_path):
+    cwd = project(tmp_path, probe=PROBE)
+    (cwd / "other.toml").write_text('[plugins]\npaths = ["plugins"]\ndisabled = ["probe"]\n')
+    out = mmchat("plugins", "--config", "other.toml", "--json", cwd=cwd, check=True)
+    assert "probe" not in {p["name"] for p in json.loads(out.stdout)["plugins"]}
+    assert not (cwd / "imported-probe").exists()
+    mmchat("plugins", "--config=config.toml", cwd=cwd, check=True)
+    assert (cwd / "imported-probe").exists()
+
+
+def test_an_unknown_hook_name_names_the_nearest_real_hook():
+    class Typo:
+        @hookimpl
+        def register_modality(self, register):
+            pass
+
+    host = PluginHost(entry_points=False)
+    with pytest.raises(PluginError, match=r"plugin 'typo' failed: unknown hook "
+                       r"'register_modality'.*did you mean 'register_modalities'\?"):
+        host.register(Typo(), "typo")
+    assert not host.pm.has_plugin("typo")
+
+
+def test_a_loaded_plugin_with_an_unknown_hook_fails_and_mmchat_plugins_says_so(tmp_path):
+    cwd = project(tmp_path, typo=TYPO)
+    host = PluginHost(paths=[cwd / "plugins"], entry_points=False)
+    host.load()
+    assert not host.pm.has_plugin("typo")
+    [failure] = host.failures
+    assert (failure.plugin, failure.stage) == ("typo", "load")
+    assert "did you mean 'register_modalities'?" in failure.error
+    out = mmchat("plugins", cwd=cwd)
+    assert out.returncode == 1 and "FAILED typo (load)" in out.stderr
+    assert "register_modality" not in out.stdout
+
+
+def test_an_allow_list_that_names_no_installed_plugin_is_an_error(tmp_path):
+    host = PluginHost(allow=["image", "imgae"])
+    assert set(host.modalities) == {"image"}
+    assert [(f.plugin, f.stage) for f in host.failures] == [("imgae", "enabled")]
+    out = mmchat("plugins", cwd=tmp_path, env={"MMCHAT_LOAD_PLUGINS": "imgae"})
+    assert out.returncode == 1
+    assert "FAILED imgae (enabled)" in out.stderr and "no installed plugin" in out.stderr
+    assert mmchat("plugins", cwd=tmp_path).returncode == 0
+
+
+def test_hook_calls_are_traced_through_pluggy(monkeypatch, caplog, toy_host):
+    monkeypatch.setenv("MMCHAT_TRACE_PLUGINS", "1")
+    import toy_plugin
+
+    host = PluginHost(entry_points=False)
+    host.register(toy_plugin, "toy")
+    with caplog.at_level(logging.INFO, logger="mmchat.plugins"):
+        assert set(host.modalities) == {"toy"}
+    assert any("register_modalities" in r.getMessage() for r in caplog.records)
+
+
+def test_mmchat_plugins_traces_with_the_variable_set(tmp_path):
+    out = mmchat("plugins", cwd=tmp_path, env={"MMCHAT_TRACE_PLUGINS": "1"}, check=True)
+    assert "register_modalities [hook]" in out.stderr
+    assert "register_modalities" not in mmchat("plugins", cwd=tmp_path).stderr
+
+
+class Toy2(ToyModality):
+    version = "2.0"
+
+
+class Toy11(ToyModality):
+    version = "1.1"
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A checkpoint of a tiny model with toy modality version 1, max_frames = 8."""
+    config = from_dict({"model": TINY_MODEL}, env={})
+    toy = ToyModality({"max_frames": 8})
+    toy.plugin_name, toy.plugin_version = "toy", "9.9"
+    model, tokenizer, _ = load_model(config, {"toy": toy})
+    return checkpoint.save(tmp_path / "ckpt", model, tokenizer, {"toy": toy})
+
+
+def test_checkpoints_record_each_plugin_name_version_and_settings(trained):
+    meta = json.loads((trained / "config.json").read_text())
+    assert meta["plugins"] == {"toy": {"plugin": "toy", "version": "1", "plugin_version": "9.9",
+                                       "settings": {"max_frames": 8}}}
+
+
+def test_a_different_major_version_is_refused(trained):
+    toy = Toy2({"max_frames": 8})
+    toy.plugin_name = "toy"
+    with pytest.raises(CheckpointError, match=r"trained with modality 'toy' version 1 "
+                       r"\(plugin 'toy' 9.9\), but plugin 'toy' .*provides version 2.0"):
+        checkpoint.load(trained, {"toy": toy})
+    checkpoint.load(trained, {"toy": Toy11({"max_frames": 8})})  # a minor change loads
+
+
+def test_changed_settings_load_with_a_warning_naming_them(trained, caplog):
+    with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
+        checkpoint.load(trained, {"toy": ToyModality({"max_frames": 8})})
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
+        checkpoint.load(trained, {"toy": ToyModality({"max_frames": 3, "size": 2})})
+    [record] = caplog.records
+    assert ("max_frames (trained with 8, now 3), size (trained with 'the default', now 2)"
+            in record.getMessage())
+
+
+def test_the_bundled_model_still_loads_with_the_bundled_plugins():
+    host = PluginHost()
+    checkpoint.load(ROOT / "models" / "bundled", host.modalities)
