@@ -273,6 +273,9 @@ async def test_one_turns_attachments_hold_one_media_thread(tiny_config):
         name = "gated"
         mime_types = ("application/x-gated",)
 
+        def example(self):  # no warm-up: every decode here is a turn's
+            return None
+
         def decode(self, data, mime_type):
             decoding[0] += 1
             entered.release()
