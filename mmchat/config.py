@@ -52,6 +52,8 @@ class FusionConfig:
     method: str = _opt("attention", choices=("attention", "concat", "weighted"))
     condition: bool = _opt(True)
     max_memory: int = _opt(16, min=1, max=4096)
+    entry_tags: int = _opt(8, min=0, max=64)
+    carry_query: bool = _opt(True)
 
 
 @dataclass(frozen=True)

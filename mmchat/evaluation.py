@@ -170,7 +170,8 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
             rnn = run.prompt_state
             if reference:
                 _, rnn = model.run_rnn(torch.tensor([reference]), rnn)
-            state = SessionState(rnn=rnn, pending=[tokenizer.eos_id], turns=run.turns_before + 1)
+            state = SessionState(rnn=rnn, pending=[tokenizer.eos_id], turns=run.turns_before + 1,
+                                 query=run.memory.query)
             pending_user = None
     return results
 

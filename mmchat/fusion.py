@@ -36,14 +36,16 @@ class TurnMemory:
 
 
 class TurnQuery(nn.Module):
-    """q = tanh(W [h; bag; glimpse]).
+    """q = tanh(W [h; bag; previous; glimpse]).
 
     ``h`` is the RNN state after the question, ``bag`` the mean embedding of the user
     turn's tokens (a direct view of the words, which the RNN takes long to learn to
     carry), and the glimpse is multi-head attention over the memory (how a spoken
     question reaches ``q``). ``h`` and ``bag`` are layer-normalised first: a mean of
     small token embeddings would otherwise barely move ``q``, and one changed word
-    ("circle" for "square") must move it a lot.
+    ("circle" for "square") must move it a lot. With ``carry``, the previous turn's
+    query (``previous``, zeros on a first turn) joins them, so a follow-up ("and where
+    is it?") can ask about what the last turn asked about.
 
     The glimpse is ``nn.MultiheadAttention`` (its weights, its function) computed for
     one query without projecting the memory: a head's key weights fold into its query
@@ -51,17 +53,22 @@ class TurnQuery(nn.Module):
     costs O(N d) per head instead of O(N d^2) for the N memory vectors.
     """
 
-    def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4) -> None:
+    def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4,
+                 carry: bool = False) -> None:
         super().__init__()
         self.norm_h = nn.LayerNorm(n_hidden)
         self.norm_bag = nn.LayerNorm(n_embd)
-        self.q_proj = nn.Linear(n_hidden + n_embd, d_model)
+        n_in = n_hidden + n_embd + (d_model if carry else 0)
+        self.q_proj = nn.Linear(n_in, d_model)
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
-        self.out = nn.Linear(n_hidden + n_embd + d_model, d_model)
+        self.out = nn.Linear(n_in + d_model, d_model)
 
     def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.norm_h(h), self.norm_bag(bag)], dim=-1)  # (B, H + E)
+                mask: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [self.norm_h(h), self.norm_bag(bag)]
+        if previous is not None:
+            parts.append(previous)  # (B, d), already tanh-bounded
+        x = torch.cat(parts, dim=-1)  # (B, H + E [+ d])
         glimpse = self.glimpse(self.q_proj(x), memory, mask)  # (B, d)
         return torch.tanh(self.out(torch.cat([x, glimpse], dim=-1)))  # (B, d)
 

@@ -33,6 +33,7 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         vocab_size=vocab_size, rnn=m.rnn, n_layer=m.n_layer, n_embd=m.n_embd,
         n_hidden=m.n_hidden, d_model=m.d_model, dropout=m.dropout,
         fusion=config.fusion.method, condition=config.fusion.condition,
+        entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
         modalities=sorted(modalities))
 
 

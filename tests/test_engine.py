@@ -1,5 +1,6 @@
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from mmchat.errors import (
     UnsupportedMedia,
 )
 from mmchat.loading import load_model
-from mmchat.state import dumps_state, loads_state
+from mmchat.state import SessionState, dumps_state, loads_state
 
 TOY = Attachment(bytes(range(16)), "application/x-toy")
 
@@ -86,17 +87,30 @@ def test_state_blobs_written_through_safetensors_torch_still_load():
     format, written by its torch ones) read back unchanged."""
     from safetensors.torch import save
 
-    from mmchat.state import FORMAT, MEMORY_FORMAT, VERSION, loads_entry
+    from mmchat.state import FORMAT, MEMORY_FORMAT, loads_entry
 
     rnn, vectors = torch.randn(2, 1, 1, 8), torch.randn(5, 4)
     state = loads_state(save({"rnn": rnn, "pending": torch.tensor([3, 2])},
-                             metadata={"format": FORMAT, "version": VERSION, "turns": "4"}))
+                             metadata={"format": FORMAT, "version": "1", "turns": "4"}))
     assert torch.equal(state.rnn, rnn) and (state.pending, state.turns) == ([3, 2], 4)
     entry = loads_entry(save({"vectors": vectors},
-                             metadata={"format": MEMORY_FORMAT, "version": VERSION,
+                             metadata={"format": MEMORY_FORMAT, "version": "1",
                                        "modality": "toy", "attachment_id": "a1"}))
     assert torch.equal(entry.vectors, vectors)
     assert (entry.modality, entry.attachment_id) == ("toy", "a1")
+
+
+def test_a_state_keeps_the_turn_query_and_a_version_1_state_loads_without_one():
+    query = torch.randn(1, 8)
+    state = loads_state(dumps_state(SessionState(torch.randn(2, 1, 1, 8), [3], 2, query)))
+    assert torch.equal(state.query, query) and state.turns == 2
+    assert loads_state(dumps_state(SessionState(torch.randn(2, 1, 1, 8), [3]))).query is None
+    from safetensors.numpy import save
+
+    with pytest.raises(StateError, match="version '9' is not supported"):
+        loads_state(save({"rnn": np.zeros((2, 1, 1, 8), np.float32),
+                          "pending": np.zeros(1, np.int64)},
+                         metadata={"format": "mmchat-state", "version": "9"}))
 
 
 async def test_memory_bank_carries_an_attachment_into_later_turns(engine):
