@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +53,18 @@ class Delta:
 class Reply:
     session_id: str
     text: str
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "loop" or "cancelled"
     attention: dict[str, float]  # mean attention mass per modality
     prompt_tokens: int
     completion_tokens: int
     #: milliseconds: decode_media (decoding and encoding attachments), prefill,
     #: first_token, total
     timings: dict[str, float]
+    #: the lowest probability the model gave a token it chose (end of reply included)
+    confidence: float = 0.0
+    #: True when ``text`` is ``[generation] fallback_text`` in place of the model's reply
+    #: (too unsure, or it looped); the streamed deltas were the model's
+    fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,7 +72,7 @@ class Reply:
             "finish_reason": self.finish_reason, "attention": self.attention,
             "usage": {"prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens},
-            "timings": self.timings,
+            "timings": self.timings, "confidence": self.confidence, "fallback": self.fallback,
         }
 
 
@@ -173,6 +178,7 @@ class Engine:
         self.model = None
         self.tokenizer = None
         self.checkpoint_meta: dict[str, Any] = {}
+        self.fallback_threshold = 0.0  # resolved when the model loads (loading.fallback_threshold)
         self._model_pool: ThreadPoolExecutor | None = None
         self._media_pool: ThreadPoolExecutor | None = None
         self._encoder_pool: ThreadPoolExecutor | None = None
@@ -218,9 +224,10 @@ class Engine:
     def _load_model(self) -> None:
         from .batching import DecodeScheduler
         from .fastpath import build_decoder
-        from .loading import load_model
+        from .loading import fallback_threshold, load_model
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
+        self.fallback_threshold = fallback_threshold(self.config, self.checkpoint_meta)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
         self._encoders = DecodeScheduler(None, self._encoder_pool)
@@ -325,15 +332,17 @@ class Engine:
 
     def stream_sync(self, session_id: str, text: str = "",
                     attachments: Sequence[Attachment | str | Path] = (), **generation: Any
-                    ) -> Iterator[Delta]:
-        """Blocking iterator of deltas for scripts."""
+                    ) -> Generator[Delta, None, Reply]:
+        """Blocking iterator of deltas for scripts; it returns the finished :class:`Reply`
+        (``reply = yield from engine.stream_sync(...)``)."""
         runner = self._runner()
         stream = runner.run(self.stream(session_id, text, attachments, **generation))
         while True:
             try:
                 yield runner.run(stream.__anext__())
             except StopAsyncIteration:
-                return
+                assert stream.reply is not None
+                return stream.reply
 
     def close_sync(self) -> None:
         runner = self._runner()
@@ -408,6 +417,8 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
+        from .generate import needs_fallback
+
         t0 = time.perf_counter()
         vectors = await self._media(attachments)
         t_media = time.perf_counter()
@@ -423,11 +434,16 @@ class Engine:
             t_first = await self._decode(run, first, stream)
             done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
             reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
+            confidence = run.generation.confidence
+            fallback = needs_fallback(done.finish_reason, confidence, self.fallback_threshold)
+            if fallback:
+                reply_text = self.config.generation.fallback_text
             turns = [
                 {"role": "user", "text": text, "attachments": [
                     {"modality": m.name, "mime_type": a.mime_type, "id": a.id}
                     for m, a in attachments]},
-                {"role": "assistant", "text": reply_text, "finish_reason": done.finish_reason},
+                {"role": "assistant", "text": reply_text, "finish_reason": done.finish_reason,
+                 **({"fallback": True} if fallback else {})},
             ]
             session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)
@@ -438,7 +454,8 @@ class Engine:
             attention=done.attention, prompt_tokens=run.prompt_tokens,
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
-                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)})
+                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)},
+            confidence=round(confidence, 4), fallback=fallback)
 
     async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
         """Decode each attachment (media pool; a failure raises), then encode it (encoder

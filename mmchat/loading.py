@@ -64,6 +64,15 @@ def load_model(config: Config, modalities: Mapping[str, Modality]
     return model.to(config.model.device), tokenizer, meta
 
 
+def fallback_threshold(config: Config, meta: Mapping[str, Any]) -> float:
+    """``[generation] fallback_threshold``, or when it is -1 the ``[train]
+    fallback_threshold`` the checkpoint was trained with (0 if it has none)."""
+    threshold = config.generation.fallback_threshold
+    if threshold >= 0:
+        return threshold
+    return float(meta.get("train", {}).get("config", {}).get("fallback_threshold", 0.0))
+
+
 def quantize(model: DialogueLM) -> DialogueLM:
     """Dynamic int8 quantization of the RNN and linear layers (CPU inference)."""
     from torch.ao.quantization import quantize_dynamic

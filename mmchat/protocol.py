@@ -99,7 +99,7 @@ _MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-
 _MAX_INT = 2**53 - 1
 _MAX_TOKEN_CHARS = 4096
 _MAX_NONCE_CHARS = 128
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+FINISH_REASONS = ("stop", "length", "loop", "cancelled", "error")
 
 
 def close_code_for(code: str) -> int:
@@ -255,7 +255,10 @@ class Usage:
 @dataclass(frozen=True)
 class Done:
     """The reply ended. ``text`` is all of it; ``attention`` maps each modality (and
-    ``"text"``) to the share of attention it got; ``timings`` are in milliseconds."""
+    ``"text"``) to the share of attention it got; ``timings`` are in milliseconds.
+    ``confidence`` is the lowest probability the model gave a token of its reply; with
+    ``fallback``, ``text`` is the configured fallback sent in place of the streamed
+    deltas (the model was unsure, or looped)."""
 
     type: ClassVar[str] = "done"
     response_id: str
@@ -265,6 +268,8 @@ class Done:
     usage: Usage
     attention: Mapping[str, float] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -546,7 +551,8 @@ def _read_done(r: _Reader) -> Done:
     usage = Usage(u.integer("prompt_tokens"), u.integer("completion_tokens"))
     u.finish()
     return Done(response_id, seq, text, finish_reason, usage,
-                r.number_map("attention"), r.number_map("timings"))
+                r.number_map("attention"), r.number_map("timings"),
+                r.number("confidence", required=False), r.boolean("fallback", default=False))
 
 
 _SERVER_READERS = {

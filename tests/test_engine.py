@@ -258,3 +258,61 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
         turns = (await engine.store.load(f"s{i}")).history
         assert [t["role"] for t in turns] == ["user", "assistant"]
         assert turns[1]["finish_reason"] == "cancelled"
+
+
+FALLBACK_MODES = [{"strategy": "greedy"}, {"strategy": "sample", "seed": 2, "top_k": 1},
+                  {"strategy": "beam", "beam_width": 3}]
+
+
+@pytest.mark.parametrize("mode", FALLBACK_MODES, ids=lambda m: m["strategy"])
+async def test_a_looping_reply_ends_early_and_sends_the_fallback(tiny_config, toy_host, mode):
+    """The untrained model says "circle circle ...": unguarded it runs to the token limit;
+    the loop guard (on by default) stops it and the engine sends the fallback text."""
+    config = tiny_config.replace(generation={"max_new_tokens": 30, "loop_ngram": 0})
+    async with Engine(config, plugins=toy_host) as engine:
+        unguarded = await engine.reply("u", "hello", [TOY], **mode)
+    assert unguarded.finish_reason == "length" and unguarded.completion_tokens == 30
+    assert not unguarded.fallback
+    config = tiny_config.replace(generation={"max_new_tokens": 30, "loop_ngram": 4})
+    async with Engine(config, plugins=toy_host) as engine:
+        stream = await engine.stream("g", "hello", [TOY], **mode)
+        streamed = "".join([d.text async for d in stream])
+        reply = stream.reply
+        history = await engine.history("g")
+    assert reply.finish_reason == "loop" and reply.completion_tokens < 30
+    assert reply.fallback and reply.text == config.generation.fallback_text
+    assert streamed and streamed != reply.text  # the deltas were the model's own
+    assert history[-1] == {"role": "assistant", "text": reply.text, "finish_reason": "loop",
+                           "fallback": True}
+    assert reply.to_dict()["fallback"] is True
+
+
+@pytest.mark.parametrize("mode", FALLBACK_MODES, ids=lambda m: m["strategy"])
+async def test_a_reply_below_the_confidence_threshold_sends_the_fallback(tiny_config, toy_host,
+                                                                      mode):
+    async with Engine(tiny_config, plugins=toy_host) as engine:  # untrained: threshold 0
+        sure = await engine.reply("a", "hello", [TOY], **mode)
+    assert engine.fallback_threshold == 0.0
+    assert not sure.fallback and sure.text != tiny_config.generation.fallback_text
+    assert 0.0 < sure.confidence < 1.0
+    config = tiny_config.replace(generation={"fallback_threshold": sure.confidence + 1e-3,
+                                             "fallback_text": "i can only talk about pictures"})
+    async with Engine(config, plugins=toy_host) as engine:
+        unsure = await engine.reply("a", "hello", [TOY], **mode)
+    assert unsure.finish_reason == sure.finish_reason and unsure.confidence == sure.confidence
+    assert unsure.fallback and unsure.text == "i can only talk about pictures"
+    config = tiny_config.replace(generation={"fallback_threshold": sure.confidence - 1e-3})
+    async with Engine(config, plugins=toy_host) as engine:
+        again = await engine.reply("a", "hello", [TOY], **mode)
+    assert not again.fallback and again.text == sure.text
+
+
+def test_the_default_threshold_is_the_one_the_checkpoint_was_trained_with(tiny_config):
+    from mmchat.loading import fallback_threshold
+
+    trained = {"train": {"config": {"fallback_threshold": 0.42}}}
+    assert tiny_config.generation.fallback_threshold == -1.0
+    assert fallback_threshold(tiny_config, trained) == 0.42
+    assert fallback_threshold(tiny_config, {"path": "untrained"}) == 0.0
+    chosen = tiny_config.replace(generation={"fallback_threshold": 0.1})
+    assert fallback_threshold(chosen, trained) == 0.1

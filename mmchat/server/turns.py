@@ -229,7 +229,8 @@ class Turn:
     def _done(self, reply: Any, seq: int, queue_ms: float) -> Done:
         return Done(self.response_id, seq, reply.text, reply.finish_reason,
                     Usage(reply.prompt_tokens, reply.completion_tokens),
-                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)})
+                    dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)},
+                    reply.confidence, reply.fallback)
 
     def _count(self, reply: Any) -> None:
         metrics = self.manager.metrics
