@@ -322,6 +322,10 @@ class DialogueLM(nn.Module):
             for v, b, k in zip(vectors, batch.item.tolist(), batch.turn.tolist()):
                 entries[b].append((batch.modality, v))
                 entry_turns[b].append(k)
+        for b in range(B):  # in the order sent, so each turn sees a prefix of the bank
+            order = sorted(range(len(entries[b])), key=entry_turns[b].__getitem__)
+            entries[b] = [entries[b][i] for i in order]
+            entry_turns[b] = [entry_turns[b][i] for i in order]
         values, kinds, mask, ordinal = self.memory_bank(entries)  # (B, N, d), 3 x (B, N)
         sent = torch.full_like(kinds, -1)  # (B, N) turn that sent each vector; -1 = null
         for b, item in enumerate(entries):
@@ -348,8 +352,9 @@ class DialogueLM(nn.Module):
             bag = self.bag_of_words(idx[rows], words.float(), heard[rows, k],
                                     n_heard[rows, k])  # (R, E)
             visible = mask[rows] & (sent[rows] <= k)  # (R, N)
-            mem = self.turn_memory(h_prompt, bag, values[rows], kinds[rows], visible,
-                                   ordinal[rows], previous[rows])
+            n = int(visible.sum(dim=1).max())  # the visible vectors are a prefix: keep it
+            mem = self.turn_memory(h_prompt, bag, values[rows, :n], kinds[rows, :n],
+                                   visible[:, :n], ordinal[rows, :n], previous[rows])
             previous = previous.index_copy(0, rows, mem.query)
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
             window = ctx[rows, lo:hi]
