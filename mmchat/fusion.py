@@ -44,8 +44,10 @@ class TurnQuery(nn.Module):
     question reaches ``q``). ``h`` and ``bag`` are layer-normalised first: a mean of
     small token embeddings would otherwise barely move ``q``, and one changed word
     ("circle" for "square") must move it a lot. With ``carry``, the previous turn's
-    query (``previous``, zeros on a first turn) joins them, so a follow-up ("and where
-    is it?") can ask about what the last turn asked about.
+    query (``previous``, zeros on a first turn) moves both the glimpse's query and the
+    output through two more matrices, so a follow-up ("and where is it?") can ask about
+    what the last turn asked about. They start at zero (a new model computes what it
+    would without them, and draws no extra random numbers).
 
     The glimpse is ``nn.MultiheadAttention`` (its weights, its function) computed for
     one query without projecting the memory: a head's key weights fold into its query
@@ -58,19 +60,23 @@ class TurnQuery(nn.Module):
         super().__init__()
         self.norm_h = nn.LayerNorm(n_hidden)
         self.norm_bag = nn.LayerNorm(n_embd)
-        n_in = n_hidden + n_embd + (d_model if carry else 0)
-        self.q_proj = nn.Linear(n_in, d_model)
+        self.q_proj = nn.Linear(n_hidden + n_embd, d_model)
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
-        self.out = nn.Linear(n_in + d_model, d_model)
+        self.out = nn.Linear(n_hidden + n_embd + d_model, d_model)
+        # previous query -> glimpse query, and -> output: (2d, d), zero at first
+        self.carry = nn.Parameter(torch.zeros(2 * d_model, d_model)) if carry else None
 
     def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        parts = [self.norm_h(h), self.norm_bag(bag)]
-        if previous is not None:
-            parts.append(previous)  # (B, d), already tanh-bounded
-        x = torch.cat(parts, dim=-1)  # (B, H + E [+ d])
-        glimpse = self.glimpse(self.q_proj(x), memory, mask)  # (B, d)
-        return torch.tanh(self.out(torch.cat([x, glimpse], dim=-1)))  # (B, d)
+        x = torch.cat([self.norm_h(h), self.norm_bag(bag)], dim=-1)  # (B, H + E)
+        query = self.q_proj(x)  # (B, d)
+        carried = None
+        if self.carry is not None and previous is not None:
+            to_query, carried = F.linear(previous, self.carry).chunk(2, dim=-1)  # (B, d) each
+            query = query + to_query
+        glimpse = self.glimpse(query, memory, mask)  # (B, d)
+        out = self.out(torch.cat([x, glimpse], dim=-1))  # (B, d)
+        return torch.tanh(out if carried is None else out + carried)
 
     def glimpse(self, q: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:

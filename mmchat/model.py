@@ -89,8 +89,12 @@ class DialogueLM(nn.Module):
         self.kind_emb = nn.Embedding(len(c.modalities) + 1, c.d_model)
         self.null = nn.Parameter(torch.zeros(1, c.d_model))
         self.turn_query = TurnQuery(c.n_hidden, c.n_embd, c.d_model, carry=c.carry_query)
-        self.recency_emb = nn.Embedding(c.entry_tags, c.d_model) if c.entry_tags else None
-        self.ordinal_emb = nn.Embedding(c.entry_tags, c.d_model) if c.entry_tags else None
+        # which entry of its modality a memory vector came from: zero at first, so a new
+        # model computes what it would without them, and draws no extra random numbers
+        self.recency_emb = nn.Parameter(torch.zeros(c.entry_tags, c.d_model)) \
+            if c.entry_tags else None  # (n, d), 0 = the latest entry
+        self.ordinal_emb = nn.Parameter(torch.zeros(c.entry_tags, c.d_model)) \
+            if c.entry_tags else None  # (n, d), 0 = the first entry
         self.film = FiLM(c.d_model) if c.condition else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
         self.answer_head = nn.Sequential(
@@ -190,7 +194,7 @@ class DialogueLM(nn.Module):
         """Recency plus ordinal embedding of each visible vector (B, N, d); zeros for the
         null slot and hidden vectors (:meth:`entry_places`)."""
         recency, place = self.entry_places(kinds, ordinal, mask)
-        tags = self.recency_emb(recency) + self.ordinal_emb(place)
+        tags = self.recency_emb[recency] + self.ordinal_emb[place]
         return tags * (mask & (kinds > 0)).unsqueeze(-1)  # (B, N, d)
 
     def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor,

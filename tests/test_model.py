@@ -153,8 +153,7 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2):
                        carry=v2).eval()
     if v2:  # large enough that a wrong tag or a lost query moves the logits past atol
         with torch.no_grad():
-            for p in [*model.turn_query.parameters(), model.recency_emb.weight,
-                      model.ordinal_emb.weight]:
+            for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb]:
                 p.normal_(0.0, 0.5)
     if hearing:
         model.config.transcripts, model.config.heard = True, ["toy"]
@@ -236,7 +235,24 @@ def test_entry_places_count_from_the_latest_and_the_first_of_each_modality():
     hidden[0, 6] = False  # the third picture not sent yet: the second is the latest
     recency, _ = model.entry_places(kinds, ordinal, hidden)
     assert recency[0].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    with torch.no_grad():
+        model.recency_emb.normal_()
+        model.ordinal_emb.normal_()
     tags = model.entry_tags(kinds, ordinal, hidden)
     assert tags[0, 0].abs().sum() == 0 and tags[0, 6].abs().sum() == 0  # null, hidden
-    torch.testing.assert_close(tags[0, 4], model.recency_emb.weight[0]
-                               + model.ordinal_emb.weight[1])
+    torch.testing.assert_close(tags[0, 4], model.recency_emb[0] + model.ordinal_emb[1])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_new_model_with_tags_and_carry_starts_as_one_without(fusion):
+    """The tags and the carried query start at zero and draw no random numbers: the same
+    seed gives the same weights and the same logits, and training moves them."""
+    plain, v2 = tiny_model(fusion), tiny_model(fusion, tags=4, carry=True)
+    shared = plain.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in v2.state_dict().items() if k in shared)
+    idx, turns, prompt_end, media, targets = batch()
+    torch.testing.assert_close(v2(idx, turns, prompt_end, media)[0],
+                               plain(idx, turns, prompt_end, media)[0])
+    _, loss = v2(idx, turns, prompt_end, media, targets)
+    loss.backward()
+    assert v2.turn_query.carry.grad.abs().sum() > 0 and v2.ordinal_emb.grad.abs().sum() > 0
