@@ -151,6 +151,12 @@ def test_train_eval_and_serve_through_the_cli(corpus, tmp_path, image_dir):
     assert "BLEU-4" in report and "## Exact-answer accuracy by category" in report
     assert (tmp_path / "eval" / "attention.png").stat().st_size > 0
     assert (tmp_path / "eval" / "training_curves.png").stat().st_size > 0
+    assert "## Calibration" in report and "Expected calibration error" in report
+    assert "## Fallback" in report and "| threshold | fallback rate |" in report
+    assert (tmp_path / "eval" / "calibration.png").stat().st_size > 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["full"]
+    assert 0.0 <= results["calibration"]["ece"] <= 1.0
+    assert set(results["fallback_rate"]) == set(results["categories"])
 
     config = from_dict({"model": {"checkpoint": str(out / "model")}}, env={})
 
@@ -164,7 +170,7 @@ def test_train_eval_and_serve_through_the_cli(corpus, tmp_path, image_dir):
 
     description, reply = asyncio.run(ask())
     assert str(out / "model") in description
-    assert reply.finish_reason in ("stop", "length") and reply.prompt_tokens > 3
+    assert reply.finish_reason in ("stop", "length", "loop") and reply.prompt_tokens > 3
 
 
 def test_bad_data_is_reported_before_training(tmp_path):
