@@ -126,6 +126,19 @@ def load(path: str | Path, modalities: Mapping[str, Modality]
     return model, tokenizer, meta
 
 
+def load_matching(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy every weight of the checkpoint at ``path`` whose name and shape ``model`` has
+    (a warm start); returns the names of ``model``'s weights left as they were."""
+    try:
+        state = load_file(Path(path) / "model.safetensors")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no model.safetensors") from None
+    own = model.state_dict()
+    taken = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(taken, strict=False)
+    return sorted(set(own) - set(taken))
+
+
 def build_untrained(config: DialogueConfig, modalities: Mapping[str, Modality]) -> DialogueLM:
     encoders: dict[str, nn.Module] = {
         m: modalities[m].build_encoder(config.d_model) for m in config.modalities}

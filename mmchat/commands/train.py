@@ -21,6 +21,10 @@ def register(cli: click.Group) -> None:
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, path_type=Path),
               help="A sentencepiece model to use instead of training one.")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/last.")
+@click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False,
+                                                          path_type=Path),
+              help="Start from this checkpoint's weights (those whose name and shape the "
+                   "new model has) and train with its tokenizer.")
 @click.option("--steps", type=int, help="Override train.steps.")
 @click.option("--batch-size", type=int, help="Override train.batch_size.")
 @click.option("--lr", type=float, help="Override train.lr.")
@@ -29,8 +33,8 @@ def register(cli: click.Group) -> None:
               help="Override fusion.method.")
 @click.option("--rnn", type=click.Choice(["lstm", "gru"]), help="Override model.rnn.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(data, out_dir, config_path, tokenizer_path, resume, steps, batch_size, lr,
-                  seed, fusion, rnn, no_progress) -> None:
+def train_command(data, out_dir, config_path, tokenizer_path, resume, init_from, steps,
+                  batch_size, lr, seed, fusion, rnn, no_progress) -> None:
     """Train on DATA/train.jsonl, validating on DATA/valid.jsonl.
 
     Under `torchrun --nproc_per_node N -m mmchat train ...` it runs
@@ -49,6 +53,8 @@ def train_command(data, out_dir, config_path, tokenizer_path, resume, steps, bat
                             model={"rnn": rnn} if rnn else {})
     host = PluginHost.from_config(config)
     tokenizer = None
+    if tokenizer_path is None and init_from is not None:
+        tokenizer_path = init_from / "tokenizer.model"
     if tokenizer_path is not None:
         tokenizer = Tokenizer.load(tokenizer_path)
     elif resume and (out_dir / "last" / "tokenizer.model").is_file():
@@ -59,7 +65,8 @@ def train_command(data, out_dir, config_path, tokenizer_path, resume, steps, bat
         torch.set_num_threads(config.train.threads)
     data_ = load_train_data(data, host.modalities, vocab_size=config.model.vocab_size,
                             max_tokens=config.train.max_tokens, tokenizer=tokenizer)
-    trainer = Trainer(config, data_, out_dir, resume=resume, progress=not no_progress)
+    trainer = Trainer(config, data_, out_dir, resume=resume, progress=not no_progress,
+                      init_from=init_from)
     if trainer.dist.main:
         click.echo(f"training {trainer.model.num_params() / 1e6:.2f}M parameters on "
                    f"{len(data_.train)} dialogues ({len(data_.valid)} for validation), "

@@ -103,7 +103,7 @@ class Distributed:
 
 class Trainer:
     def __init__(self, config: Config, data: TrainData, out_dir: str | Path, *,
-                 resume: bool = False, progress: bool = True,
+                 resume: bool = False, progress: bool = True, init_from: Path | None = None,
                  on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.data = data
@@ -127,7 +127,12 @@ class Trainer:
             dcfg.heard = sorted({m for e in data.train
                                  for (m, _, _), words in zip(e.media, e.words) if words})
         dcfg.transcripts = bool(dcfg.heard)
-        self.model = checkpoint.build_untrained(dcfg, data.modalities).to(self.device)
+        self.model = checkpoint.build_untrained(dcfg, data.modalities)
+        if init_from is not None and not resume:  # a warm start; resuming restores all
+            fresh = checkpoint.load_matching(self.model, init_from)
+            logger.info("started from %s; %d weights start fresh: %s", init_from, len(fresh),
+                        ", ".join(fresh))
+        self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                            weight_decay=t.weight_decay)
         self.ddp = None
