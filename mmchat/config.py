@@ -57,8 +57,8 @@ class FusionConfig:
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).
-FALLBACK_TEXT = ("sorry, i can't answer that. i can tell you about the shapes, colours, "
-                 "counts and digits in the pictures you send, typed or spoken.")
+FALLBACK_TEXT = ("sorry, i can't help with that. i can tell you about the shapes or the digit "
+                 "in a picture you send, in writing or out loud.")
 
 
 @dataclass(frozen=True)

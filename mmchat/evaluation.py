@@ -57,10 +57,18 @@ class EvalResult:
     turns: list[TurnResult] = field(default_factory=list)
     perplexity: float = float("nan")
     fallback_threshold: float = 0.0  # the engine's, for :meth:`fallback_rate`
+    fallback_text: str = ""  # the engine's, for :meth:`sees_fallback`
 
     def fell_back(self, turn: TurnResult) -> bool:
         """Whether the engine would have sent its fallback text for this turn."""
         return needs_fallback(turn.finish_reason, turn.confidence, self.fallback_threshold)
+
+    def sees_fallback(self, turn: TurnResult) -> bool:
+        """Whether the user gets the fallback text: the engine sends it, or the model says
+        it itself (the demo corpus teaches it for out-of-domain prompts)."""
+        said = bool(self.fallback_text) and normalize(turn.hypothesis) == normalize(
+            self.fallback_text)
+        return said or self.fell_back(turn)
 
     def fallback_rate(self, category: str | None = None) -> float:
         turns = self.turns if category is None else self.by_category().get(category, [])
@@ -199,10 +207,11 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
 def evaluate(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[Dialogue],
              cache: FeatureCache, modalities: Mapping[str, Modality], *,
              drop: frozenset[str] = frozenset(), with_perplexity: bool = True,
-             fallback_threshold: float = 0.0) -> EvalResult:
+             fallback_threshold: float = 0.0, fallback_text: str = "") -> EvalResult:
     model.eval()
     result = EvalResult(generate_turns(model, tokenizer, dialogues, cache, modalities,
-                                       drop=drop), fallback_threshold=fallback_threshold)
+                                       drop=drop), fallback_threshold=fallback_threshold,
+                        fallback_text=fallback_text)
     if with_perplexity:
         result.perplexity = perplexity(model, tokenizer, dialogues, cache, modalities,
                                        drop=drop)

@@ -73,14 +73,17 @@ SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 def fallback_table(result: EvalResult) -> str:
     """How often the fallback fires per category at the engine's threshold, and what other
     thresholds would do to all turns."""
-    rows = [f"At fallback threshold {result.fallback_threshold:g} (loops always fall back):", "",
-            "| category | turns | fallback rate | exact when kept |", "|---|---:|---:|---:|"]
+    rows = [f"At fallback threshold {result.fallback_threshold:g} (loops always fall back). "
+            "*Sees the fallback text*: the engine sends it, or the model says it itself.", "",
+            "| category | turns | fallback rate | exact when kept | sees the fallback text |",
+            "|---|---:|---:|---:|---:|"]
     groups = {**result.by_category(), "**all**": result.turns}
     for cat, turns in groups.items():
         kept = [t.exact for t in turns if not result.fell_back(t)]
         rate = sum(map(result.fell_back, turns)) / len(turns)
+        seen = sum(map(result.sees_fallback, turns)) / len(turns)
         rows.append(f"| {cat} | {len(turns)} | {fmt(rate)} | "
-                    f"{fmt(sum(kept) / len(kept) if kept else float('nan'))} |")
+                    f"{fmt(sum(kept) / len(kept) if kept else float('nan'))} | {fmt(seen)} |")
     thresholds = sorted({*SWEEP, result.fallback_threshold})
     sweep = calibration.sweep([t.confidence for t in result.turns],
                               [t.exact for t in result.turns],

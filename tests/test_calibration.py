@@ -37,3 +37,13 @@ def test_the_sweep_and_the_fallback_rate_count_loops_and_unsure_replies():
                        [t.finish_reason for t in turns], [0.0, 0.5])
     assert none.fallback_rate == 0.25 and none.kept_accuracy == pytest.approx(1 / 3)
     assert half.fallback_rate == 0.75 and half.kept_accuracy == 1.0
+
+
+def test_the_user_sees_the_fallback_when_the_engine_or_the_model_says_it():
+    text = "sorry, i can't help with that."
+    turns = [TurnResult("d", "ood", text, "Sorry, I can't help with that.", None, {}, 0.9),
+             TurnResult("d", "ood", text, "paris is sunny", None, {}, 0.1),
+             TurnResult("d", "ood", text, "paris is sunny", None, {}, 0.9)]
+    result = EvalResult(turns, fallback_threshold=0.5, fallback_text=text)
+    assert [result.sees_fallback(t) for t in turns] == [True, True, False]
+    assert [result.fell_back(t) for t in turns] == [False, True, False]

@@ -62,13 +62,13 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     cache = FeatureCache()
     decode_media(cache, dialogues, modalities)
     threshold = fallback_threshold(config, meta)
-    results = {"full": evaluate(model, tokenizer, dialogues, cache, modalities,
-                                fallback_threshold=threshold)}
+    fallback = {"fallback_threshold": threshold,
+                "fallback_text": config.generation.fallback_text}
+    results = {"full": evaluate(model, tokenizer, dialogues, cache, modalities, **fallback)}
     if ablations:
         for name in model.config.modalities:
             results[f"no {name}"] = evaluate(model, tokenizer, dialogues, cache, modalities,
-                                             drop=frozenset({name}),
-                                             fallback_threshold=threshold)
+                                             drop=frozenset({name}), **fallback)
     run_dir = Path(path).parent
     report = write_report(out_dir, f"Evaluation of {path}", results, {
         "checkpoint": str(path), "data": str(split_file), "dialogues": len(dialogues),
