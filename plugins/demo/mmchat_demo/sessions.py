@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 ORDINALS = ("first", "second", "third", "fourth")
 COUNT_WORDS = (*NUMBERS, "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                "twelve")
-_SPOKEN_SHARE = 0.3  # share of picture turns in a multi-picture session asked out loud
+_SPOKEN_SHARE = 0.15  # share of picture turns in a multi-picture session asked out loud
 _PICTURE_ONLY = 0.15  # share of picture turns sent with no words: the reply is a caption
 
 
