@@ -123,9 +123,10 @@ def split_fonts(split: str) -> tuple[str, ...]:
     """The fonts a split draws with: every fifth font (by name) is held out for test and
     the next one for valid; a held-out split with none of its own uses training's."""
     every = fonts()
-    own = {"test": every[4::5], "valid": every[3::5]}.get(split)
     train = tuple(f for i, f in enumerate(every) if i % 5 not in (3, 4))
-    return own or train if split != "train" else train
+    if split == "train":
+        return train
+    return {"test": every[4::5], "valid": every[3::5]}.get(split) or train
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ MIN_LONG = 64
 #: Aspect ratios (long side over short side) and their shares: near-square, photo-like
 #: (4:3, 16:9), and strips up to 3:1. Either orientation, half and half.
 _ASPECTS = (((1.0, 1.25), 0.45), ((1.25, 2.0), 0.35), ((2.0, 3.0), 0.20))
+#: Smallest circumradius, as a fraction of the canvas's longer side.
+MIN_RADIUS = 0.05
 #: Shapes placed "close" sit this fraction of the canvas width apart, or touch.
 CLOSE_GAP = 0.02
 #: Hue centre and spread (degrees), saturation range and value range of each colour.
@@ -205,15 +207,18 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     if layout == "close" and n == 1:
         n = int(rng.integers(2, 4))
     shapes: list[Shape] = []
+    floor = max(4.0, 0.8 * MIN_RADIUS * max(width, height))
     for _ in range(n):
         kind = str(rng.choice(KINDS))
         colour = str(rng.choice(COLOURS))
-        radius = max(5.0, side * rng.uniform(0.07, 0.3))
+        # at least 5% of the longer side: still 3 px once the picture is letterboxed to 64
+        radius = min(max(5.0, MIN_RADIUS * max(width, height), side * rng.uniform(0.07, 0.3)),
+                     side / 2 - 2)
         spot, mode = None, layout
         while spot is None:
             spot = _place(rng, width, height, radius, shapes, side, mode)
-            radius = max(4.0, radius * 0.85) if spot is None else radius
-            if spot is None and radius <= 4.0:
+            radius = max(floor, radius * 0.85) if spot is None else radius
+            if spot is None and radius <= floor:
                 mode = "spread"  # no room next to the others: anywhere will do
         style = str(rng.choice(["filled", "filled", "outlined", "hollow"], p=[0.3, 0.3, 0.3, 0.1]))
         if style == "hollow":

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 ORDINALS = ("first", "second", "third", "fourth")
 COUNT_WORDS = (*NUMBERS, "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                "twelve")
-_SPOKEN_SHARE = 0.3  # share of picture turns in a multi-picture session asked out loud
+_SPOKEN_SHARE = 0.15  # share of picture turns in a multi-picture session asked out loud
 _PICTURE_ONLY = 0.15  # share of picture turns sent with no words: the reply is a caption
 
 
@@ -114,7 +114,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             turns += [_user(text), _assistant(reply, answer, "across_pictures")]
             asked.append({"turn": len(turns) - 1, **info})
     meta = {"source": "multi-picture", "pictures": pictures, "questions": asked}
-    return p.record("multi", i, turns[1]["category"], turns, meta)
+    return p.record("multi", i, "later_picture", turns, meta)
 
 
 def _refer_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question]]],

@@ -252,3 +252,18 @@ def test_ogg_clips_are_byte_identical_for_the_same_audio(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     samples, rate = soundfile.read(io.BytesIO(a.read_bytes()))
     assert rate == 16_000 and len(samples) > 0.3 * rate
+
+
+def test_a_machine_without_fonts_builds_no_font_digits(monkeypatch):
+    monkeypatch.setattr(digits, "fonts", lambda: ())
+    planner = build_module._Planner("test", 0)
+    assert sessions.font_digit(planner, 0) is None
+    plan = planner.plan(build_module.SMALL_COUNTS["test"])
+    assert plan and not [r for r in plan if r["category"] == "digit_font"]
+
+
+def test_a_missing_or_broken_font_file_is_skipped(tmp_path):
+    broken = tmp_path / "broken.ttf"
+    broken.write_bytes(b"not a font")
+    assert not digits._draws_digits(str(broken))
+    assert not digits._draws_digits(str(tmp_path / "missing.ttf"))
