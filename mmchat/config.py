@@ -52,6 +52,13 @@ class FusionConfig:
     method: str = _opt("attention", choices=("attention", "concat", "weighted"))
     condition: bool = _opt(True)
     max_memory: int = _opt(16, min=1, max=4096)
+    entry_tags: int = _opt(8, min=0, max=64)
+    carry_query: bool = _opt(True)
+
+
+#: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).
+FALLBACK_TEXT = ("sorry, i can't help with that. i can tell you about the shapes or the digit "
+                 "in a picture you send, in writing or out loud.")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,9 @@ class GenerationConfig:
     max_new_tokens: int = _opt(64, min=1, max=4096)
     stop: tuple[str, ...] = _opt(())
     seed: int = _opt(-1, min=-1)
+    loop_ngram: int = _opt(4, min=0, max=16)
+    fallback_threshold: float = _opt(-1.0, min=-1.0, max=1.0)
+    fallback_text: str = _opt(FALLBACK_TEXT)
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class TrainConfig:
     category_weights: Mapping[str, float] = _opt({})
     seed: int = _opt(1337, min=0)
     threads: int = _opt(0, min=0, max=256)
+    fallback_threshold: float = _opt(0.0, min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)

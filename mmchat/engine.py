@@ -104,6 +104,7 @@ class Engine:
         self.model: Any = None  # the DialogueLM, once started
         self.tokenizer: Any = None  # its Tokenizer
         self.checkpoint_meta: dict[str, Any] = {}
+        self.fallback_threshold = 0.0  # resolved when the model loads (loading.fallback_threshold)
         self._model_pool: DaemonPool | None = None
         self._media_pool: DaemonPool | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
@@ -156,9 +157,10 @@ class Engine:
         from .batching import DecodeScheduler
         from .fastpath import build_decoder
         from .isolation import PluginGuard
-        from .loading import load_model
+        from .loading import fallback_threshold, load_model
 
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
+        self.fallback_threshold = fallback_threshold(self.config, self.checkpoint_meta)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         assert self._model_pool is not None
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
@@ -443,6 +445,8 @@ class Engine:
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
                     stream: ReplyStream, turn: SessionTurn | None) -> Reply:
+        from .generate import needs_fallback
+
         t0, received = time.perf_counter(), _now()
         # a turn cancelled while its media wait (on a slow plugin, say) ends there
         vectors = (await until_cancelled(self._media(attachments), stream._cancel)
@@ -467,12 +471,17 @@ class Engine:
                 if redactor.error is not None:
                     raise redactor.error
                 reply_text = redactor.text(reply_text, final=True)
+            confidence = run.generation.confidence
+            fallback = needs_fallback(done.finish_reason, confidence, self.fallback_threshold)
+            if fallback:
+                reply_text = self.config.generation.fallback_text
             turns: list[dict[str, Any]] = [
                 {"role": "user", "id": uuid.uuid4().hex, "time": received, "text": text,
                  "attachments": [{"modality": m.name, "mime_type": a.mime_type, "id": a.id}
                                  for m, a in attachments]},
                 {"role": "assistant", "id": uuid.uuid4().hex, "time": _now(),
                  "text": reply_text, "finish_reason": done.finish_reason,
+                 **({"fallback": True} if fallback else {}),
                  "usage": {"prompt_tokens": run.prompt_tokens,
                            "completion_tokens": len(run.tokens)},
                  "attention": done.attention,
@@ -491,7 +500,7 @@ class Engine:
             completion_tokens=len(run.tokens),
             timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
                      "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)},
-            dropped=dropped)
+            dropped=dropped, confidence=round(confidence, 4), fallback=fallback)
 
     def _pushed_out(self, memory: Sequence[bytes], new: Sequence[Any]) -> list[str]:
         """Ids of the attachments that the turn's new ones push out of the memory bank,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration import Bin, expected_calibration_error, reliability
 from .dataset import Dialogue
-from .generate import GenerationParams
+from .generate import GenerationParams, needs_fallback
 from .modality import Modality
 from .model import DialogueLM
 from .runtime import Decoder, start_turn
@@ -37,6 +38,8 @@ class TurnResult:
     hypothesis: str
     answer: str | None
     attention: dict[str, float]
+    confidence: float = 0.0  # the lowest probability of a chosen token (mmchat.generate)
+    finish_reason: str = "stop"
 
     @property
     def exact(self) -> bool:
@@ -53,6 +56,29 @@ class TurnResult:
 class EvalResult:
     turns: list[TurnResult] = field(default_factory=list)
     perplexity: float = float("nan")
+    fallback_threshold: float = 0.0  # the engine's, for :meth:`fallback_rate`
+    fallback_text: str = ""  # the engine's, for :meth:`sees_fallback`
+
+    def fell_back(self, turn: TurnResult) -> bool:
+        """Whether the engine would have sent its fallback text for this turn."""
+        return needs_fallback(turn.finish_reason, turn.confidence, self.fallback_threshold)
+
+    def sees_fallback(self, turn: TurnResult) -> bool:
+        """Whether the user gets the fallback text: the engine sends it, or the model says
+        it itself (the demo corpus teaches it for out-of-domain prompts)."""
+        said = bool(self.fallback_text) and normalize(turn.hypothesis) == normalize(
+            self.fallback_text)
+        return said or self.fell_back(turn)
+
+    def fallback_rate(self, category: str | None = None) -> float:
+        turns = self.turns if category is None else self.by_category().get(category, [])
+        return sum(map(self.fell_back, turns)) / len(turns) if turns else float("nan")
+
+    def calibration(self, n_bins: int = 10) -> tuple[list[Bin], float]:
+        """Reliability bins of exact-answer accuracy against confidence, and the ECE."""
+        bins = reliability([t.confidence for t in self.turns], [t.exact for t in self.turns],
+                           n_bins)
+        return bins, expected_calibration_error(bins)
 
     def by_category(self) -> dict[str, list[TurnResult]]:
         groups: dict[str, list[TurnResult]] = defaultdict(list)
@@ -163,24 +189,29 @@ def generate_turns(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[
                              decoder=decoder, new=new)
             while run.next_token() is not None:
                 pass
+            outcome = run.generation.outcome
             results.append(TurnResult(d.id, turn.category or d.category or "", turn.text,
                                       tokenizer.decode(run.tokens), turn.answer,
-                                      run.attention_by_modality()))
+                                      run.attention_by_modality(), run.generation.confidence,
+                                      outcome.finish_reason if outcome else "cancelled"))
             reference = tokenizer.encode(turn.text)
             rnn = run.prompt_state
             if reference:
                 _, rnn = model.run_rnn(torch.tensor([reference]), rnn)
-            state = SessionState(rnn=rnn, pending=[tokenizer.eos_id], turns=run.turns_before + 1)
+            state = SessionState(rnn=rnn, pending=[tokenizer.eos_id], turns=run.turns_before + 1,
+                                 query=run.memory.query)
             pending_user = None
     return results
 
 
 def evaluate(model: DialogueLM, tokenizer: Tokenizer, dialogues: Sequence[Dialogue],
              cache: FeatureCache, modalities: Mapping[str, Modality], *,
-             drop: frozenset[str] = frozenset(), with_perplexity: bool = True) -> EvalResult:
+             drop: frozenset[str] = frozenset(), with_perplexity: bool = True,
+             fallback_threshold: float = 0.0, fallback_text: str = "") -> EvalResult:
     model.eval()
     result = EvalResult(generate_turns(model, tokenizer, dialogues, cache, modalities,
-                                       drop=drop))
+                                       drop=drop), fallback_threshold=fallback_threshold,
+                        fallback_text=fallback_text)
     if with_perplexity:
         result.perplexity = perplexity(model, tokenizer, dialogues, cache, modalities,
                                        drop=drop)

@@ -36,14 +36,18 @@ class TurnMemory:
 
 
 class TurnQuery(nn.Module):
-    """q = tanh(W [h; bag; glimpse]).
+    """q = tanh(W [h; bag; previous; glimpse]).
 
     ``h`` is the RNN state after the question, ``bag`` the mean embedding of the user
     turn's tokens (a direct view of the words, which the RNN takes long to learn to
     carry), and the glimpse is multi-head attention over the memory (how a spoken
     question reaches ``q``). ``h`` and ``bag`` are layer-normalised first: a mean of
     small token embeddings would otherwise barely move ``q``, and one changed word
-    ("circle" for "square") must move it a lot.
+    ("circle" for "square") must move it a lot. With ``carry``, the previous turn's
+    query (``previous``, zeros on a first turn) moves both the glimpse's query and the
+    output through two more matrices, so a follow-up ("and where is it?") can ask about
+    what the last turn asked about. They start at zero (a new model computes what it
+    would without them, and draws no extra random numbers).
 
     The glimpse is ``nn.MultiheadAttention`` (its weights, its function) computed for
     one query without projecting the memory: a head's key weights fold into its query
@@ -51,19 +55,28 @@ class TurnQuery(nn.Module):
     costs O(N d) per head instead of O(N d^2) for the N memory vectors.
     """
 
-    def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4) -> None:
+    def __init__(self, n_hidden: int, n_embd: int, d_model: int, n_head: int = 4,
+                 carry: bool = False) -> None:
         super().__init__()
         self.norm_h = nn.LayerNorm(n_hidden)
         self.norm_bag = nn.LayerNorm(n_embd)
         self.q_proj = nn.Linear(n_hidden + n_embd, d_model)
         self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
         self.out = nn.Linear(n_hidden + n_embd + d_model, d_model)
+        # previous query -> glimpse query, and -> output: (2d, d), zero at first
+        self.carry = nn.Parameter(torch.zeros(2 * d_model, d_model)) if carry else None
 
     def forward(self, h: torch.Tensor, bag: torch.Tensor, memory: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         x = torch.cat([self.norm_h(h), self.norm_bag(bag)], dim=-1)  # (B, H + E)
-        glimpse = self.glimpse(self.q_proj(x), memory, mask)  # (B, d)
-        return torch.tanh(self.out(torch.cat([x, glimpse], dim=-1)))  # (B, d)
+        query = self.q_proj(x)  # (B, d)
+        carried = None
+        if self.carry is not None and previous is not None:
+            to_query, carried = F.linear(previous, self.carry).chunk(2, dim=-1)  # (B, d) each
+            query = query + to_query
+        glimpse = self.glimpse(query, memory, mask)  # (B, d)
+        out = self.out(torch.cat([x, glimpse], dim=-1))  # (B, d)
+        return torch.tanh(out if carried is None else out + carried)
 
     def glimpse(self, q: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:

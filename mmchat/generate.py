@@ -7,11 +7,18 @@ next logits::
 
 :func:`generate` yields :class:`Token` objects one at a time, so the caller can stream
 and cancel between any two steps. When iteration ends, :attr:`Generation.outcome`
-holds the finish reason and the state to continue the conversation from.
+holds the finish reason and the state to continue the conversation from, and
+:attr:`Generation.probs` the probability the model gave each token it chose (the end of
+the reply included), the ground for the reply's confidence.
+
+Every strategy stops a reply that loops: once any ``loop_ngram``-gram of its tokens
+occurs for the third time, decoding ends with finish reason ``"loop"`` (beam search
+ends such a hypothesis there), so no reply runs to ``max_new_tokens`` repeating itself.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +40,7 @@ class GenerationParams:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # stop strings, checked on the decoded text
     seed: int = -1  # -1 = unseeded
+    loop_ngram: int = 4  # stop when an n-gram of the reply occurs a third time; 0 = never
 
     @classmethod
     def from_config(cls, config: GenerationConfig, **overrides) -> "GenerationParams":
@@ -61,9 +69,13 @@ class Token:
     weights: torch.Tensor  # (N,) attention mass per memory vector when it was chosen
 
 
+#: How many times one ``loop_ngram``-gram may occur before the reply counts as a loop.
+LOOP_REPEATS = 3
+
+
 @dataclass
 class Outcome:
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "loop" or "cancelled"
     state: torch.Tensor  # RNN state after feeding every emitted token but the last
     last_token: int | None  # the last emitted token, not yet fed
 
@@ -80,6 +92,14 @@ class Generation:
     tokens: Iterator[Token]
     outcome: Outcome | None = field(default=None)
     sampler: Sampler | None = None
+    #: the model's probability (temperature 1, before any filter) of each chosen token
+    probs: list[float] = field(default_factory=list)
+
+    @property
+    def confidence(self) -> float:
+        """The lowest of :attr:`probs`: how sure the model was of its least sure token
+        (0.0 before any token was chosen)."""
+        return min(self.probs, default=0.0)
 
     def __iter__(self) -> Iterator[Token]:
         return self.tokens
@@ -140,6 +160,7 @@ class Sampler:
         if token is None:
             token = pick_token(self.logits[0], self.out, self.params, self.rng)
         self.out.append(token)
+        self.gen.probs.append(token_prob(self.logits[0], token))
         state = self.state
         self.gen.outcome = Outcome("cancelled", state, token)
         if token == self.eos_id:
@@ -149,6 +170,9 @@ class Sampler:
         if self.stop_check is not None and self.stop_check(self.out):
             self.done = True
             self.gen.outcome = Outcome("stop", state, token)
+        elif loops(self.out, self.params.loop_ngram):
+            self.done = True
+            self.gen.outcome = Outcome("loop", state, token)
         elif len(self.out) >= self.params.max_new_tokens:
             self.done = True
             self.gen.outcome = Outcome("length", state, token)
@@ -201,6 +225,30 @@ def filter_logits(logits: torch.Tensor, params: GenerationParams) -> torch.Tenso
     return logits
 
 
+def needs_fallback(finish_reason: str, confidence: float, threshold: float) -> bool:
+    """Whether a finished reply should be replaced by the fallback text: it looped, or
+    it ended (``"stop"`` or ``"length"``) with a confidence below ``threshold``."""
+    if finish_reason == "loop":
+        return True
+    return finish_reason in ("stop", "length") and confidence < threshold
+
+
+def token_prob(logits: torch.Tensor, token: int) -> float:
+    """softmax(logits)[token] for one row of logits (V,), without the full softmax."""
+    logits = logits.float()
+    return float((logits[token] - torch.logsumexp(logits, dim=-1)).exp())
+
+
+def loops(tokens: list[int], n: int, repeats: int = LOOP_REPEATS) -> bool:
+    """Whether the last ``n`` tokens occur ``repeats`` times in ``tokens`` (the check
+    runs after every token, so this is the first n-gram to reach that count)."""
+    if n <= 0 or len(tokens) < n + repeats - 1:
+        return False
+    tail = tokens[-n:]
+    seen = sum(tokens[i: i + n] == tail for i in range(len(tokens) - n + 1))
+    return seen >= repeats
+
+
 def block_repeats(logits: torch.Tensor, generated: list[int], n: int) -> torch.Tensor:
     """Forbid any token that would repeat an n-gram already in ``generated``."""
     if n <= 0 or len(generated) < n - 1:
@@ -219,30 +267,32 @@ def _beam(gen: Generation, step: Step, logits: torch.Tensor, weights: torch.Tens
           state: torch.Tensor, params: GenerationParams, eos_id: int) -> Iterator[Token]:
     """Length-normalised beam search; streams the best hypothesis once it is chosen.
 
-    Each live beam is ``(score, tokens, attention)`` and row ``b`` of ``states`` is its
-    RNN state after feeding all of its tokens.
+    Each live beam is ``(score, tokens, attention, log-probs)`` and row ``b`` of
+    ``states`` is its RNN state after feeding all of its tokens. A hypothesis that
+    loops (:func:`loops`) ends there, like one that chose the end of the reply.
     """
     width = params.beam_width
-    beams: list[tuple[float, list[int], list[torch.Tensor]]] = [(0.0, [], [])]
+    beams: list[tuple[float, list[int], list[torch.Tensor], list[float]]] = [(0.0, [], [], [])]
     states = state  # (S, L, B, H), B = len(beams)
-    finished: list[tuple[float, list[int], list[torch.Tensor], torch.Tensor]] = []
+    finished: list[tuple[float, list[int], list[torch.Tensor], torch.Tensor, list[float]]] = []
     gen.outcome = Outcome("cancelled", state, None)
     while True:
         logprobs = logits.float().log_softmax(-1)  # (B, V)
         candidates = []
-        for b, (score, toks, _) in enumerate(beams):
+        for b, (score, toks, _, _) in enumerate(beams):
             row = block_repeats(logprobs[b], toks, params.no_repeat_ngram)
             top = torch.topk(row, min(width, row.numel()))
-            candidates += [(score + lp, b, t) for lp, t in
+            candidates += [(score + lp, b, t, lp) for lp, t in
                            zip(top.values.tolist(), top.indices.tolist()) if lp > float("-inf")]
         candidates.sort(key=lambda c: -c[0])
-        survivors = []  # (score, tokens, attention, parent row)
-        for score, b, t in candidates:
+        survivors = []  # (score, tokens, attention, parent row, log-probs)
+        for score, b, t, lp in candidates:
             toks, attn = beams[b][1] + [t], beams[b][2] + [weights[b]]
-            if t == eos_id:
-                finished.append((score / len(toks), toks, attn, states[:, :, b: b + 1]))
+            lps = beams[b][3] + [lp]
+            if t == eos_id or loops(toks, params.loop_ngram):
+                finished.append((score / len(toks), toks, attn, states[:, :, b: b + 1], lps))
             else:
-                survivors.append((score, toks, attn, b))
+                survivors.append((score, toks, attn, b, lps))
             if len(survivors) == width:
                 break
         best_done = max((f[0] for f in finished), default=float("-inf"))
@@ -250,18 +300,20 @@ def _beam(gen: Generation, step: Step, logits: torch.Tensor, weights: torch.Tens
                 or best_done >= max(s[0] / len(s[1]) for s in survivors)
                 or len(survivors[0][1]) >= params.max_new_tokens):
             break
-        beams = [(s[0], s[1], s[2]) for s in survivors]
+        beams = [(s[0], s[1], s[2], s[4]) for s in survivors]
         parents = torch.tensor([s[3] for s in survivors], device=logits.device)
         tokens = torch.tensor([s[1][-1] for s in survivors], device=logits.device)
         logits, weights, states = step(tokens, states[:, :, parents])
     if finished:
-        _, toks, attn, final_state = max(finished, key=lambda f: f[0])
-        gen.outcome = Outcome("stop", final_state, toks[-1])
+        _, toks, attn, final_state, lps = max(finished, key=lambda f: f[0])
+        reason = "stop" if toks[-1] == eos_id else "loop"
+        gen.outcome = Outcome(reason, final_state, toks[-1])
     elif survivors:
-        _, toks, attn, b = max(survivors, key=lambda s: s[0] / len(s[1]))
+        _, toks, attn, b, lps = max(survivors, key=lambda s: s[0] / len(s[1]))
         gen.outcome = Outcome("length", states[:, :, b: b + 1], toks[-1])
     else:
         return
+    gen.probs = [math.exp(lp) for lp in lps]
     for t, w in zip(toks, attn):
         if t != eos_id:
             yield Token(t, w)

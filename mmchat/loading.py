@@ -39,6 +39,7 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         vocab_size=vocab_size, rnn=m.rnn, n_layer=m.n_layer, n_embd=m.n_embd,
         n_hidden=m.n_hidden, d_model=m.d_model, dropout=m.dropout,
         fusion=config.fusion.method, condition=config.fusion.condition,
+        entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
         modalities=sorted(modalities))
 
 
@@ -84,6 +85,15 @@ def load_model(config: Config, modalities: Mapping[str, Modality]
     if config.model.quantize == "dynamic-int8":
         model = quantize(model)
     return model.to(config.model.device), tokenizer, meta
+
+
+def fallback_threshold(config: Config, meta: Mapping[str, Any]) -> float:
+    """``[generation] fallback_threshold``, or when it is -1 the ``[train]
+    fallback_threshold`` the checkpoint was trained with (0 if it has none)."""
+    threshold = config.generation.fallback_threshold
+    if threshold >= 0:
+        return threshold
+    return float(meta.get("train", {}).get("config", {}).get("fallback_threshold", 0.0))
 
 
 def quantize(model: DialogueLM) -> DialogueLM:

@@ -10,7 +10,11 @@ Sequence layout of a dialogue (``<s>`` once, then each turn)::
     <s> <user> question <bot> answer </s> <user> follow-up <bot> answer </s>
 
 Turn ``k``'s query is read at its ``<bot>`` token; every position of turn ``k``
-sees the memory of attachments sent up to and including turn ``k``.
+sees the memory of attachments sent up to and including turn ``k``. With
+``entry_tags``, each memory vector carries which of its modality's attachments it came
+from, counted from the latest (recency) and from the first (ordinal), as seen at turn
+``k``; with ``carry_query``, turn ``k``'s query also sees turn ``k - 1``'s (the
+referent of a follow-up such as "and where is it?").
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class DialogueConfig:
     transcripts: bool = False  # train a head that tells which words an attachment says
     heard: list[str] = field(default_factory=list)  # modalities whose words join the turn's bag
     heard_tokens: float = 8.0  # how many typed tokens one heard attachment counts for
+    entry_tags: int = 0  # recency/ordinal embeddings per memory entry (0 = none)
+    carry_query: bool = False  # each turn's query sees the previous turn's query
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +88,13 @@ class DialogueLM(nn.Module):
         self.encoders = nn.ModuleDict({m: encoders[m] for m in c.modalities})
         self.kind_emb = nn.Embedding(len(c.modalities) + 1, c.d_model)
         self.null = nn.Parameter(torch.zeros(1, c.d_model))
-        self.turn_query = TurnQuery(c.n_hidden, c.n_embd, c.d_model)
+        self.turn_query = TurnQuery(c.n_hidden, c.n_embd, c.d_model, carry=c.carry_query)
+        # which entry of its modality a memory vector came from: zero at first, so a new
+        # model computes what it would without them, and draws no extra random numbers
+        self.recency_emb = nn.Parameter(torch.zeros(c.entry_tags, c.d_model)) \
+            if c.entry_tags else None  # (n, d), 0 = the latest entry
+        self.ordinal_emb = nn.Parameter(torch.zeros(c.entry_tags, c.d_model)) \
+            if c.entry_tags else None  # (n, d), 0 = the first entry
         self.film = FiLM(c.d_model) if c.condition else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
         self.answer_head = nn.Sequential(
@@ -129,10 +141,12 @@ class DialogueLM(nn.Module):
         return h, new  # (B, T, H), (S, L, B, H)
 
     def memory_bank(self, entries: Sequence[Sequence[tuple[str, torch.Tensor]]]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pad each item's (modality, vectors) entries into one bank with a null slot first.
 
-        Returns values (B, N, d) with type embeddings added, kinds (B, N), mask (B, N).
+        Returns values (B, N, d) with type embeddings added, kinds (B, N), mask (B, N)
+        and ordinal (B, N): which of its modality's entries (in the order given: 0 for
+        the first) each vector came from (0 for the null slot and padding).
         """
         d = self.config.d_model
         B = len(entries)
@@ -140,14 +154,48 @@ class DialogueLM(nn.Module):
         N = max(sizes)
         values = self.null.new_zeros(B, N, d)
         kinds = torch.zeros(B, N, dtype=torch.long, device=values.device)
+        ordinal = torch.zeros(B, N, dtype=torch.long, device=values.device)
         mask = torch.zeros(B, N, dtype=torch.bool, device=values.device)
         for b, item in enumerate(entries):
             parts = [self.null] + [v for _, v in item]
             kinds_b = [0] + [self.kind_index[m] for m, v in item for _ in range(v.shape[0])]
+            seen: dict[str, int] = {}
+            ordinal_b = [0]
+            for m, v in item:
+                ordinal_b += [seen.get(m, 0)] * v.shape[0]
+                seen[m] = seen.get(m, 0) + 1
             values[b, : sizes[b]] = torch.cat(parts, dim=0)
             kinds[b, : sizes[b]] = torch.tensor(kinds_b, device=values.device)
+            ordinal[b, : sizes[b]] = torch.tensor(ordinal_b, device=values.device)
             mask[b, : sizes[b]] = True
-        return values + self.kind_emb(kinds), kinds, mask
+        return values + self.kind_emb(kinds), kinds, mask, ordinal
+
+    def entry_places(self, kinds: torch.Tensor, ordinal: torch.Tensor, mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recency and ordinal (B, N) of each visible vector's entry, capped at
+        ``entry_tags - 1``.
+
+        Recency counts back from the latest visible entry of the same modality (0 = the
+        latest picture), ordinal from the first (0 = the first picture). The null slot
+        and hidden vectors get 0.
+        """
+        n = self.config.entry_tags
+        tagged = mask & (kinds > 0)  # (B, N)
+        latest = torch.zeros_like(ordinal)  # (B, N) the latest ordinal of each vector's kind
+        for k in range(1, len(self.config.modalities) + 1):
+            sel = tagged & (kinds == k)
+            last = ordinal.masked_fill(~sel, -1).max(dim=1, keepdim=True).values  # (B, 1)
+            latest = torch.where(sel, last.expand_as(latest), latest)
+        recency = ((latest - ordinal) * tagged).clamp(0, n - 1)
+        return recency, (ordinal * tagged).clamp(0, n - 1)
+
+    def entry_tags(self, kinds: torch.Tensor, ordinal: torch.Tensor, mask: torch.Tensor
+                   ) -> torch.Tensor:
+        """Recency plus ordinal embedding of each visible vector (B, N, d); zeros for the
+        null slot and hidden vectors (:meth:`entry_places`)."""
+        recency, place = self.entry_places(kinds, ordinal, mask)
+        tags = self.recency_emb[recency] + self.ordinal_emb[place]
+        return tags * (mask & (kinds > 0)).unsqueeze(-1)  # (B, N, d)
 
     def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor,
                      heard: torch.Tensor | None = None,
@@ -182,13 +230,23 @@ class DialogueLM(nn.Module):
         return self.word_head is not None and modality in self.config.heard
 
     def turn_memory(self, h_prompt: torch.Tensor, bag: torch.Tensor, values: torch.Tensor,
-                    kinds: torch.Tensor, mask: torch.Tensor) -> TurnMemory:
+                    kinds: torch.Tensor, mask: torch.Tensor,
+                    ordinal: torch.Tensor | None = None,
+                    previous: torch.Tensor | None = None) -> TurnMemory:
         """Condition the visible memory on the turn's query (read at its ``<bot>`` token).
 
-        Each modality's conditioned vectors are also max-pooled into one summary vector
-        appended to the memory, so the decoder can attend to "the best match" directly.
+        ``ordinal`` (B, N) tags each vector with its entry (:meth:`entry_tags`) and
+        ``previous`` (B, d) is the previous turn's query (zeros for a first turn), both
+        used only when the config asks for them. Each modality's conditioned vectors are
+        also max-pooled into one summary vector appended to the memory, so the decoder
+        can attend to "the best match" directly.
         """
-        q = self.turn_query(h_prompt, bag, values, mask)  # (B, d)
+        if self.recency_emb is not None and ordinal is not None:
+            values = values + self.entry_tags(kinds, ordinal, mask)  # (B, N, d)
+        if self.config.carry_query and previous is None:
+            previous = values.new_zeros(values.shape[0], self.config.d_model)
+        q = self.turn_query(h_prompt, bag, values, mask,
+                            previous if self.config.carry_query else None)  # (B, d)
         conditioned = self.film(values, q) if self.film is not None else values  # (B, N, d)
         n_kinds = len(self.config.modalities)
         pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
@@ -268,7 +326,11 @@ class DialogueLM(nn.Module):
             for v, b, k in zip(vectors, batch.item.tolist(), batch.turn.tolist()):
                 entries[b].append((batch.modality, v))
                 entry_turns[b].append(k)
-        values, kinds, mask = self.memory_bank(entries)  # (B, N, d), (B, N), (B, N)
+        for b in range(B):  # in the order sent, so each turn sees a prefix of the bank
+            order = sorted(range(len(entries[b])), key=entry_turns[b].__getitem__)
+            entries[b] = [entries[b][i] for i in order]
+            entry_turns[b] = [entry_turns[b][i] for i in order]
+        values, kinds, mask, ordinal = self.memory_bank(entries)  # (B, N, d), 3 x (B, N)
         sent = torch.full_like(kinds, -1)  # (B, N) turn that sent each vector; -1 = null
         for b, item in enumerate(entries):
             at = 1
@@ -281,6 +343,7 @@ class DialogueLM(nn.Module):
         use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
         aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
+        previous = h.new_zeros(B, self.config.d_model)  # (B, d) each dialogue's last query
         for k in range(K):
             rows = (prompt_end[:, k] >= 0).nonzero().squeeze(1)  # dialogues with a turn k
             if rows.numel() == 0:
@@ -293,7 +356,10 @@ class DialogueLM(nn.Module):
             bag = self.bag_of_words(idx[rows], words.float(), heard[rows, k],
                                     n_heard[rows, k])  # (R, E)
             visible = mask[rows] & (sent[rows] <= k)  # (R, N)
-            mem = self.turn_memory(h_prompt, bag, values[rows], kinds[rows], visible)
+            n = int(visible.sum(dim=1).max())  # the visible vectors are a prefix: keep it
+            mem = self.turn_memory(h_prompt, bag, values[rows, :n], kinds[rows, :n],
+                                   visible[:, :n], ordinal[rows, :n], previous[rows])
+            previous = previous.index_copy(0, rows, mem.query)
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
             window = ctx[rows, lo:hi]
             ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)

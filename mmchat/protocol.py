@@ -110,7 +110,7 @@ _MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-
 _MAX_INT = 2**53 - 1
 _MAX_TOKEN_CHARS = 4096
 _MAX_NONCE_CHARS = 128
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+FINISH_REASONS = ("stop", "length", "loop", "cancelled", "error")
 
 
 def close_code_for(code: str) -> int:
@@ -267,7 +267,10 @@ class Usage:
 class Done:
     """The reply ended. ``text`` is all of it; ``attention`` maps each modality in the
     session's memory to the share of memory attention it got (no ``"text"``, and not
-    summing to 1); ``timings`` are in milliseconds (docs/protocol.md lists them)."""
+    summing to 1); ``timings`` are in milliseconds (docs/protocol.md lists them).
+    ``confidence`` is the lowest probability the model gave a token of its reply; with
+    ``fallback``, ``text`` is the configured fallback sent in place of the streamed
+    deltas (the model was unsure, or looped)."""
 
     type: ClassVar[str] = "done"
     response_id: str
@@ -280,6 +283,8 @@ class Done:
     #: Ids of the attachments that this turn pushed out of the session's memory bank
     #: (oldest first; left out when none): later turns no longer see them.
     dropped: tuple[str, ...] | None = None
+    confidence: float | None = None
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -565,7 +570,8 @@ def _read_done(r: _Reader) -> Done:
         raise r.fail("bad_value", "'dropped' must hold attachment ids")
     return Done(response_id, seq, text, finish_reason, usage,
                 r.number_map("attention"), r.number_map("timings"),
-                tuple(dropped) if dropped else None)
+                tuple(dropped) if dropped else None,
+                r.number("confidence", required=False), r.boolean("fallback", default=False))
 
 
 _SERVER_READERS = {

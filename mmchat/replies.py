@@ -22,7 +22,7 @@ class Delta:
 class Reply:
     session_id: str
     text: str
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "loop" or "cancelled"
     attention: dict[str, float]  # mean attention mass per modality
     prompt_tokens: int
     completion_tokens: int
@@ -32,6 +32,11 @@ class Reply:
     #: ids of the attachments this turn pushed out of the memory bank (it keeps the last
     #: ``fusion.max_memory``), oldest first
     dropped: list[str] = field(default_factory=list)
+    #: the lowest probability the model gave a token it chose (end of reply included)
+    confidence: float = 0.0
+    #: True when ``text`` is ``[generation] fallback_text`` in place of the model's reply
+    #: (too unsure, or it looped); the streamed deltas were the model's
+    fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +45,7 @@ class Reply:
             "usage": {"prompt_tokens": self.prompt_tokens,
                       "completion_tokens": self.completion_tokens},
             "timings": self.timings, "dropped": self.dropped,
+            "confidence": self.confidence, "fallback": self.fallback,
         }
 
 

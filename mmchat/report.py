@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import calibration
 from .evaluation import EvalResult
 
 
@@ -54,6 +56,44 @@ def attention_table(result: EvalResult) -> str:
     return "\n".join(rows)
 
 
+def calibration_table(result: EvalResult) -> str:
+    """Reliability bins (accuracy against confidence) and the expected calibration error."""
+    bins, ece = result.calibration()
+    rows = [f"Expected calibration error: {fmt(ece)} (10 equal-width bins, exact answers).", "",
+            "| confidence | turns | mean confidence | exact |", "|---|---:|---:|---:|"]
+    rows += [f"| {b.low:.1f}–{b.high:.1f} | {b.turns} | {fmt(b.confidence)} | "
+             f"{fmt(b.accuracy)} |" for b in bins if b.turns]
+    return "\n".join(rows)
+
+
+#: Thresholds the report shows the effect of (the engine's own is added).
+SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def fallback_table(result: EvalResult) -> str:
+    """How often the fallback fires per category at the engine's threshold, and what other
+    thresholds would do to all turns."""
+    rows = [f"At fallback threshold {result.fallback_threshold:g} (loops always fall back). "
+            "*Sees the fallback text*: the engine sends it, or the model says it itself.", "",
+            "| category | turns | fallback rate | exact when kept | sees the fallback text |",
+            "|---|---:|---:|---:|---:|"]
+    groups = {**result.by_category(), "**all**": result.turns}
+    for cat, turns in groups.items():
+        kept = [t.exact for t in turns if not result.fell_back(t)]
+        rate = sum(map(result.fell_back, turns)) / len(turns)
+        seen = sum(map(result.sees_fallback, turns)) / len(turns)
+        rows.append(f"| {cat} | {len(turns)} | {fmt(rate)} | "
+                    f"{fmt(sum(kept) / len(kept) if kept else float('nan'))} | {fmt(seen)} |")
+    thresholds = sorted({*SWEEP, result.fallback_threshold})
+    sweep = calibration.sweep([t.confidence for t in result.turns],
+                              [t.exact for t in result.turns],
+                              [t.finish_reason for t in result.turns], thresholds)
+    rows += ["", "| threshold | fallback rate | exact when kept |", "|---:|---:|---:|"]
+    rows += [f"| {c.threshold:g} | {fmt(c.fallback_rate)} | {fmt(c.kept_accuracy)} |"
+             for c in sweep]
+    return "\n".join(rows)
+
+
 def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
                  meta: Mapping[str, object], metrics_jsonl: Path | None = None) -> Path:
     """Write report.md, results.json and plots into ``out_dir``; returns report.md."""
@@ -63,11 +103,14 @@ def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
     if metrics_jsonl is not None and metrics_jsonl.is_file():
         plots.append(plot_curves(metrics_jsonl, out_dir / "training_curves.png"))
     plots.append(plot_attention(main, out_dir / "attention.png"))
+    plots.append(plot_calibration(main, out_dir / "calibration.png"))
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "## Summary", "", summary_table(results), "",
               "## Exact-answer accuracy by category", "", category_table(results), "",
-              "## Attention mass per modality", "", attention_table(main), ""]
+              "## Attention mass per modality", "", attention_table(main), "",
+              "## Calibration", "", calibration_table(main), "",
+              "## Fallback", "", fallback_table(main), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     lines += ["", "## Examples", ""]
     for t in main.turns[:: max(1, len(main.turns) // 12)][:12]:
@@ -77,7 +120,11 @@ def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
     path.write_text("\n".join(lines) + "\n")
     (out_dir / "results.json").write_text(json.dumps({
         name: {"summary": r.summary(),
-               "categories": {c: r.accuracy(c) for c in r.by_category()}}
+               "categories": {c: r.accuracy(c) for c in r.by_category()},
+               "calibration": {"ece": r.calibration()[1],
+                               "bins": [dataclasses.asdict(b) for b in r.calibration()[0]]},
+               "fallback_threshold": r.fallback_threshold,
+               "fallback_rate": {c: r.fallback_rate(c) for c in r.by_category()}}
         for name, r in results.items()}, indent=2))
     return path
 
@@ -129,6 +176,34 @@ def plot_attention(result: EvalResult, out: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend()
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_calibration(result: EvalResult, out: Path) -> Path:
+    """Reliability diagram: exact-answer accuracy per confidence bin against the diagonal,
+    with the number of turns in each bin below."""
+    plt = _pyplot()
+    bins, ece = result.calibration()
+    used = [b for b in bins if b.turns]
+    fig, (ax, count) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="calibrated")
+    ax.bar([b.low for b in used], [b.accuracy for b in used], width=0.1, align="edge",
+           edgecolor="black", alpha=0.7, label="exact answers")
+    ax.plot([b.confidence for b in used], [b.accuracy for b in used], marker="o",
+            color="black", linewidth=0.8, label="mean confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"confidence against accuracy (ECE {fmt(ece)})")
+    ax.legend(loc="upper left")
+    count.bar([b.low for b in bins], [b.turns for b in bins], width=0.1, align="edge",
+              edgecolor="black")
+    count.set_xlabel("confidence (lowest token probability of the reply)")
+    count.set_ylabel("turns")
+    count.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

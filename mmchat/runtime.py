@@ -178,7 +178,8 @@ class TurnRun:
             pending.append(outcome.last_token)
         if not pending or pending[-1] != self.tokenizer.eos_id:
             pending.append(self.tokenizer.eos_id)
-        return SessionState(rnn=state, pending=pending, turns=self.turns_before + 1), reason
+        return SessionState(rnn=state, pending=pending, turns=self.turns_before + 1,
+                            query=self.memory.query.detach().clone()), reason
 
 
 @dataclass
@@ -228,11 +229,12 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         h_last = rnn[0, -1].unsqueeze(1)  # (B, 1, H): the top layer at each last token
         entries = [[(e.modality, e.vectors) for e in r.memory if e.modality in model.kind_index]
                    for r in requests]
-        values, kinds, mask = model.memory_bank(entries)  # (B, N, d)
+        values, kinds, mask, ordinal = model.memory_bank(entries)  # (B, N, d), 3 x (B, N)
         words = _right_padded(users)  # (B, U)
         select = _right_padded([[1.0] * len(u) for u in users], torch.float32)
         bag = model.bag_of_words(words, select, *_heard(model, requests))  # (B, E)
-        mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask)
+        mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask, ordinal,
+                                _previous_queries(model, states))
         ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
         logits = model.logits(h_last, ctx)[:, -1]  # (B, V)
         runs = []
@@ -255,6 +257,14 @@ def _right_padded(rows: Sequence[Sequence[Any]], dtype: torch.dtype = torch.long
     """(B, longest row) from lists of numbers, zero-padded on the right, in one call."""
     n = max(len(r) for r in rows)
     return torch.tensor([[*r, *([0] * (n - len(r)))] for r in rows], dtype=dtype)
+
+
+def _previous_queries(model: DialogueLM, states: Sequence[SessionState]) -> torch.Tensor:
+    """Each session's last turn query (B, d); zeros for a first turn or an old state."""
+    d = model.config.d_model
+    zero = model.null.new_zeros(1, d)
+    return torch.cat([s.query if s.query is not None and s.query.shape == (1, d) else zero
+                      for s in states])
 
 
 def _heard(model: DialogueLM, requests: Sequence[TurnRequest]

@@ -5,7 +5,9 @@ as its torch ones, at a fifth of the cost for tensors this small (a turn writes 
 
 Two kinds of blob:
 
-* the RNN state after the last turn plus tokens not yet fed (replaced each turn);
+* the RNN state after the last turn, tokens not yet fed and the last turn's query
+  (replaced each turn; version 2 added the query, and version 1 blobs still load,
+  without one);
 * one memory-bank entry per attachment: its encoder vectors (appended).
 """
 
@@ -25,7 +27,10 @@ from .errors import StateError
 
 FORMAT = "mmchat-state"
 MEMORY_FORMAT = "mmchat-memory"
-VERSION = "1"
+VERSION = "2"  # of the session state blob
+MEMORY_VERSION = "1"  # of a memory entry blob
+#: Versions each blob format reads: a version-1 state is one without a turn query.
+READABLE = {FORMAT: ("1", "2"), MEMORY_FORMAT: ("1",)}
 
 
 @dataclass
@@ -33,6 +38,7 @@ class SessionState:
     rnn: torch.Tensor  # (S, L, 1, H): S = 2 for LSTM (h, c), 1 for GRU
     pending: list[int] = field(default_factory=list)  # tokens to feed before the next turn
     turns: int = 0
+    query: torch.Tensor | None = None  # (1, d) the last turn's query, for models that carry it
 
 
 @dataclass
@@ -47,6 +53,8 @@ def dumps_state(state: SessionState) -> bytes:
         "rnn": _array(state.rnn),
         "pending": np.asarray(state.pending, dtype=np.int64),
     }
+    if state.query is not None:
+        tensors["query"] = _array(state.query)
     return st_save(tensors, metadata={"format": FORMAT, "version": VERSION,
                                       "turns": str(state.turns)})
 
@@ -54,16 +62,18 @@ def dumps_state(state: SessionState) -> bytes:
 def loads_state(data: bytes) -> SessionState:
     tensors, meta = _load(data, FORMAT)
     try:
+        query = tensors.get("query")
         return SessionState(rnn=torch.from_numpy(tensors["rnn"]),
                             pending=tensors["pending"].tolist(),
-                            turns=int(meta.get("turns", "0")))
+                            turns=int(meta.get("turns", "0")),
+                            query=None if query is None else torch.from_numpy(query))
     except (KeyError, ValueError) as exc:
         raise StateError(f"session state is missing a field: {exc}") from None
 
 
 def dumps_entry(entry: MemoryEntry) -> bytes:
     return st_save({"vectors": _array(entry.vectors)},
-                   metadata={"format": MEMORY_FORMAT, "version": VERSION,
+                   metadata={"format": MEMORY_FORMAT, "version": MEMORY_VERSION,
                              "modality": entry.modality, "attachment_id": entry.attachment_id})
 
 
@@ -97,9 +107,9 @@ def _load(data: bytes, expected: str) -> tuple[dict[str, np.ndarray], dict[str, 
         raise StateError(f"session state is not readable: {exc}") from None
     if meta.get("format") != expected:
         raise StateError(f"expected a {expected} blob, got format {meta.get('format')!r}")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE[expected]:
         raise StateError(f"{expected} version {meta.get('version')!r} is not supported "
-                         f"(this mmchat reads version {VERSION})")
+                         f"(this mmchat reads versions {', '.join(READABLE[expected])})")
     return tensors, meta
 
 

@@ -26,7 +26,10 @@ def toy_host():
 
 @pytest.fixture
 def tiny_config():
-    return from_dict({"model": TINY_MODEL, "generation": {"max_new_tokens": 6}}, env={})
+    # An untrained model repeats itself ("circle circle ..."): the loop guard, tested on
+    # its own (test_generation.py, test_engine.py), would replace every reply here.
+    return from_dict({"model": TINY_MODEL,
+                      "generation": {"max_new_tokens": 6, "loop_ngram": 0}}, env={})
 
 
 @pytest.fixture(scope="session")

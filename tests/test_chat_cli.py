@@ -1,14 +1,17 @@
+import os
 import subprocess
 import sys
 
 
-def run_chat(stdin: str, cwd, *args: str) -> subprocess.CompletedProcess:
+def run_chat(stdin: str, cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mmchat", "chat", "--untrained", *args], input=stdin,
         capture_output=True, text=True, timeout=120, cwd=cwd,
         env={"MMCHAT_MODEL__N_HIDDEN": "32", "MMCHAT_MODEL__N_EMBD": "16",
              "MMCHAT_MODEL__D_MODEL": "16", "MMCHAT_GENERATION__MAX_NEW_TOKENS": "4",
-             "PATH": "/usr/bin:/bin"})
+             "PATH": "/usr/bin:/bin", **env,
+             # the mmchat under test, when PYTHONPATH points at a checkout
+             **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}})
 
 
 def test_repl_chats_with_images_and_voice_and_reports_errors(tmp_path, image_dir, speech_dir):
@@ -74,3 +77,11 @@ def test_attach_takes_any_installed_modality(tmp_path, image_dir, speech_dir):
     assert lines.count("bot> ") == 4
     assert "error [unsupported_media]: modality 'voice' does not accept 'image/png'" in lines
     assert "error: no modality 'nosuch'" in lines
+
+
+def test_a_withdrawn_reply_is_followed_by_the_fallback(tmp_path):
+    """No untrained reply is sure enough for a threshold of 1: each gives the fallback."""
+    out = run_chat("hello\nand you?\n", tmp_path, MMCHAT_GENERATION__FALLBACK_THRESHOLD="1",
+                   MMCHAT_GENERATION__FALLBACK_TEXT="i only know pictures")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" (withdrawn)\nbot> i only know pictures\n") == 2

@@ -1,5 +1,6 @@
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from mmchat.errors import (
 )
 from mmchat.loading import load_model
 from mmchat.plugins import PluginHost
-from mmchat.state import dumps_state, loads_state
+from mmchat.state import SessionState, dumps_state, loads_state
 
 TOY = Attachment(bytes(range(16)), "application/x-toy")
 
@@ -87,17 +88,30 @@ def test_state_blobs_written_through_safetensors_torch_still_load():
     format, written by its torch ones) read back unchanged."""
     from safetensors.torch import save
 
-    from mmchat.state import FORMAT, MEMORY_FORMAT, VERSION, loads_entry
+    from mmchat.state import FORMAT, MEMORY_FORMAT, loads_entry
 
     rnn, vectors = torch.randn(2, 1, 1, 8), torch.randn(5, 4)
     state = loads_state(save({"rnn": rnn, "pending": torch.tensor([3, 2])},
-                             metadata={"format": FORMAT, "version": VERSION, "turns": "4"}))
+                             metadata={"format": FORMAT, "version": "1", "turns": "4"}))
     assert torch.equal(state.rnn, rnn) and (state.pending, state.turns) == ([3, 2], 4)
     entry = loads_entry(save({"vectors": vectors},
-                             metadata={"format": MEMORY_FORMAT, "version": VERSION,
+                             metadata={"format": MEMORY_FORMAT, "version": "1",
                                        "modality": "toy", "attachment_id": "a1"}))
     assert torch.equal(entry.vectors, vectors)
     assert (entry.modality, entry.attachment_id) == ("toy", "a1")
+
+
+def test_a_state_keeps_the_turn_query_and_a_version_1_state_loads_without_one():
+    query = torch.randn(1, 8)
+    state = loads_state(dumps_state(SessionState(torch.randn(2, 1, 1, 8), [3], 2, query)))
+    assert torch.equal(state.query, query) and state.turns == 2
+    assert loads_state(dumps_state(SessionState(torch.randn(2, 1, 1, 8), [3]))).query is None
+    from safetensors.numpy import save
+
+    with pytest.raises(StateError, match="version '9' is not supported"):
+        loads_state(save({"rnn": np.zeros((2, 1, 1, 8), np.float32),
+                          "pending": np.zeros(1, np.int64)},
+                         metadata={"format": "mmchat-state", "version": "9"}))
 
 
 async def test_memory_bank_carries_an_attachment_into_later_turns(engine):
@@ -305,3 +319,61 @@ async def test_one_turns_attachments_hold_one_media_thread(tiny_config):
     reply = await asyncio.wait_for(slow.wait(), 60)
     assert reply.finish_reason in ("stop", "length") and decoding[0] == 4
     await engine.close()
+
+
+FALLBACK_MODES = [{"strategy": "greedy"}, {"strategy": "sample", "seed": 2, "top_k": 1},
+                  {"strategy": "beam", "beam_width": 3}]
+
+
+@pytest.mark.parametrize("mode", FALLBACK_MODES, ids=lambda m: m["strategy"])
+async def test_a_looping_reply_ends_early_and_sends_the_fallback(tiny_config, toy_host, mode):
+    """The untrained model says "circle circle ...": unguarded it runs to the token limit;
+    the loop guard (on by default) stops it and the engine sends the fallback text."""
+    config = tiny_config.replace(generation={"max_new_tokens": 30, "loop_ngram": 0})
+    async with Engine(config, plugins=toy_host) as engine:
+        unguarded = await engine.reply("u", "hello", [TOY], **mode)
+    assert unguarded.finish_reason == "length" and unguarded.completion_tokens == 30
+    assert not unguarded.fallback
+    config = tiny_config.replace(generation={"max_new_tokens": 30, "loop_ngram": 4})
+    async with Engine(config, plugins=toy_host) as engine:
+        stream = await engine.stream("g", "hello", [TOY], **mode)
+        streamed = "".join([d.text async for d in stream])
+        reply = stream.reply
+        history = await engine.history("g")
+    assert reply.finish_reason == "loop" and reply.completion_tokens < 30
+    assert reply.fallback and reply.text == config.generation.fallback_text
+    assert streamed and streamed != reply.text  # the deltas were the model's own
+    assert history[-1] == {"role": "assistant", "text": reply.text, "finish_reason": "loop",
+                           "fallback": True}
+    assert reply.to_dict()["fallback"] is True
+
+
+@pytest.mark.parametrize("mode", FALLBACK_MODES, ids=lambda m: m["strategy"])
+async def test_a_reply_below_the_confidence_threshold_sends_the_fallback(tiny_config, toy_host,
+                                                                      mode):
+    async with Engine(tiny_config, plugins=toy_host) as engine:  # untrained: threshold 0
+        sure = await engine.reply("a", "hello", [TOY], **mode)
+    assert engine.fallback_threshold == 0.0
+    assert not sure.fallback and sure.text != tiny_config.generation.fallback_text
+    assert 0.0 < sure.confidence < 1.0
+    config = tiny_config.replace(generation={"fallback_threshold": sure.confidence + 1e-3,
+                                             "fallback_text": "i can only talk about pictures"})
+    async with Engine(config, plugins=toy_host) as engine:
+        unsure = await engine.reply("a", "hello", [TOY], **mode)
+    assert unsure.finish_reason == sure.finish_reason and unsure.confidence == sure.confidence
+    assert unsure.fallback and unsure.text == "i can only talk about pictures"
+    config = tiny_config.replace(generation={"fallback_threshold": sure.confidence - 1e-3})
+    async with Engine(config, plugins=toy_host) as engine:
+        again = await engine.reply("a", "hello", [TOY], **mode)
+    assert not again.fallback and again.text == sure.text
+
+
+def test_the_default_threshold_is_the_one_the_checkpoint_was_trained_with(tiny_config):
+    from mmchat.loading import fallback_threshold
+
+    trained = {"train": {"config": {"fallback_threshold": 0.42}}}
+    assert tiny_config.generation.fallback_threshold == -1.0
+    assert fallback_threshold(tiny_config, trained) == 0.42
+    assert fallback_threshold(tiny_config, {"path": "untrained"}) == 0.0
+    chosen = tiny_config.replace(generation={"fallback_threshold": 0.1})
+    assert fallback_threshold(chosen, trained) == 0.1

@@ -136,3 +136,65 @@ def test_params_from_config_and_overrides_are_validated():
         params.with_overrides(colour="red")
     with pytest.raises(Exception, match="generation.top_p"):
         params.with_overrides(top_p=2.0)
+
+
+def repeating_table(cycle):
+    """Each token of ``cycle`` is followed by the next, the last by the first (p = 0.9)."""
+    table = {}
+    for t in range(V):
+        nxt = cycle[(cycle.index(t) + 1) % len(cycle)] if t in cycle else cycle[0]
+        table[t] = logits_for([0.9 if i == nxt else 0.01 for i in range(V)])
+    return table
+
+
+LOOP_STRATEGIES = [{"strategy": "greedy"}, {"strategy": "sample", "seed": 5, "temperature": 0.3},
+                   {"strategy": "beam", "beam_width": 3}]
+
+
+@pytest.mark.parametrize("mode", LOOP_STRATEGIES, ids=lambda m: m["strategy"])
+@pytest.mark.parametrize("cycle", [[4], [4, 5], [4, 5, 6, 7, 2]], ids=len)
+def test_the_loop_guard_ends_a_repeating_reply_for_every_strategy(mode, cycle):
+    table = repeating_table(cycle)
+    unguarded, outcome = run(GenerationParams(max_new_tokens=40, loop_ngram=0, **mode),
+                             table, table[cycle[-1]])
+    assert len(unguarded) == 40 and outcome.finish_reason == "length"  # it really loops
+    tokens, outcome = run(GenerationParams(max_new_tokens=40, **mode), table, table[cycle[-1]])
+    assert outcome.finish_reason == "loop"
+    # the first 4-gram to occur a third time ends it: two whole periods plus one 4-gram
+    assert tokens == unguarded[: 2 * len(cycle) + 4]
+
+
+def test_a_reply_that_repeats_only_shorter_ngrams_is_not_a_loop():
+    # "4 5 4 6 4 5 4 7 ...": the bigram "4 5" recurs, no 4-gram occurs three times
+    assert not generate_loops([4, 5, 4, 6, 4, 5, 4, 7, 4, 5, 4, 2])
+    assert generate_loops([4, 5, 4, 6, 4, 5, 4, 6, 4, 5, 4, 6])
+
+
+def generate_loops(tokens):
+    from mmchat.generate import loops
+
+    return loops(tokens, 4)
+
+
+@pytest.mark.parametrize("mode", LOOP_STRATEGIES, ids=lambda m: m["strategy"])
+def test_each_chosen_token_reports_the_model_probability(mode):
+    table = chain_table()
+    state = torch.zeros(1, 1, 1, 2)
+    gen = generate(table_step(table), table[0][None], torch.ones(1, 1), state,
+                   GenerationParams(**mode), eos_id=EOS)
+    tokens = [t.id for t in gen]
+    assert tokens == [4, 5, 6]
+    want = (table[0].softmax(-1)[4]).item()  # every step: 0.8 against seven 0.02
+    assert gen.probs == pytest.approx([want] * 4, rel=1e-5)  # the three tokens and </s>
+    assert gen.confidence == pytest.approx(want, rel=1e-5)
+
+
+def test_confidence_is_the_least_sure_token():
+    table = chain_table()
+    table[5] = logits_for([0.3 if i == 6 else 0.1 for i in range(V)])  # unsure after 5
+    state = torch.zeros(1, 1, 1, 2)
+    gen = generate(table_step(table), table[0][None], torch.ones(1, 1), state,
+                   GenerationParams(), eos_id=EOS)
+    assert [t.id for t in gen] == [4, 5, 6]
+    assert gen.confidence == pytest.approx(table[5].softmax(-1)[6].item(), rel=1e-5)
+    assert gen.confidence == min(gen.probs) < max(gen.probs)

@@ -12,10 +12,11 @@ FUSIONS = ["attention", "concat", "weighted"]
 RNNS = ["lstm", "gru"]
 
 
-def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0):
+def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=vocab, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
-                         d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"])
+                         d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"],
+                         entry_tags=tags, carry_query=carry)
     return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
 
 
@@ -137,15 +138,23 @@ def test_heard_words_reach_the_query_and_train_through_it():
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("rnn", RNNS)
 @pytest.mark.parametrize("hearing", [False, True])
-def test_training_pass_equals_incremental_inference(fusion, rnn, hearing):
+@pytest.mark.parametrize("v2", [False, True])
+def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2):
     """The teacher-forced pass and turn-by-turn decoding compute the same logits.
 
     With ``hearing``, the first turn's attachment is heard (its words join that turn's
-    bag) and the second turn, which sends nothing, hears nothing.
+    bag) and the second turn, which sends nothing, hears nothing. With ``v2``, memory
+    entries carry recency/ordinal tags, each query sees the previous one, and the second
+    turn sends a second attachment (so the first one's recency changes).
     """
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)
-    model = tiny_model(fusion, rnn, vocab=tok.vocab_size).eval()
+    model = tiny_model(fusion, rnn, vocab=tok.vocab_size, tags=4 if v2 else 0,
+                       carry=v2).eval()
+    if v2:  # large enough that a wrong tag or a lost query moves the logits past atol
+        with torch.no_grad():
+            for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb]:
+                p.normal_(0.0, 0.5)
     if hearing:
         model.config.transcripts, model.config.heard = True, ["toy"]
         model.word_head = torch.nn.Linear(16, tok.vocab_size)
@@ -159,16 +168,21 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing):
     end2 = start2 + 1 + len(q2)
     turns = torch.tensor([[0] * start2 + [1] * (len(seq) - start2)])
     idx = torch.tensor([seq])
-    media = [MediaBatch("toy", feats[None], torch.tensor([5]), torch.tensor([0]),
-                        torch.tensor([0]))]
+    second = torch.rand(4, 5, generator=torch.Generator().manual_seed(4))
+    both = torch.stack([feats, second])
+    media = [MediaBatch("toy", both if v2 else feats[None], torch.tensor([5, 3] if v2 else [5]),
+                        torch.tensor([0, 0] if v2 else [0]),
+                        torch.tensor([0, 1] if v2 else [0]))]
     with torch.no_grad():
         full, _ = model(idx, turns, torch.tensor([[end1, end2]]), media)
 
-    vectors = model.encode("toy", feats[None], torch.tensor([5]))[0]
-    memory = [MemoryEntry("toy", vectors)]
+    vectors = model.encode("toy", both, torch.tensor([5, 3]))
+    memory = [MemoryEntry("toy", vectors[0])]
     state = None
     for end, answer, text, new in [(end1, a1, "what colour is it", 1),
-                                   (end2, a2, "hello there", 0)]:
+                                   (end2, a2, "hello there", 1 if v2 else 0)]:
+        if end == end2 and v2:
+            memory.append(MemoryEntry("toy", vectors[1]))
         run = start_turn(model, tok, state, memory, text, GenerationParams(), new=new)
         got = [run.prompt_logits[0]]
         rnn_state = run.prompt_state
@@ -179,7 +193,8 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing):
                 got.append(model.logits(h, ctx)[0, -1])
         for i, logits in enumerate(got):
             torch.testing.assert_close(logits, full[0, end + i], atol=1e-4, rtol=1e-4)
-        state = SessionState(rnn=rnn_state, pending=[tok.eos_id], turns=1)
+        state = SessionState(rnn=rnn_state, pending=[tok.eos_id], turns=1,
+                             query=run.memory.query)
 
 
 def test_turn_query_glimpse_is_multihead_attention_with_one_query():
@@ -200,3 +215,44 @@ def test_turn_query_glimpse_is_multihead_attention_with_one_query():
     g_got = torch.autograd.grad(got.square().sum(), [memory, tq.attn.in_proj_weight])
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_entry_places_count_from_the_latest_and_the_first_of_each_modality():
+    """Two toy pictures then a third, with voice clips between: each modality counts alone."""
+    torch.manual_seed(0)
+    cfg = DialogueConfig(vocab_size=40, n_layer=1, n_embd=16, n_hidden=24, d_model=16,
+                         modalities=["toy", "voice"], entry_tags=2)
+    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16),
+                             "voice": ToyModality().build_encoder(16)})
+    v = torch.zeros(2, 16)
+    entries = [[("toy", v), ("voice", v[:1]), ("toy", v), ("toy", v[:1])]]
+    values, kinds, mask, ordinal = model.memory_bank(entries)
+    assert ordinal[0].tolist() == [0, 0, 0, 0, 1, 1, 2]
+    recency, place = model.entry_places(kinds, ordinal, mask)
+    assert recency[0].tolist() == [0, 1, 1, 0, 1, 1, 0]  # capped at entry_tags - 1 = 1
+    assert place[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    hidden = mask.clone()
+    hidden[0, 6] = False  # the third picture not sent yet: the second is the latest
+    recency, _ = model.entry_places(kinds, ordinal, hidden)
+    assert recency[0].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    with torch.no_grad():
+        model.recency_emb.normal_()
+        model.ordinal_emb.normal_()
+    tags = model.entry_tags(kinds, ordinal, hidden)
+    assert tags[0, 0].abs().sum() == 0 and tags[0, 6].abs().sum() == 0  # null, hidden
+    torch.testing.assert_close(tags[0, 4], model.recency_emb[0] + model.ordinal_emb[1])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_new_model_with_tags_and_carry_starts_as_one_without(fusion):
+    """The tags and the carried query start at zero and draw no random numbers: the same
+    seed gives the same weights and the same logits, and training moves them."""
+    plain, v2 = tiny_model(fusion), tiny_model(fusion, tags=4, carry=True)
+    shared = plain.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in v2.state_dict().items() if k in shared)
+    idx, turns, prompt_end, media, targets = batch()
+    torch.testing.assert_close(v2(idx, turns, prompt_end, media)[0],
+                               plain(idx, turns, prompt_end, media)[0])
+    _, loss = v2(idx, turns, prompt_end, media, targets)
+    loss.backward()
+    assert v2.turn_query.carry.grad.abs().sum() > 0 and v2.ordinal_emb.grad.abs().sum() > 0

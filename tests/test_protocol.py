@@ -76,7 +76,7 @@ SERVER_EXAMPLES = [
     Delta("r-1", 3, ""),
     Done("r-1", 4, "Hello", "stop", Usage(3, 2)),
     Done("r-2", 9, "x", "length", Usage(0, 64), {"text": 0.25, "image": 0.75},
-         {"generate_ms": 12.5}, ("0123456789abcdef",)),
+         {"generate_ms": 12.5}, ("0123456789abcdef",), 0.125, True),
     Error("bad_value", "no", None, False),
     Error("unauthorized", "token refused", "hello", True),
     Pong(),
@@ -160,7 +160,8 @@ def test_generated_client_events_round_trip(event):
               finish_reason=st.sampled_from(protocol.FINISH_REASONS),
               usage=st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)),
               attention=st.dictionaries(_ids, st.floats(0, 1), max_size=3),
-              timings=st.dictionaries(_ids, st.floats(0, 1e6), max_size=3)),
+              timings=st.dictionaries(_ids, st.floats(0, 1e6), max_size=3),
+              confidence=st.none() | st.floats(0, 1), fallback=st.booleans()),
 ))
 def test_generated_server_events_round_trip(event):
     assert parse_server_event(serialize(event)) == event

@@ -73,7 +73,9 @@ def node_env(url: str, prefix: str, **settings: str) -> dict[str, str]:
                 "MMCHAT_SESSIONS__PREFIX": prefix,
                 "MMCHAT_SESSIONS__LOCK_LEASE_SECONDS": "1",
                 "MMCHAT_SERVER__MESSAGES_PER_SECOND": "100",
-                "MMCHAT_SERVER__PING_INTERVAL_SECONDS": "0", **settings})
+                "MMCHAT_SERVER__PING_INTERVAL_SECONDS": "0",
+                "MMCHAT_GENERATION__LOOP_NGRAM": "0",  # the untrained model repeats itself
+                **settings})
     return env
 
 

@@ -42,8 +42,10 @@ FAST = {"messages_per_second": 100.0, "burst": 50, "ping_interval_seconds": 0.0}
 
 
 def server_config(**sections: dict[str, Any]) -> Config:
-    """A tiny untrained model, greedy, short replies, generous rate limits."""
-    data: dict[str, Any] = {"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 6},
+    """A tiny untrained model, greedy, short replies, generous rate limits; no loop guard
+    (the untrained model repeats itself, and the guard would replace its replies)."""
+    data: dict[str, Any] = {"model": dict(TINY_MODEL),
+                            "generation": {"max_new_tokens": 6, "loop_ngram": 0},
                             "server": dict(FAST)}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -139,6 +141,28 @@ async def test_hello_ready_and_a_streamed_reply(server):
         assert done.usage.completion_tokens == len(deltas) <= 6
         assert done.usage.prompt_tokens > 0
         assert {"prefill", "first_token", "total", "queue"} <= set(done.timings)
+
+
+async def test_done_carries_the_confidence_and_the_fallback():
+    """The untrained model loops ("circle circle ..."): with the loop guard on, done says
+    so and carries the fallback text instead of the streamed deltas, on resume too."""
+    config = server_config(generation={"max_new_tokens": 30, "loop_ngram": 4})
+    async with running_server(config) as server:
+        async with await Client.connect(server.url) as client:
+            reply = await client.send("hello there")
+            await reply.wait(30)
+            done = reply.done
+            assert done.finish_reason == "loop" and done.fallback
+            assert done.text == config.generation.fallback_text
+            assert 0.0 < done.confidence < 1.0
+            assert "".join(d.text for d in reply.deltas) != done.text
+            ws, _ = await raw_hello(server.url, session_id=client.session_id, last_seq=0)
+            replayed = [e for e in await collect(ws) if isinstance(e, Done)]
+            await ws.close()
+            assert replayed == [done]
+    async with running_server() as server, await Client.connect(server.url) as client:
+        done = await (await client.send("hello there")).wait(30)
+        assert not done.fallback and 0.0 < done.confidence < 1.0
 
 
 async def test_the_session_continues_and_seqs_run_on(server):

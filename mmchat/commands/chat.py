@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import click
@@ -70,9 +70,14 @@ class LocalBackend:
         self.engine.sync().start()
         return f"mmchat — {self.engine.model_description}. Session {self.session_id}."
 
-    def stream(self, text: str, attachments: Sequence) -> Iterator[str]:
-        for delta in self.engine.stream_sync(self.session_id, text, attachments):
-            yield delta.text
+    def stream(self, text: str, attachments: Sequence) -> Generator[str, None, str | None]:
+        """The reply's text pieces; returns the fallback text when it replaced them."""
+        deltas = self.engine.stream_sync(self.session_id, text, attachments)
+        while True:
+            try:
+                yield next(deltas).text
+            except StopIteration as end:
+                return end.value.text if end.value.fallback else None
 
     def modalities(self) -> dict[str, tuple[str, ...]]:
         return {name: tuple(m.mime_types)
@@ -107,7 +112,8 @@ class RemoteBackend:
             click.echo(f"note [{notice.code}]: {notice}")
         return f"mmchat — {self.url}. Session {client.session_id}."
 
-    def stream(self, text: str, attachments: Sequence) -> Iterator[str]:
+    def stream(self, text: str, attachments: Sequence) -> Generator[str, None, str | None]:
+        """The reply's text pieces; returns the fallback text when it replaced them."""
         from ..client import ConnectionLost
 
         run = self._runner.run
@@ -117,7 +123,7 @@ class RemoteBackend:
             try:
                 delta = run(reply.__anext__())
             except StopAsyncIteration:
-                return
+                return reply.done.text if reply.done is not None and reply.done.fallback else None
             except ConnectionLost:
                 if resumed:
                     raise
@@ -232,9 +238,13 @@ class Repl:
     def send(self, text: str) -> None:
         attachments, self.pending = self.pending, []
         click.echo("bot> ", nl=False)
+        pieces = self.backend.stream(text, attachments)
         try:
-            for piece in self.backend.stream(text, attachments):
-                click.echo(piece, nl=False)
+            while True:
+                click.echo(next(pieces), nl=False)
+        except StopIteration as end:
+            if end.value is not None:  # the model was unsure or looped: what it sends instead
+                click.echo(f" (withdrawn)\nbot> {end.value}", nl=False)
         except MMChatError as exc:
             click.echo(f"\nerror [{exc.code}]: {exc}")
             return

@@ -44,8 +44,15 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     from ..errors import CheckpointError
     from ..evaluation import evaluate
     from ..loading import checkpoint_path
+    from ..loading import fallback_threshold
     from ..plugins import PluginHost
-    from ..report import category_table, summary_table, write_report
+    from ..report import (
+        calibration_table,
+        category_table,
+        fallback_table,
+        summary_table,
+        write_report,
+    )
     from ..training.data import decode_media, load_dialogues
     from ..training.examples import FeatureCache
 
@@ -59,11 +66,14 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     modalities = {m: host.modalities[m] for m in model.config.modalities}
     cache = FeatureCache()
     decode_media(cache, dialogues, modalities)
-    results = {"full": evaluate(model, tokenizer, dialogues, cache, modalities)}
+    threshold = fallback_threshold(config, meta)
+    fallback = {"fallback_threshold": threshold,
+                "fallback_text": config.generation.fallback_text}
+    results = {"full": evaluate(model, tokenizer, dialogues, cache, modalities, **fallback)}
     if ablations:
         for name in model.config.modalities:
             results[f"no {name}"] = evaluate(model, tokenizer, dialogues, cache, modalities,
-                                             drop=frozenset({name}))
+                                             drop=frozenset({name}), **fallback)
     run_dir = Path(path).parent
     report = write_report(out_dir, f"Evaluation of {path}", results, {
         "checkpoint": str(path), "data": str(split_file), "dialogues": len(dialogues),
@@ -73,4 +83,8 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     click.echo(summary_table(results))
     click.echo()
     click.echo(category_table(results))
+    click.echo()
+    click.echo(calibration_table(results["full"]))
+    click.echo()
+    click.echo(fallback_table(results["full"]))
     click.echo(f"\nreport: {report}")

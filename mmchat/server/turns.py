@@ -250,7 +250,7 @@ class Turn:
         return Done(self.response_id, seq, reply.text, reply.finish_reason,
                     Usage(reply.prompt_tokens, reply.completion_tokens),
                     dict(reply.attention), {**reply.timings, "queue": round(queue_ms, 3)},
-                    tuple(reply.dropped) or None)
+                    tuple(reply.dropped) or None, reply.confidence, reply.fallback)
 
     def _count(self, reply: Any) -> None:
         metrics = self.manager.metrics

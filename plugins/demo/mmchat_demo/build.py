@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, chitchat, digits, scenes, speech
+from . import __version__, chitchat, digits, questions, scenes, sessions, speech
 from .scenes import Question, Scene
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ SPLITS = ("train", "valid", "test")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 #: Image seeds of a split lie in ``[base, base + 10_000_000)``; the three ranges are disjoint.
 IMAGE_SEED_BASE = {"train": 0, "valid": 10_000_000, "test": 20_000_000}
-_SEED_OFFSET = {"shapes": 0, "spoken": 1_000_000, "digits": 2_000_000}
+_SEED_OFFSET = {"shapes": 0, "spoken": 1_000_000, "digits": 2_000_000, "multi": 3_000_000,
+                "pronoun": 4_000_000, "yes-no": 5_000_000, "caption": 6_000_000,
+                "not-there": 7_000_000, "font-digits": 8_000_000}
 #: Questions in a shapes dialogue, cycled by dialogue number: 40% ask one, the rest add
 #: one or two follow-ups about the same picture.
 _TURN_PATTERN = (1, 1, 1, 1, 2, 2, 2, 3, 3, 3)
@@ -51,21 +53,44 @@ class Counts:
     greetings: int
     typed_greetings: int
     chitchat: int | None
+    # corpus v2 (sessions.py)
+    multi: int = 0
+    pronoun: int = 0
+    yes_no: int = 0
+    captions: int = 0
+    not_there: int = 0
+    no_picture: int = 0
+    goodbyes: int = 0
+    font_digits: int = 0
+    out_of_domain: int = 0
+
+    @property
+    def planned(self) -> int:
+        """Dialogues planned one at a time (all but chit-chat and out-of-domain)."""
+        return sum(n for name, n in asdict(self).items()
+                   if name not in ("chitchat", "out_of_domain"))
 
 
+_HELD_OUT = dict(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
+                 chitchat=100, multi=300, pronoun=200, yes_no=200, captions=150, not_there=100,
+                 no_picture=60, goodbyes=45, font_digits=150)
 DEFAULT_COUNTS = {
-    "train": Counts(shapes=14_000, digits=5_000, spoken=2_200, greetings=600,
-                    typed_greetings=400, chitchat=None),
-    "valid": Counts(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
-                    chitchat=100),
-    "test": Counts(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
-                   chitchat=100),
+    "train": Counts(shapes=10_000, digits=4_000, spoken=2_200, greetings=600,
+                    typed_greetings=400, chitchat=None, multi=3_000, pronoun=2_500,
+                    yes_no=2_500, captions=1_500, not_there=1_000, no_picture=600,
+                    goodbyes=450, font_digits=2_000, out_of_domain=300),
+    "valid": Counts(**_HELD_OUT, out_of_domain=60),
+    "test": Counts(**_HELD_OUT, out_of_domain=100),
 }
+_SMALL_HELD_OUT = dict(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2,
+                       chitchat=5, multi=8, pronoun=6, yes_no=6, captions=5, not_there=4,
+                       no_picture=4, goodbyes=4, font_digits=5, out_of_domain=5)
 SMALL_COUNTS = {
     "train": Counts(shapes=100, digits=30, spoken=10, greetings=4, typed_greetings=4,
-                    chitchat=30),
-    "valid": Counts(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2, chitchat=5),
-    "test": Counts(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2, chitchat=5),
+                    chitchat=30, multi=20, pronoun=15, yes_no=15, captions=10, not_there=10,
+                    no_picture=6, goodbyes=6, font_digits=10, out_of_domain=6),
+    "valid": Counts(**_SMALL_HELD_OUT),
+    "test": Counts(**_SMALL_HELD_OUT),
 }
 
 # A rendering job: ("scene", key, Scene) | ("digit", key, DigitStyle) | ("speech", path,
@@ -89,8 +114,7 @@ def build(outdir: str | Path, *, seed: int = 0, small: bool = False, progress: b
     records: dict[str, list[dict[str, Any]]] = {}
     jobs: dict[str, Job] = {}
     inline: dict[str, list[dict[str, Any]]] = {}
-    total = sum(c.shapes + c.digits + c.spoken + c.greetings + c.typed_greetings
-                for c in counts.values())
+    total = sum(c.planned for c in counts.values())
     with tqdm(total=total, desc="planning", unit="dialogue", disable=not progress,
               file=sys.stderr) as bar:
         for split in SPLITS:
@@ -139,6 +163,7 @@ def _describe(seed: int, small: bool, counts: dict[str, Counts],
             "digit_index_ranges": {s: list(r) for s, r in digits.INDEX_RANGES.items()},
             "voices": {s: list(v) for s, v in speech.VOICES.items()},
             "variants": {s: list(v) for s, v in speech.VARIANTS.items()},
+            "fonts": {s: [f.rsplit("/", 1)[-1] for f in digits.split_fonts(s)] for s in SPLITS},
         },
     }
 
@@ -182,11 +207,23 @@ class _Planner:
         out = []
         for make, n in ((self.shapes, counts.shapes), (self.digit, counts.digits),
                         (self.spoken, counts.spoken), (self.greeting, counts.greetings),
-                        (self.typed_greeting, counts.typed_greetings)):
+                        (self.typed_greeting, counts.typed_greetings),
+                        (functools.partial(sessions.multi_picture, self), counts.multi),
+                        (functools.partial(sessions.pronoun, self), counts.pronoun),
+                        (functools.partial(sessions.yes_no, self), counts.yes_no),
+                        (functools.partial(sessions.caption, self), counts.captions),
+                        (functools.partial(sessions.not_there, self), counts.not_there),
+                        (functools.partial(sessions.no_picture, self), counts.no_picture),
+                        (functools.partial(sessions.goodbye, self), counts.goodbyes),
+                        (functools.partial(sessions.font_digit, self), counts.font_digits)):
             for i in range(n):
-                out.append(make(i))
+                record = make(i)
+                if record is not None:  # no font digits on a machine without fonts
+                    out.append(record)
                 tick()
         out += self.chitchat(counts.chitchat)
+        prompts = {_words(u) for c in chitchat.conversations() for u in c.utterances[::2]}
+        out += sessions.out_of_domain(self, counts.out_of_domain, prompts)
         order = self.rng(9).permutation(len(out))
         return [out[i] for i in order]
 
@@ -203,25 +240,36 @@ class _Planner:
     def image(self, kind: str, spec: Any, image_seed: int) -> dict[str, str]:
         key = f"{kind}:{image_seed}"
         self.jobs[key] = (kind, key, spec)
-        attachment = _attachment("image", "image/png", data="")
+        mime = "image/jpeg" if getattr(spec, "jpeg", 0) else "image/png"
+        attachment = _attachment("image", mime, data="")
         self.inline.setdefault(key, []).append(attachment)
         return attachment
 
     def clip(self, text: str, voice: speech.Voice) -> dict[str, str]:
         path = f"media/{self.split}/voice/{speech.clip_name(text, voice)}"
         self.jobs[path] = ("speech", path, text, voice)
-        return _attachment("voice", "audio/flac", path=path, text=text)
+        return _attachment("voice", "audio/ogg", path=path, text=text)
 
     # dialogues
 
-    def scene_for(self, image_seed: int, want: str) -> tuple[Scene, list[Question]]:
-        """The first scene drawn from the image seed that can be asked a ``want`` question."""
+    def scene_for(self, image_seed: int, want: str | Callable[[Scene, list[Question]], bool],
+                  ) -> tuple[Scene, list[Question]]:
+        """The first scene drawn from the image seed that can be asked a ``want`` question
+        (a question type, ``caption``, or a test of the scene and its questions)."""
         rng = np.random.default_rng([self.seed, image_seed])
         while True:
             scene = scenes.sample_scene(rng)
-            questions = scenes.askable(scene)
-            if any(q.type == want for q in questions):
-                return scene, questions
+            asked = scenes.askable(scene)
+            if callable(want):
+                ok = want(scene, asked)
+            elif want == "caption":
+                ok = questions.captionable(scene)
+            elif want in scenes.QUESTION_TYPES:
+                ok = any(q.type == want for q in asked)
+            else:
+                ok = True
+            if ok:
+                return scene, asked
 
     @staticmethod
     def pick(rng: np.random.Generator, questions: list[Question], qtype: str) -> Question:
@@ -398,8 +446,14 @@ def _render(outdir: Path, job: Job) -> tuple[str, bytes | None]:
         image = scenes.render(job[2])
     elif kind == "digit":
         image = digits.render(job[2])
+    elif kind == "font-digit":
+        image = digits.render_font(job[2])
     else:
         raise ValueError(f"unknown job kind {kind!r}")
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
+    quality = getattr(job[2], "jpeg", 0)
+    if quality:
+        image.save(buffer, "JPEG", quality=quality)
+    else:
+        image.save(buffer, "PNG")
     return key, buffer.getvalue()

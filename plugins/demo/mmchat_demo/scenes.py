@@ -21,7 +21,16 @@ NUMBERS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("colour", "shape", "count", "position")
 DIRECTIONS = ("left", "right", "top", "bottom")
 
-MIN_SIDE, MAX_SIDE = 64, 160
+#: Canvas sides in pixels: the longer side, and the shorter one (aspect ratio up to 3:1).
+MIN_SIDE, MAX_SIDE = 24, 160
+MIN_LONG = 64
+#: Aspect ratios (long side over short side) and their shares: near-square, photo-like
+#: (4:3, 16:9), and strips up to 3:1. Either orientation, half and half.
+_ASPECTS = (((1.0, 1.25), 0.45), ((1.25, 2.0), 0.35), ((2.0, 3.0), 0.20))
+#: Smallest circumradius, as a fraction of the canvas's longer side.
+MIN_RADIUS = 0.05
+#: Shapes placed "close" sit this fraction of the canvas width apart, or touch.
+CLOSE_GAP = 0.02
 #: Hue centre and spread (degrees), saturation range and value range of each colour.
 _PALETTE: dict[str, tuple[float, float, tuple[float, float], tuple[float, float]]] = {
     "red": (0.0, 7.0, (0.75, 1.0), (0.72, 0.95)),
@@ -87,6 +96,13 @@ class Scene:
     #: Drawn this many times larger, then downsampled (1 = hard, aliased edges).
     supersample: int
     shapes: tuple[Shape, ...]
+    #: ``spread`` (at least 4% of the shorter side apart) or ``close`` (at most
+    #: :data:`CLOSE_GAP` of the width apart, or touching).
+    layout: str = "spread"
+    #: Noise in each colour channel on its own (``True``) or grey noise.
+    colour_noise: bool = False
+    #: Stored as a JPEG of this quality (with its artefacts), or 0 for a PNG.
+    jpeg: int = 0
 
     def horizontal(self, shape: Shape) -> str | None:
         """``left``/``right`` when the shape lies wholly and clearly in that half."""
@@ -167,24 +183,43 @@ def _light_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return hsv_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.12), rng.uniform(0.84, 1.0))
 
 
+def _any_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    # Any grey from black to white, or a tint of it: saturation stays far below the
+    # six colours' (0.5 and more), so a shape never melts into its background.
+    return hsv_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.25) if rng.random() < 0.5 else 0.0,
+                   rng.uniform(0.0, 1.0))
+
+
+def _canvas(rng: np.random.Generator) -> tuple[int, int]:
+    (lo, hi), _ = _ASPECTS[int(rng.choice(len(_ASPECTS), p=[p for _, p in _ASPECTS]))]
+    ratio = rng.uniform(lo, hi)
+    long = int(rng.integers(MIN_LONG, MAX_SIDE + 1))
+    short = max(MIN_SIDE, round(long / ratio))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """A random scene of 1 to 3 non-overlapping shapes."""
-    width = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
-    height = width if rng.random() < 0.6 else int(
-        np.clip(width * rng.uniform(0.8, 1.25), MIN_SIDE, MAX_SIDE))
+    """A random scene of 1 to 3 non-overlapping shapes, on any background and canvas."""
+    width, height = _canvas(rng)
     side = min(width, height)
-    # Noise is rare: it makes a PNG ten times larger.
-    texture = str(rng.choice(["plain", "gradient", "noise"], p=[0.57, 0.35, 0.08]))
+    layout = "close" if rng.random() < 0.25 else "spread"
     n = int(rng.integers(1, 4))
+    if layout == "close" and n == 1:
+        n = int(rng.integers(2, 4))
     shapes: list[Shape] = []
+    floor = max(4.0, 0.8 * MIN_RADIUS * max(width, height))
     for _ in range(n):
         kind = str(rng.choice(KINDS))
         colour = str(rng.choice(COLOURS))
-        radius = max(6.0, side * rng.uniform(0.09, 0.24))
-        spot = None
+        # at least 5% of the longer side: still 3 px once the picture is letterboxed to 64
+        radius = min(max(5.0, MIN_RADIUS * max(width, height), side * rng.uniform(0.07, 0.3)),
+                     side / 2 - 2)
+        spot, mode = None, layout
         while spot is None:
-            spot = _place(rng, width, height, radius, shapes, side)
-            radius = max(6.0, radius * 0.85) if spot is None else radius
+            spot = _place(rng, width, height, radius, shapes, side, mode)
+            radius = max(floor, radius * 0.85) if spot is None else radius
+            if spot is None and radius <= floor:
+                mode = "spread"  # no room next to the others: anywhere will do
         style = str(rng.choice(["filled", "filled", "outlined", "hollow"], p=[0.3, 0.3, 0.3, 0.1]))
         if style == "hollow":
             line_width = int(max(2, round(radius * rng.uniform(0.2, 0.35))))
@@ -201,16 +236,38 @@ def sample_scene(rng: np.random.Generator) -> Scene:
             rotation = 0.0
         shapes.append(Shape(kind, colour, sample_colour(rng, colour), spot[0], spot[1],
                             radius, float(rotation), style, line_width, (grey, grey, grey)))
-    return Scene(width=width, height=height, background=_light_colour(rng), texture=texture,
-                 background2=_light_colour(rng), noise=round(float(rng.uniform(1.5, 4.0)), 2),
+    background = _light_colour if rng.random() < 0.5 else _any_background
+    texture = str(rng.choice(["plain", "gradient", "noise"], p=[0.45, 0.35, 0.2]))
+    noise = float(rng.uniform(1.5, 4.0) if rng.random() < 0.4 else rng.uniform(4.0, 20.0))
+    # Noise makes a PNG ten times larger; as a JPEG it costs little.
+    jpeg_share = 0.7 if texture == "noise" else 0.2
+    jpeg = int(rng.integers(30, 91)) if rng.random() < jpeg_share else 0
+    return Scene(width=width, height=height, background=background(rng), texture=texture,
+                 background2=background(rng), noise=round(noise, 2),
                  texture_seed=int(rng.integers(0, 2**31)),
-                 supersample=int(rng.choice([1, 2, 4])), shapes=tuple(shapes))
+                 supersample=int(rng.choice([1, 2, 4])), shapes=tuple(shapes), layout=layout,
+                 colour_noise=bool(rng.random() < 0.3), jpeg=jpeg)
 
 
 def _place(rng: np.random.Generator, width: int, height: int, radius: float,
-           others: list[Shape], side: int) -> tuple[float, float] | None:
+           others: list[Shape], side: int, layout: str = "spread",
+           ) -> tuple[float, float] | None:
     margin = radius + 1
     if 2 * margin >= min(width, height):
+        return None
+    if layout == "close" and others:
+        # next to one shape already placed: touching, or up to 2% of the width apart
+        for _ in range(60):
+            near = others[int(rng.integers(len(others)))]
+            gap = rng.uniform(0.0, CLOSE_GAP * width)
+            angle = rng.uniform(0, 2 * math.pi)
+            d = radius + near.radius + gap
+            x, y = near.cx + d * math.cos(angle), near.cy + d * math.sin(angle)
+            if not (margin <= x <= width - margin and margin <= y <= height - margin):
+                continue
+            if all(math.hypot(x - o.cx, y - o.cy) >= radius + o.radius + min(gap, 0.0)
+                   for o in others if o is not near):
+                return (x, y)
         return None
     gap = max(2.0, 0.04 * side)
     for _ in range(60):
@@ -248,7 +305,7 @@ def render(scene: Scene) -> Image.Image:
         image = image.resize((scene.width, scene.height), Image.Resampling.BOX)
     if scene.texture == "noise":
         noise = np.random.default_rng(scene.texture_seed).normal(
-            0.0, scene.noise, (scene.height, scene.width, 1))
+            0.0, scene.noise, (scene.height, scene.width, 3 if scene.colour_noise else 1))
         pixels = np.asarray(image, np.float32) + noise
         image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
     return image

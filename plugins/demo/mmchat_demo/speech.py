@@ -13,6 +13,7 @@ words rather than one accent's way of saying them.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shutil
 import subprocess
@@ -78,7 +79,13 @@ ACCENT_FEATURES: dict[str, tuple[str, str]] = {
 }
 #: Share of training clips spoken with an accent (valid and test clips never are).
 ACCENT_SHARE = 0.5
-SPEEDS = tuple(range(130, 191, 10))  # words per minute
+SPEEDS = tuple(range(80, 321, 20))  # words per minute
+#: Share of clips (in every split) with noise mixed in, at an SNR of 0 to 20 dB.
+NOISE_SHARE = 0.5
+SNRS = tuple(range(0, 21))  # dB
+#: Kinds of background noise: white, pink (1/f), brown (1/f^2), and mains hum with
+#: harmonics over pink noise.
+NOISES = ("white", "pink", "brown", "hum")
 PITCHES = tuple(range(30, 71, 10))  # 0-99, espeak-ng's default is 50
 GREETINGS = {
     "hello": "hello", "hi": "hello", "hi there": "hello", "hey": "hello",
@@ -105,6 +112,10 @@ class Voice:
     phonemes_from: str = ""
     #: Names of the :data:`ACCENT_FEATURES` applied to those phonemes, in order.
     accent: tuple[str, ...] = ()
+    #: Background noise (one of :data:`NOISES`, "" for none) and its signal-to-noise
+    #: ratio in dB.
+    noise: str = ""
+    snr: int = 0
 
     @property
     def espeak_name(self) -> str:
@@ -120,6 +131,8 @@ class Voice:
             del out["phonemes_from"], out["accent"]
         else:
             out["accent"] = list(self.accent)
+        if not self.noise:
+            del out["noise"], out["snr"]
         return out
 
 
@@ -132,6 +145,8 @@ def greeting_reply(greeting: str) -> tuple[str, str]:
 def sample_voice(rng: np.random.Generator, split: str) -> Voice:
     voice = Voice(name=str(rng.choice(VOICES[split])), variant=str(rng.choice(VARIANTS[split])),
                   speed=int(rng.choice(SPEEDS)), pitch=int(rng.choice(PITCHES)))
+    if rng.random() < NOISE_SHARE:
+        voice = replace(voice, noise=str(rng.choice(NOISES)), snr=int(rng.choice(SNRS)))
     if split != "train" or rng.random() >= ACCENT_SHARE:
         return voice
     features = rng.choice(list(ACCENT_FEATURES), size=int(rng.integers(1, 5)), replace=False)
@@ -144,7 +159,9 @@ def clip_name(text: str, voice: Voice) -> str:
     key = f"{text}|{voice.espeak_name}|{voice.speed}|{voice.pitch}"
     if voice.accented:
         key += f"|{voice.phonemes_from}|{','.join(voice.accent)}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16] + ".flac"
+    if voice.noise:
+        key += f"|{voice.noise}|{voice.snr}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16] + ".ogg"
 
 
 def accent_phonemes(phonemes: str, accent: tuple[str, ...]) -> str:
@@ -218,8 +235,70 @@ def _trim(samples: np.ndarray) -> np.ndarray:
     return samples[max(0, loud[0] - _PAD): loud[-1] + _PAD]
 
 
+def add_noise(samples: np.ndarray, kind: str, snr: float, seed: int) -> np.ndarray:
+    """``samples`` with ``kind`` noise mixed in at ``snr`` dB (against the speech's
+    power), scaled down if needed so that no sample clips."""
+    rng = np.random.default_rng(seed)
+    n = len(samples)
+    white = rng.standard_normal(n)
+    if kind == "white":
+        noise = white
+    else:
+        spectrum = np.fft.rfft(white)
+        f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+        f[0] = f[1] if n > 1 else 1.0
+        noise = np.fft.irfft(spectrum / (f ** (1.0 if kind == "brown" else 0.5)), n)
+        if kind == "hum":
+            t = np.arange(n) / SAMPLE_RATE
+            base = float(rng.choice([50.0, 60.0]))
+            hum = sum(np.sin(2 * np.pi * base * h * t + rng.uniform(0, 6.3)) / h
+                      for h in (1, 2, 3, 5))
+            noise = noise / (noise.std() + 1e-12) + 2.0 * hum
+    speech_power = float(np.mean(samples.astype(np.float64) ** 2)) or 1e-12
+    noise = noise * np.sqrt(speech_power / 10 ** (snr / 10) / (np.mean(noise ** 2) + 1e-20))
+    mixed = samples + noise
+    peak = float(np.abs(mixed).max())
+    return (mixed / peak * 0.95 if peak > 0.95 else mixed).astype(np.float32)
+
+
 def write_clip(path: Path, text: str, voice: Voice) -> None:
-    """Speak ``text`` into a 16-bit, 16 kHz FLAC file at ``path``."""
-    samples = np.clip(synthesize(text, voice), -1.0, 1.0)
+    """Speak ``text`` (with the voice's noise) into a 16 kHz Ogg Opus file at ``path``."""
+    samples = synthesize(text, voice)
+    if voice.noise:
+        seed = int(hashlib.sha1(path.name.encode()).hexdigest()[:8], 16)
+        samples = add_noise(samples, voice.noise, voice.snr, seed)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), SAMPLE_RATE, format="OGG", subtype="OPUS")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    path.write_bytes(ogg_fixed_serial(buffer.getvalue()))
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        r = i << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else r << 1
+        table.append(r & 0xFFFFFFFF)
+    return table
+
+
+def ogg_fixed_serial(data: bytes, serial: int = 1) -> bytes:
+    """The Ogg stream ``data`` with its random stream serial number set to ``serial``
+    and every page's checksum recomputed, so the same audio gives the same bytes."""
+    table = _crc_table()
+    out = bytearray(data)
+    pos = 0
+    while pos + 27 <= len(out) and out[pos:pos + 4] == b"OggS":
+        segments = out[pos + 26]
+        size = 27 + segments + sum(out[pos + 27: pos + 27 + segments])
+        out[pos + 14: pos + 18] = serial.to_bytes(4, "little")
+        out[pos + 22: pos + 26] = b"\0\0\0\0"
+        crc = 0
+        for byte in out[pos: pos + size]:
+            crc = ((crc << 8) & 0xFFFFFFFF) ^ table[((crc >> 24) ^ byte) & 0xFF]
+        out[pos + 22: pos + 26] = crc.to_bytes(4, "little")
+        pos += size
+    if pos != len(out):
+        raise ValueError("not a complete Ogg stream")
+    return bytes(out)

@@ -55,7 +55,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct
 
 
 class ImageModality(Modality):
-    """Still images (the first frame of a GIF), resized to ``size`` x ``size`` RGB.
+    """Still images (the first frame of a GIF), letterboxed to ``size`` x ``size`` RGB.
 
     Settings (``[plugins.image]``): ``size`` (default 64), ``max_bytes`` (10 MiB)
     and ``max_pixels`` (40,000,000; checked from the header before any pixel is
@@ -163,7 +163,7 @@ class ImageModality(Modality):
         return img
 
     def _to_rgb(self, img: PILImage.Image) -> PILImage.Image:
-        """Orient, flatten to RGB on white and resize to ``size`` x ``size``."""
+        """Orient, flatten to RGB on white and letterbox to ``size`` x ``size``."""
         from PIL import Image, ImageOps
 
         if img.format in ("JPEG", "MPO"):
@@ -180,7 +180,29 @@ class ImageModality(Modality):
             img = background.convert("RGB")
         elif img.mode != "RGB":
             img = img.convert("RGB")
-        return img.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return letterbox(img, self.size)
+
+
+def letterbox(img: PILImage.Image, size: int) -> PILImage.Image:
+    """Scale an RGB image to fit ``size`` x ``size`` without changing its aspect ratio,
+    and pad the rest with the colour of its border (the median of its outermost pixels),
+    so a wide or tall picture keeps its shapes' proportions and the padding looks like
+    more background rather than a shape."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = img.size
+    scale = size / max(width, height)
+    inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+    img = img.resize(inner, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if inner == (size, size):
+        return img
+    pixels = np.asarray(img)
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (N, 3)
+    fill = tuple(int(v) for v in np.median(ring, axis=0))
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(img, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    return canvas
 
 
 def _deep_to_l(img: PILImage.Image) -> PILImage.Image:

@@ -77,13 +77,40 @@ def test_decodes_each_format(image, fmt, mime, params):
     x = image.decode(data, mime)
     assert x.shape == (3, 64, 64)
     assert x.dtype == torch.float32
-    assert_red(colour_at(x, slice(None), slice(0, 24)))
-    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+    # 120x90 is letterboxed to 64x48: the picture spans rows 8 to 56
+    assert_red(colour_at(x, slice(12, 52), slice(0, 24)))
+    assert_blue(colour_at(x, slice(12, 52), slice(40, 64)))
 
 
 def test_size_setting_sets_output_size():
     x = ImageModality({"size": 32}).decode(encode(halves((50, 50)), "PNG"), "image/png")
     assert x.shape == (3, 32, 32)
+
+
+def _circle(size: tuple[int, int], background=(40, 40, 40)) -> Image.Image:
+    img = Image.new("RGB", size, background)
+    (cx, cy), r = (size[0] // 2, size[1] // 2), min(size) // 3
+    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=RED)
+    return img
+
+
+@pytest.mark.parametrize("size", [(192, 108), (108, 192), (300, 100), (100, 300)])
+def test_wide_and_tall_pictures_are_letterboxed_not_stretched(image, size):
+    """A 16:9, 9:16 or 3:1 picture keeps its aspect ratio; the padding has the colour
+    of the picture's border, so it reads as more background."""
+    x = image.decode(encode(_circle(size), "PNG"), "image/png")  # (3, 64, 64)
+    red = (x[0] > 1.5) & (x[1] < -1.5)  # (64, 64) pixels of the circle
+    rows, cols = red.any(dim=1).nonzero(), red.any(dim=0).nonzero()
+    height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+    assert abs(height - width) <= 2, (height, width)  # still a circle, not an ellipse
+    dark = (40 / 255 - 0.5) / 0.25
+    corners = x[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (3, 4)
+    assert torch.allclose(corners, torch.full_like(corners, dark), atol=0.02)
+
+
+def test_square_pictures_fill_the_whole_input(image):
+    x = image.decode(encode(halves((50, 50)), "PNG"), "image/png")
+    assert_red(colour_at(x, slice(0, 64), slice(0, 4)))
 
 
 def test_values_are_normalised(image):
@@ -102,14 +129,15 @@ def test_exif_orientation_is_applied(image, orientation, top, bottom):
     data = encode(halves((640, 320)), "JPEG", quality=95, exif=exif.tobytes())
     x = image.decode(data, "image/jpeg")
     checks = {"red": assert_red, "blue": assert_blue}
-    checks[top](colour_at(x, slice(0, 24), slice(None)))
-    checks[bottom](colour_at(x, slice(40, 64), slice(None)))
+    # displayed 320x640: letterboxed to 32x64, columns 16 to 48
+    checks[top](colour_at(x, slice(0, 24), slice(20, 44)))
+    checks[bottom](colour_at(x, slice(40, 64), slice(20, 44)))
 
 
 def test_jpeg_without_exif_keeps_layout(image):
     x = image.decode(encode(halves((640, 480)), "JPEG", quality=95), "image/jpeg")
-    assert_red(colour_at(x, slice(None), slice(0, 24)))
-    assert_blue(colour_at(x, slice(None), slice(40, 64)))
+    assert_red(colour_at(x, slice(12, 52), slice(0, 24)))
+    assert_blue(colour_at(x, slice(12, 52), slice(40, 64)))
 
 
 def test_rgba_is_composited_on_white(image):

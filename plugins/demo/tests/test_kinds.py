@@ -1,0 +1,269 @@
+"""Corpus v2: every new dialogue kind's answers follow from its ground truth, and the
+pictures and voices vary as docs/data.md says."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import mmchat_demo.build as build_module
+import numpy as np
+import pytest
+import soundfile
+from mmchat_demo import chitchat, digits, questions, scenes, sessions, smalltalk, speech
+
+from mmchat.evaluation import normalize
+
+SPLITS = ("train", "valid", "test")
+
+
+def every(records, source=None):
+    return [r for recs in records.values() for r in recs
+            if source is None or r["meta"]["source"] == source]
+
+
+def test_every_answer_is_in_its_reply_for_exact_scoring(records):
+    for r in every(records):
+        for turn in r["turns"][1::2]:
+            assert f" {normalize(turn['answer'])} " in f" {normalize(turn['text'])} ", r["id"]
+
+
+def _scene(meta, k=None):
+    return meta["pictures"][k]["scene"] if k is not None else meta["scene"]
+
+
+def _place(scene, s):
+    """A caption's place for a shape, from the scene meta alone."""
+    def third(c, size, names):
+        k = min(2, int(3 * c / size))
+        return names[k]
+    h = third(s["cx"], scene["width"], ("left", "centre", "right"))
+    v = third(s["cy"], scene["height"], ("top", "middle", "bottom"))
+    if h == "centre":
+        return "in the middle" if v == "middle" else f"at the {v}"
+    return f"on the {h}" if v == "middle" else f"at the {v} {h}"
+
+
+def test_captions_name_every_shape_left_to_right_with_colour_and_place(records):
+    found = 0
+    for r in every(records):
+        for q in r["meta"].get("questions", ()):
+            if q["type"] != "caption":
+                continue
+            scene = _scene(r["meta"], q.get("picture"))
+            shapes = sorted(scene["shapes"], key=lambda s: (s["cx"], s["cy"]))
+            said = [f"{'an' if s['colour'] == 'orange' else 'a'} {s['colour']} {s['kind']} "
+                    f"{_place(scene, s)}" for s in shapes]
+            reply = r["turns"][q["turn"]]["text"]
+            assert reply == (said[0] if len(said) == 1
+                             else ", ".join(said[:-1]) + " and " + said[-1]), r["id"]
+            found += 1
+    assert found >= 10
+
+
+def test_yes_no_answers_match_the_scene(records):
+    found = 0
+    for r in every(records, "yes-no"):
+        shapes = r["meta"]["scene"]["shapes"]
+        for q in r["meta"]["questions"]:
+            reply = r["turns"][q["turn"]]["text"]
+            user = r["turns"][q["turn"] - 1]["text"]
+            if q["form"] == "attribute":
+                asked = re.findall(r"\b(" + "|".join(scenes.COLOURS + scenes.KINDS
+                                                     + ("left", "right")) + r")\b", user)
+                assert (asked[-1] == q["truth"]) == q["yes"], (user, q)
+            else:
+                words = q["target"].split()
+                there = any(all(w in (s["colour"], s["kind"], "shape") for w in words)
+                            for s in shapes)
+                assert there == q["yes"], (q, shapes)
+                assert q["target"] in user
+            assert reply.startswith("yes, " if q["yes"] else "no, ")
+            found += 1
+    assert found >= 10
+
+
+def test_not_there_asks_about_a_kind_or_colour_the_picture_lacks(records):
+    for r in every(records, "not-there"):
+        shapes = r["meta"]["scene"]["shapes"]
+        for q in r["meta"]["questions"]:
+            assert q["target"] not in {s["kind"] for s in shapes} | {s["colour"] for s in shapes}
+            assert q["target"] in r["turns"][q["turn"] - 1]["text"]
+            assert r["turns"][q["turn"]]["text"].startswith(f"there is no {q['target']}")
+
+
+def test_no_picture_sessions_have_no_picture_and_say_how_to_send_one(records):
+    found = every(records, "no-picture")
+    assert {r["split"] for r in found} == set(SPLITS)
+    for r in found:
+        assert all(not t.get("attachments") for t in r["turns"])
+        assert r["turns"][-1]["text"] == questions.NO_PICTURE
+        assert "attach a picture" in questions.NO_PICTURE
+
+
+def test_pronoun_follow_ups_resolve_to_the_previous_turns_referent(records):
+    found = 0
+    for r in every(records, "pronoun"):
+        asked = r["meta"]["questions"]
+        for prev, q in zip(asked, asked[1:]):
+            user = r["turns"][q["turn"] - 1]["text"]
+            named = f"{q['target']} one" if q["by_colour"] or q["type"] == "shape" \
+                else q["target"]
+            if " it" in f" {user}" or user.startswith("and its"):  # a pronoun: same referent
+                assert q["referent"] == named
+                assert not any(w in user.split() for w in scenes.KINDS + scenes.COLOURS)
+            else:  # an ellipsis: the previous question about the shape it names
+                assert (q["type"], q["axis"]) == (prev["type"], prev["axis"])
+                assert named.split()[0] in user
+            assert q["answer"] in r["turns"][q["turn"]]["text"].split()
+            found += 1
+    assert found >= 5
+
+
+def _count(scene, kind):
+    return sum(s["kind"] == kind for s in scene["shapes"])
+
+
+def test_multi_picture_sessions_answer_from_the_right_picture(records):
+    kinds = {"earlier": 0, "later": 0, "across": 0}
+    for r in every(records, "multi-picture"):
+        pictures = [p["scene"] for p in r["meta"]["pictures"]]
+        images = [t for t in r["turns"][::2] if t["attachments"]]
+        shown = -1
+        for k, turn in enumerate(r["turns"][::2]):
+            if turn["attachments"]:
+                shown += 1
+            q = next((q for q in r["meta"]["questions"] if q["turn"] == 2 * k + 1), None)
+            reply = r["turns"][2 * k + 1]
+            if q is None:
+                continue
+            if reply["category"] == "earlier_picture":
+                assert q["picture"] < shown and not turn["attachments"]
+                kinds["earlier"] += 1
+            elif reply["category"] == "later_picture":
+                assert q["picture"] == shown > 0 and turn["attachments"]
+                kinds["later"] += 1
+            elif reply["category"] == "across_pictures":
+                kinds["across"] += 1
+                if q["type"] == "which":
+                    having = [n for n, p in enumerate(pictures) if _count(p, q["target"])]
+                    assert [sessions.ORDINALS[n] for n in having] == [q["answer"]]
+                elif q["type"] == "count_all":
+                    total = sum(len(p["shapes"]) if q["target"] == "shape"
+                                else _count(p, q["target"]) for p in pictures)
+                    assert total == q["answer"]
+                else:
+                    colours = [s["colour"] for p in pictures for s in p["shapes"]
+                               if s["kind"] == q["target"]]
+                    assert len(colours) == 2 and (colours[0] == colours[1]) == q["answer"]
+        assert len(images) == len(pictures)
+    assert all(kinds.values()), kinds
+
+
+def test_goodbyes_and_out_of_domain_prompts(records):
+    for r in every(records, "goodbye"):
+        user, reply = r["turns"][-2:]
+        assert build_module._words(user["text"]) == build_module._words(r["meta"]["text"])
+        assert (reply["text"], reply["category"]) == (smalltalk.GOODBYE_REPLY, "goodbye")
+    prompts = {s: {r["turns"][0]["text"] for r in recs if r["category"] == "out_of_domain"}
+               for s, recs in records.items()}
+    assert all(prompts.values())
+    assert not prompts["test"] & (prompts["train"] | prompts["valid"])
+    said = {build_module._words(u) for c in chitchat.conversations() for u in c.utterances[::2]}
+    assert not {build_module._words(p) for ps in prompts.values() for p in ps} & said
+
+
+def test_the_test_split_has_a_hundred_out_of_domain_prompts():
+    rng = np.random.default_rng(0)
+    assert build_module.DEFAULT_COUNTS["test"].out_of_domain == 100
+    assert len(smalltalk.out_of_domain("test", 100, rng)) == 100
+
+
+def test_font_digits_are_typeset_in_the_splits_own_fonts(records):
+    found = every(records, "font-digits")
+    if not digits.fonts():
+        assert not found  # a machine without fonts builds none
+        return
+    assert {r["split"] for r in found} == set(SPLITS)
+    train = {f.rsplit("/", 1)[-1] for f in digits.split_fonts("train")}
+    for r in found:
+        assert r["turns"][1]["answer"] == digits.WORDS[r["meta"]["digit"]]
+        if r["split"] == "test" and len(digits.fonts()) >= 5:
+            assert r["meta"]["style"]["font"] not in train
+
+
+def test_font_digit_renders_the_digit_in_both_polarities():
+    rng = np.random.default_rng(3)
+    styles = [digits.sample_font_style(rng, "train") for _ in range(40)]
+    if styles[0] is None:
+        pytest.skip("no TrueType fonts on this machine")
+    dark = [s for s in styles if sum(s.ink) < sum(s.paper)]
+    assert 0 < len(dark) < len(styles)
+    for s in styles[:10]:
+        pixels = np.asarray(digits.render_font(s), np.float32)
+        ink = np.abs(pixels - np.asarray(s.paper)).max(axis=2) > 60
+        assert 0.02 < ink.mean() < 0.6, s  # a glyph, neither empty nor a blot
+
+
+def test_scenes_vary_as_people_take_pictures():
+    rng = np.random.default_rng(7)
+    sampled = [scenes.sample_scene(rng) for _ in range(600)]
+    ratios = [max(s.width, s.height) / min(s.width, s.height) for s in sampled]
+    assert max(ratios) > 2.6 and sum(r > 1.7 for r in ratios) > 60
+    assert any(s.width > s.height * 1.7 for s in sampled)
+    assert any(s.height > s.width * 1.7 for s in sampled)
+    values = [max(s.background) for s in sampled]
+    assert min(values) < 30 and sum(100 <= v <= 130 for v in values) > 5
+    assert sum(s.jpeg > 0 for s in sampled) > 60
+    assert sum(s.texture == "noise" and s.noise > 10 for s in sampled) > 20
+    close = [s for s in sampled if s.layout == "close"]
+    assert len(close) > 80
+    gaps = [np.hypot(a.cx - b.cx, a.cy - b.cy) - a.radius - b.radius
+            for s in close for a, b in zip(s.shapes, s.shapes[1:])]
+    assert sum(g <= scenes.CLOSE_GAP * 160 for g in gaps) > len(gaps) / 3
+
+
+def test_noise_is_mixed_at_the_asked_snr():
+    clean = speech.synthesize("how many shapes are there", speech.Voice("en-us", "", 160, 50))
+    for kind in speech.NOISES:
+        for snr in (0, 10, 20):
+            noisy = speech.add_noise(clean, kind, snr, seed=1)
+            scale = np.dot(noisy, clean) / np.dot(clean, clean)  # undo the anti-clipping gain
+            noise = noisy / scale - clean
+            measured = 10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2))
+            assert abs(measured - snr) < 0.5, (kind, snr, measured)
+            assert np.abs(noisy).max() <= 0.95 + 1e-6
+
+
+def test_voices_speak_from_80_to_320_words_a_minute_and_half_are_noisy():
+    rng = np.random.default_rng(0)
+    voices = [speech.sample_voice(rng, "test") for _ in range(400)]
+    assert {v.speed for v in voices} >= {80, 320}
+    noisy = [v for v in voices if v.noise]
+    assert 0.4 < len(noisy) / len(voices) < 0.6
+    assert {v.snr for v in noisy} >= {0, 5, 10, 20}
+
+
+def test_ogg_clips_are_byte_identical_for_the_same_audio(tmp_path):
+    voice = speech.Voice("en-us", "m3", 200, 50, noise="pink", snr=5)
+    a, b = tmp_path / "a" / "x.ogg", tmp_path / "b" / "x.ogg"
+    speech.write_clip(a, "is there a triangle", voice)
+    speech.write_clip(b, "is there a triangle", voice)
+    assert a.read_bytes() == b.read_bytes()
+    samples, rate = soundfile.read(io.BytesIO(a.read_bytes()))
+    assert rate == 16_000 and len(samples) > 0.3 * rate
+
+
+def test_a_machine_without_fonts_builds_no_font_digits(monkeypatch):
+    monkeypatch.setattr(digits, "fonts", lambda: ())
+    planner = build_module._Planner("test", 0)
+    assert sessions.font_digit(planner, 0) is None
+    plan = planner.plan(build_module.SMALL_COUNTS["test"])
+    assert plan and not [r for r in plan if r["category"] == "digit_font"]
+
+
+def test_a_missing_or_broken_font_file_is_skipped(tmp_path):
+    broken = tmp_path / "broken.ttf"
+    broken.write_bytes(b"not a font")
+    assert not digits._draws_digits(str(broken))
+    assert not digits._draws_digits(str(tmp_path / "missing.ttf"))
