@@ -71,24 +71,6 @@ def test_training_is_seeded_and_reproducible(data, tmp_path):
         assert torch.equal(value, b.model.state_dict()[key]), key
 
 
-def test_init_from_starts_with_the_weights_that_fit(data, tmp_path):
-    """A v1-shaped model (no entry tags, no carried query) warm-starts a v2-shaped one:
-    every weight of the same name and shape is copied, the new ones start as built."""
-    old = from_dict({"model": TINY, "fusion": {"entry_tags": 0, "carry_query": False},
-                     "train": {"steps": 2, "batch_size": 4, "threads": 1}}, env={})
-    base = Trainer(old, data, tmp_path / "v1", progress=False)
-    base.run()
-    fresh = Trainer(tiny_config(), data, tmp_path / "cold", progress=False)
-    warm = Trainer(tiny_config(), data, tmp_path / "warm", progress=False,
-                   init_from=tmp_path / "v1" / "model")
-    trained, cold = weights(base.model), weights(fresh.model)
-    for key, value in weights(warm.model).items():
-        source = trained if key in trained else cold
-        assert torch.equal(value, source[key]), key
-    assert {"recency_emb", "ordinal_emb", "turn_query.carry"} <= set(cold) - set(trained)
-    assert not torch.equal(trained["lm_head.weight"], cold["lm_head.weight"])
-
-
 def test_resume_continues_exactly(data, tmp_path):
     straight = Trainer(tiny_config(steps=6), data, tmp_path / "straight", progress=False)
     straight.run()

@@ -43,8 +43,7 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     from .. import checkpoint as ckpt
     from ..errors import CheckpointError
     from ..evaluation import evaluate
-    from ..loading import checkpoint_path
-    from ..loading import fallback_threshold
+    from ..loading import checkpoint_path, fallback_threshold
     from ..plugins import PluginHost
     from ..report import (
         calibration_table,
