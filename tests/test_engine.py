@@ -343,8 +343,8 @@ async def test_a_looping_reply_ends_early_and_sends_the_fallback(tiny_config, to
     assert reply.finish_reason == "loop" and reply.completion_tokens < 30
     assert reply.fallback and reply.text == config.generation.fallback_text
     assert streamed and streamed != reply.text  # the deltas were the model's own
-    assert history[-1] == {"role": "assistant", "text": reply.text, "finish_reason": "loop",
-                           "fallback": True}
+    expected = {"role": "assistant", "text": reply.text, "finish_reason": "loop", "fallback": True}
+    assert {k: history[-1].get(k) for k in expected} == expected
     assert reply.to_dict()["fallback"] is True
 
 

@@ -72,12 +72,11 @@ class LocalBackend:
 
     def stream(self, text: str, attachments: Sequence) -> Generator[str, None, str | None]:
         """The reply's text pieces; returns the fallback text when it replaced them."""
-        deltas = self.engine.stream_sync(self.session_id, text, attachments)
-        while True:
-            try:
-                yield next(deltas).text
-            except StopIteration as end:
-                return end.value.text if end.value.fallback else None
+        stream = self.engine.sync().stream(self.session_id, text, attachments)
+        for delta in stream:
+            yield delta.text
+        reply = stream.reply
+        return reply.text if reply is not None and reply.fallback else None
 
     def modalities(self) -> dict[str, tuple[str, ...]]:
         return {name: tuple(m.mime_types)
