@@ -191,4 +191,4 @@ def test_changed_settings_load_with_a_warning_naming_them(trained, caplog):
 
 def test_the_bundled_model_still_loads_with_the_bundled_plugins():
     host = PluginHost()
-    checkpoint.load(ROOT / "models" / "bundled", host.modalities)
+    checkpoint.load(ROOT / "mmchat" / "bundled_model", host.modalities)

@@ -197,7 +197,7 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
                                                                        image_dir):
     """docs/training-a-modality.md's command on the real bundled model (two steps: the
     mechanics, not the accuracy), then the result serves all three modalities."""
-    bundled = HERE.parent / "models" / "bundled"
+    bundled = HERE.parent / "mmchat" / "bundled_model"
     out = train(work, "pulse", "--init-from", str(bundled), "--steps", "2", "--batch-size",
                 "4", "--out", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr

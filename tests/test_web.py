@@ -41,7 +41,7 @@ from mmchat.protocol import make_token
 from mmchat.server.web import PATHS
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "models" / "bundled"
+BUNDLED = ROOT / "mmchat" / "bundled_model"
 WEB = ROOT / "mmchat" / "web"
 JS_TESTS = Path(__file__).parent / "web" / "mmchat.test.js"
 SECRET = "web-test-secret-0123456789"
