@@ -244,7 +244,8 @@ def long_replies(tmp_path_factory, redis_server):  # noqa: F811
     """An untrained model (replies run to 4096 tokens) on Redis, with tokens required
     and an Origin allow-list that names another site only."""
     server = ServeProcess({
-        "MMCHAT_MODEL__CHECKPOINT": "", "MMCHAT_GENERATION__MAX_NEW_TOKENS": "4096",
+        "MMCHAT_MODEL__CHECKPOINT": "untrained", "MMCHAT_GENERATION__MAX_NEW_TOKENS": "4096",
+        "MMCHAT_GENERATION__LOOP_NGRAM": "0",  # an untrained reply repeats itself: let it run
         "MMCHAT_SESSIONS__BACKEND": "redis", "MMCHAT_SESSIONS__URL": redis_server.url,
         "MMCHAT_SESSIONS__PREFIX": f"web{os.getpid()}",
         "MMCHAT_SESSIONS__LOCK_LEASE_SECONDS": "1", "MMCHAT_SERVER__RESUME_IDLE_SECONDS": "1",
