@@ -28,16 +28,17 @@ from .engine import Engine
 from .plugins import PluginHost
 
 #: The ``[model]`` section of a tiny model: builds and answers in well under a second.
-TINY_MODEL: dict[str, Any] = {"checkpoint": "", "n_layer": 1, "n_embd": 32, "n_hidden": 48,
+TINY_MODEL: dict[str, Any] = {"checkpoint": "untrained", "n_layer": 1, "n_embd": 32, "n_hidden": 48,
                               "d_model": 32, "vocab_size": 200, "dropout": 0.0}
 
 
 def tiny_config(checkpoint: str | Path | None = None, **sections: Mapping[str, Any]
                 ) -> Config:
-    """A config with the tiny model (or ``checkpoint``), short greedy replies and the
-    in-process session store; ``sections`` add or change settings
-    (``plugins={"gif": {"max_frames": 4}}``)."""
-    data: dict[str, Any] = {"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 8}}
+    """A config with the tiny model (or ``checkpoint``), short greedy replies without the
+    loop guard (an untrained model repeats itself) and the in-process session store;
+    ``sections`` add or change settings (``plugins={"gif": {"max_frames": 4}}``)."""
+    data: dict[str, Any] = {"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 8,
+                                                                        "loop_ngram": 0}}
     if checkpoint is not None:
         data["model"]["checkpoint"] = str(checkpoint)
     for name, values in sections.items():

@@ -16,7 +16,7 @@ TOY = Attachment(b"abcdefgh", "application/x-toy")
 
 
 def config(**sections):
-    data = {"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 12},
+    data = {"model": dict(TINY_MODEL), "generation": {"max_new_tokens": 12, "loop_ngram": 0},
             "server": {"messages_per_second": 100.0, "burst": 50, "ping_interval_seconds": 0.0}}
     data.update(sections)
     return from_dict(data, env={})
