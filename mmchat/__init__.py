@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from .paths import bundled_model_path
     from .plugins import PluginHost
     from .replies import Delta, Reply, ReplyStream
-    from .sessions import MemoryStore, SessionStore, SessionTurn
+    from .sessions import SessionStore, SessionTurn
+    from .stores.memory import MemoryStore
     from .stores.redis import RedisStore
     from .sync import SyncEngine, SyncReplyStream
 
@@ -55,7 +56,7 @@ _LAZY = {
     "Delta": ".replies",
     "Reply": ".replies",
     "ReplyStream": ".replies",
-    "MemoryStore": ".sessions",
+    "MemoryStore": ".stores.memory",
     "SessionStore": ".sessions",
     "SessionTurn": ".sessions",
     "RedisStore": ".stores.redis",
