@@ -24,7 +24,7 @@ def python_block_after(heading: str) -> str:
 
 def pytest_in(folder: Path, *extra_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [*map(str, extra_path), os.environ["PYTHONPATH"]])}
+        [*map(str, extra_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-o", "asyncio_mode=auto", str(folder)], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600)
