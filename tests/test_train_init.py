@@ -92,7 +92,8 @@ def _table(name, values):
 
 def train(work, *args):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")},
-           "PYTHONPATH": os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join(
+               [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run([sys.executable, "-m", "mmchat", "train", *args, "--no-progress"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
