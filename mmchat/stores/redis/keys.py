@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ...sessions import validate_session_id
@@ -45,3 +46,11 @@ class Keys:
     def fair_lock(self) -> list[str]:
         """The keys of the lock's release and leave scripts."""
         return [self.lock, self.queue, self.waiters]
+
+
+def owner_index(prefix: str, owner: str) -> str:
+    """The set of the sessions ``owner`` claimed: ``{prefix}:o:{<hash>}:sessions``, the
+    hash the first 32 hex digits of the owner's SHA-256 (UTF-8), so any owner (a
+    subject like ``José`` or ``a@b.com``) makes a safe key of one Cluster slot."""
+    digest = hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32]
+    return f"{prefix}:o:{{{digest}}}:sessions"
