@@ -233,3 +233,23 @@ def test_the_sync_twins(tiny_config, toy_host):
         assert len(engine.export(subject="José").splitlines()) == 3
         assert engine.erase("José") == Erased(sessions=1, messages=3)
         assert engine.history("s") == []
+
+
+async def test_redis_claims_keep_an_unread_index_near_its_live_sessions():
+    from mmchat.stores.redis.keys import owner_index
+    from mmchat.stores.redis.owners import PRUNE_FROM
+
+    store = await _redis_store(f"test-subjects-{uuid.uuid4().hex[:12]}")
+    index = owner_index(store.prefix, "sub:carol")
+    try:
+        for i in range(PRUNE_FROM - 1):  # sessions that expired without a list
+            await store.claim_session(f"gone-{i}", "sub:carol")
+            await store.delete(f"gone-{i}")
+        assert await store.client.scard(index) == PRUNE_FROM - 1
+        await store.claim_session("live", "sub:carol")
+        assert await store.client.smembers(index) == {b"live"}
+    finally:
+        keys = await _redis_keys(store)
+        if keys:
+            await store.client.delete(*keys)
+        await store.close()

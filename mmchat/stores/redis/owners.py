@@ -6,7 +6,10 @@ the same ``MULTI``/``EXEC`` that records the owner. Expiry is lazy: the index ha
 TTL (a session renewed for months must stay listed and erasable), and reading it checks
 each id's owner in one pipeline and removes the ids whose session expired, was deleted
 or belongs to another owner, so a list never shows them and the index shrinks to the
-live sessions each time it is read. The index and a session live in different Cluster
+live sessions each time it is read. A claim that finds the index at a size of
+:data:`PRUNE_FROM` times a power of two prunes it too, so the index of a subject nobody
+lists stays within about twice its live sessions, at an amortized cost of O(1) per
+claim. The index and a session live in different Cluster
 slots, so the checks are a plain pipeline, and erasing runs one script per session
 (``scripts/erase.lua``: it checks the owner and deletes the session's keys in its slot).
 """
@@ -21,6 +24,16 @@ from .keys import owner_index
 
 if TYPE_CHECKING:
     from .store import RedisStore
+
+
+#: The smallest index a claim prunes (see :func:`due_for_pruning`).
+PRUNE_FROM = 64
+
+
+def due_for_pruning(size: int) -> bool:
+    """Whether a claim that left the index with ``size`` ids prunes it: at 64, 128,
+    256, ... ids."""
+    return size >= PRUNE_FROM and size % PRUNE_FROM == 0 and (size & (size - 1)) == 0
 
 
 async def owned_sessions(store: RedisStore, owner: str) -> list[str]:

@@ -296,11 +296,14 @@ class RedisStore(SessionStore):
             pipe = self._pipeline()
             pipe.hsetnx(keys.meta, "owner", owner)
             pipe.hget(keys.meta, "owner")
-            if indexed(owner):  # an id another owner holds is dropped when read
-                pipe.sadd(owner_index(self._prefix, owner), session_id)
             for key in keys.data:
                 pipe.pexpire(key, self.ttl_ms)
-            _, current, *_ = await pipe.execute()
+            if indexed(owner):  # an id another owner holds is dropped when read
+                pipe.sadd(owner_index(self._prefix, owner), session_id)
+                pipe.scard(owner_index(self._prefix, owner))
+            _, current, *rest = await pipe.execute()
+        if indexed(owner) and owners.due_for_pruning(rest[-1]):
+            await owners.owned_sessions(self, owner)
         return current.decode()
 
     async def owned_sessions(self, owner: str) -> list[str]:
