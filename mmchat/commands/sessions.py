@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -124,10 +123,10 @@ def admin_token_command(config_path: Path | None, ttl: int) -> None:
     """Print a token for the server's admin endpoint, signed with the secret that
     server.auth_secret_env names."""
     from ..admin import make_admin_token
+    from ..server.auth import Auth
 
-    name = load_config(config_path).server.auth_secret_env
-    secret = os.environ.get(name) if name else None
-    if not secret:
-        raise ConfigError("server.auth_secret_env must name a set environment variable "
-                          "holding the server's secret")
-    click.echo(make_admin_token(secret, int(time.time()) + ttl))
+    auth = Auth.from_config(load_config(config_path).server)
+    if auth.secret is None:
+        raise ConfigError("server.auth_secret_env is empty: this server has no admin "
+                          "endpoint")
+    click.echo(make_admin_token(auth.secret, int(time.time()) + ttl))
