@@ -4,6 +4,7 @@ can start with a system text."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -150,6 +151,20 @@ async def test_erase_takes_every_trace_and_counts_it(store, tiny_config, toy_hos
         assert [k for k in before if "{a" in k or ":o:{" in k]  # there was something
         assert not [k for k in left if "{a" in k]
         assert sum(":o:{" in k for k in left) == 1  # bob's index only
+
+
+async def test_erase_waits_for_the_turn_that_holds_a_session(store, tiny_config,
+                                                             toy_host):
+    async with Engine(tiny_config, store=store, plugins=toy_host) as engine:
+        stream = await engine.stream("s", "hello", subject="alice")
+        first = await stream.__anext__()  # the turn holds the session now
+        erasing = asyncio.create_task(engine.erase("alice"))
+        rest = [delta async for delta in stream]
+        erased = await erasing
+        assert stream.reply is not None and stream.reply.text == first.text + "".join(
+            d.text for d in rest)
+        assert erased == Erased(sessions=1, messages=2)  # the turn was saved, then erased
+        assert await engine.history("s") == [] and await engine.sessions("alice") == []
 
 
 async def test_erase_leaves_a_session_that_another_subject_holds(store):
