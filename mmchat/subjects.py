@@ -16,7 +16,9 @@ The functions here work on any :class:`~mmchat.sessions.SessionStore` and load n
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["ANONYMOUS_OWNER", "MAX_SUBJECT_CHARS", "Erased", "erase_subject",
            "export_lines", "export_records", "owner_for", "subject_of", "subject_sessions",
            "validate_subject"]
+
+log = logging.getLogger(__name__)
 
 #: Owner of sessions opened without authentication. Subjects' owners are
 #: ``"sub:<subject>"``, so no subject can ever match it.
@@ -58,6 +62,11 @@ def subject_of(owner: str | None) -> str | None:
     if owner is None or not owner.startswith(_SUBJECT_OWNER):
         return None
     return owner[len(_SUBJECT_OWNER):]
+
+
+def subject_digest(owner: str) -> str:
+    """32 hex digits of the owner's SHA-256: how keys and logs name a subject."""
+    return hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32]
 
 
 def indexed(owner: str) -> bool:
@@ -92,8 +101,12 @@ async def subject_sessions(store: SessionStore, subject: str) -> list[str]:
 
 async def erase_subject(store: SessionStore, subject: str) -> Erased:
     """Erase every session of ``subject`` (waiting for a turn that holds one) and the
-    subject's index; what was erased. Erasing again erases nothing more."""
-    return await store.erase_owned(owner_for(validate_subject(subject)))
+    subject's index; what was erased. Erasing again erases nothing more. Logged at
+    INFO with the subject's digest (the one Redis keys carry), not the subject."""
+    owner = owner_for(validate_subject(subject))
+    erased = await store.erase_owned(owner)
+    log.info("erased subject %s: %s", subject_digest(owner), erased.as_dict())
+    return erased
 
 
 async def export_records(store: SessionStore, session_id: str | None = None, *,

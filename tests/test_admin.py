@@ -123,3 +123,15 @@ async def test_the_server_serves_it_for_its_token_subjects():
         assert erased["stream_events"] >= 3  # started, deltas, done: all of them gone
         assert await server.store.load(session_id) is None
         assert await server.store.read_stream(session_id) == []
+
+
+async def test_an_unreachable_store_is_a_503():
+    from mmchat.stores.redis import RedisStore
+
+    store = RedisStore("redis://127.0.0.1:1/0", connect_timeout=1.0)
+    try:
+        answer = await _call(store, "GET", "/admin/subjects/alice/sessions")
+    finally:
+        await store.close()
+    assert answer.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert json.loads(answer.body)["error"] == "store_unavailable"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from ...sessions import validate_session_id
+from ...subjects import subject_digest
 
 _NAMES = ("state", "memory", "history", "meta", "stream", "msgids", "lock", "cancel",
           "queue", "waiters", "msgids_old")
@@ -52,5 +52,4 @@ def owner_index(prefix: str, owner: str) -> str:
     """The set of the sessions ``owner`` claimed: ``{prefix}:o:{<hash>}:sessions``, the
     hash the first 32 hex digits of the owner's SHA-256 (UTF-8), so any owner (a
     subject like ``José`` or ``a@b.com``) makes a safe key of one Cluster slot."""
-    digest = hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32]
-    return f"{prefix}:o:{{{digest}}}:sessions"
+    return f"{prefix}:o:{{{subject_digest(owner)}}}:sessions"
