@@ -428,19 +428,20 @@ class Engine:
 
     def reply_sync(self, session_id: str, text: str = "",
                    attachments: Sequence[Attachment | str | Path] = (), *,
-                   timeout: float | None = None, **generation: Unpack[GenerationSettings]
-                   ) -> Reply:
+                   timeout: float | None = None, subject: str | None = None,
+                   **generation: Unpack[GenerationSettings]) -> Reply:
         """Blocking :meth:`reply`, through :meth:`sync` (safe from any thread)."""
-        return self.sync().reply(session_id, text, attachments, timeout=timeout, **generation)
+        return self.sync().reply(session_id, text, attachments, timeout=timeout,
+                                 subject=subject, **generation)
 
     def stream_sync(self, session_id: str, text: str = "",
                     attachments: Sequence[Attachment | str | Path] = (), *,
-                    timeout: float | None = None, **generation: Unpack[GenerationSettings]
-                    ) -> Iterator[Delta]:
+                    timeout: float | None = None, subject: str | None = None,
+                    **generation: Unpack[GenerationSettings]) -> Iterator[Delta]:
         """Blocking iterator of deltas, through :meth:`sync`; leaving it early or closing
         it cancels the turn. ``self.sync().stream(...)`` also gives the reply."""
         return iter(self.sync().stream(session_id, text, attachments, timeout=timeout,
-                                       **generation))
+                                       subject=subject, **generation))
 
     def close_sync(self) -> None:
         self.sync().close()

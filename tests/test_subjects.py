@@ -248,6 +248,13 @@ def test_the_sync_twins(tiny_config, toy_host):
         assert len(engine.export(subject="José").splitlines()) == 3
         assert engine.erase("José") == Erased(sessions=1, messages=3)
         assert engine.history("s") == []
+    embedded = Engine(tiny_config, plugins=toy_host)
+    try:
+        embedded.reply_sync("t", "hello", subject="ann")
+        assert "".join(d.text for d in embedded.stream_sync("u", "hi", subject="ann"))
+        assert embedded.sync().sessions("ann") == ["t", "u"]
+    finally:
+        embedded.close_sync()
 
 
 async def test_redis_claims_keep_an_unread_index_near_its_live_sessions():
