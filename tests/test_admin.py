@@ -94,7 +94,9 @@ def _get(url: str, token: str) -> tuple[int, str, bytes]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read()
+            body = response.read()
+            assert response.headers["Content-Length"] == str(len(body))
+            return response.status, response.headers["Content-Type"], body
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read()
 

@@ -244,8 +244,9 @@ class ChatServer:
         answer = await handle_admin(self.store, self.auth.secret, "GET", request.path,
                                     request.headers.get("Authorization"), now=time.time())
         assert answer is not None
-        return Response(answer.status, answer.status.phrase, Headers(answer.headers),
-                        answer.body)
+        headers = Headers(answer.headers)
+        headers["Content-Length"] = str(len(answer.body))
+        return Response(answer.status, answer.status.phrase, headers, answer.body)
 
     # -- WebSocket -------------------------------------------------------------------
 
