@@ -26,6 +26,8 @@ from .errors import (
     PluginError,
     ReplyTimeout,
     SessionBusy,
+    SessionExpired,
+    SessionForbidden,
     StateError,
     StoreUnavailable,
     UnsupportedMedia,
@@ -33,6 +35,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .modality import Attachment, Modality
 from .settings import GenerationSettings
+from .subjects import Erased
 
 if TYPE_CHECKING:
     from .config import Config
@@ -67,6 +70,7 @@ _LAZY = {
 __all__ = [
     "Attachment", "Cancelled", "CheckpointError", "Config", "ConfigError", "CorruptMedia",
     "DatasetError", "Delta", "DuplicateMessage", "EmptyMessage", "Engine", "EngineClosed",
+    "Erased", "SessionExpired", "SessionForbidden",
     "GenerationSettings", "InputError", "MMChatError", "MediaTooLarge", "MemoryStore",
     "MessageTooLong", "Modality", "PluginError", "PluginHost", "RedisStore", "Reply",
     "ReplyStream", "ReplyTimeout", "SessionBusy", "SessionStore", "SessionTurn", "StateError",

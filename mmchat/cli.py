@@ -43,13 +43,13 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
     ``argv``, else ``./config.toml``, with ``MMCHAT_LOAD_PLUGINS``): a disabled plugin is
     not even imported.
     """
-    from .commands import chat, data, eval, plugin, plugins, serve, train
+    from .commands import chat, data, eval, plugin, plugins, serve, sessions, train
     from .plugins import TRACE_ENV
 
     if os.environ.get(TRACE_ENV):  # hook calls are traced at INFO, from here on
         logging.basicConfig(format=LOG_FORMAT)
         logging.getLogger("mmchat.plugins").setLevel(logging.INFO)
-    for module in (chat, data, eval, plugin, plugins, serve, train):
+    for module in (chat, data, eval, plugin, plugins, serve, sessions, train):
         module.register(cli)
     _add_plugin_commands(cli, _config_path(sys.argv[1:] if argv is None else argv))
     return cli

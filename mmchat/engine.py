@@ -33,6 +33,7 @@ from .errors import (
     MediaTooLarge,
     MessageTooLong,
     MMChatError,
+    SessionForbidden,
 )
 from .isolation import run_plugin, until_cancelled
 from .modality import Attachment, Modality
@@ -41,6 +42,15 @@ from .replies import Delta, Reply, ReplyStream
 from .sessions import SessionStore, SessionTurn, validate_session_id
 from .settings import GenerationSettings
 from .stores import open_store
+from .subjects import (
+    Erased,
+    erase_subject,
+    export_lines,
+    export_records,
+    owner_for,
+    subject_sessions,
+    validate_subject,
+)
 from .threads import DaemonPool
 
 if TYPE_CHECKING:
@@ -267,6 +277,7 @@ class Engine:
     async def stream(self, session_id: str, text: str = "",
                      attachments: Sequence[Attachment | str | Path] = (), *,
                      turn: SessionTurn | None = None, timeout: float | None = None,
+                     subject: str | None = None,
                      **generation: Unpack[GenerationSettings]) -> ReplyStream:
         """Start a reply. Validation errors raise here, before anything is stored.
 
@@ -275,6 +286,10 @@ class Engine:
 
         ``timeout`` (seconds, from this call): when it passes the turn is cancelled and
         the stream raises :class:`~mmchat.errors.ReplyTimeout`.
+
+        ``subject`` (any text, see :mod:`mmchat.subjects`) claims the session for that
+        subject unless it has one (as the server does for a token's subject);
+        :class:`~mmchat.errors.SessionForbidden` if another subject has it.
 
         ``turn`` is the session already held for this reply (from the store's
         ``begin_turn``): the engine then neither locks nor loads, and only stages the
@@ -298,6 +313,7 @@ class Engine:
             params = GenerationParams.from_config(self.config.generation, **generation)
         except (ValueError, MMChatError) as exc:
             raise InputError(str(exc)) from None
+        await self._claim(session_id, subject)
         stream = ReplyStream(asyncio.Queue(), session_id=session_id)
         stream._set_timeout(timeout)
         stream._task = asyncio.create_task(
@@ -308,13 +324,14 @@ class Engine:
 
     async def reply(self, session_id: str, text: str = "",
                     attachments: Sequence[Attachment | str | Path] = (), *,
-                    timeout: float | None = None,
+                    timeout: float | None = None, subject: str | None = None,
                     **generation: Unpack[GenerationSettings]) -> Reply:
         """Generate a whole reply and return it with attention mass, usage and timings.
 
-        Cancelling the task that awaits it cancels the turn, as ``timeout`` does."""
+        Cancelling the task that awaits it cancels the turn, as ``timeout`` does.
+        ``subject`` claims the session as :meth:`stream` says."""
         stream = await self.stream(session_id, text, attachments, timeout=timeout,
-                                   **generation)
+                                   subject=subject, **generation)
         return await stream.wait()
 
     async def reset(self, session_id: str) -> None:
@@ -327,22 +344,63 @@ class Engine:
         data = await self.store.load(session_id)
         return [] if data is None else data.history
 
-    async def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]]
+    # -- subjects (mmchat.subjects; no model needed) ------------------------------------
+
+    async def sessions(self, subject: str) -> list[str]:
+        """Ids of ``subject``'s live sessions, sorted (expired ones drop out)."""
+        self._check_open()
+        return await subject_sessions(self.store, self._subject(subject))
+
+    async def export(self, session_id: str | None = None, *,
+                     subject: str | None = None) -> str:
+        """The transcript of one session, or of every session of ``subject``, as JSON
+        Lines: one object per message (its :meth:`history` entry, with ``session`` and
+        ``subject`` first; the schema is in docs/api.md). :meth:`seed` takes the records
+        of one session back."""
+        self._check_open()
+        if session_id is not None:
+            self._check_session_id(session_id)
+        if (session_id is None) == (subject is None):
+            raise InputError("export takes a session id or subject=, exactly one")
+        return export_lines(await export_records(
+            self.store, session_id,
+            subject=None if subject is None else self._subject(subject)))
+
+    async def erase(self, subject: str) -> Erased:
+        """Erase every trace of ``subject``: each of its sessions' state, memory,
+        history, reply stream, message ids and cancels, and its index. A turn running
+        in one of them ends first. Returns the counts of what was erased."""
+        self._check_open()
+        return await erase_subject(self.store, self._subject(subject))
+
+    async def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]] = (), *,
+                   system: str | None = None, subject: str | None = None
                    ) -> list[dict[str, Any]]:
         """Add a transcript's turns to a session without generating: its state, memory
         and history then are what they would be had the replies been generated (a
         greedy reply that ended by itself). ``turns`` alternate user turns (``text``,
         ``attachments``: :class:`Attachment`\\ s or paths) and assistant turns (``text``);
-        :meth:`history` entries qualify. Returns the history entries added."""
+        :meth:`history` entries and :meth:`export` records qualify.
+
+        ``system`` (or a first turn with role ``system``) starts a new session with a
+        system text: stored first in its history and run through the model before the
+        turns, without generating; a session that has turns already refuses one.
+        ``subject`` claims the session as :meth:`reply` does. Returns the history
+        entries added."""
         from .seeding import read_transcript, seeded_state
         from .state import MemoryEntry, dumps_entry
 
         await self.start()
         self._check_session_id(session_id)
-        seeded = read_transcript(turns, self.config.limits.max_text_chars)
+        transcript = read_transcript(turns, self.config.limits.max_text_chars, system)
+        seeded = transcript.turns
         media = [(self._modality_for(a), a) for turn in seeded for a in turn.attachments]
+        await self._claim(session_id, subject)
         vectors = [_raise_if_error(v) for v in await self._media(media)]
         added: list[dict[str, Any]] = []
+        if transcript.system is not None:
+            added.append({"role": "system", "id": uuid.uuid4().hex, "time": _now(),
+                          "text": transcript.system})
         for turn in seeded:
             time_now = _now()
             added += [
@@ -354,9 +412,12 @@ class Engine:
                  "text": turn.reply, "finish_reason": "seeded"},
             ]
         async with self.store.turn(session_id) as session:
+            if transcript.system is not None and session.state:
+                raise InputError(f"session {session_id!r} has turns already; a system "
+                                 "text can only start a session")
             state = await self._scheduler.call(
                 seeded_state, self.model, self.tokenizer, self._scheduler.decoder,
-                session.state or None, seeded)
+                session.state or None, transcript)
             entries = [dumps_entry(MemoryEntry(m.name, v, a.id))
                        for (m, a), v in zip(media, vectors)]
             session.save(state=state, memory_added=entries, turns=added,
@@ -367,19 +428,20 @@ class Engine:
 
     def reply_sync(self, session_id: str, text: str = "",
                    attachments: Sequence[Attachment | str | Path] = (), *,
-                   timeout: float | None = None, **generation: Unpack[GenerationSettings]
-                   ) -> Reply:
+                   timeout: float | None = None, subject: str | None = None,
+                   **generation: Unpack[GenerationSettings]) -> Reply:
         """Blocking :meth:`reply`, through :meth:`sync` (safe from any thread)."""
-        return self.sync().reply(session_id, text, attachments, timeout=timeout, **generation)
+        return self.sync().reply(session_id, text, attachments, timeout=timeout,
+                                 subject=subject, **generation)
 
     def stream_sync(self, session_id: str, text: str = "",
                     attachments: Sequence[Attachment | str | Path] = (), *,
-                    timeout: float | None = None, **generation: Unpack[GenerationSettings]
-                    ) -> Iterator[Delta]:
+                    timeout: float | None = None, subject: str | None = None,
+                    **generation: Unpack[GenerationSettings]) -> Iterator[Delta]:
         """Blocking iterator of deltas, through :meth:`sync`; leaving it early or closing
         it cancels the turn. ``self.sync().stream(...)`` also gives the reply."""
         return iter(self.sync().stream(session_id, text, attachments, timeout=timeout,
-                                       **generation))
+                                       subject=subject, **generation))
 
     def close_sync(self) -> None:
         self.sync().close()
@@ -393,6 +455,21 @@ class Engine:
             return self._sync or SyncEngine.wrap(self)
 
     # -- internals -------------------------------------------------------------------
+
+    @staticmethod
+    def _subject(subject: str) -> str:
+        try:
+            return validate_subject(subject)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    async def _claim(self, session_id: str, subject: str | None) -> None:
+        """Make ``subject`` the session's owner unless it has one; refuse another's."""
+        if subject is None:
+            return
+        owner = owner_for(self._subject(subject))
+        if await self.store.claim_session(session_id, owner) != owner:
+            raise SessionForbidden(f"session {session_id!r} belongs to another subject")
 
     def _check_session_id(self, session_id: str) -> None:
         try:

@@ -9,7 +9,9 @@ A session is three things, kept apart so a turn writes only what changed:
 
 Around them a store keeps what a scaled-out server needs:
 
-* ``owner``: the auth subject that created the session (:meth:`SessionStore.claim_session`);
+* ``owner``: the auth subject that created the session (:meth:`SessionStore.claim_session`),
+  and per owning subject an index of its sessions (:meth:`SessionStore.owned_sessions`,
+  :meth:`SessionStore.erase_owned`; see :mod:`mmchat.subjects`);
 * the reply *stream*: the ``started``/``delta``/``done`` events of recent replies, numbered
   by a session-wide ``seq``, so a client that reconnects (to any node) can replay what it
   missed and follow a reply that is still being generated;
@@ -50,6 +52,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .stores.memory import MemoryStore  # noqa: F401  (the lazy export below)
+    from .subjects import Erased
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +353,19 @@ class SessionStore(ABC):
         """Make ``owner`` the session's owner unless it already has one; return the owner
         it has afterwards. Creates the session if needed."""
         raise NotImplementedError(f"{type(self).__name__} does not record session owners")
+
+    async def owned_sessions(self, owner: str) -> list[str]:
+        """Ids of the live sessions ``owner`` claimed (:meth:`claim_session`), sorted.
+        Only subjects' owners are indexed (:func:`mmchat.subjects.indexed`); expired
+        sessions are left out (and dropped from the index)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no index of owners")
+
+    async def erase_owned(self, owner: str) -> Erased:
+        """Delete every session ``owner`` claimed (its state, memory, history, stream,
+        message ids and cancels, each under its turn lock, so a running turn ends
+        first) and the owner's index; what was erased. A session another owner holds
+        is left alone."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no index of owners")
 
     async def claim_message(self, session_id: str, message_id: str) -> bool:
         """Return ``True`` the first time ``message_id`` is claimed in this session and

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .plugins import PluginHost
     from .sessions import SessionStore
+    from .subjects import Erased
 
 T = TypeVar("T")
 
@@ -141,21 +142,21 @@ class SyncEngine:
 
     def reply(self, session_id: str, text: str = "",
               attachments: Sequence[Attachment | str | Path] = (), *,
-              timeout: float | None = None, **generation: Unpack[GenerationSettings]
-              ) -> Reply:
+              timeout: float | None = None, subject: str | None = None,
+              **generation: Unpack[GenerationSettings]) -> Reply:
         """Blocking :meth:`mmchat.Engine.reply`. A ``KeyboardInterrupt`` while it waits
         cancels the turn (saved as cancelled)."""
         return self._call(self.engine.reply, session_id, text, attachments,
-                          timeout=timeout, **generation)
+                          timeout=timeout, subject=subject, **generation)
 
     def stream(self, session_id: str, text: str = "",
                attachments: Sequence[Attachment | str | Path] = (), *,
-               timeout: float | None = None, **generation: Unpack[GenerationSettings]
-               ) -> SyncReplyStream:
+               timeout: float | None = None, subject: str | None = None,
+               **generation: Unpack[GenerationSettings]) -> SyncReplyStream:
         """Start a reply; iterate the result for its :class:`~mmchat.Delta`\\ s.
         Validation errors raise here."""
         stream = self._call(self.engine.stream, session_id, text, attachments,
-                            timeout=timeout, **generation)
+                            timeout=timeout, subject=subject, **generation)
         return SyncReplyStream(self, stream)
 
     def reset(self, session_id: str) -> None:
@@ -164,9 +165,23 @@ class SyncEngine:
     def history(self, session_id: str) -> list[dict[str, Any]]:
         return self._call(self.engine.history, session_id)
 
-    def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def seed(self, session_id: str, turns: Sequence[Mapping[str, Any]] = (), *,
+             system: str | None = None, subject: str | None = None) -> list[dict[str, Any]]:
         """Blocking :meth:`mmchat.Engine.seed`."""
-        return self._call(self.engine.seed, session_id, turns)
+        return self._call(self.engine.seed, session_id, turns, system=system,
+                          subject=subject)
+
+    def sessions(self, subject: str) -> list[str]:
+        """Blocking :meth:`mmchat.Engine.sessions`."""
+        return self._call(self.engine.sessions, subject)
+
+    def export(self, session_id: str | None = None, *, subject: str | None = None) -> str:
+        """Blocking :meth:`mmchat.Engine.export`."""
+        return self._call(self.engine.export, session_id, subject=subject)
+
+    def erase(self, subject: str) -> Erased:
+        """Blocking :meth:`mmchat.Engine.erase`."""
+        return self._call(self.engine.erase, subject)
 
     # -- the loop thread -------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from mmchat.errors import (
 )
 from mmchat.sessions import MemoryStore, SessionData, SessionStore, SessionTurn, StreamEntry
 from mmchat.stores import open_store
+from mmchat.subjects import Erased
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -1364,6 +1365,18 @@ async def test_cluster(redis_cluster):
         keys = store.keys("s0")
         slots = {store.client.keyslot(key) for key in (*keys.data, keys.lock)}
         assert len(slots) == 1
+        # a subject's sessions spread over the nodes: listed, then erased, slot by slot
+        owned = [f"j{i}" for i in range(6)]
+        for sid in owned:
+            await store.claim_session(sid, "sub:José")
+            await store.save_turn(sid, state=b"s", memory_added=[b"m"], max_memory=2,
+                                  turns=[{"role": "user", "text": "hi"}])
+        assert len({store.client.keyslot(store.keys(sid).meta) for sid in owned}) > 1
+        await store.delete("j5")
+        assert await store.owned_sessions("sub:José") == owned[:5]
+        assert await store.erase_owned("sub:José") == Erased(5, 5, 5, 0, 0)
+        assert await store.owned_sessions("sub:José") == []
+        assert [await store.load(sid) for sid in owned] == [None] * 6
     finally:
         await store.close()
 

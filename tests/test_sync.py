@@ -40,7 +40,8 @@ def test_sync_calls_from_many_threads_at_once(tiny_config, toy_host):
 def test_every_async_method_has_a_sync_twin(tiny_config, toy_host):
     public = {name for name, fn in inspect.getmembers(Engine, inspect.iscoroutinefunction)
               if not name.startswith("_")}
-    assert public == {"start", "close", "reply", "stream", "reset", "history", "seed"}
+    assert public == {"start", "close", "reply", "stream", "reset", "history", "seed",
+                      "sessions", "export", "erase"}
     for name in public:
         twin = getattr(SyncEngine, name)
         assert callable(twin) and not inspect.iscoroutinefunction(twin), name

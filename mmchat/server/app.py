@@ -1,9 +1,9 @@
 """``ChatServer``: the WebSocket service, and the only module that touches ``websockets``.
 
 One port serves both: WebSocket chat on ``/`` and plain HTTP on ``/healthz``,
-``/readyz`` and ``/metrics`` (answered from ``process_request`` during the opening
-handshake), and, for a plain ``GET`` without the WebSocket upgrade, the chat page
-(:mod:`~mmchat.server.web`). Each connection gets a
+``/readyz``, ``/metrics`` and ``/admin/`` (:mod:`mmchat.admin`; answered from
+``process_request`` during the opening handshake), and, for a plain ``GET`` without
+the WebSocket upgrade, the chat page (:mod:`~mmchat.server.web`). Each connection gets a
 :class:`~mmchat.server.connection.Connection` and two tasks: this module's reader loop
 feeds it frames and a writer task sends its outbox.
 """
@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -24,6 +25,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..admin import ADMIN_PREFIX, handle_admin
 from ..config import Config
 from ..errors import StoreUnavailable
 from ..protocol import CLOSE_TRY_AGAIN_LATER, Error, Limits, ModalityInfo, serialize
@@ -223,6 +225,8 @@ class ChatServer:
             response.headers["Content-Type"] = self.metrics.content_type
             response.headers["Content-Length"] = str(len(response.body))
             return response
+        if path.startswith(ADMIN_PREFIX):
+            return await self._admin(request)
         if self.web is not None and self.web.wants(request.path, request.headers):
             page = self.web.respond(request.path, request.headers)
             return Response(page.status, page.status.phrase, Headers(page.headers), page.body)
@@ -234,6 +238,15 @@ class ChatServer:
         if self.draining:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None
+
+    async def _admin(self, request: Request) -> Response:
+        """The admin endpoint (:mod:`mmchat.admin`). websockets parses only ``GET``."""
+        answer = await handle_admin(self.store, self.auth.secret, "GET", request.path,
+                                    request.headers.get("Authorization"), now=time.time())
+        assert answer is not None
+        headers = Headers(answer.headers)
+        headers["Content-Length"] = str(len(answer.body))
+        return Response(answer.status, answer.status.phrase, headers, answer.body)
 
     # -- WebSocket -------------------------------------------------------------------
 

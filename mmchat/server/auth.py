@@ -10,15 +10,9 @@ from collections.abc import Mapping
 from ..config import ServerConfig
 from ..errors import ConfigError
 from ..protocol import ProtocolError, verify_token
+from ..subjects import ANONYMOUS_OWNER, owner_for
 
-#: Owner of sessions opened without authentication. Authenticated owners are
-#: ``"sub:<subject>"``, so no subject can ever match it.
-ANONYMOUS_OWNER = "anonymous"
-
-
-def owner_for(subject: str | None) -> str:
-    """The owner string a session of ``subject`` (``None``: anonymous) is claimed with."""
-    return ANONYMOUS_OWNER if subject is None else f"sub:{subject}"
+__all__ = ["ANONYMOUS_OWNER", "Auth", "owner_for"]
 
 
 class Auth:

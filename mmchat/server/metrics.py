@@ -31,6 +31,7 @@ from ..sessions import (
     StreamEntry,
     TurnWrite,
 )
+from ..subjects import Erased
 from .episodes import Episodes
 
 #: The kind of trouble (see :mod:`.episodes`) of session store errors and outages.
@@ -170,6 +171,14 @@ class TimedStore(SessionStore):
     async def claim_session(self, session_id: str, owner: str) -> str:
         with self._timed("claim_session"):
             return await self.inner.claim_session(session_id, owner)
+
+    async def owned_sessions(self, owner: str) -> list[str]:
+        with self._timed("owned_sessions"):
+            return await self.inner.owned_sessions(owner)
+
+    async def erase_owned(self, owner: str) -> Erased:
+        with self._watched():  # waits for turn locks: not the store's own latency
+            return await self.inner.erase_owned(owner)
 
     async def claim_message(self, session_id: str, message_id: str) -> bool:
         with self._timed("claim_message"):

@@ -5,8 +5,9 @@ so freeing what is no longer wanted costs nothing per session still alive: every
 that touches or creates a record first drops, from the front, the records whose TTL ran
 out and then, while there are more than ``max_sessions``, the least recently used ones.
 A session is dropped whole (state, memory, history, owner, stream and message ids go
-together), so a client that comes back to it is told ``unknown_session``, as for an
-expired one. A session whose turn holds its lock is never dropped: it counts as used.
+together, and it leaves its subject's index at once), so a client that comes back to
+it is told ``unknown_session``, as for an expired one. A session whose turn holds its
+lock is never dropped: it counts as used.
 No timer and no thread: a store nobody calls holds what it held.
 """
 
@@ -29,6 +30,7 @@ from ..sessions import (
     check_stream_entries,
     validate_session_id,
 )
+from ..subjects import Erased, indexed
 
 __all__ = ["MemoryStore"]
 
@@ -78,6 +80,8 @@ class MemoryStore(SessionStore):
         #: Oldest touch first.
         self._sessions: collections.OrderedDict[str, _Record] = collections.OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        #: owner -> ids of the sessions it claimed (subjects only), oldest claim first.
+        self._owned: dict[str, dict[str, None]] = {}
 
     @property
     def held(self) -> int:
@@ -99,7 +103,18 @@ class MemoryStore(SessionStore):
                 sessions.move_to_end(session_id)
                 skipped += 1
                 continue
-            del sessions[session_id]
+            self._drop(session_id)
+
+    def _drop(self, session_id: str) -> _Record | None:
+        """Forget a session, and take it out of its owner's index."""
+        record = self._sessions.pop(session_id, None)
+        owner = None if record is None else record.data.owner
+        if owner is not None and owner in self._owned:
+            ids = self._owned[owner]
+            ids.pop(session_id, None)
+            if not ids:
+                del self._owned[owner]
+        return record
 
     def _record(self, session_id: str, *, create: bool = False,
                 touch: bool = True) -> _Record | None:
@@ -107,7 +122,7 @@ class MemoryStore(SessionStore):
         now = self._clock()
         record = self._sessions.get(session_id)
         if record is not None and now - record.touched > self._ttl:
-            del self._sessions[session_id]
+            self._drop(session_id)
             record = None
         if record is None:
             if not create:
@@ -149,7 +164,7 @@ class MemoryStore(SessionStore):
 
     async def delete(self, session_id: str) -> None:
         validate_session_id(session_id)
-        self._sessions.pop(session_id, None)
+        self._drop(session_id)
 
     @contextlib.asynccontextmanager
     async def lock(self, session_id: str) -> AsyncIterator[None]:
@@ -180,7 +195,29 @@ class MemoryStore(SessionStore):
         data = self._record(session_id, create=True).data
         if data.owner is None:
             data.owner = owner
+            if indexed(owner):
+                self._owned.setdefault(owner, {})[session_id] = None
         return data.owner
+
+    async def owned_sessions(self, owner: str) -> list[str]:
+        ids = [sid for sid in list(self._owned.get(owner, ()))
+               if (record := self._record(sid, touch=False)) is not None
+               and record.data.owner == owner]
+        return sorted(ids)
+
+    async def erase_owned(self, owner: str) -> Erased:
+        erased = Erased()
+        for session_id in list(self._owned.get(owner, ())):
+            async with self.lock(session_id):
+                record = self._record(session_id, touch=False)
+                if record is None or record.data.owner != owner:
+                    continue
+                self._drop(session_id)
+                data = record.data
+                erased += Erased(1, len(data.history), len(data.memory), len(record.stream),
+                                 len(record.message_ids))
+        self._owned.pop(owner, None)
+        return erased
 
     async def claim_message(self, session_id: str, message_id: str) -> bool:
         ids = self._record(session_id, create=True).message_ids

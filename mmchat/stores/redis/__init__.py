@@ -3,7 +3,8 @@
 This package is the only part of mmchat that imports ``redis``: :mod:`.url` parses
 ``sessions.url``, :mod:`.client` connects, :mod:`.store` is the store, :mod:`.lock` the
 fair turn lock, :mod:`.turn` a held turn, :mod:`.appends` the batched stream appends,
-and ``scripts/*.lua`` the Lua scripts (read once, run by SHA1: :mod:`.lua`).
+:mod:`.owners` the index of each subject's sessions, and ``scripts/*.lua`` the Lua
+scripts (read once, run by SHA1: :mod:`.lua`).
 
 URL forms (``sessions.url``):
 
@@ -36,6 +37,8 @@ one slot and one node serves a whole turn:
 ``{prefix}:s:{<id>}:queue``         list    tokens of the turns waiting for the lock
 ``{prefix}:s:{<id>}:waiters``       zset    until when each waiter's place is kept
 ``{prefix}:s:{<id>}:wake:<token>``  list    pushed to wake that waiter
+``{prefix}:o:{<hash>}:sessions``    set     ids of the sessions an owner claimed
+                                            (subjects only; see :mod:`.owners`)
 ==================================  ======  ====================================
 
 A session is whole or it is gone (``scripts/whole.lua``): ``meta`` has a flag for each

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...sessions import validate_session_id
+from ...subjects import subject_digest
 
 _NAMES = ("state", "memory", "history", "meta", "stream", "msgids", "lock", "cancel",
           "queue", "waiters", "msgids_old")
@@ -45,3 +46,10 @@ class Keys:
     def fair_lock(self) -> list[str]:
         """The keys of the lock's release and leave scripts."""
         return [self.lock, self.queue, self.waiters]
+
+
+def owner_index(prefix: str, owner: str) -> str:
+    """The set of the sessions ``owner`` claimed: ``{prefix}:o:{<hash>}:sessions``, the
+    hash the first 32 hex digits of the owner's SHA-256 (UTF-8), so any owner (a
+    subject like ``José`` or ``a@b.com``) makes a safe key of one Cluster slot."""
+    return f"{prefix}:o:{{{subject_digest(owner)}}}:sessions"

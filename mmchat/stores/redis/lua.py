@@ -71,4 +71,4 @@ async def load(client: Any, name: str) -> None:
 
 #: Every script the store runs.
 NAMES = ("acquire", "append", "begin_turn", "end_turn", "leave", "release", "renew",
-         "request_cancel", "resume", "claim", "unclaim", "load")
+         "request_cancel", "resume", "claim", "unclaim", "load", "erase")

@@ -27,10 +27,11 @@ from ...sessions import (
     check_owner,
     check_stream_entries,
 )
-from . import lua
+from ...subjects import Erased, indexed
+from . import lua, owners
 from .appends import Appends
 from .client import connect
-from .keys import Keys
+from .keys import Keys, owner_index
 from .lock import Attempt, RedisLock
 from .turn import RedisTurn, refused
 from .url import parse_redis_url
@@ -126,6 +127,11 @@ class RedisStore(SessionStore):
     def client(self) -> Any:
         """The underlying ``redis.asyncio`` client, for diagnostics and tests."""
         return self._client
+
+    @property
+    def prefix(self) -> str:
+        """What every key of this store starts with (``sessions.prefix``)."""
+        return self._prefix
 
     def keys(self, session_id: str) -> Keys:
         """The Redis keys of one session."""
@@ -292,8 +298,21 @@ class RedisStore(SessionStore):
             pipe.hget(keys.meta, "owner")
             for key in keys.data:
                 pipe.pexpire(key, self.ttl_ms)
-            _, current, *_ = await pipe.execute()
+            if indexed(owner):  # an id another owner holds is dropped when read
+                pipe.sadd(owner_index(self._prefix, owner), session_id)
+                pipe.scard(owner_index(self._prefix, owner))
+            _, current, *rest = await pipe.execute()
+        if indexed(owner) and owners.due_for_pruning(rest[-1]):
+            await owners.owned_sessions(self, owner)
         return current.decode()
+
+    async def owned_sessions(self, owner: str) -> list[str]:
+        """See :mod:`.owners`: expired sessions leave the index as it is read."""
+        return await owners.owned_sessions(self, owner)
+
+    async def erase_owned(self, owner: str) -> Erased:
+        """See :mod:`.owners`: one script per session, under its turn lock."""
+        return await owners.erase_owned(self, owner)
 
     async def claim_message(self, session_id: str, message_id: str) -> bool:
         """One Lua script (``claim.lua``): the newest ``message_ids_max_len`` ids at least
