@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError
@@ -216,8 +217,8 @@ class Supervisor:
         stopped = asyncio.create_task(self._stop.wait())
         try:
             for worker in list(self.workers.values()):
-                await asyncio.wait([worker.ready, stopped],
-                                   return_when=asyncio.FIRST_COMPLETED)
+                either: list[asyncio.Future[Any]] = [worker.ready, stopped]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if stopped.done():
                     return False
                 worker.ready.result()
