@@ -37,26 +37,28 @@ ROUNDS = 6
 MESSAGES = 3
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of process ``pid`` and its live descendants so far (Linux /proc)."""
-    total = 0.0
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """Seconds process ``pid`` and its live descendants have run on a CPU so far, and
+    seconds their threads have waited for one while runnable (Linux /proc schedstat)."""
+    ran = waited = 0.0
     todo = [pid]
     while todo:
         p = todo.pop()
-        with contextlib.suppress(OSError):  # a process that just ended
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):  # a process or thread that just ended
             for task in Path(f"/proc/{p}/task").iterdir():
+                run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(run_ns) / 1e9, waited + int(wait_ns) / 1e9
                 todo += [int(c) for c in (task / "children").read_text().split()]
-    return total
+    return ran, waited
 
 
-async def _run(counts: list[int], quick: bool, clients: int) -> tuple[str, list[Phase]]:
+async def _run(counts: list[int], quick: bool, clients: int, untrained: bool
+               ) -> tuple[str, list[Phase]]:
     from mmchat.loading import checkpoint_path
 
     config = load_config()
     path = checkpoint_path(config)
-    untrained = path is None or not path.exists()
+    untrained = untrained or path is None or not path.exists()
     rounds, messages = (1, 1) if quick else (ROUNDS, MESSAGES)
     phases = {n: Phase(f"{n} worker{'s' if n > 1 else ''}", clients) for n in counts}
     async with contextlib.AsyncExitStack() as stack:
@@ -69,12 +71,17 @@ async def _run(counts: list[int], quick: bool, clients: int) -> tuple[str, list[
         for _ in range(rounds):
             for n in counts:
                 pid = servers[n].proc.pid
-                cpu = tree_cpu(pid)
+                (ran, waited), clock = tree_cpu(pid), time.process_time()
                 one = await measure(servers[n].url, phases[n].name, clients, messages)
-                phases[n].cpu["server"] = (phases[n].cpu.get("server", 0.0)
-                                           + tree_cpu(pid) - cpu)
+                ran_after, waited_after = tree_cpu(pid)
+                spent = {"server": ran_after - ran, "waiting": waited_after - waited,
+                         "clients": time.process_time() - clock}
+                for key, seconds in spent.items():
+                    phases[n].cpu[key] = phases[n].cpu.get(key, 0.0) + seconds
                 _add(phases[n], one)
-    model = "untrained" if untrained else config.model.checkpoint
+    m = config.model
+    model = (f"untrained {m.rnn} {m.n_layer}x{m.n_hidden} (the [model] sizes)" if untrained
+             else f"{config.model.checkpoint} (config.toml's)")
     setup = (f"model {model}, greedy, at most {REPLY_TOKENS}-token replies; {clients} "
              f"clients, {messages} messages each per round, {rounds} rounds per row, "
              f"alternating; {len(os.sched_getaffinity(0))} CPUs available to this process")
@@ -89,34 +96,49 @@ def _add(total: Phase, one: Phase) -> None:
     total.wall += one.wall
 
 
-def report(setup: str, phases: list[Phase], notes: str) -> str:
+def report(setup: str, phases: list[Phase], notes: str, untrained: bool = False) -> str:
     base = phases[0]
     rows = [[p.name, p.replies, p.errors, f"{p.tokens_per_second:,.0f}",
              f"{p.tokens_per_second / base.tokens_per_second:.2f}x",
              f"{percentile(p.ttft, 50) * 1000:.1f}", f"{percentile(p.ttft, 99) * 1000:.1f}",
+             f"{p.tokens / max(p.replies, 1):.1f}",
              f"{p.cpu['server'] / max(p.replies, 1) * 1000:.2f}",
-             f"{p.cpu['server'] / p.wall:.2f}"] for p in phases]
+             f"{p.cpu['server'] / p.wall:.2f}", f"{p.cpu['waiting'] / p.wall:.2f}",
+             f"{p.cpu['clients'] / p.wall:.2f}"]
+            for p in phases]
     return "\n".join([
-        "## Workers: one port, N processes (`bench/bench_workers.py`)",
+        "## Workers: one port, N processes (`bench/bench_workers.py`)"
+        + (", the model at the [model] sizes" if untrained else ""),
         "",
-        "Command: `python -m bench workers`",
+        "Command: `python -m bench.bench_workers --untrained`" if untrained
+        else "Command: `python -m bench workers`",
         "",
         f"Machine: {notes}. {setup}. Redis and the clients share the machine with the "
         "servers.",
         "",
         table(["server", "replies", "errors", "tokens/s", "vs 1 worker", "TTFT p50 ms",
-               "TTFT p99 ms", "server CPU ms per reply", "server cores busy"], rows),
+               "TTFT p99 ms", "tokens per reply", "server CPU ms per reply",
+               "server cores busy", "server threads waiting for a core",
+               "clients cores busy"], rows),
+        "",
+        "Cores busy: CPU seconds over the wall time. Waiting: seconds the server's "
+        "runnable threads spent in the kernel's run queue, over the wall time; where it "
+        "is as large as the cores busy, the machine's other load is what limits the row.",
         "",
     ])
 
 
-def run(counts: list[int], quick: bool = False, clients: int = CLIENTS) -> str:
+def run(counts: list[int], quick: bool = False, clients: int = CLIENTS,
+        untrained: bool = False) -> str:
+    """Measure, and unless ``quick`` write the section (the configured model's section,
+    or with ``untrained`` the section of the model at the [model] sizes)."""
     if not _redis_answers():
         return "bench workers: no Redis on 127.0.0.1:6379 (workers need it); skipped"
-    setup, phases = asyncio.run(_run(counts, quick, clients))
-    section = report(setup, phases, machine_notes(THREADS))
+    notes = machine_notes(THREADS)
+    setup, phases = asyncio.run(_run(counts, quick, clients, untrained))
+    section = report(setup, phases, notes, untrained)
     if not quick:
-        write_section("bench_workers", section)
+        write_section("bench_workers_untrained" if untrained else "bench_workers", section)
     return section
 
 
@@ -131,7 +153,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true",
                         help="one round, one message per client, nothing written to docs/")
     parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--untrained", action="store_true",
+                        help="serve an untrained model at the [model] sizes (longer "
+                             "replies, more model work per reply) instead of the checkpoint")
     args = parser.parse_args()
     started = time.perf_counter()
-    print(run(args.workers, args.quick, args.clients))
+    print(run(args.workers, args.quick, args.clients, args.untrained))
     print(f"({time.perf_counter() - started:.0f} s)")

@@ -22,6 +22,8 @@ from typing import Any
 from ..config import Config, from_dict
 from .app import ChatServer
 
+logger = logging.getLogger(__name__)
+
 #: The log line format; a worker's lines say which worker they come from.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,7 +46,8 @@ async def serve_until_stopped(config: Config, host: str | None, port: int | None
                               started: Callable[[asyncio.Event], Awaitable[None]] | None = None
                               ) -> None:
     """Serve until SIGTERM or SIGINT (or until ``started``'s event is set), then drain.
-    A ``worker`` shares the port (SO_REUSEPORT) and leaves SIGHUP to the supervisor."""
+    A ``worker`` shares the port (SO_REUSEPORT). SIGHUP is ignored (logged when not a
+    worker): rolling restarts are the supervisor's."""
     server = ChatServer(config, worker=worker)
     await server.start(host, port, reuse_port=worker is not None)
     # Garbage-collector pauses were most of the slowest first-token times under load
@@ -57,8 +60,12 @@ async def serve_until_stopped(config: Config, host: str | None, port: int | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if worker is not None:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    def hangup() -> None:  # the supervisor's signal (a rolling restart), not a stop
+        if worker is None:
+            logger.warning("SIGHUP ignored: rolling restarts are for --workers 2 or more")
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     if started is not None:
         await started(stop)
     try:
