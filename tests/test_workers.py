@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import signal
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -34,17 +33,6 @@ from mmchat.server.workers import available_cores, worker_count
 TRIES = 200
 #: The voice plugin is not needed here; its warm-up is most of a worker's start.
 QUICK = {"MMCHAT_PLUGINS__DISABLED": "voice"}
-
-
-@pytest.fixture
-def redis_url(request) -> str:
-    """The Redis that test_redis_store starts for the session, on a free port."""
-    return request.getfixturevalue("redis_server").url
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}"
 
 
 class Supervised:
@@ -195,6 +183,14 @@ async def test_two_workers_share_the_port_a_session_and_their_metrics(redis_url,
             assert status == 200
             assert metric(body, "mmchat_turns_total") == 2
             assert metric(body, "mmchat_connections_opened_total") >= 2
+        # The port is taken: a second `serve --workers` is refused, not let in beside.
+        port = sup.url.rsplit(":", 1)[1].strip("/")
+        second = await asyncio.create_subprocess_exec(
+            *serve_argv(), "--untrained", "--port", port, "--workers", "2", env=env,
+            cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await second.communicate()
+        assert second.returncode == 2
+        assert f"cannot bind 127.0.0.1:{port}" in err.decode()
         sup.proc.send_signal(signal.SIGTERM)
         assert await sup.proc.wait() == 0
 

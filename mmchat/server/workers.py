@@ -161,16 +161,26 @@ class Supervisor:
     @contextlib.contextmanager
     def _placeholder(self) -> Iterator[socket.socket]:
         """A socket bound to the port, never listening: it takes the port number (0
-        resolved) for the workers, who bind it too, and keeps it while they restart."""
+        resolved) for the workers, who bind it too, and keeps it while they restart.
+        The port is first bound without SO_REUSEPORT, so that one held by anything else
+        (another ``mmchat serve --workers`` included) is refused, not shared."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.host, self.port))
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # as the workers' listening sockets: connections of an earlier run
+                # still in TIME_WAIT do not hold the port
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+                port = probe.getsockname()[1]
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            sock.close()
             raise ConfigError(f"cannot bind {self.host}:{self.port}: {exc}") from None
         with sock:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot bind {self.host}:{port}: {exc}") from None
             yield sock
 
     @contextlib.contextmanager
