@@ -75,10 +75,11 @@ class Supervised:
 @contextlib.asynccontextmanager
 async def supervisor(env: dict[str, str], tmp_path, workers: int = 2
                      ) -> AsyncIterator[Supervised]:
+    metrics = tmp_path / "metrics"  # PROMETHEUS_MULTIPROC_DIR: kept under tmp_path
     proc = await asyncio.create_subprocess_exec(
         *serve_argv(), "--untrained", "--host", "127.0.0.1", "--port", "0", "--workers",
-        str(workers), env={**env, **QUICK}, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        str(workers), env={**env, **QUICK, "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
+        cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     sup = Supervised(proc)
     reader = asyncio.create_task(sup.read())
     try:
@@ -183,6 +184,7 @@ async def test_two_workers_share_the_port_a_session_and_their_metrics(redis_url,
             assert status == 200
             assert metric(body, "mmchat_turns_total") == 2
             assert metric(body, "mmchat_connections_opened_total") >= 2
+        assert list((tmp_path / "metrics").glob("counter_*.db"))  # the folder given
         # The port is taken: a second `serve --workers` is refused, not let in beside.
         port = sup.url.rsplit(":", 1)[1].strip("/")
         second = await asyncio.create_subprocess_exec(
@@ -197,7 +199,8 @@ async def test_two_workers_share_the_port_a_session_and_their_metrics(redis_url,
 
 @needs_redis
 async def test_sigterm_drains_every_worker(redis_url, prefix, tmp_path):
-    env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="300")
+    """Long replies (2000 tokens), so that both are still running when SIGTERM comes."""
+    env = node_env(redis_url, prefix, MMCHAT_GENERATION__MAX_NEW_TOKENS="2000")
     async with asyncio.timeout(SUBPROCESS_TEST_S), supervisor(env, tmp_path) as sup:
         pids = sorted(await pids_serving(sup.url, 2))
         clients = [await connect_to(sup.url, {pid}) for pid in pids]
@@ -207,15 +210,15 @@ async def test_sigterm_drains_every_worker(redis_url, prefix, tmp_path):
         sup.proc.send_signal(signal.SIGTERM)
         for client, reply in zip(clients, replies):
             done = await reply.wait(120)
-            assert done.finish_reason == "length" and done.usage.completion_tokens == 300
+            assert (done.finish_reason, done.usage.completion_tokens) == ("length", 2000)
             check_reply(reply)
             event = await client.next_event(60)
             assert (event.code, event.fatal) == ("going_away", True)
         assert await sup.proc.wait() == 0
         assert [c.close_code for c in clients] == [1001, 1001]
     for pid in pids:
-        assert re.search(rf"worker \d \(pid {pid}\) stopped \(status 0\)", sup.log)
-    assert sup.log.count("draining: 1 replies in flight") == 2
+        assert re.search(rf"worker \d \(pid {pid}\) stopped \(status 0\)", sup.log), sup.log
+    assert sup.log.count("draining: 1 replies in flight") == 2, sup.log
 
 
 @needs_redis
@@ -249,3 +252,5 @@ async def test_a_killed_worker_is_restarted_and_sighup_replaces_each(redis_url, 
         assert len(new) == 2 and not new & (pids | {reborn})
         assert await pids_serving(sup.url, 2) == new
         await survivor.close()
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.proc.wait() == 0
