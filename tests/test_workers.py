@@ -161,6 +161,21 @@ async def test_serve_refuses_workers_with_the_memory_store(tmp_path):
 
 # Real workers.
 
+async def test_a_worker_that_cannot_start_stops_them_all(tmp_path):
+    env = {**node_env("redis://127.0.0.1:1/0", "unused"), **QUICK}
+    proc = await asyncio.create_subprocess_exec(
+        *serve_argv(), "--checkpoint", str(tmp_path / "missing"), "--port", "0",
+        "--workers", "2", env=env, cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), SUBPROCESS_TEST_S)
+    log = err.decode()
+    assert proc.returncode == 1, log
+    assert re.search(r"\[worker \d\] mmchat.server.worker: model.checkpoint .*missing does "
+                     r"not exist", log), log
+    assert re.search(r"worker \d \(pid \d+\) exited with status 2 before it listened; "
+                     "stopping the others", log), log
+    assert "Traceback" not in log
+
 @needs_redis
 async def test_two_workers_share_the_port_a_session_and_their_metrics(redis_url, prefix,
                                                                       tmp_path):

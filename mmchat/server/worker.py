@@ -20,9 +20,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import Config, from_dict
+from ..errors import MMChatError
 from .app import ChatServer
 
-logger = logging.getLogger(__name__)
+#: Named, not __name__: under ``python -m`` that is "__main__".
+logger = logging.getLogger("mmchat.server.worker")
 
 #: The log line format; a worker's lines say which worker they come from.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -102,8 +104,12 @@ def main() -> None:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
 
-    asyncio.run(serve_until_stopped(spec["config"], spec["host"], spec["port"],
-                                    worker=spec["worker"], started=started))
+    try:
+        asyncio.run(serve_until_stopped(spec["config"], spec["host"], spec["port"],
+                                        worker=spec["worker"], started=started))
+    except MMChatError as exc:  # as `mmchat serve` reports it: the message, no traceback
+        logger.error("%s", exc)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
