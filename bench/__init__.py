@@ -94,6 +94,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def write_section(name: str, section: str) -> None:
+    """Put ``section`` into docs/benchmarks.md between ``<!-- name:begin -->`` and
+    ``<!-- name:end -->``, in place of what was there (at the end the first time)."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{section}{end}\n"
+    text = doc.read_text() if doc.exists() else (
+        "# Benchmarks\n\nEach section is written by the benchmark it names "
+        "(`python -m bench`, or `make bench`).\n\n")
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.write_text(text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

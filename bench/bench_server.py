@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import ROOT, load_config, machine_notes, percentile, table
+from bench import ROOT, load_config, machine_notes, percentile, table, write_section
 
 REPLY_TOKENS = 32
 #: Torch threads of the served model: one per core the server may use. On a shared
@@ -47,8 +47,6 @@ CLIENTS = 64
 #: Each load runs this many times with new connections and sessions, so that its p99 is
 #: not the second-slowest of 192 replies.
 ROUNDS = 5
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_server:begin -->", "<!-- bench_server:end -->"
 TARGET_TTFT_TEXT_MS, TARGET_TTFT_IMAGE_MS, TARGET_SPEEDUP = 50.0, 100.0, 10.0
 
 
@@ -445,15 +443,7 @@ def _scale_out(phases: list[Phase]) -> list[str]:
 
 
 def write_doc(section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}\n"
-    text = DOC.read_text() if DOC.exists() else (
-        "# Benchmarks\n\nEach section is written by the benchmark it names "
-        "(`python -m bench`, or `make bench`).\n\n")
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOC.write_text(text)
+    write_section("bench_server", section)
 
 
 def run(quick: bool = False, clients: int = CLIENTS, threads: int = THREADS) -> str:

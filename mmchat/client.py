@@ -275,6 +275,13 @@ class Client:
     def connected(self) -> bool:
         return self._ws is not None and self._reader is not None and not self._reader.done()
 
+    @property
+    def server_headers(self) -> dict[str, str]:
+        """The HTTP headers of the server's answer to the last connection's handshake
+        (``X-Mmchat-Worker`` names the worker under ``mmchat serve --workers``)."""
+        assert self._ws is not None and self._ws.response is not None, "not connected"
+        return dict(self._ws.response.headers.raw_items())
+
     # -- sending ---------------------------------------------------------------------
 
     async def send(self, text: str = "", attachments: Iterable[AttachmentLike] = (), *,

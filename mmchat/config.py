@@ -131,6 +131,7 @@ class ServerConfig:
     drain_seconds: float = _opt(30.0, min=0.0)
     resume_idle_seconds: float = _opt(30.0, min=0.1)
     web: bool = _opt(True)
+    workers: int | str = _opt(1, choices=("auto",), min=1, max=1024)
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,10 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         elif hint is str:
             if not isinstance(value, str):
                 raise TypeError("a string")
+        elif hint == int | str:  # a number or a word (`workers = 4` or `"auto"`)
+            if (isinstance(value, bool) or not isinstance(value, (int, str))
+                    or isinstance(value, str) and value not in meta["choices"]):
+                raise TypeError(" or ".join(["a whole number", *map(repr, meta["choices"])]))
         elif origin is tuple:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise TypeError("a list of strings")
@@ -307,7 +312,10 @@ def _check(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key} = {value!r} is not allowed: expected {exc}") from None
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
-    if choices and value not in choices:
+    if hint == int | str:
+        if isinstance(value, str):
+            return value  # one of the words, checked above; min and max are for numbers
+    elif choices and value not in choices:
         raise ConfigError(
             f"{key} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}")
     if lo is not None and value < lo:
@@ -348,6 +356,8 @@ def _from_env(raw: str, hint: Any) -> Any:
             return float(raw)
         except ValueError:
             raise ValueError("a number") from None
+    if hint == int | str:
+        return int(raw) if raw.strip().lstrip("-").isdigit() else raw.strip()
     if typing.get_origin(hint) is Mapping:
         try:
             return json.loads(raw)

@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,16 @@ def image_dir(tmp_path_factory):
     (out / "corrupt.png").write_bytes(png[: len(png) // 2])
     Image.new("1", (9000, 9000)).save(out / "huge.png")
     return out
+
+
+@pytest.fixture
+def redis_url(request) -> str:
+    """The Redis that test_redis_store starts for the session, on a free port (for
+    modules that import its ``redis_server`` fixture)."""
+    return request.getfixturevalue("redis_server").url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of the test's own."""
+    return f"t{uuid.uuid4().hex[:8]}"

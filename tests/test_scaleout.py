@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -43,17 +42,6 @@ def node_config(url: str, prefix: str, **sections) -> Config:
     sessions = {"backend": "redis", "url": url, "prefix": prefix, "lock_lease_seconds": 1.0,
                 **sections.pop("sessions", {})}
     return server_config(sessions=sessions, **sections)
-
-
-@pytest.fixture
-def redis_url(request) -> str:
-    """The Redis that test_redis_store starts for the session, on a free port."""
-    return request.getfixturevalue("redis_server").url
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}"
 
 
 def serve_argv() -> list[str]:

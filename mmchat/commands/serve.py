@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,48 +27,36 @@ def register(cli: click.Group) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (overrides model.checkpoint).")
 @click.option("--untrained", is_flag=True, help="Serve an untrained model (gibberish).")
+@click.option("--workers", default=None, metavar="N|auto",
+              help="Processes serving the port, each with its own model (overrides "
+                   "server.workers; more than 1 needs the Redis session store).")
 def serve_command(config_path, host: str | None, port: int | None, checkpoint,
-                  untrained: bool) -> None:
+                  untrained: bool, workers: str | None) -> None:
     """Serve chat over WebSocket, with /healthz, /readyz and /metrics on the same port.
 
     SIGTERM (or Ctrl-C) drains: no new connections, replies in flight finish (up to
-    server.drain_seconds), then connections close with 1001.
+    server.drain_seconds), then connections close with 1001. With several workers,
+    SIGHUP restarts them one at a time, each draining (docs/deploy.md, "Workers").
     """
+    from ..server.worker import configure_logging, serve_until_stopped
+    from ..server.workers import Supervisor, worker_count
+
     config = load_config(config_path)
     if untrained:
         config = config.replace(model={"checkpoint": "untrained"})
     elif checkpoint is not None:
         config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    mmchat_logger = logging.getLogger("mmchat")
-    if mmchat_logger.getEffectiveLevel() > logging.INFO:
-        mmchat_logger.setLevel(logging.INFO)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # per-connection "connection open/closed" lines only with -vv
-        logging.getLogger("mmchat.server.websockets").setLevel(logging.WARNING)
-    asyncio.run(_serve(config, host, port))
-
-
-async def _serve(config, host: str | None, port: int | None) -> None:
-    from ..server import ChatServer
-
-    server = ChatServer(config)
-    await server.start(host, port)
-    # Garbage-collector pauses were most of the slowest first-token times under load
-    # (docs/benchmarks.md). The model, plugins and libraries loaded so far live as long
-    # as the process, so full passes skip them; and the older generations are collected
-    # 2x and 10x less often than Python's default (700, 10, 10).
-    gc.freeze()
-    gc.set_threshold(700, 20, 100)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.shutdown()
+    if workers is not None:
+        config = config.replace(server={"workers": int(workers) if workers.isdigit()
+                                        else workers})
+    count = worker_count(config)
+    configure_logging(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    if count == 1:
+        asyncio.run(serve_until_stopped(config, host, port))
+        return
+    status = asyncio.run(Supervisor(config, host, port, count).run())
+    if status:
+        sys.exit(status)
 
 
 @click.command("token")

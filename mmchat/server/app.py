@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 import uuid
 from http import HTTPStatus
@@ -45,6 +46,8 @@ CHAT_PATH = "/"
 READY_PING_SECONDS = 2.0
 #: The kind of trouble (see :mod:`.episodes`) of connections refused at the limit.
 CONNECTION_TROUBLE = "connections"
+#: The response header that names the worker (``1 pid 4242``) under ``--workers``.
+WORKER_HEADER = "X-Mmchat-Worker"
 
 
 class ChatServer:
@@ -53,11 +56,15 @@ class ChatServer:
     ``ChatServer(config)`` builds its own engine (and session store from
     ``[sessions]``); pass ``engine=`` to serve one you built, whose store is then used.
     ``await server.start()`` listens; ``await server.shutdown()`` drains and stops.
+    ``worker`` numbers one of several processes serving one port
+    (:mod:`~mmchat.server.workers`): each response then names it in
+    :data:`WORKER_HEADER`.
     """
 
     def __init__(self, config: Config, *, engine: Any = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, worker: int | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.settings = s = config.server
         self.metrics = Metrics()
         #: Names this process's own keys in the store (the readiness write probe).
@@ -92,8 +99,10 @@ class ChatServer:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, host: str | None = None, port: int | None = None) -> ChatServer:
-        """Load the model, then listen (``host``/``port`` default to ``[server]``)."""
+    async def start(self, host: str | None = None, port: int | None = None, *,
+                    reuse_port: bool = False) -> ChatServer:
+        """Load the model, then listen (``host``/``port`` default to ``[server]``;
+        ``reuse_port`` shares the port with other processes that set it, SO_REUSEPORT)."""
         s = self.settings
         await self.engine.start()
         kinds = getattr(self.engine.model, "kind_index", None)
@@ -109,6 +118,8 @@ class ChatServer:
         self._ws = await serve(
             self._handle, host or s.host, s.port if port is None else port,
             process_request=self._process_request,
+            process_response=None if self.worker is None else self._name_worker,
+            reuse_port=reuse_port or None,
             origins=[*s.origins, None] if s.origins else None,
             compression=None,
             create_connection=_ServerConnection,
@@ -117,6 +128,9 @@ class ChatServer:
             ping_timeout=s.ping_timeout_seconds,
             logger=logging.getLogger("mmchat.server.websockets"))
         self._address = self._ws.sockets[0].getsockname()[:2]
+        if self.worker is not None:  # the supervisor says "ready" once all listen
+            logger.info("listening on %s (%s)", self.url, self.engine.model_description)
+            return self
         logger.info("mmchat ready on %s (%s)", self.url, self.engine.model_description)
         if self.web is not None:
             logger.info("chat page on %s", self.url.replace("ws://", "http://", 1))
@@ -247,6 +261,10 @@ class ChatServer:
         headers = Headers(answer.headers)
         headers["Content-Length"] = str(len(answer.body))
         return Response(answer.status, answer.status.phrase, headers, answer.body)
+
+    def _name_worker(self, ws: ServerConnection, request: Request, response: Response
+                     ) -> None:
+        response.headers[WORKER_HEADER] = f"{self.worker} pid {os.getpid()}"
 
     # -- WebSocket -------------------------------------------------------------------
 

@@ -2,11 +2,19 @@
 
 This is the only module that imports ``prometheus_client``. Two servers in one process
 (as in the tests) keep separate counts.
+
+Under ``mmchat serve --workers N`` (:mod:`.workers`) every worker writes its values to
+files in :data:`MULTIPROC_ENV`'s folder (prometheus_client's multiprocess mode) and
+``/metrics``, whichever worker answers, renders all workers' together: counters and
+histograms summed, gauges summed or, for the up/down ones, the lowest of the live
+workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +28,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 
 from ..errors import StoreUnavailable
@@ -41,31 +50,41 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     2.5, 5.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+#: The environment variable naming the folder of the workers' metric files.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
     """Connections, sessions, turns, time to first token, tokens/s, errors by code and
     session-store latency; and, as every Prometheus exporter has them, the process's
     (``process_*``: resident memory, CPU seconds, open files, ...) and the platform's
-    (``python_info``)."""
+    (``python_info``).
+
+    With :data:`MULTIPROC_ENV` set (a worker of ``mmchat serve --workers``), the values
+    go to that folder and :meth:`render` sums all workers'; the ``process_*`` and
+    ``python_info`` metrics, which are one process's, are left out."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        #: The folder of all workers' values, or None for this process's alone.
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         self.connections = Gauge("mmchat_connections", "Open WebSocket connections.",
-                                 registry=r)
+                                 multiprocess_mode="livesum", registry=r)
         self.connections_opened = Counter("mmchat_connections_opened",
                                           "WebSocket connections accepted.", registry=r)
         self.sessions = Gauge("mmchat_active_sessions",
-                              "Sessions with at least one open connection here.", registry=r)
+                              "Sessions with at least one open connection here.",
+                              multiprocess_mode="livesum", registry=r)
         self.turns = Counter("mmchat_turns", "Replies that ended, by finish reason.",
                              ["finish_reason"], registry=r)
         self.turns_running = Gauge("mmchat_turns_running",
                                    "Replies being generated (or waiting for their session).",
-                                   registry=r)
+                                   multiprocess_mode="livesum", registry=r)
         self.ttft = Histogram("mmchat_time_to_first_token_seconds",
                               "From a message's arrival to its first streamed delta.",
                               buckets=_TTFT_BUCKETS, registry=r)
@@ -79,13 +98,16 @@ class Metrics:
                                        "Session store (Redis) call latency, by operation.",
                                        ["op"], buckets=_LATENCY_BUCKETS, registry=r)
         self.store_up = Gauge("mmchat_store_up",
-                              "1 if the last session store ping succeeded, else 0.", registry=r)
+                              "1 if the last session store ping succeeded, else 0.",
+                              multiprocess_mode="livemin", registry=r)
         self.plugin_up = Gauge("mmchat_plugin_up", "1 if a modality's plugin is in service, "
                                "0 while its circuit breaker keeps it out.",
-                               ["modality", "plugin"], registry=r)
+                               ["modality", "plugin"], multiprocess_mode="livemin",
+                               registry=r)
         self.plugin_failures = Gauge("mmchat_plugin_failures", "Failures and timeouts of a "
                                      "modality's decode and encoder calls so far.",
-                                     ["modality", "plugin"], registry=r)
+                                     ["modality", "plugin"], multiprocess_mode="livesum",
+                                     registry=r)
 
     def observe_plugins(self, health: Sequence[dict[str, Any]]) -> None:
         """Set the plugin gauges from :meth:`mmchat.Engine.plugin_health`."""
@@ -94,8 +116,25 @@ class Metrics:
             self.plugin_failures.labels(h["modality"], h["plugin"]).set(h["failures"])
 
     def render(self) -> bytes:
-        """The text exposition format for ``/metrics``."""
-        return generate_latest(self.registry)
+        """The text exposition format for ``/metrics``: this process's, or every
+        worker's together."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        together = CollectorRegistry()
+        multiprocess.MultiProcessCollector(together, self.multiprocess_dir)
+        return generate_latest(together)
+
+
+def worker_exited(folder: str, pid: int) -> None:
+    """Drop a worker that ended from the live gauges of the folder (its counters and
+    histograms stay in the sums, as counts never go down)."""
+    multiprocess.mark_process_dead(pid, folder)
+
+
+def clear_worker_values(folder: str) -> None:
+    """Remove the metric files an earlier run left in ``folder``."""
+    for path in glob.glob(os.path.join(folder, "*.db")):
+        os.remove(path)
 
 
 class TimedStore(SessionStore):
