@@ -86,12 +86,16 @@ class ChatServer:
         self._sessions: collections.Counter[str] = collections.Counter()
         self._ws: Server | None = None
         self._address: tuple[str, int] | None = None
+        #: The OpenAI endpoint and the page over HTTP (:mod:`.http`), once started.
+        self.http: Any = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, host: str | None = None, port: int | None = None) -> ChatServer:
-        """Load the model, then listen (``host``/``port`` default to ``[server]``)."""
+    async def start(self, host: str | None = None, port: int | None = None, *,
+                    http_port: int | None = None) -> ChatServer:
+        """Load the model, then listen (``host``/``port`` default to ``[server]``), and
+        serve HTTP on ``http_port`` (default ``server.http_port``; -1: not at all)."""
         s = self.settings
         await self.engine.start()
         kinds = getattr(self.engine.model, "kind_index", None)
@@ -115,6 +119,13 @@ class ChatServer:
             ping_timeout=s.ping_timeout_seconds,
             logger=logging.getLogger("mmchat.server.websockets"))
         self._address = self._ws.sockets[0].getsockname()[:2]
+        http_port = s.http_port if http_port is None else http_port
+        if http_port >= 0:
+            from .http import HttpServer
+
+            self.http = HttpServer(self)
+            await self.http.start(host or s.host, http_port)
+            logger.info("OpenAI-compatible endpoint on %s/v1", self.http_url)
         logger.info("mmchat ready on %s (%s)", self.url, self.engine.model_description)
         if self.web is not None:
             logger.info("chat page on %s", self.url.replace("ws://", "http://", 1))
@@ -132,6 +143,14 @@ class ChatServer:
         host, port = self._address
         host = f"[{host}]" if ":" in host else host
         return f"ws://{host}:{port}{CHAT_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the HTTP layer (known once started with it)."""
+        assert self._address is not None and self.http is not None, "no HTTP server"
+        host = self._address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.http.port}"
 
     async def shutdown(self, drain_seconds: float | None = None) -> None:
         """Stop accepting connections, let replies in flight finish (up to
@@ -160,6 +179,8 @@ class ChatServer:
         await asyncio.gather(*(c.shutdown(timeout=5) for c in list(self.connections)))
         if self._ws is not None:
             await self._ws.wait_closed()
+        if self.http is not None:
+            await self.http.close()
         if self._owns_engine:
             await self.engine.close()
         logger.info("mmchat stopped")

@@ -36,6 +36,8 @@ one slot and one node serves a whole turn:
 ``{prefix}:s:{<id>}:queue``         list    tokens of the turns waiting for the lock
 ``{prefix}:s:{<id>}:waiters``       zset    until when each waiter's place is kept
 ``{prefix}:s:{<id>}:wake:<token>``  list    pushed to wake that waiter
+``{prefix}:alias:<alias>``          string  a session id, by a caller's key (the
+                                            OpenAI endpoint's conversation hashes)
 ==================================  ======  ====================================
 
 A session is whole or it is gone (``scripts/whole.lua``): ``meta`` has a flag for each
