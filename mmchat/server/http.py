@@ -32,6 +32,7 @@ from ..protocol import ProtocolError, TokenBucket
 from .auth import owner_for
 from .openai import OpenAIService
 from .openai_wire import OpenAIError, models_list, parse_chat_request
+from .web import PATHS
 
 if TYPE_CHECKING:
     from .app import ChatServer
@@ -85,7 +86,7 @@ class HttpServer:
                   Route("/readyz", self.readyz, methods=["GET"]),
                   Route("/metrics", self.metrics, methods=["GET"])]
         if server.web is not None:
-            routes.append(Route("/{path:path}", self.page, methods=["GET", "HEAD"]))
+            routes += [Route(path, self.page, methods=["GET", "HEAD"]) for path in PATHS]
         self.app = Starlette(routes=routes, exception_handlers={
             OpenAIError: _error_response, 404: _not_found, 405: _not_allowed})
         self._uvicorn: _Uvicorn | None = None
@@ -180,10 +181,8 @@ class HttpServer:
 
     async def page(self, request: Request) -> Response:
         web = self.server.web
-        path = "/" + request.path_params["path"]
-        if web is None or not web.wants(path, request.headers):
-            return await _not_found(request, None)
-        answer = web.respond(path, request.headers)
+        assert web is not None
+        answer = web.respond(request.url.path, request.headers)
         return Response(answer.body, answer.status, headers=dict(answer.headers))
 
     # -- helpers ------------------------------------------------------------------------

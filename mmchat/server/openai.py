@@ -80,8 +80,11 @@ class OpenAIService:
             await self._failed(run)
             raise from_mmchat(exc) from None
         await self._finished(run, reply.text, reply.finish_reason)
-        return Completion(self.model_name).response(
+        response = Completion(self.model_name).response(
             reply.text, reply.finish_reason, usage(reply.prompt_tokens, reply.completion_tokens))
+        response["mmchat"] = {"session_id": run.session_id, "attention": reply.attention,
+                              "confidence": reply.confidence, "fallback": reply.fallback}
+        return response
 
     async def stream(self, request: ChatRequest, owner: str) -> AsyncIterator[bytes]:
         """The server-sent events of a streamed completion. The reply's first deltas

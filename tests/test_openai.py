@@ -1,0 +1,375 @@
+"""The OpenAI-compatible endpoint, driven by the real ``openai`` package (sync, async,
+streamed, concurrent), with real pictures and espeak-ng speech, over the HTTP port of
+a real server; sessions continued or rebuilt are counted from ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from test_server import SECRET, running_server, server_config
+
+from mmchat.protocol import make_token
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def server():
+    async with running_server(server_config(server={"http_port": 0})) as s:
+        yield s
+
+
+def clients(server, api_key: str = "anything") -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+    base = server.http_url + "/v1"
+    return (openai.OpenAI(base_url=base, api_key=api_key, max_retries=0),
+            openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0))
+
+
+def sessions_counted(server) -> dict[str, float]:
+    text = server.metrics.render().decode()
+    return {how: float(n) for how, n in
+            re.findall(r'^mmchat_openai_sessions_total\{how="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json",
+                                                 **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+# -- the openai package, sync and async ---------------------------------------------------
+
+async def test_models_and_a_whole_reply_with_the_sync_client(server):
+    sync, _ = clients(server)
+
+    def use() -> tuple[Any, Any]:
+        return sync.models.list(), sync.chat.completions.create(
+            model="mmchat", messages=[{"role": "system", "content": "be brief"},
+                                      {"role": "user", "content": "hello there"}])
+
+    models, done = await asyncio.to_thread(use)
+    assert [m.id for m in models.data] == ["mmchat"]
+    assert done.object == "chat.completion" and done.model == "mmchat"
+    choice = done.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens > 0 and done.usage.prompt_tokens > 0
+    session = done.model_extra["mmchat"]["session_id"]
+    history = await server.engine.history(session)
+    assert [t["text"] for t in history] == ["hello there", choice.message.content]
+    assert sessions_counted(server) == {"new": 1}
+
+
+async def test_the_async_client_and_generation_settings(server):
+    _, client = clients(server)
+    first = await client.chat.completions.create(
+        model="mmchat", messages=[{"role": "user", "content": "hi"}], temperature=0.8,
+        seed=3, max_tokens=3)
+    again = await client.chat.completions.create(
+        model="mmchat", messages=[{"role": "user", "content": "hi"}], temperature=0.8,
+        seed=3, max_tokens=3)
+    assert first.usage.completion_tokens <= 3
+    assert first.choices[0].message.content == again.choices[0].message.content
+    history = await server.engine.history(first.model_extra["mmchat"]["session_id"])
+    assert history[1]["generation"]["strategy"] == "sample"
+    assert history[1]["generation"]["temperature"] == 0.8
+    await client.close()
+
+
+async def test_a_streamed_reply_with_usage(server):
+    _, client = clients(server)
+    stream = await client.chat.completions.create(
+        model="mmchat", messages=[{"role": "user", "content": "tell me"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] in ("stop", "length") and not any(finals[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+    await client.close()
+
+
+async def test_the_events_are_server_sent_events_ending_with_done(server):
+    body = json.dumps({"model": "mmchat", "stream": True,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    status, headers, raw = await asyncio.to_thread(
+        post, server.http_url + "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = raw.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event[6:])["object"] == "chat.completion.chunk"
+
+
+async def test_twenty_concurrent_streams(server):
+    _, client = clients(server)
+
+    async def chat(i: int) -> str:
+        stream = await client.chat.completions.create(
+            model="mmchat", messages=[{"role": "user", "content": f"hello number {i}"}],
+            stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    texts = await asyncio.gather(*(chat(i) for i in range(20)))
+    assert all(t.strip() for t in texts)
+    assert sessions_counted(server) == {"new": 20}
+    await client.close()
+
+
+# -- pictures and voice ---------------------------------------------------------------------
+
+async def test_a_picture_as_a_data_url(server, image_dir):
+    _, client = clients(server)
+    done = await client.chat.completions.create(model="mmchat", messages=[{
+        "role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": data_url(image_dir / "circle.png",
+                                                                "image/png")}}]}])
+    extra = done.model_extra["mmchat"]
+    assert extra["attention"]["image"] > 0
+    history = await server.engine.history(extra["session_id"])
+    assert history[0]["text"] == "what is this?"
+    assert [a["modality"] for a in history[0]["attachments"]] == ["image"]
+    await client.close()
+
+
+async def test_a_voice_clip_as_input_audio(server, speech_dir):
+    _, client = clients(server)
+    wav = base64.b64encode((speech_dir / "hello.wav").read_bytes()).decode()
+    done = await client.chat.completions.create(model="mmchat", messages=[{
+        "role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}])
+    extra = done.model_extra["mmchat"]
+    assert extra["attention"]["voice"] > 0
+    history = await server.engine.history(extra["session_id"])
+    assert [a["mime_type"] for a in history[0]["attachments"]] == ["audio/wav"]
+    await client.close()
+
+
+# -- whole histories onto sessions --------------------------------------------------------
+
+async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt(
+        server, image_dir):
+    _, client = clients(server)
+    picture = {"type": "image_url",
+               "image_url": {"url": data_url(image_dir / "circle.png", "image/png")}}
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "text", "text": "look"}, picture]}]
+    first = await client.chat.completions.create(model="mmchat", messages=messages)
+    session = first.model_extra["mmchat"]["session_id"]
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "and the colour?"}]
+    stream = await client.chat.completions.create(model="mmchat", messages=messages,
+                                                  stream=True)
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert sessions_counted(server) == {"new": 1, "continued": 1}
+    messages += [{"role": "assistant", "content": streamed},
+                 {"role": "user", "content": "thanks"}]
+    third = await client.chat.completions.create(model="mmchat", messages=messages)
+    assert third.model_extra["mmchat"]["session_id"] == session
+    assert sessions_counted(server) == {"new": 1, "continued": 2}
+    history = await server.engine.history(session)
+    assert [t["text"] for t in history[::2]] == ["look", "and the colour?", "thanks"]
+
+    # the client edits an earlier reply: another conversation, seeded from the history
+    messages[1] = {"role": "assistant", "content": "a red circle"}
+    edited = await client.chat.completions.create(model="mmchat", messages=messages)
+    rebuilt = edited.model_extra["mmchat"]["session_id"]
+    assert rebuilt != session
+    assert sessions_counted(server) == {"new": 1, "continued": 2, "rebuilt": 1}
+    history = await server.engine.history(rebuilt)
+    assert [t["text"] for t in history[:-1]] == [m["content"] if isinstance(
+        m["content"], str) else "look" for m in messages]
+    assert history[1]["finish_reason"] == "seeded"
+    assert [a["modality"] for a in history[0]["attachments"]] == ["image"]
+
+    # the same request again (a regenerated reply): the session moved on, so rebuilt
+    await client.chat.completions.create(model="mmchat", messages=messages)
+    assert sessions_counted(server)["rebuilt"] == 2
+    await client.close()
+
+
+async def test_a_rebuilt_session_replies_as_the_continued_one_would(server):
+    _, client = clients(server)
+    messages = [{"role": "user", "content": "hello"}]
+    first = await client.chat.completions.create(model="mmchat", messages=messages)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "and then?"}]
+    continued = await client.chat.completions.create(model="mmchat", messages=messages)
+    rebuilt = await client.chat.completions.create(model="mmchat", messages=messages)
+    assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
+    assert rebuilt.choices[0].message.content == continued.choices[0].message.content
+    await client.close()
+
+
+# -- auth, limits and bad input -------------------------------------------------------------
+
+async def test_auth_takes_the_websocket_servers_tokens():
+    config = server_config(server={"http_port": 0, "auth_secret_env": "TEST_MMCHAT_SECRET"})
+    async with running_server(config, env={"TEST_MMCHAT_SECRET": SECRET}) as server:
+        for key, why in [("sk-nope", "malformed"),
+                         (make_token(SECRET, "alice", 1), "expired")]:
+            _, client = clients(server, key)
+            with pytest.raises(openai.AuthenticationError, match=why) as caught:
+                await client.chat.completions.create(
+                    model="mmchat", messages=[{"role": "user", "content": "hi"}])
+            assert caught.value.status_code == 401
+            assert caught.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                await client.models.list()
+        status, _, raw = await asyncio.to_thread(
+            post, server.http_url + "/v1/chat/completions", b"{}")
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+        _, client = clients(server, make_token(SECRET, "alice", 4_000_000_000))
+        done = await client.chat.completions.create(
+            model="mmchat", messages=[{"role": "user", "content": "hi"}])
+        assert done.choices[0].message.content
+        # the same conversation from another subject is not alice's session
+        messages = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": done.choices[0].message.content},
+                    {"role": "user", "content": "more"}]
+        _, bob = clients(server, make_token(SECRET, "bob", 4_000_000_000))
+        await bob.chat.completions.create(model="mmchat", messages=messages)
+        assert sessions_counted(server) == {"new": 1, "rebuilt": 1}
+        await client.chat.completions.create(model="mmchat", messages=messages)
+        assert sessions_counted(server) == {"new": 1, "rebuilt": 1, "continued": 1}
+
+
+async def test_bad_input_gets_openai_errors_and_the_server_goes_on(server, image_dir):
+    _, client = clients(server)
+    corrupt = {"type": "image_url",
+               "image_url": {"url": data_url(image_dir / "corrupt.png", "image/png")}}
+    cases: list[tuple[Any, type[Exception], int, str, str | None]] = [
+        ([{"role": "user", "content": [corrupt]}], openai.BadRequestError, 400,
+         "corrupt_media", None),
+        ([{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}],
+         openai.BadRequestError, 400, "unsupported_part", "messages[0].content[0].type"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "https://example.com/cat.png"}}]}], openai.BadRequestError, 400,
+         "remote_url_refused", "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+            "data": "!!!", "format": "wav"}}]}], openai.BadRequestError, 400, "bad_input",
+         "messages[0].content[0].input_audio.data"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+         openai.BadRequestError, 400, "bad_input", "messages"),
+        ([{"role": "tool", "content": "42", "tool_call_id": "x"}], openai.BadRequestError,
+         400, "bad_input", "messages[0].role"),
+        ([{"role": "user", "content": "x" * 5000}], openai.BadRequestError, 400,
+         "message_too_long", None),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + "A" * 40_000_000}}]}], openai.APIStatusError,
+         413, "request_too_large", None),
+    ]
+    for messages, kind, status, code, param in cases:
+        with pytest.raises(kind) as caught:
+            await client.chat.completions.create(model="mmchat", messages=messages)
+        assert caught.value.status_code == status, (code, caught.value)
+        assert caught.value.code == code and caught.value.param == param
+        assert caught.value.type == "invalid_request_error"
+        assert caught.value.message
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        await client.chat.completions.create(
+            model="mmchat", n=2, messages=[{"role": "user", "content": "hi"}])
+    status, _, raw = await asyncio.to_thread(
+        post, server.http_url + "/v1/chat/completions", b"{not json")
+    assert status == 400 and json.loads(raw)["error"]["code"] == "malformed_json"
+    stream = await client.chat.completions.create(
+        model="mmchat", messages=[{"role": "user", "content": "still here?"}], stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert sessions_counted(server) == {"new": 2}  # the corrupt picture's turn began too
+    await client.close()
+
+
+async def test_an_attachment_over_the_limit_and_the_rate_limit():
+    config = server_config(server={"http_port": 0, "max_attachment_bytes": 1024,
+                                   "messages_per_second": 0.001, "burst": 2})
+    async with running_server(config) as server:
+        _, client = clients(server)
+        big = base64.b64encode(b"\0" * 2048).decode()
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="mmchat", messages=[{
+                "role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": big, "format": "wav"}}]}])
+        assert caught.value.status_code == 413 and caught.value.code == "media_too_large"
+        await client.chat.completions.create(
+            model="mmchat", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(
+                model="mmchat", messages=[{"role": "user", "content": "hi"}])
+        assert limited.value.status_code == 429
+        assert limited.value.code == "rate_limit_exceeded"
+
+
+async def test_remote_image_urls_when_the_setting_allows_them(image_dir):
+    config = server_config(server={"http_port": 0, "openai_remote_urls": True})
+    async with running_server(config) as server:
+        _, client = clients(server)
+        url = server.http_url + "/no-such-picture.png"
+        with pytest.raises(openai.BadRequestError, match="could not fetch") as caught:
+            await client.chat.completions.create(model="mmchat", messages=[{
+                "role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        assert caught.value.code == "fetch_failed"
+
+
+# -- the page, health and the docs' example -------------------------------------------------
+
+async def test_the_page_health_and_metrics_share_the_http_port(server):
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(server.http_url + path, timeout=10) as response:
+            return response.status, response.read().decode()
+
+    status, page = await asyncio.to_thread(get, "/")
+    assert status == 200 and "<title>mmchat</title>" in page
+    assert (await asyncio.to_thread(get, "/healthz")) == (200, "ok\n")
+    assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+    assert "mmchat_store_latency_seconds" in (await asyncio.to_thread(get, "/metrics"))[1]
+    status, _, raw = await asyncio.to_thread(post, server.http_url + "/v1/nothing", b"{}")
+    assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+
+
+async def test_the_docs_python_example_runs(server):
+    example = ROOT / "docs" / "openai_examples" / "openai_client.py"
+    env = {**os.environ, "OPENAI_BASE_URL": server.http_url + "/v1",
+           "OPENAI_API_KEY": "unused"}
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, str(example)], env=env,
+                                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sessions_counted(server).get("continued") == 1, done.stdout
+
+
+def test_only_the_server_package_imports_the_http_layer():
+    import ast
+
+    users = set()
+    for path in (ROOT / "mmchat").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("starlette", "uvicorn") for n in names):
+                users.add(path.relative_to(ROOT / "mmchat").as_posix())
+    assert users == {"server/http.py"}
