@@ -9,16 +9,30 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from test_server import SECRET, running_server, server_config
+from test_redis_store import TTL, harness, needs_redis, redis_server  # noqa: F401
+from test_server import SECRET, eventually, running_server, server_config
+from test_web import (  # noqa: F401  (fixtures)
+    BUNDLED,
+    ServeProcess,
+    _ask,
+    _expect,
+    _finished,
+    _free_port,
+    browser,
+    page,
+    question_wav,
+)
 
 from mmchat.protocol import make_token
 
@@ -171,6 +185,30 @@ async def test_a_voice_clip_as_input_audio(server, speech_dir):
     await client.close()
 
 
+async def test_a_client_that_closes_its_stream_cancels_the_reply():
+    config = server_config(server={"http_port": 0}, generation={"max_new_tokens": 4096})
+    async with running_server(config) as server:
+        _, client = clients(server)
+        stream = await client.chat.completions.create(
+            model="mmchat", messages=[{"role": "user", "content": "go on and on"}],
+            stream=True)
+        first = await stream.__anext__()
+        session = first.model_extra["mmchat"]["session_id"]
+        await stream.close()
+
+        async def cancelled() -> bool:
+            history = await server.engine.history(session)
+            return len(history) == 2 and history[1]["finish_reason"] == "cancelled"
+
+        await eventually(cancelled, limit=60)
+        assert history_tokens(await server.engine.history(session)) < 4096
+        await client.close()
+
+
+def history_tokens(history: list[dict[str, Any]]) -> int:
+    return int(history[1]["usage"]["completion_tokens"])
+
+
 # -- whole histories onto sessions --------------------------------------------------------
 
 async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt(
@@ -225,6 +263,42 @@ async def test_a_rebuilt_session_replies_as_the_continued_one_would(server):
     assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
     assert rebuilt.choices[0].message.content == continued.choices[0].message.content
     await client.close()
+
+
+async def test_the_store_hands_an_alias_to_one_taker(harness):  # noqa: F811
+    store = harness.store
+    assert await store.take_alias("k1") is None
+    await store.set_alias("k1", "session-1")
+    takers = await asyncio.gather(*(harness.twin().take_alias("k1") for _ in range(5)))
+    assert sorted(takers, key=str) == [None, None, None, None, "session-1"]
+    await store.set_alias("k2", "session-2")
+    if harness.kind == "memory":
+        harness.clock[0] += TTL + 1
+        assert await store.take_alias("k2") is None
+    else:
+        ttl = await store.client.pttl(f"{store._prefix}:alias:k2")
+        assert 0 < ttl <= TTL * 1000
+
+
+@needs_redis
+async def test_any_node_continues_a_conversation_through_redis(redis_server):  # noqa: F811
+    sessions = {"backend": "redis", "url": redis_server.url,
+                "prefix": f"oai{uuid.uuid4().hex[:8]}"}
+    config = server_config(server={"http_port": 0}, sessions=sessions)
+    async with running_server(config) as one, running_server(config) as two:
+        _, first = clients(one)
+        _, second = clients(two)
+        messages = [{"role": "user", "content": "hello"}]
+        done = await first.chat.completions.create(model="mmchat", messages=messages)
+        messages += [{"role": "assistant", "content": done.choices[0].message.content},
+                     {"role": "user", "content": "and you?"}]
+        again = await second.chat.completions.create(model="mmchat", messages=messages)
+        assert sessions_counted(two) == {"continued": 1}
+        session = again.model_extra["mmchat"]["session_id"]
+        assert session == done.model_extra["mmchat"]["session_id"]
+        assert len(await two.engine.history(session)) == 4
+        await first.close()
+        await second.close()
 
 
 # -- auth, limits and bad input -------------------------------------------------------------
@@ -282,6 +356,10 @@ async def test_bad_input_gets_openai_errors_and_the_server_goes_on(server, image
         ([{"role": "user", "content": "x" * 5000}], openai.BadRequestError, 400,
          "message_too_long", None),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:application/pdf;base64,JVBERi0xLjQ="}}]}],
+         openai.APIStatusError, 415,
+         "unsupported_media", None),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {
             "url": "data:image/png;base64," + "A" * 40_000_000}}]}], openai.APIStatusError,
          413, "request_too_large", None),
     ]
@@ -295,6 +373,10 @@ async def test_bad_input_gets_openai_errors_and_the_server_goes_on(server, image
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         await client.chat.completions.create(
             model="mmchat", n=2, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.models.retrieve("gpt-4o")
+    assert caught.value.code == "model_not_found"
+    assert (await client.models.retrieve("mmchat")).id == "mmchat"
     status, _, raw = await asyncio.to_thread(
         post, server.http_url + "/v1/chat/completions", b"{not json")
     assert status == 400 and json.loads(raw)["error"]["code"] == "malformed_json"
@@ -343,8 +425,8 @@ async def test_the_page_health_and_metrics_share_the_http_port(server):
         with urllib.request.urlopen(server.http_url + path, timeout=10) as response:
             return response.status, response.read().decode()
 
-    status, page = await asyncio.to_thread(get, "/")
-    assert status == 200 and "<title>mmchat</title>" in page
+    status, html = await asyncio.to_thread(get, "/")
+    assert status == 200 and "<title>mmchat</title>" in html
     assert (await asyncio.to_thread(get, "/healthz")) == (200, "ok\n")
     assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
     assert "mmchat_store_latency_seconds" in (await asyncio.to_thread(get, "/metrics"))[1]
@@ -373,3 +455,32 @@ def test_only_the_server_package_imports_the_http_layer():
             if any(n.split(".")[0] in ("starlette", "uvicorn") for n in names):
                 users.add(path.relative_to(ROOT / "mmchat").as_posix())
     assert users == {"server/http.py"}
+
+
+def test_mmchat_serve_serves_the_page_and_curl_on_the_http_port(page, tmp_path):  # noqa: F811
+    """The page from the HTTP port chats over the WebSocket port (an origin list in
+    force); curl streams from the same port."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    http_port = _free_port()
+    server = ServeProcess({"MMCHAT_MODEL__CHECKPOINT": str(BUNDLED),
+                           "MMCHAT_SERVER__ORIGINS": '["https://chat.example.com"]'},
+                          tmp_path, "--http-port", str(http_port))
+    server.start()
+    try:
+        page.goto(f"http://127.0.0.1:{http_port}/")
+        _expect()(page.locator("#status")).to_have_text("Connected", timeout=30_000)
+        assert _finished(_ask(page, "hello"), "stop") == "hello! how can i help you?"
+        body = json.dumps({"model": "mmchat", "stream": True,
+                           "messages": [{"role": "user", "content": "hello"}]})
+        done = subprocess.run(
+            ["curl", "-sN", f"http://127.0.0.1:{http_port}/v1/chat/completions",
+             "-H", "Content-Type: application/json", "-d", body],
+            capture_output=True, text=True, timeout=60)
+        events = [json.loads(line[6:]) for line in done.stdout.splitlines()
+                  if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        assert text == "hello! how can i help you?"
+        assert done.stdout.rstrip().endswith("data: [DONE]")
+    finally:
+        server.stop()

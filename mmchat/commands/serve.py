@@ -25,12 +25,16 @@ def register(cli: click.Group) -> None:
 @click.option("--host", default=None, help="Interface to bind (overrides server.host).")
 @click.option("--port", type=int, default=None,
               help="TCP port (overrides server.port; 0 picks a free one).")
+@click.option("--http-port", type=int, default=None,
+              help="HTTP port of the OpenAI-compatible endpoint and the page (overrides "
+                   "server.http_port; 0 picks a free one, -1 turns it off).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (overrides model.checkpoint).")
 @click.option("--untrained", is_flag=True, help="Serve an untrained model (gibberish).")
-def serve_command(config_path, host: str | None, port: int | None, checkpoint,
-                  untrained: bool) -> None:
-    """Serve chat over WebSocket, with /healthz, /readyz and /metrics on the same port.
+def serve_command(config_path, host: str | None, port: int | None, http_port: int | None,
+                  checkpoint, untrained: bool) -> None:
+    """Serve chat over WebSocket, with /healthz, /readyz and /metrics on the same port,
+    and the OpenAI-compatible endpoint on server.http_port when it is set.
 
     SIGTERM (or Ctrl-C) drains: no new connections, replies in flight finish (up to
     server.drain_seconds), then connections close with 1001.
@@ -48,14 +52,14 @@ def serve_command(config_path, host: str | None, port: int | None, checkpoint,
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # per-connection "connection open/closed" lines only with -vv
         logging.getLogger("mmchat.server.websockets").setLevel(logging.WARNING)
-    asyncio.run(_serve(config, host, port))
+    asyncio.run(_serve(config, host, port, http_port))
 
 
-async def _serve(config, host: str | None, port: int | None) -> None:
+async def _serve(config, host: str | None, port: int | None, http_port: int | None) -> None:
     from ..server import ChatServer
 
     server = ChatServer(config)
-    await server.start(host, port)
+    await server.start(host, port, http_port=http_port)
     # Garbage-collector pauses were most of the slowest first-token times under load
     # (docs/benchmarks.md). The model, plugins and libraries loaded so far live as long
     # as the process, so full passes skip them; and the older generations are collected

@@ -171,6 +171,9 @@ class ChatServer:
                     len(self.connections))
         if self._ws is not None:
             self._ws.close(close_connections=False)
+        # the HTTP port stops listening too; its requests get up to the same drain time
+        http_closed = (asyncio.create_task(self.http.close(drain)) if self.http is not None
+                       else None)
         if not await self.turns.wait_idle(drain):
             logger.warning("cancelling %d replies still running after %gs",
                            self.turns.active, drain)
@@ -179,8 +182,8 @@ class ChatServer:
         await asyncio.gather(*(c.shutdown(timeout=5) for c in list(self.connections)))
         if self._ws is not None:
             await self._ws.wait_closed()
-        if self.http is not None:
-            await self.http.close()
+        if http_closed is not None:
+            await http_closed
         if self._owns_engine:
             await self.engine.close()
         logger.info("mmchat stopped")
@@ -252,6 +255,8 @@ class ChatServer:
         if self.web is not None and ws.protocol.origins is not None:
             # the page served here may connect even when [server] origins lists others
             ws.protocol.origins = [*ws.protocol.origins, *own_origins(request.headers)]
+            if self.http is not None:  # the page as the HTTP port serves it
+                ws.protocol.origins += own_origins(request.headers, self.http.port)
         if self.draining:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None

@@ -102,8 +102,7 @@ class HttpServer:
         sock.bind((host, port))
         sock.set_inheritable(True)
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=int(self.server.settings.drain_seconds)
-                                or 1, server_header=False)
+                                server_header=False)
         server = _Uvicorn(config)
         config.load()
         server.lifespan = config.lifespan_class(config)
@@ -116,13 +115,14 @@ class HttpServer:
         assert self._socket is not None, "the HTTP server is not started"
         return int(self._socket.getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop listening and let requests in flight finish (up to
-        ``server.drain_seconds``; then they are cancelled, and so are their replies)."""
+    async def close(self, drain_seconds: float) -> None:
+        """Stop listening and let requests in flight finish (up to ``drain_seconds``;
+        then they are cancelled, and so are their replies)."""
         server = self._uvicorn
         if server is None:
             return
         self._uvicorn = None
+        server.config.timeout_graceful_shutdown = drain_seconds
         server.should_exit = True
         await self._loop_task
         await server.shutdown(sockets=[self._socket] if self._socket else None)
@@ -182,7 +182,10 @@ class HttpServer:
     async def page(self, request: Request) -> Response:
         web = self.server.web
         assert web is not None
-        answer = web.respond(request.url.path, request.headers)
+        host = request.url.hostname or self.server.settings.host
+        host = f"[{host}]" if ":" in host else host
+        answer = web.respond(request.url.path, request.headers,
+                             websocket_url=f"ws://{host}:{self.server.port}/")
         return Response(answer.body, answer.status, headers=dict(answer.headers))
 
     # -- helpers ------------------------------------------------------------------------

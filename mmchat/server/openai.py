@@ -107,7 +107,9 @@ class OpenAIService:
         completion = Completion(self.model_name)
         finished = False
         try:
-            yield sse(completion.chunk({"role": "assistant", "content": ""}))
+            first = completion.chunk({"role": "assistant", "content": ""})
+            first["mmchat"] = {"session_id": run.session_id}
+            yield sse(first)
             while True:
                 text = "".join(d.text for d in deltas)
                 if text:

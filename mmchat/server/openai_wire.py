@@ -289,8 +289,7 @@ def _audio_part(audio: Any, at: str, max_bytes: int) -> Part:
     fmt = audio.get("format")
     if fmt not in AUDIO_FORMATS:
         raise bad_request(f"{at}.input_audio.format must be one of "
-                          f"{', '.join(AUDIO_FORMATS)}, not {fmt!r}", f"{at}.input_audio.format",
-                          code="unsupported_media")
+                          f"{', '.join(AUDIO_FORMATS)}, not {fmt!r}", f"{at}.input_audio.format")
     return Part(f"{at}.input_audio.data", Attachment(
         _base64(audio.get("data"), f"{at}.input_audio.data", max_bytes), AUDIO_FORMATS[fmt]))
 
