@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -405,17 +407,44 @@ async def test_an_attachment_over_the_limit_and_the_rate_limit():
                 model="mmchat", messages=[{"role": "user", "content": "hi"}])
         assert limited.value.status_code == 429
         assert limited.value.code == "rate_limit_exceeded"
+        assert int(limited.value.response.headers["Retry-After"]) >= 1
 
 
 async def test_remote_image_urls_when_the_setting_allows_them(image_dir):
+    fetched: list[str] = []
+
+    class Pictures(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(image_dir), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            fetched.append(self.path)
+
+    pictures = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pictures)
+    threading.Thread(target=pictures.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{pictures.server_address[1]}"
     config = server_config(server={"http_port": 0, "openai_remote_urls": True})
-    async with running_server(config) as server:
-        _, client = clients(server)
-        url = server.http_url + "/no-such-picture.png"
-        with pytest.raises(openai.BadRequestError, match="could not fetch") as caught:
-            await client.chat.completions.create(model="mmchat", messages=[{
-                "role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
-        assert caught.value.code == "fetch_failed"
+    try:
+        async with running_server(config) as server:
+            _, client = clients(server)
+            with pytest.raises(openai.BadRequestError, match="could not fetch") as caught:
+                await client.chat.completions.create(model="mmchat", messages=[{
+                    "role": "user", "content": [{"type": "image_url", "image_url": {
+                        "url": base + "/missing.png"}}]}])
+            assert caught.value.code == "fetch_failed"
+            messages: list[dict[str, Any]] = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": base + "/circle.png"}}]}]
+            done = await client.chat.completions.create(model="mmchat", messages=messages)
+            assert done.model_extra["mmchat"]["attention"]["image"] > 0
+            messages += [{"role": "assistant", "content": done.choices[0].message.content},
+                         {"role": "user", "content": "and?"}]
+            await client.chat.completions.create(model="mmchat", messages=messages)
+            assert sessions_counted(server) == {"new": 1, "continued": 1}
+            assert fetched.count("/circle.png") == 1  # not again for the continued session
+            await client.close()
+    finally:
+        pictures.shutdown()
+        pictures.server_close()
 
 
 # -- the page, health and the docs' example -------------------------------------------------

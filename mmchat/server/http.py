@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -88,7 +89,8 @@ class HttpServer:
         if server.web is not None:
             routes += [Route(path, self.page, methods=["GET", "HEAD"]) for path in PATHS]
         self.app = Starlette(routes=routes, exception_handlers={
-            OpenAIError: _error_response, 404: _not_found, 405: _not_allowed})
+            OpenAIError: _error_response, 404: _not_found, 405: _not_allowed,
+            500: _server_error})
         self._uvicorn: _Uvicorn | None = None
         self._socket: socket.socket | None = None
         self._loop_task: Any = None
@@ -139,7 +141,8 @@ class HttpServer:
             raise OpenAIError(HTTPStatus.TOO_MANY_REQUESTS,
                               f"rate limit: at most {self.rates.rate:g} requests a second "
                               f"(bursts of {self.rates.burst}); try again in {wait:.1f} s",
-                              type="rate_limit_error", code="rate_limit_exceeded")
+                              type="rate_limit_error", code="rate_limit_exceeded",
+                              headers={"Retry-After": str(math.ceil(wait))})
         if self.server.draining:
             raise OpenAIError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down",
                               type="server_error", code="shutting_down")
@@ -226,8 +229,19 @@ class HttpServer:
 
 async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == HTTPStatus.UNAUTHORIZED else None
+    headers = dict(exc.headers)
+    if exc.status == HTTPStatus.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(exc.body(), exc.status, headers=headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: logged, and a 500 in OpenAI's shape."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (the "
+                                    "server logged why)", type="server_error",
+                                    code="internal_error").body(),
+                        HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 async def _not_found(request: Request, exc: Exception | None) -> Response:

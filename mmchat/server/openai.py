@@ -54,7 +54,7 @@ class _Run:
     session_id: str
     owner: str
     seen: list[Turn]  # the conversation the session had seen, and the message answered
-    key: str  # the alias the session was taken by ("" for a new one)
+    key: str  # the key of the history the session had seen ("" for a new one)
     streamed: list[str] = field(default_factory=list)
 
 
@@ -76,9 +76,9 @@ class OpenAIService:
         run = await self._start(request, owner)
         try:
             reply = await run.stream.wait()
-        except MMChatError as exc:
+        except Exception as exc:
             await self._failed(run)
-            raise from_mmchat(exc) from None
+            raise _error(exc) from None
         await self._finished(run, reply.text, reply.finish_reason)
         response = Completion(self.model_name).response(
             reply.text, reply.finish_reason, usage(reply.prompt_tokens, reply.completion_tokens))
@@ -97,9 +97,9 @@ class OpenAIService:
         except BaseException:
             run.stream.cancel()
             raise
-        if isinstance(end, MMChatError):
+        if isinstance(end, Exception):
             await self._failed(run)
-            raise from_mmchat(end)
+            raise _error(end)
         return self._events(run, request, deltas, end)
 
     async def _events(self, run: _Run, request: ChatRequest, deltas: list[Any],
@@ -120,10 +120,8 @@ class OpenAIService:
                 deltas, end = await run.stream.take()
             finished = True
             if isinstance(end, Exception):
-                error = (from_mmchat(end) if isinstance(end, MMChatError) else OpenAIError(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "the reply failed", type="server_error"))
                 await self._failed(run)
-                yield sse(error.body())
+                yield sse(_error(end).body())
             else:
                 await self._finished(run, "".join(run.streamed), end.finish_reason)
                 yield sse(completion.chunk({}, end.finish_reason))
@@ -139,16 +137,16 @@ class OpenAIService:
 
     async def _start(self, request: ChatRequest, owner: str) -> _Run:
         conversation = request.conversation
-        await self._fetch_remote([*conversation.history, conversation.message])
-        message = conversation.message
+        message, history = conversation.message, conversation.history
         self._check_message(message)
-        history = conversation.history
+        await self._fetch_remote([message])
         key = conversation_key(owner, history) if history else ""
         session_id = await self.store.take_alias(key) if key else None
         how = "continued" if session_id else "rebuilt" if history else "new"
         if session_id is None:
             session_id = "oai-" + uuid.uuid4().hex
             if history:
+                await self._fetch_remote(history)
                 try:
                     await self.engine.seed(session_id, [
                         {"role": t.role, "text": t.text, "attachments": t.attachments}
@@ -159,7 +157,7 @@ class OpenAIService:
             stream = await self.engine.stream(session_id, message.text, message.attachments,
                                               **request.generation)
         except MMChatError as exc:
-            if how == "continued":  # nothing ran: the session is still where it was
+            if key:  # nothing ran: the session is still where it was
                 await self.store.set_alias(key, session_id)
             raise from_mmchat(exc) from None
         self.metrics.openai_sessions.labels(how).inc()
@@ -175,7 +173,8 @@ class OpenAIService:
         await self.store.set_alias(conversation_key(run.owner, seen), run.session_id)
 
     async def _failed(self, run: _Run) -> None:
-        """A turn that failed saved nothing: the session is where it was."""
+        """A turn that failed saved nothing: the session is where it was (a rebuilt one
+        included: a retry continues it)."""
         self.metrics.turns.labels("error").inc()
         if run.key:
             await self.store.set_alias(run.key, run.session_id)
@@ -188,7 +187,7 @@ class OpenAIService:
     async def _fetch_remote(self, turns: list[Turn]) -> None:
         for turn in turns:
             for part in turn.parts:
-                if part.url is None:
+                if part.url is None or part.attachment is not None:
                     continue
                 if not self.allow_remote_urls:
                     raise bad_request(
@@ -197,7 +196,14 @@ class OpenAIService:
                         code="remote_url_refused")
                 part.attachment = await asyncio.to_thread(
                     _fetch, part.url, part.param, self.max_attachment_bytes)
-                part.url = None
+
+
+def _error(exc: Exception) -> OpenAIError:
+    if isinstance(exc, MMChatError):
+        return from_mmchat(exc)
+    logger.error("an OpenAI request's reply failed", exc_info=exc)
+    return OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, "the reply failed (the server "
+                       "logged why)", type="server_error", code="internal_error")
 
 
 def _fetch(url: str, param: str, max_bytes: int) -> Attachment:

@@ -40,13 +40,15 @@ class OpenAIError(Exception):
     """An error answered in OpenAI's shape, ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -314,8 +316,10 @@ def _base64(payload: Any, param: str, max_bytes: int) -> bytes:
 
 def conversation_key(owner: str, turns: Sequence[Turn]) -> str:
     """The key of what a session has seen: ``owner`` and each turn's role, text (spaces
-    around it do not count: clients trim replies) and attachments' content hashes."""
-    canonical = [owner, *([t.role, t.text.strip(), [a.id for a in t.attachments]]
+    around it do not count: clients trim replies) and attachments (their content hashes;
+    a remote picture's URL, so it is fetched again only to rebuild a session)."""
+    canonical = [owner, *([t.role, t.text.strip(),
+                           [p.url or p.attachment.id for p in t.parts if p.url or p.attachment]]
                           for t in turns)]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
