@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import socket
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Callers whose rate buckets are remembered (the least recently seen are forgotten).
 MAX_CALLERS = 10_000
+#: Request bodies up to this size are read on the event loop; larger ones in a thread.
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 class _Uvicorn(uvicorn.Server):
@@ -149,8 +152,10 @@ class HttpServer:
             raise OpenAIError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down",
                               type="server_error", code="shutting_down")
         body = await self._body(request)
-        chat = parse_chat_request(body, max_attachment_bytes=self.server.settings
-                                  .max_attachment_bytes)
+        parse = functools.partial(parse_chat_request, body, max_attachment_bytes=self.server
+                                  .settings.max_attachment_bytes)
+        # a body with media (JSON, base64 and hashes of megabytes) is read off the loop
+        chat = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
         if not chat.stream:
             return JSONResponse(await self.openai.complete(chat, owner))
         events = await self.openai.stream(chat, owner)

@@ -99,6 +99,12 @@ class Part:
     param: str  # where it is in the request, for errors
     attachment: Attachment | None = None
     url: str | None = None
+    #: What the conversation's key counts: the bytes' content hash (computed once, where
+    #: the request is read), or the remote URL
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.url or (self.attachment.id if self.attachment is not None else "")
 
 
 @dataclass
@@ -318,8 +324,7 @@ def conversation_key(owner: str, turns: Sequence[Turn]) -> str:
     """The key of what a session has seen: ``owner`` and each turn's role, text (spaces
     around it do not count: clients trim replies) and attachments (their content hashes;
     a remote picture's URL, so it is fetched again only to rebuild a session)."""
-    canonical = [owner, *([t.role, t.text.strip(),
-                           [p.url or p.attachment.id for p in t.parts if p.url or p.attachment]]
+    canonical = [owner, *([t.role, t.text.strip(), [p.key for p in t.parts]]
                           for t in turns)]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
