@@ -39,6 +39,7 @@ from test_web import (  # noqa: F401  (fixtures)
 )
 
 from mmchat.protocol import make_token
+from mmchat.server.openai_wire import StopTrimmer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,30 @@ async def test_a_streamed_reply_with_usage(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert len({c.id for c in chunks}) == 1
     await client.close()
+
+
+async def test_a_stream_ends_before_its_stop_string_as_the_whole_reply_does(server):
+    _, client = clients(server)
+    messages = [{"role": "user", "content": "hello"}]
+    whole = await client.chat.completions.create(model="mmchat", messages=messages)
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip() and len(text) > 4
+    cut = await client.chat.completions.create(model="mmchat", messages=messages, stop=stop)
+    stream = await client.chat.completions.create(model="mmchat", messages=messages,
+                                                  stop=[stop], stream=True)
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert streamed == cut.choices[0].message.content == text[:text.index(stop)]
+    await client.close()
+
+
+def test_the_stop_trimmer_holds_back_what_may_begin_a_stop_string():
+    trimmer = StopTrimmer(["END", "##"])
+    assert [trimmer.feed(p) for p in ("hel", "lo E", "N", "x #", "#tail")] == [
+        "hel", "lo ", "", "ENx ", ""]
+    assert trimmer.end() == "" and trimmer.text == "hello ENx "
+    trimmer = StopTrimmer([])
+    assert trimmer.feed("a#") + trimmer.end() == "a#"
 
 
 async def test_the_events_are_server_sent_events_ending_with_done(server):

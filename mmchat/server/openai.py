@@ -32,6 +32,7 @@ from .openai_wire import (
     ChatRequest,
     Completion,
     OpenAIError,
+    StopTrimmer,
     Turn,
     bad_request,
     conversation_key,
@@ -105,13 +106,16 @@ class OpenAIService:
     async def _events(self, run: _Run, request: ChatRequest, deltas: list[Any],
                       end: Any) -> AsyncIterator[bytes]:
         completion = Completion(self.model_name)
+        trimmer = StopTrimmer(request.generation.get("stop", self.engine.config.generation.stop))
         finished = False
         try:
             first = completion.chunk({"role": "assistant", "content": ""})
             first["mmchat"] = {"session_id": run.session_id}
             yield sse(first)
             while True:
-                text = "".join(d.text for d in deltas)
+                text = trimmer.feed("".join(d.text for d in deltas))
+                if end is not None:
+                    text += trimmer.end()
                 if text:
                     run.streamed.append(text)
                     yield sse(completion.chunk({"content": text}))

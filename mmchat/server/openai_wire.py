@@ -368,6 +368,41 @@ class Completion:
         return {**self._base("chat.completion.chunk"), "choices": [], "usage": usage}
 
 
+class StopTrimmer:
+    """Streamed text up to the first stop string, as OpenAI sends it: the engine stops
+    generating once a stop string shows (and its reply text ends before it), but its
+    deltas carry it. :meth:`feed` returns what may be sent now, holding back a tail that
+    could begin a stop string; :meth:`end` the rest."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = self.text[:cut]
+            return self._send(cut)
+        held = max((n for s in self.stops for n in range(len(s) - 1, 0, -1)
+                    if self.text.endswith(s[:n])), default=0)
+        return self._send(len(self.text) - held)
+
+    def end(self) -> str:
+        return self._send(len(self.text))
+
+    def _send(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
