@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import http.server
 import json
@@ -38,7 +39,9 @@ from test_web import (  # noqa: F401  (fixtures)
     question_wav,
 )
 
+from mmchat import Engine
 from mmchat.protocol import make_token
+from mmchat.server import ChatServer
 from mmchat.server.openai_wire import StopTrimmer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +239,30 @@ async def test_a_client_that_closes_its_stream_cancels_the_reply():
 
 def history_tokens(history: list[dict[str, Any]]) -> int:
     return int(history[1]["usage"]["completion_tokens"])
+
+
+async def test_shutdown_drains_the_http_port_and_cancels_what_outlasts_it():
+    config = server_config(server={"http_port": 0}, generation={"max_new_tokens": 4096})
+    engine = Engine(config)
+    server = ChatServer(config, engine=engine)
+    await server.start("127.0.0.1", 0)
+    _, client = clients(server)
+    try:
+        stream = await client.chat.completions.create(
+            model="mmchat", messages=[{"role": "user", "content": "go on and on"}],
+            stream=True)
+        session = (await stream.__anext__()).model_extra["mmchat"]["session_id"]
+        await server.shutdown(drain_seconds=0.5)
+        with contextlib.suppress(openai.APIError):
+            async for _ in stream:
+                pass
+        history = await engine.history(session)
+        assert history[1]["finish_reason"] == "cancelled"
+        with pytest.raises(openai.APIConnectionError):
+            await client.models.list()
+    finally:
+        await client.close()
+        await engine.close()
 
 
 # -- whole histories onto sessions --------------------------------------------------------
