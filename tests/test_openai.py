@@ -265,6 +265,24 @@ async def test_shutdown_drains_the_http_port_and_cancels_what_outlasts_it():
         await engine.close()
 
 
+async def test_a_taken_http_port_fails_start_up_and_frees_the_websocket_port():
+    from mmchat.errors import ConfigError
+
+    config = server_config()
+    engine = Engine(config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = ChatServer(config, engine=engine)
+        try:
+            with pytest.raises(ConfigError, match="server.http_port"):
+                await server.start("127.0.0.1", 0, http_port=taken.getsockname()[1])
+            with socket.socket() as again:  # the WebSocket port was let go
+                again.bind(("127.0.0.1", server.port))
+        finally:
+            await engine.close()
+
+
 # -- whole histories onto sessions --------------------------------------------------------
 
 async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt(

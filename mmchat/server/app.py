@@ -124,7 +124,13 @@ class ChatServer:
             from .http import HttpServer
 
             self.http = HttpServer(self)
-            await self.http.start(host or s.host, http_port)
+            try:
+                await self.http.start(host or s.host, http_port)
+            except BaseException:
+                self.http = None
+                self._ws.close()
+                await self._ws.wait_closed()
+                raise
             logger.info("OpenAI-compatible endpoint on %s/v1", self.http_url)
         logger.info("mmchat ready on %s (%s)", self.url, self.engine.model_description)
         if self.web is not None:

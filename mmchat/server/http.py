@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..errors import ConfigError
 from ..protocol import ProtocolError, TokenBucket
 from .auth import owner_for
 from .openai import OpenAIService
@@ -96,7 +97,7 @@ class HttpServer:
             500: _server_error})
         self._uvicorn: _Uvicorn | None = None
         self._socket: socket.socket | None = None
-        self._loop_task: Any = None
+        self._loop_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -106,8 +107,12 @@ class HttpServer:
         # skips sockets of protocol 0: keep-alive requests then waited 40 ms for an ACK)
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.set_inheritable(True)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot serve HTTP on {host}:{port} (server.http_port): "
+                              f"{exc.strerror or exc}") from None
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
                                 server_header=False)
         server = _Uvicorn(config)
@@ -131,7 +136,8 @@ class HttpServer:
         self._uvicorn = None
         server.config.timeout_graceful_shutdown = drain_seconds
         server.should_exit = True
-        await self._loop_task
+        if self._loop_task is not None:
+            await self._loop_task
         await server.shutdown(sockets=[self._socket] if self._socket else None)
 
     # -- endpoints ----------------------------------------------------------------------
