@@ -256,8 +256,12 @@ async def test_shutdown_drains_the_http_port_and_cancels_what_outlasts_it():
         with contextlib.suppress(openai.APIError):
             async for _ in stream:
                 pass
-        history = await engine.history(session)
-        assert history[1]["finish_reason"] == "cancelled"
+
+        async def cancelled() -> bool:
+            history = await engine.history(session)
+            return len(history) == 2 and history[1]["finish_reason"] == "cancelled"
+
+        await eventually(cancelled, limit=60)
         with pytest.raises(openai.APIConnectionError):
             await client.models.list()
     finally:
