@@ -1,32 +1,27 @@
 """The OpenAI-compatible endpoint, driven by the real ``openai`` package (sync, async,
 streamed, concurrent), with real pictures and espeak-ng speech, over the HTTP port of
-a real server; sessions continued or rebuilt are counted from ``/metrics``."""
+a real server: replies, auth, limits and errors. The harness here (:func:`clients`,
+:func:`sessions_counted`, ...) serves tests/test_openai_sessions.py and
+tests/test_openai_serving.py too."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import http.client
 import http.server
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from test_redis_store import TTL, harness, needs_redis, redis_server  # noqa: F401
-from test_server import SECRET, eventually, running_server, server_config
+from test_server import SECRET, running_server, server_config
 from test_web import (  # noqa: F401  (fixtures)
     BUNDLED,
     ServeProcess,
@@ -39,17 +34,21 @@ from test_web import (  # noqa: F401  (fixtures)
     question_wav,
 )
 
-from mmchat import Engine
 from mmchat.protocol import make_token
-from mmchat.server import ChatServer
 from mmchat.server.openai_wire import StopTrimmer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def openai_server(**sections: dict[str, Any]) -> Any:
+    """A running server (the tiny model) with its HTTP port on a free port."""
+    sections.setdefault("server", {})["http_port"] = 0
+    return running_server(server_config(**sections))
+
+
 @pytest.fixture
 async def server():
-    async with running_server(server_config(server={"http_port": 0})) as s:
+    async with openai_server() as s:
         yield s
 
 
@@ -217,168 +216,6 @@ async def test_a_voice_clip_as_input_audio(server, speech_dir):
     await client.close()
 
 
-async def test_a_client_that_closes_its_stream_cancels_the_reply():
-    config = server_config(server={"http_port": 0}, generation={"max_new_tokens": 4096})
-    async with running_server(config) as server:
-        _, client = clients(server)
-        stream = await client.chat.completions.create(
-            model="mmchat", messages=[{"role": "user", "content": "go on and on"}],
-            stream=True)
-        first = await stream.__anext__()
-        session = first.model_extra["mmchat"]["session_id"]
-        await stream.close()
-
-        async def cancelled() -> bool:
-            history = await server.engine.history(session)
-            return len(history) == 2 and history[1]["finish_reason"] == "cancelled"
-
-        await eventually(cancelled, limit=60)
-        assert history_tokens(await server.engine.history(session)) < 4096
-        await client.close()
-
-
-def history_tokens(history: list[dict[str, Any]]) -> int:
-    return int(history[1]["usage"]["completion_tokens"])
-
-
-async def test_shutdown_drains_the_http_port_and_cancels_what_outlasts_it():
-    config = server_config(server={"http_port": 0}, generation={"max_new_tokens": 4096})
-    engine = Engine(config)
-    server = ChatServer(config, engine=engine)
-    await server.start("127.0.0.1", 0)
-    _, client = clients(server)
-    try:
-        stream = await client.chat.completions.create(
-            model="mmchat", messages=[{"role": "user", "content": "go on and on"}],
-            stream=True)
-        session = (await stream.__anext__()).model_extra["mmchat"]["session_id"]
-        await server.shutdown(drain_seconds=0.5)
-        with contextlib.suppress(openai.APIError):
-            async for _ in stream:
-                pass
-
-        async def cancelled() -> bool:
-            history = await engine.history(session)
-            return len(history) == 2 and history[1]["finish_reason"] == "cancelled"
-
-        await eventually(cancelled, limit=60)
-        with pytest.raises(openai.APIConnectionError):
-            await client.models.list()
-    finally:
-        await client.close()
-        await engine.close()
-
-
-async def test_a_taken_http_port_fails_start_up_and_frees_the_websocket_port():
-    from mmchat.errors import ConfigError
-
-    config = server_config()
-    engine = Engine(config)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        server = ChatServer(config, engine=engine)
-        try:
-            with pytest.raises(ConfigError, match="server.http_port"):
-                await server.start("127.0.0.1", 0, http_port=taken.getsockname()[1])
-            with socket.socket() as again:  # the WebSocket port was let go
-                again.bind(("127.0.0.1", server.port))
-        finally:
-            await engine.close()
-
-
-# -- whole histories onto sessions --------------------------------------------------------
-
-async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt(
-        server, image_dir):
-    _, client = clients(server)
-    picture = {"type": "image_url",
-               "image_url": {"url": data_url(image_dir / "circle.png", "image/png")}}
-    messages: list[dict[str, Any]] = [
-        {"role": "user", "content": [{"type": "text", "text": "look"}, picture]}]
-    first = await client.chat.completions.create(model="mmchat", messages=messages)
-    session = first.model_extra["mmchat"]["session_id"]
-    messages += [{"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "and the colour?"}]
-    stream = await client.chat.completions.create(model="mmchat", messages=messages,
-                                                  stream=True)
-    streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
-    assert sessions_counted(server) == {"new": 1, "continued": 1}
-    messages += [{"role": "assistant", "content": streamed},
-                 {"role": "user", "content": "thanks"}]
-    third = await client.chat.completions.create(model="mmchat", messages=messages)
-    assert third.model_extra["mmchat"]["session_id"] == session
-    assert sessions_counted(server) == {"new": 1, "continued": 2}
-    history = await server.engine.history(session)
-    assert [t["text"] for t in history[::2]] == ["look", "and the colour?", "thanks"]
-
-    # the client edits an earlier reply: another conversation, seeded from the history
-    messages[1] = {"role": "assistant", "content": "a red circle"}
-    edited = await client.chat.completions.create(model="mmchat", messages=messages)
-    rebuilt = edited.model_extra["mmchat"]["session_id"]
-    assert rebuilt != session
-    assert sessions_counted(server) == {"new": 1, "continued": 2, "rebuilt": 1}
-    history = await server.engine.history(rebuilt)
-    assert [t["text"] for t in history[:-1]] == [m["content"] if isinstance(
-        m["content"], str) else "look" for m in messages]
-    assert history[1]["finish_reason"] == "seeded"
-    assert [a["modality"] for a in history[0]["attachments"]] == ["image"]
-
-    # the same request again (a regenerated reply): the session moved on, so rebuilt
-    await client.chat.completions.create(model="mmchat", messages=messages)
-    assert sessions_counted(server)["rebuilt"] == 2
-    await client.close()
-
-
-async def test_a_rebuilt_session_replies_as_the_continued_one_would(server):
-    _, client = clients(server)
-    messages = [{"role": "user", "content": "hello"}]
-    first = await client.chat.completions.create(model="mmchat", messages=messages)
-    messages += [{"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "and then?"}]
-    continued = await client.chat.completions.create(model="mmchat", messages=messages)
-    rebuilt = await client.chat.completions.create(model="mmchat", messages=messages)
-    assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
-    assert rebuilt.choices[0].message.content == continued.choices[0].message.content
-    await client.close()
-
-
-async def test_the_store_hands_an_alias_to_one_taker(harness):  # noqa: F811
-    store = harness.store
-    assert await store.take_alias("k1") is None
-    await store.set_alias("k1", "session-1")
-    takers = await asyncio.gather(*(harness.twin().take_alias("k1") for _ in range(5)))
-    assert sorted(takers, key=str) == [None, None, None, None, "session-1"]
-    await store.set_alias("k2", "session-2")
-    if harness.kind == "memory":
-        harness.clock[0] += TTL + 1
-        assert await store.take_alias("k2") is None
-    else:
-        ttl = await store.client.pttl(f"{store._prefix}:alias:k2")
-        assert 0 < ttl <= TTL * 1000
-
-
-@needs_redis
-async def test_any_node_continues_a_conversation_through_redis(redis_server):  # noqa: F811
-    sessions = {"backend": "redis", "url": redis_server.url,
-                "prefix": f"oai{uuid.uuid4().hex[:8]}"}
-    config = server_config(server={"http_port": 0}, sessions=sessions)
-    async with running_server(config) as one, running_server(config) as two:
-        _, first = clients(one)
-        _, second = clients(two)
-        messages = [{"role": "user", "content": "hello"}]
-        done = await first.chat.completions.create(model="mmchat", messages=messages)
-        messages += [{"role": "assistant", "content": done.choices[0].message.content},
-                     {"role": "user", "content": "and you?"}]
-        again = await second.chat.completions.create(model="mmchat", messages=messages)
-        assert sessions_counted(two) == {"continued": 1}
-        session = again.model_extra["mmchat"]["session_id"]
-        assert session == done.model_extra["mmchat"]["session_id"]
-        assert len(await two.engine.history(session)) == 4
-        await first.close()
-        await second.close()
-
-
 # -- auth, limits and bad input -------------------------------------------------------------
 
 async def test_auth_takes_the_websocket_servers_tokens():
@@ -521,91 +358,3 @@ async def test_remote_image_urls_when_the_setting_allows_them(image_dir):
     finally:
         pictures.shutdown()
         pictures.server_close()
-
-
-# -- the page, health and the docs' example -------------------------------------------------
-
-async def test_the_page_health_and_metrics_share_the_http_port(server):
-    def get(path: str) -> tuple[int, str]:
-        with urllib.request.urlopen(server.http_url + path, timeout=10) as response:
-            return response.status, response.read().decode()
-
-    status, html = await asyncio.to_thread(get, "/")
-    assert status == 200 and "<title>mmchat</title>" in html
-    assert (await asyncio.to_thread(get, "/healthz")) == (200, "ok\n")
-    assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
-    assert "mmchat_store_latency_seconds" in (await asyncio.to_thread(get, "/metrics"))[1]
-    status, _, raw = await asyncio.to_thread(post, server.http_url + "/v1/nothing", b"{}")
-    assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
-
-
-async def test_keep_alive_connections_send_at_once(server):
-    """asyncio sets TCP_NODELAY only on sockets made for IPPROTO_TCP; without it a
-    keep-alive client's every request waited about 40 ms for a delayed ACK."""
-    client = http.client.HTTPConnection("127.0.0.1", server.http.port, timeout=10)
-
-    def get() -> int:
-        client.request("GET", "/healthz")
-        response = client.getresponse()
-        response.read()
-        return response.status
-
-    assert await asyncio.to_thread(get) == 200
-    transports = [c.transport for c in server.http._uvicorn.server_state.connections]
-    assert transports
-    for transport in transports:
-        sock = transport.get_extra_info("socket")
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    client.close()
-
-
-async def test_the_docs_python_example_runs(server):
-    example = ROOT / "docs" / "openai_examples" / "openai_client.py"
-    env = {**os.environ, "OPENAI_BASE_URL": server.http_url + "/v1",
-           "OPENAI_API_KEY": "unused"}
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, str(example)], env=env,
-                                   capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert sessions_counted(server).get("continued") == 1, done.stdout
-
-
-def test_only_the_server_package_imports_the_http_layer():
-    import ast
-
-    users = set()
-    for path in (ROOT / "mmchat").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n.split(".")[0] in ("starlette", "uvicorn") for n in names):
-                users.add(path.relative_to(ROOT / "mmchat").as_posix())
-    assert users == {"server/http.py"}
-
-
-def test_mmchat_serve_serves_the_page_and_curl_on_the_http_port(page, tmp_path):  # noqa: F811
-    """The page from the HTTP port chats over the WebSocket port (an origin list in
-    force); curl streams from the same port."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
-    http_port = _free_port()
-    server = ServeProcess({"MMCHAT_MODEL__CHECKPOINT": str(BUNDLED),
-                           "MMCHAT_SERVER__ORIGINS": '["https://chat.example.com"]'},
-                          tmp_path, "--http-port", str(http_port))
-    server.start()
-    try:
-        page.goto(f"http://127.0.0.1:{http_port}/")
-        _expect()(page.locator("#status")).to_have_text("Connected", timeout=30_000)
-        assert _finished(_ask(page, "hello"), "stop") == "hello! how can i help you?"
-        body = json.dumps({"model": "mmchat", "stream": True,
-                           "messages": [{"role": "user", "content": "hello"}]})
-        done = subprocess.run(
-            ["curl", "-sN", f"http://127.0.0.1:{http_port}/v1/chat/completions",
-             "-H", "Content-Type: application/json", "-d", body],
-            capture_output=True, text=True, timeout=60)
-        events = [json.loads(line[6:]) for line in done.stdout.splitlines()
-                  if line.startswith("data: {")]
-        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
-        assert text == "hello! how can i help you?"
-        assert done.stdout.rstrip().endswith("data: [DONE]")
-    finally:
-        server.stop()
