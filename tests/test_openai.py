@@ -203,16 +203,28 @@ async def test_a_picture_as_a_data_url(server, image_dir):
     await client.close()
 
 
-async def test_a_voice_clip_as_input_audio(server, speech_dir):
+@pytest.mark.parametrize("fmt", ["wav", "mp3"])
+async def test_a_voice_clip_as_input_audio(server, speech_dir, fmt):
+    import io
+
+    import soundfile
+
+    clip = (speech_dir / "hello.wav").read_bytes()
+    if fmt == "mp3":  # the same speech, encoded as MP3 by libsndfile
+        samples, rate = soundfile.read(io.BytesIO(clip))
+        out = io.BytesIO()
+        soundfile.write(out, samples, rate, format="MP3")
+        clip = out.getvalue()
     _, client = clients(server)
-    wav = base64.b64encode((speech_dir / "hello.wav").read_bytes()).decode()
     done = await client.chat.completions.create(model="mmchat", messages=[{
         "role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}])
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(),
+                                                    "format": fmt}}]}])
     extra = done.model_extra["mmchat"]
     assert extra["attention"]["voice"] > 0
     history = await server.engine.history(extra["session_id"])
-    assert [a["mime_type"] for a in history[0]["attachments"]] == ["audio/wav"]
+    assert [a["mime_type"] for a in history[0]["attachments"]] == [
+        {"wav": "audio/wav", "mp3": "audio/mpeg"}[fmt]]
     await client.close()
 
 
