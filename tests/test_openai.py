@@ -332,6 +332,9 @@ async def test_an_attachment_over_the_limit_and_the_rate_limit():
                 model="mmchat", messages=[{"role": "user", "content": "hi"}])
         assert limited.value.status_code == 429
         assert limited.value.code == "rate_limit_exceeded"
+        counted = server.metrics.render().decode()
+        assert 'mmchat_errors_total{code="rate_limit_exceeded"} 1.0' in counted
+        assert 'mmchat_errors_total{code="media_too_large"} 1.0' in counted
         assert int(limited.value.response.headers["Retry-After"]) >= 1
 
 

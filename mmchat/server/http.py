@@ -93,7 +93,7 @@ class HttpServer:
         if server.web is not None:
             routes += [Route(path, self.page, methods=["GET", "HEAD"]) for path in PATHS]
         self.app = Starlette(routes=routes, exception_handlers={
-            OpenAIError: _error_response, 404: _not_found, 405: _not_allowed,
+            OpenAIError: self._error_response, 404: _not_found, 405: _not_allowed,
             500: _server_error})
         self._uvicorn: _Uvicorn | None = None
         self._socket: socket.socket | None = None
@@ -148,7 +148,6 @@ class HttpServer:
             request.client.host if request.client else "unknown")
         wait = self.rates.wait(caller, time.monotonic())
         if wait:
-            self.server.metrics.errors.labels("rate_limited").inc()
             raise OpenAIError(HTTPStatus.TOO_MANY_REQUESTS,
                               f"rate limit: at most {self.rates.rate:g} requests a second "
                               f"(bursts of {self.rates.burst}); try again in {wait:.1f} s",
@@ -239,9 +238,14 @@ class HttpServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _error_response(self, request: Request, exc: Exception) -> Response:
+        """An :class:`OpenAIError` as its response, counted in ``mmchat_errors``."""
+        assert isinstance(exc, OpenAIError)
+        self.server.metrics.errors.labels(exc.code or "error").inc()
+        return _error_json(exc)
 
-async def _error_response(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, OpenAIError)
+
+def _error_json(exc: OpenAIError) -> Response:
     headers = dict(exc.headers)
     if exc.status == HTTPStatus.UNAUTHORIZED:
         headers["WWW-Authenticate"] = "Bearer"
