@@ -35,7 +35,7 @@ from test_web import (  # noqa: F401  (fixtures)
 )
 
 from mmchat.protocol import make_token
-from mmchat.server.openai_wire import StopTrimmer
+from mmchat.server.openai_wire import StopTrimmer, conversation_key, read_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,6 +226,33 @@ async def test_a_voice_clip_as_input_audio(server, speech_dir, fmt):
     assert [a["mime_type"] for a in history[0]["attachments"]] == [
         {"wav": "audio/wav", "mp3": "audio/mpeg"}[fmt]]
     await client.close()
+
+
+def test_messages_become_alternating_turns_without_system_text():
+    conversation = read_messages([
+        {"role": "system", "content": "be brief"},
+        {"role": "assistant", "content": "welcome!"},
+        {"role": "user", "content": "hi"},
+        {"role": "developer", "content": "ignored"},
+        {"role": "user", "content": [{"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": None},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "content": "and now?"}], 1024)
+    assert [(t.role, t.text) for t in conversation.history] == [
+        ("user", ""), ("assistant", "welcome!"), ("user", "hi\nthere"), ("assistant", "no")]
+    assert (conversation.message.role, conversation.message.text) == ("user", "and now?")
+
+
+def test_the_conversation_key_counts_what_the_session_saw():
+    def key(owner: str, reply: str) -> str:
+        conversation = read_messages([{"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": reply},
+                                      {"role": "user", "content": "next"}], 1024)
+        return conversation_key(owner, conversation.history)
+
+    assert key("anonymous", "hello") == key("anonymous", " hello\n")
+    assert key("anonymous", "hello") != key("anonymous", "hello!")
+    assert key("anonymous", "hello") != key("sub:alice", "hello")
 
 
 # -- auth, limits and bad input -------------------------------------------------------------
