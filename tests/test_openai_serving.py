@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,26 @@ async def test_the_page_health_and_metrics_share_the_http_port(server):
     assert "mmchat_store_latency_seconds" in (await asyncio.to_thread(get, "/metrics"))[1]
     status, _, raw = await asyncio.to_thread(post, server.http_url + "/v1/nothing", b"{}")
     assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+
+
+async def test_pages_of_the_listed_origins_may_call_the_api():
+    async with openai_server(server={"origins": ["https://chat.example.com"]}) as server:
+        def preflight(origin: str) -> dict[str, str]:
+            request = urllib.request.Request(
+                server.http_url + "/v1/chat/completions", method="OPTIONS", headers={
+                    "Origin": origin, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return dict(response.headers)
+            except urllib.error.HTTPError as exc:
+                return dict(exc.headers)
+
+        allowed = await asyncio.to_thread(preflight, "https://chat.example.com")
+        assert allowed["access-control-allow-origin"] == "https://chat.example.com"
+        assert "POST" in allowed["access-control-allow-methods"]
+        refused = await asyncio.to_thread(preflight, "https://evil.example")
+        assert "access-control-allow-origin" not in {k.lower() for k in refused}
 
 
 async def test_keep_alive_connections_send_at_once(server):

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -92,7 +94,11 @@ class HttpServer:
                   Route("/metrics", self.metrics, methods=["GET"])]
         if server.web is not None:
             routes += [Route(path, self.page, methods=["GET", "HEAD"]) for path in PATHS]
-        self.app = Starlette(routes=routes, exception_handlers={
+        # browsers on the origins of [server] origins may call the API from their pages
+        cors = [Middleware(CORSMiddleware, allow_origins=list(s.origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])] if s.origins else []
+        self.app = Starlette(routes=routes, middleware=cors, exception_handlers={
             OpenAIError: self._error_response, 404: _not_found, 405: _not_allowed,
             500: _server_error})
         self._uvicorn: _Uvicorn | None = None
