@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import http.server
 import json
 import re
@@ -20,24 +19,10 @@ from typing import Any
 
 import openai
 import pytest
-from test_redis_store import TTL, harness, needs_redis, redis_server  # noqa: F401
 from test_server import SECRET, running_server, server_config
-from test_web import (  # noqa: F401  (fixtures)
-    BUNDLED,
-    ServeProcess,
-    _ask,
-    _expect,
-    _finished,
-    _free_port,
-    browser,
-    page,
-    question_wav,
-)
 
 from mmchat.protocol import make_token
 from mmchat.server.openai_wire import StopTrimmer, conversation_key, read_messages
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def openai_server(**sections: dict[str, Any]) -> Any:
@@ -62,6 +47,13 @@ def sessions_counted(server) -> dict[str, float]:
     text = server.metrics.render().decode()
     return {how: float(n) for how, n in
             re.findall(r'^mmchat_openai_sessions_total\{how="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def follow_up(messages: list[dict[str, Any]], reply: Any, text: str) -> None:
+    """Add ``reply`` (a completion, or the text a stream gave) and the user's ``text``
+    to ``messages``, as a client sends its history back."""
+    content = reply if isinstance(reply, str) else reply.choices[0].message.content
+    messages += [{"role": "assistant", "content": content}, {"role": "user", "content": text}]
 
 
 def data_url(path: Path, mime: str) -> str:
@@ -391,8 +383,7 @@ async def test_remote_image_urls_when_the_setting_allows_them(image_dir):
                 {"type": "image_url", "image_url": {"url": base + "/circle.png"}}]}]
             done = await client.chat.completions.create(model="mmchat", messages=messages)
             assert done.model_extra["mmchat"]["attention"]["image"] > 0
-            messages += [{"role": "assistant", "content": done.choices[0].message.content},
-                         {"role": "user", "content": "and?"}]
+            follow_up(messages, done, "and?")
             await client.chat.completions.create(model="mmchat", messages=messages)
             assert sessions_counted(server) == {"new": 1, "continued": 1}
             assert fetched.count("/circle.png") == 1  # not again for the continued session

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from test_openai import clients, data_url, openai_server, sessions_counted
+from test_openai import clients, data_url, follow_up, openai_server, sessions_counted
 from test_redis_store import TTL, harness, needs_redis, redis_server  # noqa: F401
 from test_server import running_server, server_config
 
@@ -30,14 +30,12 @@ async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt
         {"role": "user", "content": [{"type": "text", "text": "look"}, picture]}]
     first = await client.chat.completions.create(model="mmchat", messages=messages)
     session = first.model_extra["mmchat"]["session_id"]
-    messages += [{"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "and the colour?"}]
+    follow_up(messages, first, "and the colour?")
     stream = await client.chat.completions.create(model="mmchat", messages=messages,
                                                   stream=True)
     streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert sessions_counted(server) == {"new": 1, "continued": 1}
-    messages += [{"role": "assistant", "content": streamed},
-                 {"role": "user", "content": "thanks"}]
+    follow_up(messages, streamed, "thanks")
     third = await client.chat.completions.create(model="mmchat", messages=messages)
     assert third.model_extra["mmchat"]["session_id"] == session
     assert sessions_counted(server) == {"new": 1, "continued": 2}
@@ -61,12 +59,12 @@ async def test_a_conversation_continues_its_session_and_an_edited_one_is_rebuilt
     assert sessions_counted(server)["rebuilt"] == 2
     await client.close()
 
+
 async def test_a_rebuilt_session_replies_as_the_continued_one_would(server):
     _, client = clients(server)
     messages = [{"role": "user", "content": "hello"}]
     first = await client.chat.completions.create(model="mmchat", messages=messages)
-    messages += [{"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "and then?"}]
+    follow_up(messages, first, "and then?")
     continued = await client.chat.completions.create(model="mmchat", messages=messages)
     rebuilt = await client.chat.completions.create(model="mmchat", messages=messages)
     assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
@@ -99,8 +97,7 @@ async def test_any_node_continues_a_conversation_through_redis(redis_server):  #
         _, second = clients(two)
         messages = [{"role": "user", "content": "hello"}]
         done = await first.chat.completions.create(model="mmchat", messages=messages)
-        messages += [{"role": "assistant", "content": done.choices[0].message.content},
-                     {"role": "user", "content": "and you?"}]
+        follow_up(messages, done, "and you?")
         again = await second.chat.completions.create(model="mmchat", messages=messages)
         assert sessions_counted(two) == {"continued": 1}
         session = again.model_extra["mmchat"]["session_id"]
