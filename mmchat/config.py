@@ -132,6 +132,12 @@ class ServerConfig:
     resume_idle_seconds: float = _opt(30.0, min=0.1)
     web: bool = _opt(True)
     workers: int | str = _opt(1, choices=("auto",), min=1, max=1024)
+    #: The HTTP port of the OpenAI-compatible endpoint (and the page): -1 off, 0 a free one.
+    http_port: int = _opt(-1, min=-1, max=65535)
+    #: The model name /v1/models lists and completions answer with.
+    openai_model: str = _opt("mmchat")
+    #: Whether image_url parts may name http(s) URLs for the server to fetch.
+    openai_remote_urls: bool = _opt(False)
 
 
 @dataclass(frozen=True)

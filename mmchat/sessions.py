@@ -389,6 +389,16 @@ class SessionStore(ABC):
         process cancels its own replies): this default does nothing.
         """
 
+    async def set_alias(self, alias: str, session_id: str) -> None:
+        """Name ``session_id`` by ``alias`` (a key of the caller's, such as a hash of
+        the conversation the session has seen), for :meth:`take_alias`; it expires with
+        the sessions' TTL. The default store keeps no aliases."""
+
+    async def take_alias(self, alias: str) -> str | None:
+        """The session ``alias`` names, forgetting the alias (at most one caller gets
+        it), or ``None``. The default store keeps no aliases and returns ``None``."""
+        return None
+
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         """Append reply events. Seqs must rise and follow the stream's last seq, else
         :class:`ValueError`. Stores keep a bounded number of the newest entries.

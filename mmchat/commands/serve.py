@@ -24,15 +24,19 @@ def register(cli: click.Group) -> None:
 @click.option("--host", default=None, help="Interface to bind (overrides server.host).")
 @click.option("--port", type=int, default=None,
               help="TCP port (overrides server.port; 0 picks a free one).")
+@click.option("--http-port", type=int, default=None,
+              help="HTTP port of the OpenAI-compatible endpoint and the page (overrides "
+                   "server.http_port; 0 picks a free one, -1 turns it off).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (overrides model.checkpoint).")
 @click.option("--untrained", is_flag=True, help="Serve an untrained model (gibberish).")
 @click.option("--workers", default=None, metavar="N|auto",
               help="Processes serving the port, each with its own model (overrides "
                    "server.workers; more than 1 needs the Redis session store).")
-def serve_command(config_path, host: str | None, port: int | None, checkpoint,
-                  untrained: bool, workers: str | None) -> None:
-    """Serve chat over WebSocket, with /healthz, /readyz and /metrics on the same port.
+def serve_command(config_path, host: str | None, port: int | None, http_port: int | None,
+                  checkpoint, untrained: bool, workers: str | None) -> None:
+    """Serve chat over WebSocket, with /healthz, /readyz and /metrics on the same port,
+    and the OpenAI-compatible endpoint on server.http_port when it is set.
 
     SIGTERM (or Ctrl-C) drains: no new connections, replies in flight finish (up to
     server.drain_seconds), then connections close with 1001. With several workers,
@@ -46,6 +50,8 @@ def serve_command(config_path, host: str | None, port: int | None, checkpoint,
         config = config.replace(model={"checkpoint": "untrained"})
     elif checkpoint is not None:
         config = config.replace(model={"checkpoint": str(checkpoint.resolve())})
+    if http_port is not None:
+        config = config.replace(server={"http_port": http_port})
     if workers is not None:
         config = config.replace(server={"workers": int(workers) if workers.isdigit()
                                         else workers})

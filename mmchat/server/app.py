@@ -95,14 +95,18 @@ class ChatServer:
         self._sessions: collections.Counter[str] = collections.Counter()
         self._ws: Server | None = None
         self._address: tuple[str, int] | None = None
+        #: The OpenAI endpoint and the page over HTTP (:mod:`.http`), once started.
+        self.http: Any = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self, host: str | None = None, port: int | None = None, *,
-                    reuse_port: bool = False) -> ChatServer:
-        """Load the model, then listen (``host``/``port`` default to ``[server]``;
-        ``reuse_port`` shares the port with other processes that set it, SO_REUSEPORT)."""
+                    http_port: int | None = None, reuse_port: bool = False) -> ChatServer:
+        """Load the model, then listen (``host``/``port`` default to ``[server]``), and
+        serve HTTP on ``http_port`` (default ``server.http_port``; -1: not at all).
+        ``reuse_port`` shares both ports with other processes that set it (SO_REUSEPORT:
+        the workers of ``mmchat serve --workers``)."""
         s = self.settings
         await self.engine.start()
         kinds = getattr(self.engine.model, "kind_index", None)
@@ -128,6 +132,19 @@ class ChatServer:
             ping_timeout=s.ping_timeout_seconds,
             logger=logging.getLogger("mmchat.server.websockets"))
         self._address = self._ws.sockets[0].getsockname()[:2]
+        http_port = s.http_port if http_port is None else http_port
+        if http_port >= 0:
+            from .http import HttpServer
+
+            self.http = HttpServer(self)
+            try:
+                await self.http.start(host or s.host, http_port, reuse_port=reuse_port)
+            except BaseException:
+                self.http = None
+                self._ws.close()
+                await self._ws.wait_closed()
+                raise
+            logger.info("OpenAI-compatible endpoint on %s/v1", self.http_url)
         if self.worker is not None:  # the supervisor says "ready" once all listen
             logger.info("listening on %s (%s)", self.url, self.engine.model_description)
             return self
@@ -149,6 +166,14 @@ class ChatServer:
         host = f"[{host}]" if ":" in host else host
         return f"ws://{host}:{port}{CHAT_PATH}"
 
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the HTTP layer (known once started with it)."""
+        assert self._address is not None and self.http is not None, "no HTTP server"
+        host = self._address[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.http.port}"
+
     async def shutdown(self, drain_seconds: float | None = None) -> None:
         """Stop accepting connections, let replies in flight finish (up to
         ``drain_seconds``, default ``server.drain_seconds``), cancel the rest (they stay
@@ -168,6 +193,9 @@ class ChatServer:
                     len(self.connections))
         if self._ws is not None:
             self._ws.close(close_connections=False)
+        # the HTTP port stops listening too; its requests get up to the same drain time
+        http_closed = (asyncio.create_task(self.http.close(drain)) if self.http is not None
+                       else None)
         if not await self.turns.wait_idle(drain):
             logger.warning("cancelling %d replies still running after %gs",
                            self.turns.active, drain)
@@ -176,6 +204,8 @@ class ChatServer:
         await asyncio.gather(*(c.shutdown(timeout=5) for c in list(self.connections)))
         if self._ws is not None:
             await self._ws.wait_closed()
+        if http_closed is not None:
+            await http_closed
         if self._owns_engine:
             await self.engine.close()
         logger.info("mmchat stopped")
@@ -249,6 +279,8 @@ class ChatServer:
         if self.web is not None and ws.protocol.origins is not None:
             # the page served here may connect even when [server] origins lists others
             ws.protocol.origins = [*ws.protocol.origins, *own_origins(request.headers)]
+            if self.http is not None:  # the page as the HTTP port serves it
+                ws.protocol.origins += own_origins(request.headers, self.http.port)
         if self.draining:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None

@@ -104,6 +104,10 @@ class Metrics:
                                "0 while its circuit breaker keeps it out.",
                                ["modality", "plugin"], multiprocess_mode="livemin",
                                registry=r)
+        self.openai_sessions = Counter(
+            "mmchat_openai_sessions", "OpenAI endpoint requests by how their session was "
+            "found: continued (the history matched a session), rebuilt (seeded from the "
+            "history) or new (no history).", ["how"], registry=r)
         self.plugin_failures = Gauge("mmchat_plugin_failures", "Failures and timeouts of a "
                                      "modality's decode and encoder calls so far.",
                                      ["modality", "plugin"], multiprocess_mode="livesum",
@@ -230,6 +234,14 @@ class TimedStore(SessionStore):
     async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
         with self._timed("request_cancel"):
             await self.inner.request_cancel(session_id, message_id)
+
+    async def set_alias(self, alias: str, session_id: str) -> None:
+        with self._timed("set_alias"):
+            await self.inner.set_alias(alias, session_id)
+
+    async def take_alias(self, alias: str) -> str | None:
+        with self._timed("take_alias"):
+            return await self.inner.take_alias(alias)
 
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         with self._timed("append_stream"):

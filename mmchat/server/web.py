@@ -14,6 +14,7 @@ response (``websockets`` stays in that one module).
 from __future__ import annotations
 
 import hashlib
+import html
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -57,6 +58,13 @@ class WebPage:
             etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
             self.files[name] = StaticFile(body, CONTENT_TYPES[name.rpartition(".")[2]], etag)
 
+    @staticmethod
+    def _pointed_at(file: StaticFile, websocket_url: str) -> StaticFile:
+        meta = f'<meta name="mmchat-websocket" content="{html.escape(websocket_url)}">\n'
+        body = file.body.replace(b"<title>", meta.encode() + b"<title>", 1)
+        return StaticFile(body, file.content_type,
+                          '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
     @property
     def size(self) -> int:
         """Bytes of the whole page (HTML, CSS and JavaScript)."""
@@ -67,9 +75,19 @@ class WebPage:
         upgrade = headers.get("Upgrade", "").lower() == "websocket"
         return path.partition("?")[0] in PATHS and not upgrade
 
-    def respond(self, path: str, headers: Mapping[str, str]) -> Answer:
-        file = self.files[PATHS[path.partition("?")[0]]]
-        out = [("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff"),
+    def respond(self, path: str, headers: Mapping[str, str],
+                websocket_url: str | None = None) -> Answer:
+        """The file; with ``websocket_url`` (the page served from another port than the
+        WebSocket's: the HTTP layer's) the page is told to connect there, in a ``<meta
+        name="mmchat-websocket">``, and its CSP allows it."""
+        name = PATHS[path.partition("?")[0]]
+        file = self.files[name]
+        csp = CSP
+        if websocket_url is not None:
+            csp = CSP.replace("connect-src 'self'", f"connect-src 'self' {websocket_url}")
+            if name == "index.html":
+                file = self._pointed_at(file, websocket_url)
+        out = [("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
                ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache"),
                ("ETag", file.etag)]
         if file.etag in headers.get("If-None-Match", ""):
@@ -78,7 +96,11 @@ class WebPage:
         return Answer(HTTPStatus.OK, out, file.body)
 
 
-def own_origins(headers: Mapping[str, str]) -> list[str]:
-    """The origins of a page served by this server under the request's ``Host``."""
+def own_origins(headers: Mapping[str, str], port: int | None = None) -> list[str]:
+    """The origins of a page served by this server under the request's ``Host``; with
+    ``port``, of one served under that host on that port (the HTTP layer's)."""
     host = headers.get("Host")
+    if host and port is not None:
+        name, colon, tail = host.rpartition(":")
+        host = f"{name if colon and tail.isdigit() else host}:{port}"
     return [f"http://{host}", f"https://{host}"] if host else []

@@ -61,6 +61,9 @@ def worker_count(config: Config) -> int:
             + " needs sessions.backend = "
             "'redis': with the memory store each worker would keep sessions of its own, "
             "and a client that reconnects to another worker would lose its conversation")
+    if count > 1 and config.server.http_port == 0:
+        raise ConfigError(f"server.workers = {setting!r} needs a fixed server.http_port "
+                          "(0 would give each worker a port of its own)")
     if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError(f"server.workers = {setting!r} needs SO_REUSEPORT (Linux, BSD), "
                           "which this system does not have")

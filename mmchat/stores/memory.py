@@ -82,6 +82,9 @@ class MemoryStore(SessionStore):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         #: owner -> ids of the sessions it claimed (subjects only), oldest claim first.
         self._owned: dict[str, dict[str, None]] = {}
+        #: alias -> (session id, when set), oldest first; bounded as the sessions are.
+        self._aliases: collections.OrderedDict[str, tuple[str, float]] = (
+            collections.OrderedDict())
 
     @property
     def held(self) -> int:
@@ -232,6 +235,24 @@ class MemoryStore(SessionStore):
         record = self._record(session_id, touch=False)
         if record is not None:
             record.message_ids.pop(message_id, None)
+
+    async def set_alias(self, alias: str, session_id: str) -> None:
+        validate_session_id(session_id)
+        now = self._clock()
+        aliases = self._aliases
+        aliases[alias] = (session_id, now)
+        aliases.move_to_end(alias)
+        while aliases:
+            _, (_, when) = next(iter(aliases.items()))
+            if now - when <= self._ttl and len(aliases) <= self._max_sessions:
+                break
+            aliases.popitem(last=False)
+
+    async def take_alias(self, alias: str) -> str | None:
+        found = self._aliases.pop(alias, None)
+        if found is None or self._clock() - found[1] > self._ttl:
+            return None
+        return found[0]
 
     async def append_stream(self, session_id: str, entries: Sequence[StreamEntry]) -> None:
         if not entries:

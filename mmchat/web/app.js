@@ -43,6 +43,9 @@ const running = new Set();
 // -- connection --------------------------------------------------------------------
 
 function chatUrl() {
+  // served from the HTTP port (the OpenAI endpoint's), the page is told where to connect
+  const meta = document.querySelector('meta[name="mmchat-websocket"]');
+  if (meta) return meta.content;
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/`;
 }
 

@@ -39,6 +39,8 @@ one slot and one node serves a whole turn:
 ``{prefix}:s:{<id>}:wake:<token>``  list    pushed to wake that waiter
 ``{prefix}:o:{<hash>}:sessions``    set     ids of the sessions an owner claimed
                                             (subjects only; see :mod:`.owners`)
+``{prefix}:alias:<alias>``          string  a session id, by a caller's key (the
+                                            OpenAI endpoint's conversation hashes)
 ==================================  ======  ====================================
 
 A session is whole or it is gone (``scripts/whole.lua``): ``meta`` has a flag for each

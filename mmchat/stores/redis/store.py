@@ -26,6 +26,7 @@ from ...sessions import (
     TurnWrite,
     check_owner,
     check_stream_entries,
+    validate_session_id,
 )
 from ...subjects import Erased, indexed
 from . import lua, owners
@@ -331,6 +332,24 @@ class RedisStore(SessionStore):
             await lua.run(self._client, "unclaim",
                           [keys.msgids, keys.msgids_old, keys.meta, keys.cancel],
                           [message_id])
+
+    async def set_alias(self, alias: str, session_id: str) -> None:
+        """``SET {prefix}:alias:<alias> <session_id>`` with the sessions' TTL."""
+        validate_session_id(session_id)
+        async with self._guard("set_alias"):
+            await self._client.set(self._alias_key(alias), session_id, px=self.ttl_ms)
+
+    async def take_alias(self, alias: str) -> str | None:
+        """``GETDEL``: of callers racing for one alias, one gets the session."""
+        async with self._guard("take_alias"):
+            found = await self._client.getdel(self._alias_key(alias))
+        return None if found is None else (found.decode() if isinstance(found, bytes)
+                                           else str(found))
+
+    def _alias_key(self, alias: str) -> str:
+        if not alias or any(c in alias for c in "{} "):
+            raise ValueError(f"bad alias {alias!r}")
+        return f"{self._prefix}:alias:{alias}"
 
     async def request_cancel(self, session_id: str, message_id: str | None = None) -> None:
         """One Lua script: add the cancel to the session's ``cancel`` set."""
