@@ -118,7 +118,7 @@ def prefill(tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor,
 
 
 def greedy(logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, n: int,
-           eos: int, feed_last: bool, values: torch.Tensor | None,
+           eos: int, feed_last: bool, first: int, values: torch.Tensor | None,
            hidden: torch.Tensor | None, bias: torch.Tensor | None,
            const_weights: torch.Tensor | None, table: torch.Tensor, query: torch.Tensor,
            combine_ctx: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
@@ -131,11 +131,17 @@ def greedy(logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, n
     Token ``i`` is the argmax of the logits it is chosen from; ``probs[i]`` is its
     softmax probability, ``chosen_with[i]`` those logits' attention row and
     ``states[i]`` the state they were computed in (the state before feeding token
-    ``i``). The loop stops after ``eos``; after the ``n``-th token it feeds that token
-    only when ``feed_last``. Returns ``(tokens, probs (k,), chosen_with (k, N),
-    states (k, S, L, 1, H), logits, attention, state)``, the last three after feeding
-    the last token (the inputs when it was not fed).
+    ``i``). With ``first >= 0`` that token is fed before anything is chosen (the logits
+    passed in are then the ones ``first`` was chosen from). The loop stops after ``eos``;
+    after the ``n``-th token it feeds that token only when ``feed_last``. Returns
+    ``(tokens, probs (k,), chosen_with (k, N), states (k, S, L, 1, H), logits, attention,
+    state)``, the last three after feeding the last token (when it was not fed: the
+    ones it was chosen from).
     """
+    if first >= 0:
+        logits, attention, state = step(torch.full([1], first, dtype=torch.long), state, values,
+                                        hidden, bias, const_weights, table, query, combine_ctx,
+                                        weights, biases, packed, precision, lstm)
     tokens: list[int] = []
     probs = torch.empty(n)
     chosen_with = torch.empty(n, attention.shape[1])

@@ -214,15 +214,17 @@ class FastDecoder:
                           self.packed, PRECISIONS.index(self.precision), self.lstm)
 
     def greedy(self, logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor,
-               mem: FastMemory, n: int, eos: int, feed_last: bool) -> GreedyRun:
+               mem: FastMemory, n: int, eos: int, feed_last: bool, first: int = -1
+               ) -> GreedyRun:
         """Up to ``n`` greedy tokens of one reply (batch 1) in one call: the argmax of
-        ``logits`` (1, V), fed through :meth:`step`, and so on, stopping after ``eos``
-        (see :func:`mmchat.fastkernels.greedy`). The tokens are the ones :meth:`step`
-        and an argmax per token would choose, and their probabilities the same."""
+        ``logits`` (1, V), fed through :meth:`step`, and so on, stopping after ``eos``;
+        ``first`` (when >= 0) is fed before the first choice (see
+        :func:`mmchat.fastkernels.greedy`). The tokens are the ones :meth:`step` and an
+        argmax per token would choose, and their probabilities the same."""
         return GreedyRun(*self._greedy(
-            logits, attention, state, n, eos, feed_last, mem.values, mem.hidden, mem.bias,
-            mem.weights, self.table, self.query, self.combine_ctx, self.weights, self.biases,
-            self.packed, PRECISIONS.index(self.precision), self.lstm))
+            logits, attention, state, n, eos, feed_last, first, mem.values, mem.hidden,
+            mem.bias, mem.weights, self.table, self.query, self.combine_ctx, self.weights,
+            self.biases, self.packed, PRECISIONS.index(self.precision), self.lstm))
 
 
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
