@@ -52,8 +52,10 @@ def rnn(tokens: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
     for k in range(n_layer):
         h = state[0, k]  # (B, H)
         if lstm:
-            if k == 0:
-                gates = linear(h, 0, weights, biases, packed, precision).add_(x)  # (B, 4H)
+            if k == 0 and precision == 0:  # the biases are in the table: one pass, not two
+                gates = torch.addmm(x, h, weights[0])  # (B, 4H)
+            elif k == 0:
+                gates = linear(h, 0, weights, biases, packed, precision).add_(x)
             else:
                 xh = torch.cat([x, h], dim=1)  # (B, 2H)
                 gates = linear(xh, k, weights, biases, packed, precision)  # (B, 4H)
