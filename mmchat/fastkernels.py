@@ -21,27 +21,32 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import torch
 
 logger = logging.getLogger(__name__)
 
+#: fbgemm's prepacked weights, as TorchScript names them (mypy cannot see torch.classes)
+Packed: TypeAlias = torch.classes.quantized.LinearPackedParamsBase  # type: ignore[name-defined]
+
 
 def linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[torch.Tensor],
-           packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int
+           packed: list[Packed], precision: int
            ) -> torch.Tensor:
     """Matmul ``i`` of the step: x (B, K) -> (B, N)."""
     if precision == 2:
-        return torch.ops.quantized.linear_dynamic(x, packed[i], True)
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed[i], True)
+        return y
     if precision == 1:
-        return torch.ops.quantized.linear_dynamic_fp16(x, packed[i])
+        y16: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, packed[i])
+        return y16
     return torch.addmm(biases[i], x, weights[i])
 
 
 def rnn(tokens: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
         weights: list[torch.Tensor], biases: list[torch.Tensor],
-        packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+        packed: list[Packed], precision: int,
         lstm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row through the RNN layers: the top layer's output (B, H) and the
     new state (S, L, B, H)."""
@@ -79,7 +84,7 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
          hidden: torch.Tensor | None, bias: torch.Tensor | None,
          const_weights: torch.Tensor | None, table: torch.Tensor, query: torch.Tensor,
          combine_ctx: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-         packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+         packed: list[Packed], precision: int,
          lstm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tokens (B,)`` from ``state (S, L, B, H)`` -> logits (B, V), weights (B, N), state.
 
@@ -108,7 +113,7 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
 
 def prefill(tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor,
             table: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-            packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+            packed: list[Packed], precision: int,
             lstm: bool) -> torch.Tensor:
     """Right-padded prompts (B, T) through the RNN, a time step per iteration for all
     rows; a row's state stops changing after its ``lengths`` tokens."""
@@ -124,7 +129,7 @@ def greedy(logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, n
            hidden: torch.Tensor | None, bias: torch.Tensor | None,
            const_weights: torch.Tensor | None, table: torch.Tensor, query: torch.Tensor,
            combine_ctx: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-           packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
+           packed: list[Packed], precision: int,
            lstm: bool) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to ``n`` greedy tokens of one reply (batch 1) from ``logits`` (1, V), the
@@ -169,11 +174,11 @@ def compiled(name: str) -> Callable[..., Any]:
     """The kernel ``name`` ("step", "prefill" or "greedy") compiled with TorchScript,
     which cuts the per-op cost of the small ops a token needs; the plain function where
     TorchScript is unavailable. Compiled once per process."""
-    fn = {"step": step, "prefill": prefill, "greedy": greedy}[name]
+    fn = cast(Callable[..., Any], {"step": step, "prefill": prefill, "greedy": greedy}[name])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
-            return torch.jit.script(fn)
+            return cast(Callable[..., Any], torch.jit.script(fn))
     except Exception as exc:  # TorchScript is deprecated; the eager code is the same
         logger.info("TorchScript unavailable (%s); decoding with eager %s", exc, name)
         return fn
