@@ -42,13 +42,14 @@ def default_model(config, modalities, *, checkpoint_first: bool = True):
     import torch
 
     from mmchat import checkpoint
-    from mmchat.loading import dialogue_config
+    from mmchat.loading import checkpoint_path, dialogue_config
 
     m = config.model
-    if checkpoint_first and m.checkpoint and config.resolve(m.checkpoint).exists():
-        path = config.resolve(m.checkpoint)
+    path = checkpoint_path(config) if checkpoint_first else None
+    if path is not None and path.exists():
         model, tokenizer, _ = checkpoint.load(path, modalities)
-        return model.eval(), tokenizer, str(path)
+        source = "the bundled model" if m.checkpoint == "bundled" else m.checkpoint
+        return model.eval(), tokenizer, source
     tokenizer = synthetic_tokenizer(m.vocab_size)
     torch.manual_seed(0)
     dcfg = dialogue_config(config, modalities, tokenizer.vocab_size)

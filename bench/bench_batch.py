@@ -1,9 +1,14 @@
-"""Aggregate decode throughput of N concurrent sessions through the real Engine.
+"""Batched decoding: the batch-64 decode step against the machine's matmul peak, and
+the aggregate throughput of N concurrent sessions through the real Engine.
 
-The same N greedy replies are generated twice in each round, on one engine serving the
-default-size model: one at a time (each reply awaited before the next starts), and all
-at once, when the engine's scheduler decodes them together in one batched step per
-token. Throughput is completion tokens over wall time, prefill included.
+First (:mod:`bench.batch_step`), one batch-64 decode step at the ``[model]`` default
+size and the bundled model's, timed against a plain batch-64 ``nn.LSTM`` loop and
+against the machine's fp32 and int8 matmul peak, all measured in the same run.
+
+Then the same N greedy replies are generated twice in each round, on one engine
+serving the bundled model: one at a time (each reply awaited before the next starts),
+and all at once, when the engine's scheduler decodes them together in one batched step
+per token. Throughput is completion tokens over wall time, prefill included.
 
     python -m bench batch
 """
@@ -17,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench import default_model, load_config, load_plugins, machine_notes, table
+from bench.batch_step import run_steps
 
 PROMPTS = ["hello there", "what colour is the circle?", "where is the blue square?",
            "how many shapes are there?", "tell me about the picture", "good morning"]
@@ -101,6 +107,7 @@ def run(quick: bool = False, threads: int = 1) -> str:
 
 
 def main(quick: bool = False) -> None:
+    print(run_steps(quick))
     print(run(quick))
 
 
@@ -111,4 +118,5 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    print(run_steps(args.quick, args.threads))
     print(run(args.quick, args.threads))

@@ -1,13 +1,19 @@
-"""Batch-1 greedy decode speed of the default-size model, against a naive baseline.
+"""Batch-1 greedy decode speed of the default-size and the bundled model, against a
+naive baseline.
 
 The baseline is what one would write first: ``nn.Embedding`` + ``nn.LSTM`` (``nn.GRU``
 when ``[model] rnn = "gru"``) + ``nn.Linear`` at the same sizes, fed ``(1, 1)``
 tensors under ``torch.no_grad()`` with default torch settings (oneDNN on), taking the
-argmax. mmchat's paths decode through ``start_turn`` and ``TurnRun.next_token`` with a
-memory of one image and a 2 s voice clip: the reference step (the model's modules),
-the reference step on ``model.quantize = "dynamic-int8"``, and the fused fast step in
-fp32 and int8. Every row's speed-up is against the baseline timed in the same run;
-rounds interleave the variants so load from other jobs hits all of them alike.
+argmax; it is timed again with oneDNN off. mmchat's paths decode through
+``start_turn`` and ``TurnRun.next_token`` with a memory of one image and a 2 s voice
+clip: the reference step (the model's modules), the reference step on
+``model.quantize = "dynamic-int8"``, and the fused fast step in fp32 (a token per call,
+as the engine's batched scheduler calls it, and several greedy tokens per call, as
+``TurnRun`` runs a greedy reply), fp16 and int8. Every reply runs its full length: the
+end-of-reply logit is pushed down by 1e4 and the loop guard is off (speed does not
+depend on the weights; the replies are still compared with the reference's). Every
+row's speed-up is against the baselines timed in the same run; rounds interleave the
+variants so load from other jobs hits all of them alike.
 
     python -m bench decode            python -m bench.bench_decode --threads 2
 """
@@ -15,8 +21,10 @@ rounds interleave the variants so load from other jobs hits all of them alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,12 +75,33 @@ def bench_memory(model, modalities):
     return entries
 
 
+class TokenAtATime:
+    """A decoder without ``greedy``: ``TurnRun`` then calls ``step`` once per token."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "greedy":
+            raise AttributeError(name)
+        return getattr(self.decoder, name)
+
+
+def without_end(model, eos_id: int):
+    """A copy of ``model`` whose end-of-reply logit is 1e4 lower: replies run their
+    full length, at the same cost per token."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.bias[eos_id] -= 1e4
+    return model
+
+
 def mmchat_decoder(model, tokenizer, memory, decoder) -> Callable[[int], list[int]]:
     from mmchat.generate import GenerationParams
     from mmchat.runtime import start_turn
 
     def decode(n: int) -> list[int]:
-        params = GenerationParams(max_new_tokens=n)
+        params = GenerationParams(max_new_tokens=n, loop_ngram=0)
         run = start_turn(model, tokenizer, fresh_state(model, tokenizer), memory, PROMPT, params,
                          decoder=decoder)
         while run.next_token() is not None:
@@ -113,7 +142,7 @@ def agreement(model, tokenizer, memory, reference: list[int], precision: str
 
     fp32, int8 = FastDecoder(model), FastDecoder(model, precision=precision)
     run = start_turn(model, tokenizer, fresh_state(model, tokenizer), memory, PROMPT,
-                     GenerationParams(), decoder=fp32)
+                     GenerationParams(loop_ngram=0), decoder=fp32)
     mem8 = int8.prepare(run.memory, run.generation.sampler.weights)
     same, nll32, nll8 = 0, 0.0, 0.0
     state32 = state8 = run.prompt_state
@@ -152,6 +181,7 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
     from mmchat.runtime import ReferenceDecoder, start_turn
 
     notes = machine_notes(threads)
+    model = without_end(model, tokenizer.eos_id)
     memory = bench_memory(model, modalities)
     qmodel = quantize(model)
     n_tokens, rounds = (32, 3) if quick else (128, 7)
@@ -163,6 +193,8 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
                                                 ReferenceDecoder(model)),
         'reference step, model.quantize = "dynamic-int8"': mmchat_decoder(
             qmodel, tokenizer, memory, ReferenceDecoder(qmodel)),
+        "mmchat fast step, fp32, a token per call": mmchat_decoder(
+            model, tokenizer, memory, TokenAtATime(FastDecoder(model))),
         "mmchat fast step, fp32": mmchat_decoder(model, tokenizer, memory, FastDecoder(model)),
         "mmchat fast step, fp16": mmchat_decoder(model, tokenizer, memory,
                                                  FastDecoder(model, precision="fp16")),
@@ -182,6 +214,7 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
             per_token[name].append(seconds)
 
     base = percentile(per_token[names[0]], 50)
+    off = percentile(per_token[names[1]], 50)
     reference = replies["mmchat reference step"]
     rows = []
     for name in names:
@@ -192,11 +225,12 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
             agree = sum(a == b for a, b in zip(replies[name], reference)) / len(reference)
             same = "identical" if replies[name] == reference else f"{agree:.0%} of tokens"
         rows.append([name, f"{p50 * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{1 / p50:,.0f}",
-                     f"{base / p50:.1f}x", same])
+                     f"{base / p50:.2f}x", f"{off / p50:.2f}x", same])
     agree = [(p, *agreement(model, tokenizer, memory, reference, p)) for p in ("fp16", "int8")]
     c = model.config
     n_memory = start_turn(model, tokenizer, fresh_state(model, tokenizer), memory, PROMPT,
                           GenerationParams()).memory_size
+    fast = percentile(per_token["mmchat fast step, fp32"], 50)
     out = [
         title,
         "",
@@ -211,7 +245,10 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
         f"a {n_tokens}-token greedy reply; per-token time excludes the prefill.",
         "",
         table(["path", "ms/token p50", "ms/token p90", "tokens/s", "vs baseline",
-               "greedy reply vs reference"], rows),
+               "vs oneDNN off", "greedy reply vs reference"], rows),
+        "",
+        f"Fast step, fp32: {base / fast:.2f}x the baseline (target >= 3x at the bundled "
+        f"size), {off / fast:.2f}x the baseline with oneDNN off (target >= 1.5x).",
         "",
         "Reduced precision against fp32, teacher-forced on the fp32 greedy reply: "
         + "; ".join(f"{p} top-1 agreement {top1:.1%}, mean NLL of the reply changed by "

@@ -14,10 +14,9 @@ the weights out once and runs the same function as a short list of ATen calls:
   GRU: two matmuls per layer, as the reset gate needs them apart.
 * The new RNN state is written in place into one ``(S, L, B, H)`` tensor.
 * ``attention`` re-attends every step with the score scale folded into the query
-  projection; ``combine``'s context half is applied to the memory once per turn
-  (``W ctx = sum_n w_n (W m_n)``), so a step mixes precomputed rows in float32.
-  ``concat`` and ``weighted`` have a context that is constant over the turn, so its
-  share of the ``combine`` layer is computed once per turn.
+  projection, and ``combine``'s context half is applied to the context (B, d) in
+  float32. ``concat`` and ``weighted`` have a context that is constant over the turn,
+  so its share of the ``combine`` layer is computed once per turn.
 
 ``precision="fp32"`` computes the reference function (logits equal to rounding).
 ``"fp16"`` stores the RNN, combine and output matrices in half precision (fbgemm
@@ -27,26 +26,28 @@ Both give logits close to the reference, and greedy replies that may differ. A
 model loaded with ``model.quantize = "dynamic-int8"`` is served in int8
 (:func:`build_decoder`).
 
-The step itself is one TorchScript function (:func:`compiled_step`): its ~30 small ops
-cost less there, which makes the fp16 and int8 steps 1.3x to 2x faster at batch 1.
-Without TorchScript the same function runs eagerly.
+The step itself is one TorchScript function (:mod:`mmchat.fastkernels`): its ~30 small
+ops cost less there, which makes the fp16 and int8 steps 1.3x to 2x faster at batch 1.
+A greedy reply can also take several tokens per call (:meth:`FastDecoder.greedy`):
+at the bundled model's size a call into TorchScript costs about what a step's
+arithmetic does. Without TorchScript the same functions run eagerly.
 
 The decoder is a snapshot of the weights: build a new one after changing them.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from .fastkernels import compiled
 from .fusion import AttentionFusion, TurnMemory
+from .generate import GreedyRun
 from .model import DialogueLM
 from .runtime import Decoder, ReferenceDecoder, pad_rows
 
@@ -61,7 +62,6 @@ class FastMemory:
 
     values: torch.Tensor | None = None  # (B, N, d) attention: the conditioned memory
     hidden: torch.Tensor | None = None  # (B, N) attention: True where a slot is not visible
-    projected: torch.Tensor | None = None  # (B, N, H) attention: combine's context half per slot
     bias: torch.Tensor | None = None  # (B, H) pooled fusions: combine's bias plus the context
     weights: torch.Tensor | None = None  # (B, N) pooled fusions: the mass each vector gets
 
@@ -69,8 +69,8 @@ class FastMemory:
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
-        return FastMemory(apply(self.values), apply(self.hidden), apply(self.projected),
-                          apply(self.bias), apply(self.weights))
+        return FastMemory(apply(self.values), apply(self.hidden), apply(self.bias),
+                          apply(self.weights))
 
 
 class FastDecoder:
@@ -143,8 +143,9 @@ class FastDecoder:
                 self.weights = [w.t().contiguous() for w, _ in linears]  # (K, N) each
                 self.biases = [b.clone() for _, b in linears]
                 self.packed = []
-        self._step = compiled_step()
-        self._prefill = compiled_prefill()
+        self._step = compiled("step")
+        self._prefill = compiled("prefill")
+        self._greedy = compiled("greedy")
 
     @staticmethod
     def unsupported(model: DialogueLM) -> str:
@@ -176,8 +177,7 @@ class FastDecoder:
         """Per-turn constants from a batch-1 memory and the prompt step's weights (1, N)."""
         if self.attention:
             values = mem.values.contiguous()  # (1, N, d)
-            return FastMemory(values=values, hidden=~mem.mask,
-                              projected=torch.matmul(values, self.combine_ctx))  # (1, N, H)
+            return FastMemory(values=values, hidden=~mem.mask)
         h = mem.values.new_zeros(1, 1, self.model.config.n_hidden)  # unused by pooled fusions
         ctx, _ = self.model.context(h, mem)  # (1, 1, d), the same at every step
         bias = torch.addmm(self.combine_bias, ctx[:, 0], self.combine_ctx)  # (1, H)
@@ -188,8 +188,7 @@ class FastDecoder:
             return mems[0]
         if self.attention:
             return FastMemory(values=pad_rows([m.values for m in mems]),
-                              hidden=pad_rows([m.hidden for m in mems], True),
-                              projected=pad_rows([m.projected for m in mems]))
+                              hidden=pad_rows([m.hidden for m in mems], True))
         return FastMemory(bias=torch.cat([m.bias for m in mems]),
                           weights=pad_rows([m.weights for m in mems]))
 
@@ -210,116 +209,22 @@ class FastDecoder:
 
     def step(self, tokens: torch.Tensor, state: torch.Tensor, mem: FastMemory
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._step(tokens, state, mem.values, mem.hidden, mem.projected, mem.bias,
-                          mem.weights, self.table, self.query, self.weights, self.biases,
+        return self._step(tokens, state, mem.values, mem.hidden, mem.bias, mem.weights,
+                          self.table, self.query, self.combine_ctx, self.weights, self.biases,
                           self.packed, PRECISIONS.index(self.precision), self.lstm)
 
-
-def _linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[torch.Tensor],
-            packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int
-            ) -> torch.Tensor:
-    """Matmul ``i`` of the step: x (B, K) -> (B, N); precision indexes PRECISIONS."""
-    if precision == 2:
-        return torch.ops.quantized.linear_dynamic(x, packed[i], True)
-    if precision == 1:
-        return torch.ops.quantized.linear_dynamic_fp16(x, packed[i])
-    return torch.addmm(biases[i], x, weights[i])
-
-
-def _step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
-          hidden: torch.Tensor | None, projected: torch.Tensor | None,
-          bias: torch.Tensor | None, const_weights: torch.Tensor | None,
-          table: torch.Tensor, query: torch.Tensor,
-          weights: list[torch.Tensor], biases: list[torch.Tensor],
-          packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
-          lstm: bool
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token per row through the RNN, the fusion, combine and the head (TorchScript)."""
-    n_layer = state.shape[1]
-    x, new = _rnn(tokens, state, table, weights, biases, packed, precision, lstm)
-    combine = n_layer if lstm else 2 * n_layer - 1
-    if values is not None and hidden is not None and projected is not None:  # attention
-        q = torch.mm(x, query)  # (B, d), scaled
-        scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
-        w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
-        ctx = torch.bmm(w.unsqueeze(1), projected).squeeze(1)  # (B, H): W_ctx times the context
-        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(ctx))
-    else:  # a context constant over the turn, already folded into a bias
-        assert bias is not None and const_weights is not None
-        w = const_weights
-        y = torch.tanh(_linear(x, combine, weights, biases, packed, precision).add_(bias))
-    return _linear(y, combine + 1, weights, biases, packed, precision), w, new
-
-
-def _prefill(tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor,
-             table: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
-             packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
-             lstm: bool) -> torch.Tensor:
-    """Right-padded prompts (B, T) through the RNN, a time step per call for all rows;
-    a row's state stops changing after its ``lengths`` tokens (TorchScript)."""
-    for t in range(tokens.shape[1]):
-        _, new = _rnn(tokens[:, t], state, table, weights, biases, packed, precision, lstm)
-        done = lengths <= t  # (B,) rows whose prompt ended
-        state = torch.where(done.view(1, 1, -1, 1), state, new) if bool(done.any()) else new
-    return state
-
-
-def _rnn(tokens: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
-         weights: list[torch.Tensor], biases: list[torch.Tensor],
-         packed: list[torch.classes.quantized.LinearPackedParamsBase], precision: int,
-         lstm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row through the RNN layers: the top layer's output (B, H) and the
-    new state (S, L, B, H)."""
-    H = state.shape[-1]
-    n_layer = state.shape[1]
-    x = table.index_select(0, tokens)  # (B, G): layer 0's input projection
-    new = torch.empty_like(state)  # (S, L, B, H), written in place layer by layer
-    for k in range(n_layer):
-        h = state[0, k]  # (B, H)
-        if lstm:
-            if k == 0:
-                gates = _linear(h, 0, weights, biases, packed, precision).add_(x)  # (B, 4H)
-            else:
-                xh = torch.cat([x, h], dim=1)  # (B, 2H)
-                gates = _linear(xh, k, weights, biases, packed, precision)  # (B, 4H)
-            ifo = torch.sigmoid(gates[:, : 3 * H])  # input, forget, output gates
-            c = torch.addcmul(ifo[:, H: 2 * H] * state[1, k], ifo[:, :H],
-                              torch.tanh(gates[:, 3 * H:]), out=new[1, k])
-            x = torch.mul(ifo[:, 2 * H:], torch.tanh(c), out=new[0, k])  # (B, H)
-        else:
-            if k == 0:
-                gi, gh = x, _linear(h, 0, weights, biases, packed, precision)  # (B, 3H): r, z, n
-            else:
-                gi = _linear(x, 2 * k - 1, weights, biases, packed, precision)  # (B, 3H)
-                gh = _linear(h, 2 * k, weights, biases, packed, precision)
-            rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # reset, update gates
-            n = torch.tanh(torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]))
-            x = torch.lerp(n, h, rz[:, H:], out=new[0, k])  # (1 - z) * n + z * h
-    return x, new
-
-
-@functools.cache
-def compiled_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`_step` compiled with TorchScript, which cuts the per-op cost of the ~30
-    small ops a token needs; the plain function where TorchScript is unavailable."""
-    return _script(_step)
-
-
-@functools.cache
-def compiled_prefill() -> Callable[..., torch.Tensor]:
-    """:func:`_prefill` compiled with TorchScript (or plain, as :func:`compiled_step`)."""
-    return _script(_prefill)
-
-
-def _script(fn: Callable[..., Any]) -> Callable[..., Any]:
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated")
-            return torch.jit.script(fn)
-    except Exception as exc:  # TorchScript is deprecated; the eager code is the same
-        logger.info("TorchScript unavailable (%s); decoding with eager %s", exc,
-                    fn.__name__)
-        return fn
+    def greedy(self, logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor,
+               mem: FastMemory, n: int, eos: int, feed_last: bool, first: int = -1
+               ) -> GreedyRun:
+        """Up to ``n`` greedy tokens of one reply (batch 1) in one call: the argmax of
+        ``logits`` (1, V), fed through :meth:`step`, and so on, stopping after ``eos``;
+        ``first`` (when >= 0) is fed before the first choice (see
+        :func:`mmchat.fastkernels.greedy`). The tokens are the ones :meth:`step` and an
+        argmax per token would choose, and their probabilities the same."""
+        return GreedyRun(*self._greedy(
+            logits, attention, state, n, eos, feed_last, first, mem.values, mem.hidden,
+            mem.bias, mem.weights, self.table, self.query, self.combine_ctx, self.weights,
+            self.biases, self.packed, PRECISIONS.index(self.precision), self.lstm))
 
 
 def pack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:

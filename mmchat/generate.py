@@ -21,12 +21,35 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
 from .config import GenerationConfig
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class GreedyRun(NamedTuple):
+    """Several greedy tokens of one reply from one call (see :data:`Greedy`)."""
+
+    tokens: list[int]  # k tokens, each the argmax of the logits it was chosen from
+    probs: torch.Tensor  # (k,) each token's softmax probability
+    chosen_with: torch.Tensor  # (k, N) the attention that came with those logits
+    states: torch.Tensor  # (k, S, L, 1, H) the state before feeding each token
+    logits: torch.Tensor  # (1, V) after feeding the last token (if it was fed)
+    attention: torch.Tensor  # (1, N) likewise
+    state: torch.Tensor  # likewise
+
+
+#: ``greedy(logits (1, V), attention (1, N), state, n, eos_id, feed_last) -> GreedyRun``:
+#: up to ``n`` greedy tokens from ``logits``, each fed through the step to give the next
+#: logits, stopping after ``eos_id``; the ``n``-th token is fed only when ``feed_last``.
+Greedy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, bool], GreedyRun]
+
+#: Most tokens a :data:`Greedy` call decodes: the call saves per-token overhead, but a
+#: reply that stops on a stop string or a loop wastes the rest of its chunk.
+GREEDY_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -107,14 +130,23 @@ class Generation:
 
 def generate(step: Step, logits: torch.Tensor, weights: torch.Tensor, state: torch.Tensor,
              params: GenerationParams, *, eos_id: int,
-             stop_check: Callable[[list[int]], bool] | None = None) -> Generation:
-    """Start decoding from ``logits`` (1, V) of the prompt's last token."""
+             stop_check: Callable[[list[int]], bool] | None = None,
+             greedy: Greedy | None = None) -> Generation:
+    """Start decoding from ``logits`` (1, V) of the prompt's last token.
+
+    ``greedy``, when given, decodes plain greedy replies (no ``no_repeat_ngram``)
+    several tokens per call; the tokens, probabilities and outcome are the ones the
+    step would give a token at a time.
+    """
     gen = Generation(iter(()))
     if params.strategy == "beam":
         gen.tokens = _beam(gen, step, logits, weights, state, params, eos_id)
     else:
         gen.sampler = Sampler(gen, logits, weights, state, params, eos_id, stop_check)
-        gen.tokens = _sample(gen.sampler, step)
+        if greedy is not None and gen.sampler.batchable:
+            gen.tokens = _greedy_chunks(gen.sampler, greedy)
+        else:
+            gen.tokens = _sample(gen.sampler, step)
     return gen
 
 
@@ -159,9 +191,16 @@ class Sampler:
         assert not self.done, "choose() after decoding finished"
         if token is None:
             token = pick_token(self.logits[0], self.out, self.params, self.rng)
+        return self.take(token, token_prob(self.logits[0], token), self.weights[0], self.state)
+
+    def take(self, token: int, prob: float, weights: torch.Tensor, state: torch.Tensor
+             ) -> Token | None:
+        """Record ``token``, chosen elsewhere with probability ``prob`` from logits that
+        came with attention ``weights`` (N,) in RNN ``state``; what :meth:`choose`
+        returns for it."""
+        assert not self.done, "take() after decoding finished"
         self.out.append(token)
-        self.gen.probs.append(token_prob(self.logits[0], token))
-        state = self.state
+        self.gen.probs.append(prob)
         self.gen.outcome = Outcome("cancelled", state, token)
         if token == self.eos_id:
             self.done = True
@@ -176,7 +215,7 @@ class Sampler:
         elif len(self.out) >= self.params.max_new_tokens:
             self.done = True
             self.gen.outcome = Outcome("length", state, token)
-        return Token(token, self.weights[0])
+        return Token(token, weights)
 
     def feed(self, logits: torch.Tensor, weights: torch.Tensor, state: torch.Tensor) -> None:
         """The step's output after feeding :attr:`last`: logits (1, V), weights (1, N)."""
@@ -191,6 +230,25 @@ def _sample(sampler: Sampler, step: Step) -> Iterator[Token]:
             return
         tokens = torch.full((1,), token.id, dtype=torch.long, device=sampler.logits.device)
         sampler.feed(*step(tokens, sampler.state))
+
+
+def _greedy_chunks(sampler: Sampler, greedy: Greedy) -> Iterator[Token]:
+    """:func:`_sample` for plain greedy replies, up to :data:`GREEDY_CHUNK` tokens per
+    ``greedy`` call; the sampler sees each token as :meth:`Sampler.choose` would."""
+    while True:
+        left = sampler.params.max_new_tokens - len(sampler.out)
+        n = min(GREEDY_CHUNK, left)
+        run = greedy(sampler.logits, sampler.weights, sampler.state, n, sampler.eos_id,
+                     n < left)
+        for token, prob, weights, state in zip(run.tokens, run.probs.tolist(),
+                                               run.chosen_with, run.states):
+            chosen = sampler.take(token, prob, weights, state)
+            if chosen is None:
+                return
+            yield chosen
+            if sampler.done:
+                return
+        sampler.feed(run.logits, run.attention, run.state)
 
 
 def make_rng(params: GenerationParams, device: torch.device) -> torch.Generator | None:

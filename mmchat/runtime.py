@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from .fusion import TurnMemory
-from .generate import Generation, GenerationParams, Token, generate
+from .generate import Generation, GenerationParams, GreedyRun, Token, generate
 from .model import DialogueLM
 from .state import MemoryEntry, SessionState
 from .tokenizer import Tokenizer
@@ -307,8 +307,15 @@ def _turn_run(model: DialogueLM, tokenizer: Tokenizer, decoder: Decoder, request
         text_so_far = tokenizer.decode(ids)
         return any(s and s in text_so_far for s in params.stop)
 
+    many = getattr(decoder, "greedy", None)  # several greedy tokens per call (FastDecoder)
+
+    def greedy(logits: torch.Tensor, attention: torch.Tensor, rnn: torch.Tensor, n: int,
+               eos: int, feed_last: bool) -> GreedyRun:
+        return many(logits, attention, rnn, step_memory, n, eos, feed_last)
+
     generation = generate(step, logits, weights, rnn_state, params,
-                          eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None)
+                          eos_id=tokenizer.eos_id, stop_check=stop_check if params.stop else None,
+                          greedy=greedy if many is not None else None)
     return TurnRun(model, tokenizer, generation, mem, prompt_tokens=prompt_tokens,
                    turns_before=state.turns, prompt_logits=logits, prompt_state=rnn_state,
                    decoder=decoder, step_memory=step_memory)

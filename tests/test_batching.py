@@ -49,16 +49,24 @@ def engine_config(tiny_config, tmp_path, toy_host, fast=True, rnn="lstm", fusion
 
 
 def record_batch_sizes(engine) -> list[int]:
-    """Wrap the engine's decoder so every step's batch size is recorded."""
+    """Wrap the engine's decoder so every step's batch size is recorded (a lone greedy
+    reply's ``greedy`` call as the batch-1 steps it ran: one per token it chose)."""
     sizes: list[int] = []
     decoder = engine._scheduler.decoder
-    step = decoder.step
+    step, greedy = decoder.step, getattr(decoder, "greedy", None)
 
     def counting_step(tokens, state, mem):
         sizes.append(tokens.shape[0])
         return step(tokens, state, mem)
 
+    def counting_greedy(*args):
+        run = greedy(*args)
+        sizes.extend([1] * len(run.tokens))
+        return run
+
     decoder.step = counting_step
+    if greedy is not None:
+        decoder.greedy = counting_greedy
     return sizes
 
 
@@ -379,3 +387,30 @@ async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_con
             assert isinstance(result, PluginError) and "encoder blew up" in str(result)
         else:
             assert summary(result) == summary(solo[session][0]), session
+
+
+async def test_a_lone_greedy_reply_takes_several_tokens_per_decoder_call(tiny_config,
+                                                                         toy_host):
+    # The plain untrained model repeats itself: with the loop guard off its replies run
+    # to the length limit.
+    config = tiny_config.replace(generation={"max_new_tokens": 40, "loop_ngram": 0})
+    replies, calls = [], {"step": 0, "greedy": 0}
+    for fast in (True, False):
+        async with Engine(config.replace(model={"fast_decode": fast}),
+                          plugins=toy_host) as engine:
+            decoder = engine._scheduler.decoder
+            for name in ("step", "greedy") if fast else ():
+                def counted(*args, _fn=getattr(decoder, name), _name=name):
+                    calls[_name] += 1
+                    return _fn(*args)
+                setattr(decoder, name, counted)
+            first = await engine.reply("a", "hello", [toy(4)])
+            second = await engine.reply("a", "and then?")
+            replies.append([(summary(r), r.attention, r.confidence) for r in (first, second)])
+    assert replies[0][0][0][2] == replies[0][1][0][2] == 40
+    assert [r[0] for r in replies[0]] == [r[0] for r in replies[1]]
+    for (_, attention, confidence), (_, ref_attention, ref_confidence) in zip(*replies):
+        assert attention == pytest.approx(ref_attention, abs=1e-4)
+        assert confidence == pytest.approx(ref_confidence, rel=1e-4)
+    assert calls["step"] == 0  # each reply decoded alone: only greedy calls
+    assert 2 * (39 // AHEAD) <= calls["greedy"] < 2 * 39  # up to AHEAD tokens a call

@@ -220,3 +220,101 @@ async def test_engine_replies_are_the_same_with_and_without_the_fast_path(
                             (first, second)] + [second.attention])
     assert replies[1][:2] == replies[0][:2]
     assert replies[1][2] == pytest.approx(replies[0][2], abs=1e-3)
+
+
+class TokenAtATime:
+    """The fast decoder without ``greedy``: a reply then takes one step call per token."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def __getattr__(self, name):
+        if name == "greedy":
+            raise AttributeError(name)
+        return getattr(self.decoder, name)
+
+
+def counted(decoder):
+    """``decoder`` with its ``step`` and ``greedy`` calls counted in ``decoder.calls``."""
+    decoder.calls = {"step": 0, "greedy": 0}
+    for name in ("step", "greedy"):
+        def call(*args, _fn=getattr(decoder, name), _name=name):
+            decoder.calls[_name] += 1
+            return _fn(*args)
+        setattr(decoder, name, call)
+    return decoder
+
+
+def outcome_of(run, tokens):
+    gen = run.generation
+    return tokens, gen.probs, gen.outcome.finish_reason, gen.outcome.last_token, \
+        gen.outcome.state, run.attention_by_modality()
+
+
+@pytest.mark.parametrize("params", [
+    {"max_new_tokens": 1}, {"max_new_tokens": 8}, {"max_new_tokens": 9},
+    {"max_new_tokens": 30, "loop_ngram": 2}, {"max_new_tokens": 30, "stop": ("e",)},
+    {"max_new_tokens": 30},
+], ids=["1", "8", "9", "loop", "stop", "30"])
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("rnn", RNNS)
+def test_greedy_chunks_give_what_a_token_per_call_gives(tok, fusion, rnn, params):
+    model = tiny_model(tok, fusion, rnn)
+    params = GenerationParams(**params)
+    fast = FastDecoder(model)
+    chunked, chunked_tokens = reply(model, tok, counted(fast), params)
+    single, single_tokens = reply(model, tok, TokenAtATime(FastDecoder(model)), params)
+    a, b = outcome_of(chunked, chunked_tokens), outcome_of(single, single_tokens)
+    assert a[:4] == b[:4]  # tokens, probabilities, finish reason, last token: exact
+    torch.testing.assert_close(a[4], b[4], **TIGHT)  # the state the session goes on from
+    assert a[5] == pytest.approx(b[5], abs=1e-6)
+    assert fast.calls["step"] == 0  # every token came from a greedy call of up to 8
+    assert fast.calls["greedy"] == -(-len(chunked.generation.probs) // 8)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_greedy_reply_left_mid_chunk_goes_on_from_the_last_token_taken(tok, fusion):
+    model = tiny_model(tok, fusion)
+    fast, params = FastDecoder(model), GenerationParams(max_new_tokens=30, loop_ngram=0)
+    states = []
+    for decoder in (fast, TokenAtATime(fast)):
+        run = start_turn(model, tok, None, toy_memory(model), "what colour is it", params,
+                         decoder=decoder)
+        taken = [run.next_token() for _ in range(3)]  # mid-way through the first chunk
+        assert all(taken)
+        state, reason = run.finish(cancelled=True)
+        states.append((run.tokens, state.pending, reason, state.rnn))
+    assert states[0][:3] == states[1][:3]
+    torch.testing.assert_close(states[0][3], states[1][3], **TIGHT)
+
+
+def test_the_bundled_model_replies_the_same_on_the_fast_path(tok):
+    from mmchat.config import from_dict
+    from mmchat.plugins import PluginHost
+
+    config = from_dict({}, env={})
+    modalities = PluginHost.from_config(config).modalities
+    model, tokenizer, _ = load_model(config, modalities)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        size = modalities["image"].size
+        picture = model.encode("image", torch.rand(1, 3, size, size, generator=g),
+                               torch.tensor([1]))[0]
+    memory = [MemoryEntry("image", picture)]
+    params = GenerationParams()
+    prompts = ["what colour is the circle?", "how many shapes are there?", "hello",
+               "where is the square?"]
+    replies = []
+    for decoder in (ReferenceDecoder(model), FastDecoder(model)):
+        got, state = [], None
+        for text in prompts:  # one session: each turn goes on from the last one's state
+            run = start_turn(model, tokenizer, state, memory, text, params, decoder=decoder)
+            tokens = [t.id for t in iter(run.next_token, None)]
+            state, reason = run.finish()
+            got.append((tokens, reason, run.generation.probs, run.attention_by_modality()))
+        replies.append(got)
+    for (ref_tokens, ref_reason, ref_probs, ref_attention), (tokens, reason, probs,
+                                                              attention) in zip(*replies):
+        assert tokens == ref_tokens and ref_tokens and reason == ref_reason
+        assert probs == pytest.approx(ref_probs, rel=1e-4)
+        assert attention == pytest.approx(ref_attention, abs=1e-4)
