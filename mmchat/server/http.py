@@ -32,6 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..admin import handle_admin
 from ..errors import ConfigError
@@ -61,6 +62,27 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _NameWorker:
+    """ASGI middleware: each response names the worker that made it (``header``, as the
+    WebSocket port's handshake does), so a client or a test can tell the workers apart."""
+
+    def __init__(self, app: ASGIApp, header: tuple[str, str]) -> None:
+        self.app = app
+        self.header = (header[0].lower().encode("latin-1"), header[1].encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 class RateLimits:
@@ -105,7 +127,9 @@ class HttpServer:
         cors = [Middleware(CORSMiddleware, allow_origins=list(s.origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])] if s.origins else []
-        self.app = Starlette(routes=routes, middleware=cors, exception_handlers={
+        worker = server.worker_header()
+        named = [Middleware(_NameWorker, header=worker)] if worker is not None else []
+        self.app = Starlette(routes=routes, middleware=named + cors, exception_handlers={
             OpenAIError: self._error_response, 404: _not_found, 405: _not_allowed,
             500: _server_error})
         self._uvicorn: _Uvicorn | None = None
