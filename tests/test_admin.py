@@ -8,6 +8,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 from http import HTTPStatus
 
 from test_server import running_server, server_config
@@ -137,3 +138,43 @@ async def test_an_unreachable_store_is_a_503():
         await store.close()
     assert answer.status == HTTPStatus.SERVICE_UNAVAILABLE
     assert json.loads(answer.body)["error"] == "store_unavailable"
+
+
+def _call_http(method: str, url: str, token: str) -> tuple[int, Message, bytes]:
+    request = urllib.request.Request(url, method=method,
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+async def test_the_http_port_serves_it_with_delete():
+    config = server_config(server={"auth_secret_env": "TEST_MMCHAT_SECRET", "http_port": 0})
+    async with running_server(config, env={"TEST_MMCHAT_SECRET": SECRET}) as server:
+        subject = "a/José"  # a slash in the subject: the path goes to handle_admin as sent
+        token = make_token(SECRET, subject, 4_000_000_000)
+        async with await Client.connect(server.url, token=token) as client:
+            await (await client.reply("hello")).wait(30)
+            session_id = client.session_id
+        base = f"{server.http_url}/admin/subjects/{urllib.parse.quote(subject, safe='')}"
+        admin = make_admin_token(SECRET, 4_000_000_000)
+
+        def call(method: str, path: str, with_token: str = admin):
+            return asyncio.to_thread(_call_http, method, base + path, with_token)
+
+        status, headers, body = await call("GET", "/sessions")
+        assert status == 200 and headers["Cache-Control"] == "no-store"
+        assert json.loads(body) == {"subject": subject, "sessions": [session_id]}
+        status, headers, body = await call("GET", "/export")
+        assert headers["Content-Type"].startswith("application/jsonl")
+        assert [json.loads(line)["session"] for line in body.splitlines()] == [session_id] * 2
+        assert (await call("DELETE", "", token))[0] == 401  # a user's token is no admin's
+        status, headers, _ = await call("GET", "")
+        assert (status, headers["Allow"]) == (405, "DELETE")
+        status, _, body = await call("DELETE", "")
+        assert status == 200
+        assert json.loads(body)["erased"]["sessions"] == 1
+        assert await server.store.load(session_id) is None
+        assert json.loads((await call("GET", "/sessions"))[2])["sessions"] == []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_server import http_get, running_server
+from test_server import http_get, running_server, server_config
 
 from mmchat.config import ServerConfig
 
@@ -174,3 +174,54 @@ def test_the_bundled_redis_is_capped_and_evicts_whole_sessions_lru():
         settings = dict(zip(argv[1::2], argv[2::2], strict=True))
         assert settings["--maxmemory-policy"] == "volatile-lru"
         assert settings["--maxmemory"].endswith("mb")
+
+
+def _nginx_location(text: str, path: str) -> str:
+    found = re.search(rf"location {re.escape(path)} \{{(.*?)\n        \}}", text, re.S)
+    assert found, f"nginx has no location {path}"
+    return found.group(1)
+
+
+def _size(value: str) -> int:
+    units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+    return int(value[:-1]) * units[value[-1].lower()] if value[-1].isalpha() else int(value)
+
+
+def test_the_openai_port_is_set_exposed_and_routed_everywhere():
+    """One HTTP port (server.http_port) in the image, compose, nginx, Kubernetes; nginx
+    routes /v1/ to it unbuffered (server-sent events) with a body limit that fits the
+    server's, and keeps /admin/ off the edge; systemd reads a node's own port."""
+    docker = (DEPLOY / "Dockerfile").read_text()
+    port = int(re.search(r"MMCHAT_SERVER__HTTP_PORT=(\d+)", docker).group(1))
+    assert port != DEFAULTS.port
+    assert re.search(rf"^EXPOSE .*\b{port}\b", docker, re.M)
+    mmchat = _documents(DEPLOY / "compose.yaml")[0]["services"]["mmchat"]
+    assert int(mmchat["environment"]["MMCHAT_SERVER__HTTP_PORT"]) == port
+    assert str(port) in mmchat["expose"]
+
+    nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    assert f"set $mmchat_http mmchat:{port};" in nginx
+    v1 = _nginx_location(nginx, "/v1/")
+    assert "proxy_pass http://$mmchat_http;" in v1 and "proxy_buffering off;" in v1
+    body = re.search(r"client_max_body_size (\w+);", v1).group(1)
+    assert _size(body) >= DEFAULTS.max_message_bytes
+    assert "return 404;" in _nginx_location(nginx, "/admin/")
+
+    k8s = _k8s()
+    assert int(k8s["ConfigMap"]["data"]["MMCHAT_SERVER__HTTP_PORT"]) == port
+    container = k8s["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port in named.values()
+    targets = {p["targetPort"] for p in k8s["Service"]["spec"]["ports"]}
+    assert any(named.get(t, t) == port for t in targets)
+
+    unit = (DEPLOY / "systemd" / "mmchat@.service").read_text()
+    assert "EnvironmentFile=-/etc/mmchat/%i.env" in unit
+    assert "MMCHAT_SERVER__HTTP_PORT" in unit
+
+
+async def test_the_paths_routed_to_the_http_port_answer_there():
+    async with running_server(server_config(server={"http_port": 0})) as server:
+        for path in ("/v1/models", "/healthz", "/readyz"):
+            status, _, _ = await asyncio.to_thread(http_get, server.http_url + path)
+            assert status == 200, path

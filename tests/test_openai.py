@@ -90,7 +90,9 @@ async def test_models_and_a_whole_reply_with_the_sync_client(server):
     assert done.usage.completion_tokens > 0 and done.usage.prompt_tokens > 0
     session = done.model_extra["mmchat"]["session_id"]
     history = await server.engine.history(session)
-    assert [t["text"] for t in history] == ["hello there", choice.message.content]
+    assert [(t["role"], t["text"]) for t in history] == [
+        ("system", "be brief"), ("user", "hello there"),
+        ("assistant", choice.message.content)]
     assert sessions_counted(server) == {"new": 1}
 
 
@@ -220,9 +222,11 @@ async def test_a_voice_clip_as_input_audio(server, speech_dir, fmt):
     await client.close()
 
 
-def test_messages_become_alternating_turns_without_system_text():
+def test_messages_become_alternating_turns_after_the_leading_system_text():
     conversation = read_messages([
         {"role": "system", "content": "be brief"},
+        {"role": "developer", "content": [{"type": "text", "text": "and kind"}]},
+        {"role": "system", "content": " "},
         {"role": "assistant", "content": "welcome!"},
         {"role": "user", "content": "hi"},
         {"role": "developer", "content": "ignored"},
@@ -233,18 +237,23 @@ def test_messages_become_alternating_turns_without_system_text():
     assert [(t.role, t.text) for t in conversation.history] == [
         ("user", ""), ("assistant", "welcome!"), ("user", "hi\nthere"), ("assistant", "no")]
     assert (conversation.message.role, conversation.message.text) == ("user", "and now?")
+    assert conversation.system == "be brief\nand kind"  # the later developer text: left out
+    assert read_messages([{"role": "user", "content": "hi"}], 1024).system is None
 
 
 def test_the_conversation_key_counts_what_the_session_saw():
-    def key(owner: str, reply: str) -> str:
-        conversation = read_messages([{"role": "user", "content": "hi"},
+    def key(owner: str, reply: str, system: str | None = None) -> str:
+        lead = [] if system is None else [{"role": "system", "content": system}]
+        conversation = read_messages([*lead, {"role": "user", "content": "hi"},
                                       {"role": "assistant", "content": reply},
                                       {"role": "user", "content": "next"}], 1024)
-        return conversation_key(owner, conversation.history)
+        return conversation_key(owner, conversation.history, conversation.system)
 
     assert key("anonymous", "hello") == key("anonymous", " hello\n")
     assert key("anonymous", "hello") != key("anonymous", "hello!")
     assert key("anonymous", "hello") != key("sub:alice", "hello")
+    # a changed system text is another conversation
+    assert len({key("anonymous", "hello", s) for s in (None, "be brief", "be kind")}) == 3
 
 
 # -- auth, limits and bad input -------------------------------------------------------------

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
 import pytest
 from test_openai import clients, data_url, follow_up, openai_server, sessions_counted
 from test_redis_store import TTL, harness, needs_redis, redis_server  # noqa: F401
-from test_server import running_server, server_config
+from test_server import SECRET, running_server, server_config
+
+from mmchat.protocol import make_token
 
 
 @pytest.fixture
@@ -70,6 +73,77 @@ async def test_a_rebuilt_session_replies_as_the_continued_one_would(server):
     assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
     assert rebuilt.choices[0].message.content == continued.choices[0].message.content
     await client.close()
+
+
+async def test_a_system_text_starts_the_session_and_a_changed_one_rebuilds(server):
+    _, client = clients(server)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "answer in French"},
+        {"role": "user", "content": "hello"}]
+    first = await client.chat.completions.create(model="mmchat", messages=messages)
+    session = first.model_extra["mmchat"]["session_id"]
+    history = await server.engine.history(session)
+    assert [(t["role"], t["text"]) for t in history[:2]] == [
+        ("system", "answer in French"), ("user", "hello")]
+    follow_up(messages, first, "and then?")
+    again = await client.chat.completions.create(model="mmchat", messages=messages)
+    assert again.model_extra["mmchat"]["session_id"] == session
+    assert sessions_counted(server) == {"new": 1, "continued": 1}
+
+    # the same turns under another system text: another conversation, rebuilt with it
+    messages[0]["content"] = "answer in German"
+    changed = await client.chat.completions.create(model="mmchat", messages=messages)
+    rebuilt = changed.model_extra["mmchat"]["session_id"]
+    assert rebuilt != session
+    assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
+    history = await server.engine.history(rebuilt)
+    assert [(t["role"], t["text"]) for t in history[:3]] == [
+        ("system", "answer in German"), ("user", "hello"),
+        ("assistant", first.choices[0].message.content)]
+    assert history[2]["finish_reason"] == "seeded"
+    await client.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_token_sessions_are_the_subjects_and_erasing_them_leaves_no_way_back(
+        backend, request):
+    """Sessions made with a token are its subject's (listed, exported, erased); the
+    conversation's alias outlives the erase but only rebuilds, never reaches them."""
+    sessions: dict[str, Any] = {}
+    if backend == "redis":
+        redis = request.getfixturevalue("redis_server")
+        sessions = {"backend": "redis", "url": redis.url,
+                    "prefix": f"oai{uuid.uuid4().hex[:8]}"}
+    config = server_config(server={"http_port": 0, "auth_secret_env": "TEST_MMCHAT_SECRET"},
+                           sessions=sessions)
+    subject = "José/ö@example.com"
+    async with running_server(config, env={"TEST_MMCHAT_SECRET": SECRET}) as server:
+        _, client = clients(server, make_token(SECRET, subject, 4_000_000_000))
+        messages = [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hello"}]
+        first = await client.chat.completions.create(model="mmchat", messages=messages)
+        session = first.model_extra["mmchat"]["session_id"]
+        follow_up(messages, first, "and you?")
+        second = await client.chat.completions.create(model="mmchat", messages=messages)
+        assert second.model_extra["mmchat"]["session_id"] == session
+        assert await server.engine.sessions(subject) == [session]
+        exported = await server.engine.export(subject=subject)
+        assert [json.loads(line)["role"] for line in exported.splitlines()] == [
+            "system", "user", "assistant", "user", "assistant"]
+
+        erased = await server.engine.erase(subject)
+        assert (erased.sessions, erased.messages) == (1, 5)
+        # the client sends the history again: its alias names the erased session
+        follow_up(messages, second, "still there?")
+        third = await client.chat.completions.create(model="mmchat", messages=messages)
+        again = third.model_extra["mmchat"]["session_id"]
+        assert again != session
+        assert sessions_counted(server) == {"new": 1, "continued": 1, "rebuilt": 1}
+        assert await server.store.load(session) is None
+        assert await server.engine.sessions(subject) == [again]
+        assert [t["role"] for t in await server.engine.history(again)][:2] == [
+            "system", "user"]
+        await client.close()
 
 
 async def test_the_store_hands_an_alias_to_one_taker(harness):  # noqa: F811

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
+import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
 from test_redis_store import (  # noqa: F401  (a fixture)
+    _free_port,
     needs_redis,
     redis_server,
 )
@@ -267,5 +270,41 @@ async def test_a_killed_worker_is_restarted_and_sighup_replaces_each(redis_url, 
         assert len(new) == 2 and not new & (pids | {reborn})
         assert await pids_serving(sup.url, 2) == new
         await survivor.close()
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.proc.wait() == 0
+
+
+def _complete(url: str, messages: list[dict[str, str]]) -> tuple[int, dict]:
+    """POST a chat completion on a new connection: (the answering worker's pid, body)."""
+    request = urllib.request.Request(url, json.dumps({"model": "mmchat", "messages": messages})
+                                     .encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        pid = int(response.headers["X-Mmchat-Worker"].partition(" pid ")[2])
+        return pid, json.loads(response.read())
+
+
+@needs_redis
+async def test_both_workers_serve_the_openai_endpoint_on_one_port(redis_url, prefix,
+                                                                  tmp_path):
+    """One conversation, a new connection per request, until both workers have answered:
+    each request continues the session the other worker left (one Redis)."""
+    http_port = _free_port()
+    env = node_env(redis_url, prefix, MMCHAT_SERVER__HTTP_PORT=str(http_port))
+    async with asyncio.timeout(SUBPROCESS_TEST_S), supervisor(env, tmp_path) as sup:
+        url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
+        messages = [{"role": "user", "content": "hello"}]
+        pids: set[int] = set()
+        sessions: set[str] = set()
+        for _ in range(TRIES):
+            pid, done = await asyncio.to_thread(_complete, url, messages)
+            pids.add(pid)
+            sessions.add(done["mmchat"]["session_id"])
+            if len(pids) == 2:
+                break
+            messages += [{"role": "assistant", "content": done["choices"][0]["message"]
+                          ["content"]}, {"role": "user", "content": "and then?"}]
+        assert len(pids) == 2, f"{TRIES} requests reached only the worker {pids}"
+        assert len(sessions) == 1  # continued across the workers, never rebuilt
+        assert pids == await pids_serving(sup.url, 2)  # the workers of the WebSocket port
         sup.proc.send_signal(signal.SIGTERM)
         assert await sup.proc.wait() == 0

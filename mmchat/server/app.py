@@ -294,9 +294,18 @@ class ChatServer:
         headers["Content-Length"] = str(len(answer.body))
         return Response(answer.status, answer.status.phrase, headers, answer.body)
 
+    def worker_header(self) -> tuple[str, str] | None:
+        """The header that names this worker (``X-Mmchat-Worker: 1 pid 4242``) on every
+        response of both ports under ``--workers``; ``None`` for a lone process."""
+        if self.worker is None:
+            return None
+        return WORKER_HEADER, f"{self.worker} pid {os.getpid()}"
+
     def _name_worker(self, ws: ServerConnection, request: Request, response: Response
                      ) -> None:
-        response.headers[WORKER_HEADER] = f"{self.worker} pid {os.getpid()}"
+        name = self.worker_header()
+        if name is not None:
+            response.headers[name[0]] = name[1]
 
     # -- WebSocket -------------------------------------------------------------------
 

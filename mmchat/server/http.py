@@ -1,6 +1,7 @@
 """The HTTP layer (Starlette, served by uvicorn): the OpenAI-compatible endpoint
-(``/v1/chat/completions``, ``/v1/models``), the chat page's files and ``/healthz``,
-``/readyz`` and ``/metrics``, on ``[server] http_port`` of the ``mmchat serve`` process.
+(``/v1/chat/completions``, ``/v1/models``), the chat page's files, ``/healthz``,
+``/readyz``, ``/metrics`` and the admin endpoint (``/admin/``, :mod:`mmchat.admin`, with
+``DELETE`` as well as ``GET``), on ``[server] http_port`` of the ``mmchat serve`` process.
 
 This module and :mod:`.app` are the only ones that import an HTTP library. It shares
 the :class:`~.app.ChatServer`'s engine, store, metrics, access tokens (``Authorization:
@@ -31,7 +32,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..admin import handle_admin
 from ..errors import ConfigError
 from ..protocol import ProtocolError, TokenBucket
 from .auth import owner_for
@@ -46,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: Callers whose rate buckets are remembered (the least recently seen are forgotten).
 MAX_CALLERS = 10_000
+#: Methods the admin routes take to :func:`~mmchat.admin.handle_admin` (which refuses
+#: all but ``GET`` and ``DELETE`` with a 405 naming the right one).
+ADMIN_METHODS = ("GET", "DELETE", "POST", "PUT", "PATCH")
 #: Request bodies up to this size are read on the event loop; larger ones in a thread.
 INLINE_PARSE_BYTES = 64 * 1024
 
@@ -56,6 +62,27 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _NameWorker:
+    """ASGI middleware: each response names the worker that made it (``header``, as the
+    WebSocket port's handshake does), so a client or a test can tell the workers apart."""
+
+    def __init__(self, app: ASGIApp, header: tuple[str, str]) -> None:
+        self.app = app
+        self.header = (header[0].lower().encode("latin-1"), header[1].encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 class RateLimits:
@@ -91,14 +118,18 @@ class HttpServer:
                   Route("/v1/models/{name:path}", self.model, methods=["GET"]),
                   Route("/healthz", self.healthz, methods=["GET"]),
                   Route("/readyz", self.readyz, methods=["GET"]),
-                  Route("/metrics", self.metrics, methods=["GET"])]
+                  Route("/metrics", self.metrics, methods=["GET"]),
+                  # every method: handle_admin answers the wrong one with 405 and Allow
+                  Route("/admin/{rest:path}", self.admin, methods=list(ADMIN_METHODS))]
         if server.web is not None:
             routes += [Route(path, self.page, methods=["GET", "HEAD"]) for path in PATHS]
         # browsers on the origins of [server] origins may call the API from their pages
         cors = [Middleware(CORSMiddleware, allow_origins=list(s.origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])] if s.origins else []
-        self.app = Starlette(routes=routes, middleware=cors, exception_handlers={
+        worker = server.worker_header()
+        named = [Middleware(_NameWorker, header=worker)] if worker is not None else []
+        self.app = Starlette(routes=routes, middleware=named + cors, exception_handlers={
             OpenAIError: self._error_response, 404: _not_found, 405: _not_allowed,
             500: _server_error})
         self._uvicorn: _Uvicorn | None = None
@@ -201,6 +232,18 @@ class HttpServer:
         metrics = self.server.metrics
         metrics.observe_plugins(self.server.engine.plugin_health())
         return Response(metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    async def admin(self, request: Request) -> Response:
+        """The admin endpoint (:mod:`mmchat.admin`), as the WebSocket port serves it but
+        with ``DELETE /admin/subjects/{subject}`` too. The path goes to it as sent (still
+        percent-encoded: a subject may hold a ``/``)."""
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        target = raw.decode("latin-1")
+        answer = await handle_admin(self.server.store, self.server.auth.secret,
+                                    request.method, target,
+                                    request.headers.get("Authorization"), now=time.time())
+        assert answer is not None  # the route matched /admin/
+        return Response(answer.body, answer.status, headers=answer.headers)
 
     async def page(self, request: Request) -> Response:
         web = self.server.web

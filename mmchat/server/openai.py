@@ -4,13 +4,20 @@ over the public :class:`~mmchat.Engine` API only.
 OpenAI clients send the whole conversation with every request; an mmchat session keeps
 the RNN state of what it has seen. After each reply the session is named, in the store
 (so any node can continue it), by the key of the conversation it has now seen
-(:func:`~.openai_wire.conversation_key`: the owner, each turn's text and attachments'
-hashes). A request whose history has that key takes the name (one taker: the store's
-``take_alias``) and continues the session with its last message alone: **continued**.
-A request whose history has no such session (a conversation from another server, an
-edited or regenerated turn, an expired session) gets a new session seeded with its
-history (:meth:`~mmchat.Engine.seed`, no generating): **rebuilt**. A request with no
-history opens a new session: **new**. ``mmchat_openai_sessions_total{how}`` counts them.
+(:func:`~.openai_wire.conversation_key`: the owner, the system text, each turn's text
+and attachments' hashes). A request whose history has that key takes the name (one
+taker: the store's ``take_alias``) and continues the session with its last message
+alone: **continued**. A request whose history has no such session (a conversation from
+another server, an edited or regenerated turn, a changed system text, an expired or
+erased session) gets a new session seeded with its system text and history
+(:meth:`~mmchat.Engine.seed`, no generating): **rebuilt**. A request with neither opens
+a new session: **new**. ``mmchat_openai_sessions_total{how}`` counts them.
+
+A request made with an access token makes and continues sessions of the token's
+subject (:mod:`mmchat.subjects`), so ``mmchat sessions`` and the admin endpoint list,
+export and erase them. A name is taken only for a session that is still there and still
+the same owner's (:meth:`~mmchat.sessions.SessionStore.head`): a name that outlived its
+session (expired, or its subject erased) rebuilds, so it never reaches what was erased.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from ..errors import MMChatError
+from ..errors import MMChatError, SessionLost
 from ..modality import Attachment
 from ..replies import ReplyStream
+from ..subjects import subject_of
 from .openai_wire import (
     ChatRequest,
     Completion,
@@ -54,6 +62,7 @@ class _Run:
     stream: ReplyStream
     session_id: str
     owner: str
+    system: str | None
     seen: list[Turn]  # the conversation the session had seen, and the message answered
     key: str  # the key of the history the session had seen ("" for a new one)
     streamed: list[str] = field(default_factory=list)
@@ -141,31 +150,49 @@ class OpenAIService:
 
     async def _start(self, request: ChatRequest, owner: str) -> _Run:
         conversation = request.conversation
-        message, history = conversation.message, conversation.history
+        message, history, system = (conversation.message, conversation.history,
+                                    conversation.system)
+        subject = subject_of(owner)
         self._check_message(message)
         await self._fetch_remote([message])
-        key = conversation_key(owner, history) if history else ""
-        session_id = await self.store.take_alias(key) if key else None
+        key = conversation_key(owner, history, system) if history else ""
+        session_id = await self._take(key, owner if subject is not None else None)
         how = "continued" if session_id else "rebuilt" if history else "new"
         if session_id is None:
             session_id = "oai-" + uuid.uuid4().hex
-            if history:
+            if history or system is not None:
                 await self._fetch_remote(history)
                 try:
                     await self.engine.seed(session_id, [
                         {"role": t.role, "text": t.text, "attachments": t.attachments}
-                        for t in history])
+                        for t in history], system=system, subject=subject)
                 except MMChatError as exc:
                     raise from_mmchat(exc) from None
         try:
             stream = await self.engine.stream(session_id, message.text, message.attachments,
-                                              **request.generation)
+                                              subject=subject, **request.generation)
         except MMChatError as exc:
             if key:  # nothing ran: the session is still where it was
                 await self.store.set_alias(key, session_id)
             raise from_mmchat(exc) from None
         self.metrics.openai_sessions.labels(how).inc()
-        return _Run(stream, session_id, owner, [*history, message], key)
+        return _Run(stream, session_id, owner, system, [*history, message], key)
+
+    async def _take(self, key: str, owner: str | None) -> str | None:
+        """The session named ``key`` (taking the name), if it is still there with the
+        owner it was made with (``None``: no subject); else ``None``, to rebuild."""
+        session_id = await self.store.take_alias(key) if key else None
+        if session_id is None:
+            return None
+        try:
+            head = await self.store.head(session_id)
+        except SessionLost:  # lost in part (and deleted by the store): rebuild it
+            return None
+        if head is None or head.owner != owner:
+            logger.info("the OpenAI session %s is gone; the conversation is rebuilt",
+                        session_id)
+            return None
+        return session_id
 
     async def _finished(self, run: _Run, text: str, finish_reason: str) -> None:
         """Name the session by the conversation it has now seen (the reply as the client
@@ -174,7 +201,8 @@ class OpenAIService:
         if finish_reason == "cancelled":
             return
         seen = [*run.seen, Turn("assistant", text)]
-        await self.store.set_alias(conversation_key(run.owner, seen), run.session_id)
+        await self.store.set_alias(conversation_key(run.owner, seen, run.system),
+                                   run.session_id)
 
     async def _failed(self, run: _Run) -> None:
         """A turn that failed saved nothing: the session is where it was (a rebuilt one

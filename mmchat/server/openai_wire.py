@@ -3,8 +3,10 @@ responses, stream chunks and errors written back. Sans-I/O: no HTTP library, no 
 
 A request's messages become a :class:`Conversation`: the exchanges before the last user
 message (each a user turn and the reply it got: what a session has seen) and that last
-message, whose reply is wanted. ``system`` and ``developer`` messages are left out (the
-model has no role for them); consecutive messages of one role join into one turn.
+message, whose reply is wanted. The ``system`` and ``developer`` messages before the
+first user or assistant message are the conversation's system text (joined by new
+lines): a session starts with it (:meth:`mmchat.Engine.seed`'s ``system``); later ones
+are left out. Consecutive messages of one role join into one turn.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from ..modality import Attachment
 
 #: ``input_audio`` formats and the MIME type each is decoded as.
 AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg"}
-#: Roles whose messages are read but not given to the model.
-IGNORED_ROLES = ("system", "developer")
+#: Roles whose messages are the system text when they lead the conversation, and are
+#: read but left out anywhere else.
+SYSTEM_ROLES = ("system", "developer")
 #: Request fields accepted and ignored (docs/openai.md says why).
 IGNORED_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "functions",
                   "function_call", "logprobs", "top_logprobs", "presence_penalty",
@@ -124,6 +127,7 @@ class Conversation:
 
     history: list[Turn]  # user, assistant, user, assistant, ...
     message: Turn  # a user turn
+    system: str | None = None  # the leading system and developer messages' text
 
 
 @dataclass
@@ -218,12 +222,17 @@ def read_messages(messages: Any, max_attachment_bytes: int) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
     turns: list[Turn] = []
+    system: list[str] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object", where)
         role = message.get("role")
-        if role in IGNORED_ROLES:
+        if role in SYSTEM_ROLES:
+            if not turns:  # leading: the system text; later ones are left out
+                text = _read_content(message.get("content"), role, where,
+                                     max_attachment_bytes).text
+                system += [text] if text.strip() else []
             continue
         if role not in ("user", "assistant"):
             raise bad_request(f"{where}.role {role!r} is not supported: use user, "
@@ -240,7 +249,7 @@ def read_messages(messages: Any, max_attachment_bytes: int) -> Conversation:
                           "it is the one answered", "messages")
     if turns[0].role == "assistant":  # the conversation opened with the assistant
         turns.insert(0, Turn("user"))
-    return Conversation(turns[:-1], turns[-1])
+    return Conversation(turns[:-1], turns[-1], "\n".join(system) or None)
 
 
 def _read_content(content: Any, role: str, where: str, max_bytes: int) -> Turn:
@@ -320,12 +329,14 @@ def _base64(payload: Any, param: str, max_bytes: int) -> bytes:
     return data
 
 
-def conversation_key(owner: str, turns: Sequence[Turn]) -> str:
-    """The key of what a session has seen: ``owner`` and each turn's role, text (spaces
-    around it do not count: clients trim replies) and attachments (their content hashes;
-    a remote picture's URL, so it is fetched again only to rebuild a session)."""
-    canonical = [owner, *([t.role, t.text.strip(), [p.key for p in t.parts]]
-                          for t in turns)]
+def conversation_key(owner: str, turns: Sequence[Turn], system: str | None = None) -> str:
+    """The key of what a session has seen: ``owner``, its ``system`` text (if any) and
+    each turn's role, text (spaces around it do not count: clients trim replies) and
+    attachments (their content hashes; a remote picture's URL, so it is fetched again
+    only to rebuild a session)."""
+    lead = [] if system is None else [["system", system, []]]
+    canonical = [owner, *lead, *([t.role, t.text.strip(), [p.key for p in t.parts]]
+                                 for t in turns)]
     encoded = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
 
