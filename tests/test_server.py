@@ -632,3 +632,25 @@ def test_attachment_types_are_checked_by_the_client():
 
         _attachment(b"raw bytes without a type")
     assert Attachment(b"x", "image/png").mime_type == "image/png"
+
+
+def test_metric_label_children_are_made_once_per_value(monkeypatch):
+    from mmchat.server.metrics import Metrics
+
+    metrics = Metrics()
+    made = []
+    for counter in (metrics.errors, metrics.turns, metrics.store_latency):
+        original = counter.labels
+        monkeypatch.setattr(counter, "labels",
+                            lambda *values, original=original: made.append(values) or
+                            original(*values))
+    for _ in range(3):
+        metrics.error("rate_limited")
+        metrics.turn_ended("stop")
+        metrics.store_call("end_turn", 0.001)
+    metrics.turn_ended("length")
+    assert made == [("rate_limited",), ("stop",), ("end_turn",), ("length",)]
+    text = metrics.render().decode()
+    assert 'mmchat_errors_total{code="rate_limited"} 3.0' in text
+    assert 'mmchat_turns_total{finish_reason="stop"} 3.0' in text
+    assert 'mmchat_store_latency_seconds_count{op="end_turn"} 3.0' in text

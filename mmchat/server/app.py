@@ -239,7 +239,7 @@ class ChatServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         if len(self.connections) >= self.settings.max_connections:
-            self.metrics.errors.labels("too_many_connections").inc()
+            self.metrics.error("too_many_connections")
             self.episodes.failed(CONNECTION_TROUBLE, f"refused a connection: "
                                  f"{len(self.connections)} open, the limit "
                                  f"(server.max_connections)")

@@ -112,7 +112,7 @@ class Connection:
 
     def error(self, code: str, message: str, ref: str | None = None, *,
               fatal: bool = False) -> None:
-        self.server.metrics.errors.labels(code).inc()
+        self.server.metrics.error(code)
         self.send(Error(code, message, ref, fatal))
 
     def close(self, code: int, reason: str) -> None:

@@ -82,9 +82,34 @@ class Metrics:
         self.plugin_up = Gauge("mmchat_plugin_up", "1 if a modality's plugin is in service, "
                                "0 while its circuit breaker keeps it out.",
                                ["modality", "plugin"], registry=r)
+        # Label children by value: labels() takes a lock and builds a key each call.
+        self._errors: dict[str, Any] = {}
+        self._turns: dict[str, Any] = {}
+        self._store_ops: dict[str, Any] = {}
         self.plugin_failures = Gauge("mmchat_plugin_failures", "Failures and timeouts of a "
                                      "modality's decode and encoder calls so far.",
                                      ["modality", "plugin"], registry=r)
+
+    def error(self, code: str) -> None:
+        """Count an error event sent with ``code``."""
+        child = self._errors.get(code)
+        if child is None:
+            child = self._errors[code] = self.errors.labels(code)
+        child.inc()
+
+    def turn_ended(self, finish_reason: str) -> None:
+        """Count a reply that ended with ``finish_reason``."""
+        child = self._turns.get(finish_reason)
+        if child is None:
+            child = self._turns[finish_reason] = self.turns.labels(finish_reason)
+        child.inc()
+
+    def store_call(self, op: str, seconds: float) -> None:
+        """Record one session-store call's latency."""
+        child = self._store_ops.get(op)
+        if child is None:
+            child = self._store_ops[op] = self.store_latency.labels(op)
+        child.observe(seconds)
 
     def observe_plugins(self, health: Sequence[dict[str, Any]]) -> None:
         """Set the plugin gauges from :meth:`mmchat.Engine.plugin_health`."""
@@ -106,7 +131,7 @@ class TimedStore(SessionStore):
     def __init__(self, inner: SessionStore, metrics: Metrics,
                  episodes: Episodes | None = None) -> None:
         self.inner = inner
-        self._latency = metrics.store_latency
+        self._metrics = metrics
         #: Every call's outcome, so outages are logged once per episode.
         self.episodes = episodes or Episodes()
 
@@ -126,7 +151,7 @@ class TimedStore(SessionStore):
             with self._watched():
                 yield
         finally:
-            self._latency.labels(op).observe(time.perf_counter() - start)
+            self._metrics.store_call(op, time.perf_counter() - start)
 
     async def load(self, session_id: str) -> SessionData | None:
         with self._timed("load"):
