@@ -54,7 +54,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench_server:begin -->", "<!-- bench_server:end -->"
 TARGET_TTFT_TEXT_MS, TARGET_TTFT_IMAGE_MS, TARGET_SPEEDUP = 50.0, 100.0, 10.0
 #: Issue 19: a picture's TTFT p99 within 2x the text p99; the server's CPU per text reply
-#: within 1.3x the engine alone's (and half the code before it); 80% of its tokens/s.
+#: within 1.3x the engine alone's, its front end (the CPU beyond the engine alone's) half
+#: that of the code before; 80% of the engine alone's tokens/s.
 TARGET_IMAGE_VS_TEXT, TARGET_CPU_VS_ENGINE, TARGET_CPU_VS_BEFORE = 2.0, 1.3, 0.5
 TARGET_VS_ENGINE = 0.8
 
@@ -462,13 +463,15 @@ def _checks(phases: list[Phase], clients: int) -> list[tuple[str, float, float, 
             checks.append((f"server CPU per text reply vs the engine alone's, {store} store",
                            _server_cpu(phase) / engine_cpu, TARGET_CPU_VS_ENGINE, "x",
                            False))
-    for old in phases:
+    for old in phases:  # the front end's share: the server's CPU beyond the engine's
         if old.name.startswith("mmchat at ") and old.name.endswith(", text"):
             now = redis if "Redis" in old.name else text
-            if _server_cpu(old) and _server_cpu(now):
-                checks.append((f"server CPU per text reply vs {old.name.split(',')[0]}",
-                               _server_cpu(now) / _server_cpu(old), TARGET_CPU_VS_BEFORE,
-                               "x", False))
+            before = _server_cpu(old) - engine_cpu
+            if engine_cpu and _server_cpu(now) and before > 0:
+                checks.append((f"front-end CPU per text reply (server - engine alone) vs "
+                               f"{old.name.split(',')[0]}",
+                               (_server_cpu(now) - engine_cpu) / before,
+                               TARGET_CPU_VS_BEFORE, "x", False))
     return checks
 
 
