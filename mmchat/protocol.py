@@ -652,6 +652,29 @@ def to_json(event: ClientEvent | ServerEvent) -> dict[str, Any]:
 _quote = json.encoder.encode_basestring
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} cannot be sent as JSON")
+    return value
+
+
+def _done_fields(done: Done) -> dict[str, Any]:
+    """A ``done``'s JSON fields but its type, response id, seq and text (as
+    :func:`to_json` gives them), built directly."""
+    fields: dict[str, Any] = {
+        "finish_reason": done.finish_reason,
+        "usage": {"prompt_tokens": done.usage.prompt_tokens,
+                  "completion_tokens": done.usage.completion_tokens},
+        "attention": {str(k): _finite(v) for k, v in done.attention.items()},
+        "timings": {str(k): _finite(v) for k, v in done.timings.items()}}
+    if done.dropped is not None:
+        fields["dropped"] = list(done.dropped)
+    if done.confidence is not None:
+        fields["confidence"] = _finite(done.confidence)
+    fields["fallback"] = done.fallback
+    return fields
+
+
 def serialize(event: ClientEvent | ServerEvent) -> str:
     """The text frame for ``event``. Deltas and starts, most of the frames a server
     sends, are written directly: the same JSON as :func:`to_json` gives, built without
@@ -664,6 +687,10 @@ def serialize(event: ClientEvent | ServerEvent) -> str:
     if cls is Started:
         return (f'{{"type":"started","id":{_quote(event.id)},'
                 f'"response_id":{_quote(event.response_id)},"seq":{event.seq:d}}}')
+    if cls is Done:
+        return json.dumps({"type": "done", "response_id": event.response_id,
+                           "seq": event.seq, "text": event.text, **_done_fields(event)},
+                          ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return json.dumps(to_json(event), ensure_ascii=False, separators=(",", ":"),
                       allow_nan=False)
 
@@ -672,8 +699,14 @@ def serialize(event: ClientEvent | ServerEvent) -> str:
 
 def to_stream_entry(event: Started | Delta | Done) -> StreamEntry:
     """The :class:`mmchat.sessions.StreamEntry` that keeps a reply event for resume."""
-    if type(event) is Delta and event.first_seq is None:
+    cls = type(event)
+    if cls is Delta and event.first_seq is None:
         return StreamEntry(event.seq, event.response_id, "delta", event.text, {})
+    if cls is Started:
+        return StreamEntry(event.seq, event.response_id, "started", "", {"id": event.id})
+    if cls is Done:
+        return StreamEntry(event.seq, event.response_id, "done", event.text,
+                           _done_fields(event))
     if not isinstance(event, (Started, Delta, Done)):
         raise TypeError(f"only started, delta and done are kept, not {event.type}")
     data = to_json(event)

@@ -144,14 +144,8 @@ class TimedStore(SessionStore):
             raise
         self.episodes.succeeded(STORE_TROUBLE)
 
-    @contextlib.contextmanager
-    def _timed(self, op: str):
-        start = time.perf_counter()
-        try:
-            with self._watched():
-                yield
-        finally:
-            self._metrics.store_call(op, time.perf_counter() - start)
+    def _timed(self, op: str) -> _Timed:
+        return _Timed(self, op)
 
     async def load(self, session_id: str) -> SessionData | None:
         with self._timed("load"):
@@ -224,6 +218,28 @@ class TimedStore(SessionStore):
     async def stream_tail(self, session_id: str) -> StreamEntry | None:
         with self._timed("stream_tail"):
             return await self.inner.stream_tail(session_id)
+
+
+class _Timed:
+    """``with store._timed(op):`` a call's latency recorded and its outcome watched (a
+    plain class: it runs around every append of every reply)."""
+
+    __slots__ = ("_store", "_op", "_start")
+
+    def __init__(self, store: TimedStore, op: str) -> None:
+        self._store, self._op = store, op
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        store = self._store
+        store._metrics.store_call(self._op, time.perf_counter() - self._start)
+        if kind is None:
+            store.episodes.succeeded(STORE_TROUBLE)
+        elif isinstance(exc, StoreUnavailable):
+            store.episodes.failed(STORE_TROUBLE, str(exc))
 
 
 class _TimedTurn(SessionTurn):
