@@ -74,8 +74,10 @@ class Phase:
     #: CPU seconds the phase cost, when measured: the server's event-loop thread, its
     #: other threads (model, encoders, media), and this process's clients.
     cpu: dict[str, float] = field(default_factory=dict)
-    #: Frames the clients received (text frames, ``ready`` included).
+    #: Frames the clients received per reply (``started``, deltas, ``done``).
     frames: int = 0
+    #: Each reply's ``done.timings`` (ms): where its first token's time went.
+    timings: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -111,6 +113,7 @@ async def _client_loop(url: str, phase: Phase, messages: int, attachments: list,
             phase.tokens += done.usage.completion_tokens
             phase.replies += 1
             phase.frames += 2 + len(reply.deltas)
+            phase.timings.append(dict(done.timings))
     finally:
         await client.close()
 
@@ -515,6 +518,7 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "throughput while sharing the cores with the clients.",
         "",
         *_cpu_table(phases),
+        *_timings_table(phases),
         *_scale_out(phases),
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
@@ -551,6 +555,28 @@ def _cpu_table(phases: list[Phase]) -> list[str]:
             table(["load", "event loop", "other threads (model ...)", "server total",
                    "vs engine alone", "clients", "frames per reply", "cores busy"], rows),
             ""]
+
+
+def _timings_table(phases: list[Phase]) -> list[str]:
+    """Where the first token's time goes in the server, from each reply's ``done``."""
+    measured = [p for p in phases if p.timings and p.name.startswith("mmchat")
+                and p.clients > 1]
+    if not measured:
+        return []
+    names = ("queue", "decode_media", "prefill", "first_token")
+    rows = []
+    for p in measured:
+        cells = []
+        for name in names:
+            values = [t.get(name, 0.0) / 1000 for t in p.timings]
+            cells.append(f"{sum(values) / len(values) * 1000:.1f} / "
+                         f"{percentile(values, 99) * 1000:.1f}")
+        rows.append([p.name, *cells])
+    return ["Where a reply's first token waits, inside the server (each `done`'s timings, "
+            "ms, mean / p99: `queue` for the session, `decode_media` decoding and "
+            "encoding attachments, `prefill` waiting for and running the batched "
+            "prefill, `first_token` all of it from the turn's start):", "",
+            table(["load", *names], rows), ""]
 
 
 def _scale_out(phases: list[Phase]) -> list[str]:
