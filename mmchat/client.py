@@ -10,6 +10,10 @@
             print(delta.text, end="", flush=True)
         print(reply.done.finish_reason)
 
+``Client.connect(url, coalesce=8)`` asks for fewer frames: each reply's first delta at
+once, the rest in deltas of up to 8 tokens (``Delta.first_seq`` to ``Delta.seq``;
+docs/protocol.md, "Coalesced deltas").
+
 If the connection drops, iterating a reply raises :class:`ConnectionLost`;
 ``await client.resume()`` (optionally with another server's URL) reconnects to the
 session and the same reply objects carry on: events the client already has are not
