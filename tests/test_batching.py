@@ -339,6 +339,23 @@ async def test_replies_decode_while_the_encoders_work(tiny_config, toy_host):
         assert (await waiting.wait()).completion_tokens > 0
 
 
+async def streams_encoded_together(engine, turns):
+    """Start ``turns`` while the toy modality's encoder thread is held, so that their
+    attachments wait together; then let it go. The turns' streams."""
+    encoders = engine._guard._lanes["toy"].encoders
+    gate = threading.Event()
+    busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
+    streams = [await engine.stream(s, text, atts) for s, text, atts in turns]
+    attachments = sum(len(atts) for _, _, atts in turns)
+    for _ in range(1000):
+        if len(encoders._jobs) == attachments:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    await busy
+    return streams
+
+
 async def test_a_burst_of_attachments_is_encoded_on_two_threads(tiny_config, toy_host,
                                                                   tmp_path):
     """Eight or more attachments waiting together are split in two encoder calls on two
@@ -358,16 +375,7 @@ async def test_a_burst_of_attachments_is_encoded_on_two_threads(tiny_config, toy
             return encode(x, lengths)
 
         engine._guard._encoders["toy"] = recording
-        encoders = engine._guard._lanes["toy"].encoders
-        gate = threading.Event()
-        busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
-        streams = [await engine.stream(s, text, atts) for s, text, atts in turns]
-        for _ in range(1000):
-            if len(encoders._jobs) == len(turns):
-                break
-            await asyncio.sleep(0.01)
-        gate.set()
-        await busy
+        streams = await streams_encoded_together(engine, turns)
         replies = await asyncio.gather(*(st.wait() for st in streams))
     assert sorted(len(lengths) for lengths, _ in calls) == [5, 5]
     assert sorted(n for lengths, _ in calls for n in lengths) == list(range(1, 11))
@@ -396,17 +404,7 @@ async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_con
             return encode(x, lengths)
 
         engine._guard._encoders["toy"] = flaky
-        encoders = engine._guard._lanes["toy"].encoders
-        gate = threading.Event()
-        busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
-        streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
-        attachments = sum(len(atts) for _, _, atts in SESSIONS)
-        for _ in range(1000):
-            if len(encoders._jobs) == attachments:
-                break
-            await asyncio.sleep(0.01)
-        gate.set()
-        await busy
+        streams = await streams_encoded_together(engine, SESSIONS)
         results = await asyncio.gather(*(st.wait() for st in streams), return_exceptions=True)
     assert sorted(calls[0]) == [1, 2, 4, 9, 16]  # every toy attachment in one call (in
     # the order their media finished decoding)
