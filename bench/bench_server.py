@@ -7,9 +7,9 @@ all on loopback, through :class:`mmchat.client.Client`:
   reply has tokens, written with the same protocol code: the transport limit;
 * ``mmchat serve`` with one client sending one message at a time: the baseline;
 * ``mmchat serve`` with 64 clients at once, each sending messages back to back, text
-  only and with a 96x96 PNG; and once more with the Redis session store when a Redis
-  answers on 127.0.0.1:6379, by one server and by two sharing it (scale-out on one
-  machine).
+  only and with a 96x96 PNG; and once more with the Redis session store (a private
+  ``redis-server`` started for the run, else one answering on 127.0.0.1:6379), by one
+  server and by two sharing it (scale-out on one machine).
 
 The model is what ``config.toml`` serves (an untrained one at the ``[model]`` sizes
 when its checkpoint is not there), greedy, replies capped at ``REPLY_TOKENS``. Time to
@@ -34,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import ROOT, load_config, machine_notes, percentile, table
 
@@ -78,6 +79,9 @@ class Phase:
     frames: int = 0
     #: Each reply's ``done.timings`` (ms): where its first token's time went.
     timings: list[dict[str, float]] = field(default_factory=list)
+    #: With a private Redis: its read events (about one per round trip) and commands
+    #: over the phase.
+    redis: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -120,7 +124,7 @@ async def _client_loop(url: str, phase: Phase, messages: int, attachments: list,
 
 async def measure(url: str | list[str], name: str, clients: int, messages: int,
                   attachments: list = (), rounds: int = 1, pid: int | None = None,
-                  coalesce: int | None = COALESCE) -> Phase:
+                  coalesce: int | None = COALESCE, redis: Any = None) -> Phase:
     """``clients`` connections sending ``messages`` each, back to back, all at once; then
     again with new connections and sessions, ``rounds`` times in all. Wall time counts
     the rounds, not the pauses between them. With several URLs the clients take them in
@@ -128,6 +132,7 @@ async def measure(url: str | list[str], name: str, clients: int, messages: int,
     urls = [url] if isinstance(url, str) else url
     phase = Phase(name, clients)
     before = _cpu(pid, clients=True)
+    stats = await _redis_stats(redis)
     for _ in range(rounds):
         start = time.perf_counter()
         await asyncio.gather(*(_client_loop(urls[i % len(urls)], phase, messages,
@@ -137,7 +142,19 @@ async def measure(url: str | list[str], name: str, clients: int, messages: int,
     after = _cpu(pid, clients=True)
     if before and after:
         phase.cpu = {k: after[k] - before[k] for k in after}
+    if redis is not None:
+        phase.redis = {k: v - stats[k] - 1 for k, v in (await _redis_stats(redis)).items()}
     return phase
+
+
+async def _redis_stats(client: Any) -> dict[str, int]:
+    """A Redis's read events so far (about one per round trip: a pipeline is one) and
+    commands; empty without a client."""
+    if client is None:
+        return {}
+    info = await client.info("stats")
+    return {"round trips": info["total_reads_processed"],
+            "commands": info["total_commands_processed"]}
 
 
 def _cpu(pid: int | None, *, clients: bool) -> dict[str, float]:
@@ -261,7 +278,8 @@ def _serve_argv(untrained: bool) -> list[str]:
             *(["--untrained"] if untrained else [])]
 
 
-def _serve_env(store: str, threads: int) -> dict[str, str]:
+def _serve_env(store: str, threads: int, url: str = "redis://127.0.0.1:6379/0"
+               ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")}
     env.update({"MMCHAT_MODEL__THREADS": str(threads),
                 "MMCHAT_GENERATION__MAX_NEW_TOKENS": str(REPLY_TOKENS),
@@ -271,7 +289,7 @@ def _serve_env(store: str, threads: int) -> dict[str, str]:
                 "MMCHAT_SERVER__PING_INTERVAL_SECONDS": "0",
                 "MMCHAT_SESSIONS__BACKEND": store})
     if store == "redis":
-        env.update({"MMCHAT_SESSIONS__URL": "redis://127.0.0.1:6379/0",
+        env.update({"MMCHAT_SESSIONS__URL": url,
                     "MMCHAT_SESSIONS__PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
                     "MMCHAT_SESSIONS__TTL_SECONDS": "600"})
     return env
@@ -336,6 +354,24 @@ def _baseline_tree(rev: str | None):
         yield Path(tmp)
 
 
+@contextlib.contextmanager
+def _private_redis():
+    """A throwaway ``redis-server`` (see :mod:`bench.bench_store`), so its counters are
+    this run's alone; ``None`` without the binary."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        yield None
+        return
+    from bench.bench_store import PrivateRedis
+
+    private = PrivateRedis()
+    try:
+        yield private
+    finally:
+        private.stop()
+
+
 def _with_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
     """``env`` with ``tree``'s code (and its plugins) first on the import path."""
     paths = [tree, *sorted((tree / "plugins").glob("*"))]
@@ -383,36 +419,42 @@ async def _run(quick: bool, clients: int, threads: int,
     phases.append(await measure_engine(engine_config, f"engine alone, {clients} sessions, "
                                        "text (no server)", clients, messages, rounds))
 
-    redis = _redis_answers()
-    with _baseline_tree(baseline) as tree:
-        if tree is not None:  # the same loads on the code at `baseline`, per-token
-            for store in ("memory", "redis") if redis else ("memory",):
-                env = _with_tree(_serve_env(store, threads), tree)
-                async with Process(_serve_argv(untrained), env, cwd=tree) as server:
-                    await measure(server.url, "warm-up", 4, 1, coalesce=None)
-                    store_name = "" if store == "memory" else " + Redis store"
-                    phases.append(await measure(
-                        server.url, f"mmchat at {baseline}{store_name}, {text}", clients,
-                        messages, rounds=rounds, pid=server.proc.pid, coalesce=None))
-                    if store == "memory":
+    with _private_redis() as private:
+        redis_url = private.url if private is not None else "redis://127.0.0.1:6379/0"
+        client = await private.client() if private is not None else None
+        redis = client is not None or _redis_answers()
+        with _baseline_tree(baseline) as tree:
+            if tree is not None:  # the same loads on the code at `baseline`, per-token
+                for store in ("memory", "redis") if redis else ("memory",):
+                    env = _with_tree(_serve_env(store, threads, redis_url), tree)
+                    async with Process(_serve_argv(untrained), env, cwd=tree) as server:
+                        await measure(server.url, "warm-up", 4, 1, coalesce=None)
+                        store_name = "" if store == "memory" else " + Redis store"
                         phases.append(await measure(
-                            server.url, f"mmchat at {baseline}, {image}", clients,
-                            messages, [(png, "image/png")], rounds=rounds,
-                            pid=server.proc.pid, coalesce=None))
+                            server.url, f"mmchat at {baseline}{store_name}, {text}", clients,
+                            messages, rounds=rounds, pid=server.proc.pid, coalesce=None,
+                            redis=client if store == "redis" else None))
+                        if store == "memory":
+                            phases.append(await measure(
+                                server.url, f"mmchat at {baseline}, {image}", clients,
+                                messages, [(png, "image/png")], rounds=rounds,
+                                pid=server.proc.pid, coalesce=None))
 
-    if redis:
-        env = _serve_env("redis", threads)
-        async with Process(_serve_argv(untrained), env) as server:
-            await measure(server.url, "warm-up", 4, 1)
-            phases.append(await measure(server.url, f"mmchat + Redis store, {text}",
-                                        clients, messages, rounds=rounds,
-                                        pid=server.proc.pid))
-        async with Process(_serve_argv(untrained), env) as a, \
-                Process(_serve_argv(untrained), env) as b:
-            await measure([a.url, b.url], "warm-up", 4, 1)
-            phases.append(await measure([a.url, b.url], f"2 mmchat processes + Redis store, "
-                                        f"{clients} clients (half each), text", clients,
-                                        messages, rounds=rounds))
+        if redis:
+            env = _serve_env("redis", threads, redis_url)
+            async with Process(_serve_argv(untrained), env) as server:
+                await measure(server.url, "warm-up", 4, 1)
+                phases.append(await measure(server.url, f"mmchat + Redis store, {text}",
+                                            clients, messages, rounds=rounds,
+                                            pid=server.proc.pid, redis=client))
+            async with Process(_serve_argv(untrained), env) as a, \
+                    Process(_serve_argv(untrained), env) as b:
+                await measure([a.url, b.url], "warm-up", 4, 1)
+                phases.append(await measure([a.url, b.url], f"2 mmchat processes + Redis "
+                                            f"store, {clients} clients (half each), text",
+                                            clients, messages, rounds=rounds, redis=client))
+        if client is not None:
+            await client.aclose()
     sizes = config.model if untrained else _checkpoint_sizes(path)
     setup = (f"model: {sizes.rnn} {sizes.n_layer}x{sizes.n_hidden} ({model}), "
              f"fusion {sizes.fusion}, greedy, at most {REPLY_TOKENS}-token replies; "
@@ -519,6 +561,7 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "",
         *_cpu_table(phases),
         *_timings_table(phases),
+        *_redis_table(phases),
         *_scale_out(phases),
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
@@ -577,6 +620,19 @@ def _timings_table(phases: list[Phase]) -> list[str]:
             "encoding attachments, `prefill` waiting for and running the batched "
             "prefill, `first_token` all of it from the turn's start):", "",
             table(["load", *names], rows), ""]
+
+
+def _redis_table(phases: list[Phase]) -> list[str]:
+    """Redis round trips and commands per reply, from the private Redis's counters."""
+    measured = [p for p in phases if p.redis and p.replies]
+    if not measured:
+        return []
+    rows = [[p.name, f"{p.redis['round trips'] / p.replies:.2f}",
+             f"{p.redis['commands'] / p.replies:.2f}"] for p in measured]
+    return ["Redis per reply (a private `redis-server`'s `total_reads_processed`, about "
+            "one per round trip since a pipeline is read at once, and "
+            "`total_commands_processed`; the connections' hellos included):", "",
+            table(["load", "round trips", "commands"], rows), ""]
 
 
 def _scale_out(phases: list[Phase]) -> list[str]:
