@@ -174,6 +174,30 @@ async def test_coalesced_deltas_make_a_short_reply_four_frames(server):
     assert len(deltas) == tokens and all(d.first_seq is None for d in deltas)
 
 
+async def test_frames_waiting_together_go_in_one_socket_write(server, monkeypatch):
+    from mmchat.server import app
+
+    writes: list[bytes] = []
+    made = app._ServerConnection.connection_made
+
+    def counting(self, transport):
+        made(self, transport)
+        write = transport.write
+        transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]
+
+    monkeypatch.setattr(app._ServerConnection, "connection_made", counting)
+    ws, _ = await raw_hello(server.url, coalesce=8)
+    async with ws:
+        writes.clear()  # the handshake and ready
+        await ws.send(serialize(Message("m-1", "hello there")))
+        deltas, done = _frames_of_one_reply(await collect(ws))
+    assert len(deltas) == 2
+    texts = [w for w in writes if w[:1] == b"\x81"]  # text frames first (not the close)
+    # started with the first delta, then the held delta with done: two writes, not four
+    assert len(texts) == 2, texts
+    assert b'"type":"started"' in texts[0] and b'"type":"done"' in texts[1]
+
+
 def _sizes(tokens: int, coalesce: int) -> list[int]:
     rest = tokens - 1
     return [1, *[min(coalesce, rest - i) for i in range(0, rest, coalesce)]]

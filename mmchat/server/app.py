@@ -328,7 +328,7 @@ class _ServerConnection(ServerConnection):
 
     def send_data(self) -> None:
         """As websockets sends outgoing data, except that the frames waiting together go
-        in one write: the system call per frame was the server's largest cost."""
+        in one write: a system call per frame was the event loop's largest single cost."""
         frames: list[bytes] = []
         for data in self.protocol.data_to_send():
             if data:
