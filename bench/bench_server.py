@@ -7,9 +7,9 @@ all on loopback, through :class:`mmchat.client.Client`:
   reply has tokens, written with the same protocol code: the transport limit;
 * ``mmchat serve`` with one client sending one message at a time: the baseline;
 * ``mmchat serve`` with 64 clients at once, each sending messages back to back, text
-  only and with a 96x96 PNG; and once more with the Redis session store when a Redis
-  answers on 127.0.0.1:6379, by one server and by two sharing it (scale-out on one
-  machine).
+  only and with a 96x96 PNG; and once more with the Redis session store (a private
+  ``redis-server`` started for the run, else one answering on 127.0.0.1:6379), by one
+  server and by two sharing it (scale-out on one machine).
 
 The model is what ``config.toml`` serves (an untrained one at the ``[model]`` sizes
 when its checkpoint is not there), greedy, replies capped at ``REPLY_TOKENS``. Time to
@@ -34,10 +34,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import ROOT, load_config, machine_notes, percentile, table, write_section
 
 REPLY_TOKENS = 32
+#: The most tokens a delta carries after a reply's first (``hello.coalesce``), as the
+#: bench's clients ask; one phase streams every token in its own frame to compare.
+COALESCE = 8
 #: Torch threads of the served model: one per core the server may use. On a shared
 #: 2-core machine, two threads make oneDNN's prompt prefill 20-30x slower.
 THREADS = 1
@@ -48,6 +52,11 @@ CLIENTS = 64
 #: not the second-slowest of 192 replies.
 ROUNDS = 5
 TARGET_TTFT_TEXT_MS, TARGET_TTFT_IMAGE_MS, TARGET_SPEEDUP = 50.0, 100.0, 10.0
+#: Issue 19: a picture's TTFT p99 within 2x the text p99; the server's CPU per text reply
+#: within 1.3x the engine alone's, its front end (the CPU beyond the engine alone's) half
+#: that of the code before; 80% of the engine alone's tokens/s.
+TARGET_IMAGE_VS_TEXT, TARGET_CPU_VS_ENGINE, TARGET_CPU_VS_BEFORE = 2.0, 1.3, 0.5
+TARGET_VS_ENGINE = 0.8
 
 
 @dataclass
@@ -64,6 +73,13 @@ class Phase:
     #: CPU seconds the phase cost, when measured: the server's event-loop thread, its
     #: other threads (model, encoders, media), and this process's clients.
     cpu: dict[str, float] = field(default_factory=dict)
+    #: Frames the clients received per reply (``started``, deltas, ``done``).
+    frames: int = 0
+    #: Each reply's ``done.timings`` (ms): where its first token's time went.
+    timings: list[dict[str, float]] = field(default_factory=list)
+    #: With a private Redis: its read events (about one per round trip) and commands
+    #: over the phase.
+    redis: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,10 +96,11 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-async def _client_loop(url: str, phase: Phase, messages: int, attachments: list) -> None:
+async def _client_loop(url: str, phase: Phase, messages: int, attachments: list,
+                       coalesce: int | None) -> None:
     from mmchat.client import Client
 
-    client = await Client.connect(url)
+    client = await Client.connect(url, coalesce=coalesce)
     try:
         for i in range(messages):
             start = time.perf_counter()
@@ -97,47 +114,67 @@ async def _client_loop(url: str, phase: Phase, messages: int, attachments: list)
                 continue
             phase.tokens += done.usage.completion_tokens
             phase.replies += 1
+            phase.frames += 2 + len(reply.deltas)
+            phase.timings.append(dict(done.timings))
     finally:
         await client.close()
 
 
 async def measure(url: str | list[str], name: str, clients: int, messages: int,
-                  attachments: list = (), rounds: int = 1, pid: int | None = None) -> Phase:
+                  attachments: list = (), rounds: int = 1, pid: int | None = None,
+                  coalesce: int | None = COALESCE, redis: Any = None) -> Phase:
     """``clients`` connections sending ``messages`` each, back to back, all at once; then
     again with new connections and sessions, ``rounds`` times in all. Wall time counts
     the rounds, not the pauses between them. With several URLs the clients take them in
     turn. With the server's ``pid`` (and Linux's /proc) the phase's CPU time is kept."""
     urls = [url] if isinstance(url, str) else url
     phase = Phase(name, clients)
-    before = _cpu(pid)
+    before = _cpu(pid, clients=True)
+    stats = await _redis_stats(redis)
     for _ in range(rounds):
         start = time.perf_counter()
         await asyncio.gather(*(_client_loop(urls[i % len(urls)], phase, messages,
-                                            list(attachments)) for i in range(clients)))
+                                            list(attachments), coalesce)
+                               for i in range(clients)))
         phase.wall += time.perf_counter() - start
-    after = _cpu(pid)
+    after = _cpu(pid, clients=True)
     if before and after:
         phase.cpu = {k: after[k] - before[k] for k in after}
+    if redis is not None:
+        phase.redis = {k: v - stats[k] - 1 for k, v in (await _redis_stats(redis)).items()}
     return phase
 
 
-def _cpu(pid: int | None) -> dict[str, float]:
-    """CPU seconds so far: server process ``pid``'s main thread and other threads, and
-    this process; empty without a pid or /proc."""
+async def _redis_stats(client: Any) -> dict[str, int]:
+    """A Redis's read events so far (about one per round trip: a pipeline is one) and
+    commands; empty without a client."""
+    if client is None:
+        return {}
+    info = await client.info("stats")
+    return {"round trips": info["total_reads_processed"],
+            "commands": info["total_commands_processed"]}
+
+
+def _cpu(pid: int | None, *, clients: bool) -> dict[str, float]:
+    """CPU seconds so far of process ``pid``: its main thread (the event loop) and its
+    other threads (model, encoders, media), and with ``clients`` this process's; empty
+    without a pid or /proc."""
     tasks = Path(f"/proc/{pid}/task")
     if pid is None or not tasks.is_dir():
         return {}
     main = other = 0.0
     for task in tasks.iterdir():
         with contextlib.suppress(OSError):  # a thread that just ended
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            # nanoseconds on a CPU (the stat file's ticks are too coarse per reply)
+            seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
             if task.name == str(pid):
                 main += seconds
             else:
                 other += seconds
-    return {"server event loop": main, "server other threads": other,
-            "clients": time.process_time()}
+    cpu = {"event loop": main, "other threads": other}
+    if clients:
+        cpu["clients"] = time.process_time()
+    return cpu
 
 
 async def measure_engine(config, name: str, sessions: int, messages: int,
@@ -148,6 +185,7 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
 
     phase = Phase(name, sessions)
     threshold = gc.get_threshold()
+    before: dict[str, float] = {}
     async with Engine(config) as engine:
         await engine.reply("warm-up", "hello")
         gc.freeze()  # as `mmchat serve` does (docs/api.md, "Latency under load")
@@ -164,10 +202,14 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
                 phase.replies += 1
 
         try:
+            before = _cpu(os.getpid(), clients=False)
             for r in range(rounds):
                 start = time.perf_counter()
                 await asyncio.gather(*(session(f"r{r}-s{i}") for i in range(sessions)))
                 phase.wall += time.perf_counter() - start
+            after = _cpu(os.getpid(), clients=False)
+            if before and after:
+                phase.cpu = {k: after[k] - before[k] for k in after}
         finally:
             gc.set_threshold(*threshold)
             gc.unfreeze()
@@ -234,7 +276,8 @@ def _serve_argv(untrained: bool) -> list[str]:
             *(["--untrained"] if untrained else [])]
 
 
-def _serve_env(store: str, threads: int) -> dict[str, str]:
+def _serve_env(store: str, threads: int, url: str = "redis://127.0.0.1:6379/0"
+               ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMCHAT_")}
     env.update({"MMCHAT_MODEL__THREADS": str(threads),
                 "MMCHAT_GENERATION__MAX_NEW_TOKENS": str(REPLY_TOKENS),
@@ -244,7 +287,7 @@ def _serve_env(store: str, threads: int) -> dict[str, str]:
                 "MMCHAT_SERVER__PING_INTERVAL_SECONDS": "0",
                 "MMCHAT_SESSIONS__BACKEND": store})
     if store == "redis":
-        env.update({"MMCHAT_SESSIONS__URL": "redis://127.0.0.1:6379/0",
+        env.update({"MMCHAT_SESSIONS__URL": url,
                     "MMCHAT_SESSIONS__PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
                     "MMCHAT_SESSIONS__TTL_SECONDS": "600"})
     return env
@@ -291,7 +334,50 @@ async def echo_server(tokens: int) -> None:
 
 # The run.
 
-async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase], str]:
+@contextlib.contextmanager
+def _baseline_tree(rev: str | None):
+    """The repository at ``rev`` in a temporary folder (``git archive``), or ``None``."""
+    if rev is None:
+        yield None
+        return
+    import subprocess
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmchat-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _private_redis():
+    """A throwaway ``redis-server`` (see :mod:`bench.bench_store`), so its counters are
+    this run's alone; ``None`` without the binary."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        yield None
+        return
+    from bench.bench_store import PrivateRedis
+
+    private = PrivateRedis()
+    try:
+        yield private
+    finally:
+        private.stop()
+
+
+def _with_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """``env`` with ``tree``'s code (and its plugins) first on the import path."""
+    paths = [tree, *sorted((tree / "plugins").glob("*"))]
+    return {**env, "PYTHONPATH": os.pathsep.join(str(p) for p in paths if p.is_dir())}
+
+
+async def _run(quick: bool, clients: int, threads: int,
+               baseline: str | None = None) -> tuple[str, list[Phase], str]:
     from mmchat.loading import checkpoint_path
 
     config = load_config()
@@ -302,24 +388,27 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
     messages, baseline_messages = (1, 4) if quick else (3, 8)
     rounds = 1 if quick else ROUNDS
     phases: list[Phase] = []
+    text, image = f"{clients} clients, text", f"{clients} clients, with an image"
 
     echo = [sys.executable, "-c", "import asyncio, sys; from bench.bench_server import "
             f"echo_server; asyncio.run(echo_server({REPLY_TOKENS}))"]
     async with Process(echo, dict(os.environ)) as server:
-        await measure(server.url, "warm-up", 4, 1)
+        await measure(server.url, "warm-up", 4, 1, coalesce=None)
         phases.append(await measure(server.url, "bare websockets echo", clients, messages,
-                                    rounds=rounds))
+                                    rounds=rounds, coalesce=None))
 
     async with Process(_serve_argv(untrained), _serve_env("memory", threads)) as server:
         await measure(server.url, "warm-up", 4, 1, [(png, "image/png")])
         phases.append(await measure(server.url, "mmchat, one request at a time", 1,
                                     baseline_messages, rounds=rounds))
         pid = server.proc.pid
-        phases.append(await measure(server.url, f"mmchat, {clients} clients, text", clients,
-                                    messages, rounds=rounds, pid=pid))
-        phases.append(await measure(server.url, f"mmchat, {clients} clients, with an image",
-                                    clients, messages, [(png, "image/png")], rounds=rounds,
-                                    pid=pid))
+        phases.append(await measure(server.url, f"mmchat, {text}", clients, messages,
+                                    rounds=rounds, pid=pid))
+        phases.append(await measure(server.url, f"mmchat, {text}, per-token deltas",
+                                    clients, messages, rounds=rounds, pid=pid,
+                                    coalesce=None))
+        phases.append(await measure(server.url, f"mmchat, {image}", clients, messages,
+                                    [(png, "image/png")], rounds=rounds, pid=pid))
 
     engine_config = config.replace(
         model={"threads": threads, **({"checkpoint": "untrained"} if untrained else {})},
@@ -328,24 +417,48 @@ async def _run(quick: bool, clients: int, threads: int) -> tuple[str, list[Phase
     phases.append(await measure_engine(engine_config, f"engine alone, {clients} sessions, "
                                        "text (no server)", clients, messages, rounds))
 
-    if _redis_answers():
-        env = _serve_env("redis", threads)
-        async with Process(_serve_argv(untrained), env) as server:
-            await measure(server.url, "warm-up", 4, 1)
-            phases.append(await measure(server.url,
-                                        f"mmchat + Redis store, {clients} clients, text",
-                                        clients, messages, rounds=rounds))
-        async with Process(_serve_argv(untrained), env) as a, \
-                Process(_serve_argv(untrained), env) as b:
-            await measure([a.url, b.url], "warm-up", 4, 1)
-            phases.append(await measure([a.url, b.url], f"2 mmchat processes + Redis store, "
-                                        f"{clients} clients (half each), text", clients,
-                                        messages, rounds=rounds))
-    sizes = config.model if untrained else _checkpoint_sizes(config.resolve(model))
+    with _private_redis() as private:
+        redis_url = private.url if private is not None else "redis://127.0.0.1:6379/0"
+        client = await private.client() if private is not None else None
+        redis = client is not None or _redis_answers()
+        with _baseline_tree(baseline) as tree:
+            if tree is not None:  # the same loads on the code at `baseline`, per-token
+                for store in ("memory", "redis") if redis else ("memory",):
+                    env = _with_tree(_serve_env(store, threads, redis_url), tree)
+                    async with Process(_serve_argv(untrained), env, cwd=tree) as server:
+                        await measure(server.url, "warm-up", 4, 1, coalesce=None)
+                        store_name = "" if store == "memory" else " + Redis store"
+                        phases.append(await measure(
+                            server.url, f"mmchat at {baseline}{store_name}, {text}", clients,
+                            messages, rounds=rounds, pid=server.proc.pid, coalesce=None,
+                            redis=client if store == "redis" else None))
+                        if store == "memory":
+                            phases.append(await measure(
+                                server.url, f"mmchat at {baseline}, {image}", clients,
+                                messages, [(png, "image/png")], rounds=rounds,
+                                pid=server.proc.pid, coalesce=None))
+
+        if redis:
+            env = _serve_env("redis", threads, redis_url)
+            async with Process(_serve_argv(untrained), env) as server:
+                await measure(server.url, "warm-up", 4, 1)
+                phases.append(await measure(server.url, f"mmchat + Redis store, {text}",
+                                            clients, messages, rounds=rounds,
+                                            pid=server.proc.pid, redis=client))
+            async with Process(_serve_argv(untrained), env) as a, \
+                    Process(_serve_argv(untrained), env) as b:
+                await measure([a.url, b.url], "warm-up", 4, 1)
+                phases.append(await measure([a.url, b.url], f"2 mmchat processes + Redis "
+                                            f"store, {clients} clients (half each), text",
+                                            clients, messages, rounds=rounds, redis=client))
+        if client is not None:
+            await client.aclose()
+    sizes = config.model if untrained else _checkpoint_sizes(path)
     setup = (f"model: {sizes.rnn} {sizes.n_layer}x{sizes.n_hidden} ({model}), "
              f"fusion {sizes.fusion}, greedy, at most {REPLY_TOKENS}-token replies; "
              f"{messages} messages per client ({baseline_messages} for the baseline), "
-             f"{rounds} rounds of each load with new clients")
+             f"{rounds} rounds of each load with new clients; clients ask for "
+             f"`coalesce` {COALESCE} unless the row says per-token")
     return setup, phases, machine_notes(threads)
 
 
@@ -357,6 +470,54 @@ def _checkpoint_sizes(path):
     return DialogueConfig.from_dict(read_meta(path)["config"])
 
 
+def _find(phases: list[Phase], name: str) -> Phase | None:
+    return next((p for p in phases if p.name == name), None)
+
+
+def _server_cpu(phase: Phase | None) -> float:
+    """The server's CPU seconds per reply (event loop and other threads), or 0."""
+    if phase is None or not phase.cpu or not phase.replies:
+        return 0.0
+    return (phase.cpu["event loop"] + phase.cpu["other threads"]) / phase.replies
+
+
+def _checks(phases: list[Phase], clients: int) -> list[tuple[str, float, float, str, bool]]:
+    """(what, measured, goal, unit, higher is better) for every target the run can tell."""
+    base = phases[1]
+    text = _find(phases, f"mmchat, {clients} clients, text")
+    image = _find(phases, f"mmchat, {clients} clients, with an image")
+    alone = next(p for p in phases if p.name.startswith("engine alone"))
+    redis = _find(phases, f"mmchat + Redis store, {clients} clients, text")
+    p99 = {p.name: percentile(p.ttft, 99) * 1000 for p in phases}
+    checks = [
+        ("time to first token p99, text", p99[text.name], TARGET_TTFT_TEXT_MS, "ms", False),
+        ("time to first token p99, with an image", p99[image.name], TARGET_TTFT_IMAGE_MS,
+         "ms", False),
+        ("TTFT p99 with an image vs text", p99[image.name] / p99[text.name],
+         TARGET_IMAGE_VS_TEXT, "x", False),
+        ("aggregate tokens/s vs one at a time", text.tokens_per_second /
+         base.tokens_per_second, TARGET_SPEEDUP, "x", True),
+        ("tokens/s vs the engine alone", text.tokens_per_second /
+         max(alone.tokens_per_second, 1e-9), TARGET_VS_ENGINE, "x", True),
+    ]
+    engine_cpu = _server_cpu(alone)
+    for store, phase in (("memory", text), ("Redis", redis)):
+        if engine_cpu and _server_cpu(phase):
+            checks.append((f"server CPU per text reply vs the engine alone's, {store} store",
+                           _server_cpu(phase) / engine_cpu, TARGET_CPU_VS_ENGINE, "x",
+                           False))
+    for old in phases:  # the front end's share: the server's CPU beyond the engine's
+        if old.name.startswith("mmchat at ") and old.name.endswith(", text"):
+            now = redis if "Redis" in old.name else text
+            before = _server_cpu(old) - engine_cpu
+            if engine_cpu and _server_cpu(now) and before > 0:
+                checks.append((f"front-end CPU per text reply (server - engine alone) vs "
+                               f"{old.name.split(',')[0]}",
+                               (_server_cpu(now) - engine_cpu) / before,
+                               TARGET_CPU_VS_BEFORE, "x", False))
+    return checks
+
+
 def report(setup: str, phases: list[Phase], notes: str) -> str:
     echo, base = phases[0], phases[1]
     rows = []
@@ -366,24 +527,17 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
                      f"{p.tokens_per_second:,.0f}", ratio,
                      f"{percentile(p.ttft, 50) * 1000:.1f}",
                      f"{percentile(p.ttft, 99) * 1000:.1f}"])
-    text = next(p for p in phases if p.name == f"mmchat, {echo.clients} clients, text")
+    text = _find(phases, f"mmchat, {echo.clients} clients, text")
     alone = next(p for p in phases if p.name.startswith("engine alone"))
-    image = next(p for p in phases if p.name.endswith("with an image"))
-    checks = [
-        ("time to first token p99, text", percentile(text.ttft, 99) * 1000,
-         TARGET_TTFT_TEXT_MS, "ms", False),
-        ("time to first token p99, with an image", percentile(image.ttft, 99) * 1000,
-         TARGET_TTFT_IMAGE_MS, "ms", False),
-        ("aggregate tokens/s vs one at a time", text.tokens_per_second /
-         base.tokens_per_second, TARGET_SPEEDUP, "x", True),
-    ]
-    targets = [[what, f"{value:.1f} {unit}", f"{'>=' if higher else '<='} {goal:g} {unit}",
+    targets = [[what, f"{value:.2f} {unit}", f"{'>=' if higher else '<='} {goal:g} {unit}",
                 "met" if (value >= goal if higher else value <= goal) else "MISSED"]
-               for what, value, goal, unit, higher in checks]
+               for what, value, goal, unit, higher in _checks(phases, echo.clients)]
     return "\n".join([
         "## Serving over WebSocket (`bench/bench_server.py`)",
         "",
-        "Command: `python -m bench server`",
+        "Command: `python -m bench server` (with `python -m bench.bench_server --baseline "
+        "REV` the same loads also run on a server built from the code at REV, in the same "
+        "run)",
         "",
         f"Machine: {notes}. Servers and clients share the machine, on loopback; {setup}. "
         "Tokens/s counts reply tokens (the echo server's frames) over the phase's wall "
@@ -404,6 +558,8 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
         "throughput while sharing the cores with the clients.",
         "",
         *_cpu_table(phases),
+        *_timings_table(phases),
+        *_redis_table(phases),
         *_scale_out(phases),
         "Every client sends its next message as soon as its reply is done, so the 64 "
         "messages of a round arrive together. The engine decodes all running replies in "
@@ -416,17 +572,65 @@ def report(setup: str, phases: list[Phase], notes: str) -> str:
 
 
 def _cpu_table(phases: list[Phase]) -> list[str]:
-    """CPU milliseconds per reply, where the phases measured it."""
+    """CPU milliseconds per reply, by thread, where the phases measured it, and each
+    as a multiple of the engine alone's."""
     measured = [p for p in phases if p.cpu and p.replies]
     if not measured:
         return []
-    names = list(measured[0].cpu)
-    rows = [[p.name, *(f"{p.cpu[n] / p.replies * 1000:.2f}" for n in names),
-             f"{sum(p.cpu.values()) / p.wall:.2f}"] for p in measured]
-    return ["CPU per reply (ms, from /proc and this process's CPU time; the server's "
-            "Python holds one interpreter lock, so its threads together run on about one "
-            "core):", "",
-            table(["load", *names, "cores busy"], rows), ""]
+    alone = next((p for p in measured if p.name.startswith("engine alone")), None)
+    engine = _server_cpu(alone)
+    rows = []
+    for p in measured:
+        server = _server_cpu(p)
+        rows.append([p.name, f"{p.cpu['event loop'] / p.replies * 1000:.2f}",
+                     f"{p.cpu['other threads'] / p.replies * 1000:.2f}",
+                     f"{server * 1000:.2f}",
+                     f"{server / engine:.2f}x" if engine else "-",
+                     f"{p.cpu['clients'] / p.replies * 1000:.2f}" if "clients" in p.cpu
+                     else "-",
+                     f"{p.frames / p.replies:.1f}" if p.frames else "-",
+                     f"{sum(p.cpu.values()) / p.wall:.2f}"])
+    return ["CPU per reply (ms, per thread from /proc's schedstat; for the engine alone, this "
+            "process's event loop and model thread). A process's Python holds one "
+            "interpreter lock, so its threads together run on about one core:", "",
+            table(["load", "event loop", "other threads (model ...)", "server total",
+                   "vs engine alone", "clients", "frames per reply", "cores busy"], rows),
+            ""]
+
+
+def _timings_table(phases: list[Phase]) -> list[str]:
+    """Where the first token's time goes in the server, from each reply's ``done``."""
+    measured = [p for p in phases if p.timings and p.name.startswith("mmchat")
+                and p.clients > 1]
+    if not measured:
+        return []
+    names = ("queue", "decode_media", "prefill", "first_token")
+    rows = []
+    for p in measured:
+        cells = []
+        for name in names:
+            values = [t.get(name, 0.0) / 1000 for t in p.timings]
+            cells.append(f"{sum(values) / len(values) * 1000:.1f} / "
+                         f"{percentile(values, 99) * 1000:.1f}")
+        rows.append([p.name, *cells])
+    return ["Where a reply's first token waits, inside the server (each `done`'s timings, "
+            "ms, mean / p99: `queue` for the session, `decode_media` decoding and "
+            "encoding attachments, `prefill` waiting for and running the batched "
+            "prefill, `first_token` all of it from the turn's start):", "",
+            table(["load", *names], rows), ""]
+
+
+def _redis_table(phases: list[Phase]) -> list[str]:
+    """Redis round trips and commands per reply, from the private Redis's counters."""
+    measured = [p for p in phases if p.redis and p.replies]
+    if not measured:
+        return []
+    rows = [[p.name, f"{p.redis['round trips'] / p.replies:.2f}",
+             f"{p.redis['commands'] / p.replies:.2f}"] for p in measured]
+    return ["Redis per reply (a private `redis-server`'s `total_reads_processed`, about "
+            "one per round trip since a pipeline is read at once, and "
+            "`total_commands_processed`; the connections' hellos included):", "",
+            table(["load", "round trips", "commands"], rows), ""]
 
 
 def _scale_out(phases: list[Phase]) -> list[str]:
@@ -446,8 +650,9 @@ def write_doc(section: str) -> None:
     write_section("bench_server", section)
 
 
-def run(quick: bool = False, clients: int = CLIENTS, threads: int = THREADS) -> str:
-    setup, phases, notes = asyncio.run(_run(quick, clients, threads))
+def run(quick: bool = False, clients: int = CLIENTS, threads: int = THREADS,
+        baseline: str | None = None) -> str:
+    setup, phases, notes = asyncio.run(_run(quick, clients, threads, baseline))
     section = report(setup, phases, notes)
     if not quick:
         write_doc(section)
@@ -465,5 +670,8 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads of the served model (model.threads)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure a server built from the code at this git "
+                             "revision (git archive), per-token, in the same run")
     args = parser.parse_args()
-    print(run(args.quick, args.clients, args.threads))
+    print(run(args.quick, args.clients, args.threads, args.baseline))

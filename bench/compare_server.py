@@ -53,11 +53,14 @@ async def compare(revisions: list[str], load: str, rounds: int) -> str:
                 Process(_serve_argv(False), _serve_env("memory", 1), cwd=path))
                 for path in paths]
             for server in servers:  # warm up: TorchScript compiles on the first calls
-                await measure(server.url, "warm-up", 8, 1, [(_png(), "image/png")])
+                await measure(server.url, "warm-up", 8, 1, [(_png(), "image/png")],
+                              coalesce=None)
             phases = [Phase(rev, clients) for rev in revisions]
             for _ in range(rounds):
                 for server, phase in zip(servers, phases):
-                    one = await measure(server.url, load, clients, messages, attachments)
+                    # per-token deltas: what every revision speaks
+                    one = await measure(server.url, load, clients, messages, attachments,
+                                        coalesce=None)
                     phase.ttft += one.ttft
                     phase.tokens += one.tokens
                     phase.replies += one.replies

@@ -10,6 +10,10 @@
             print(delta.text, end="", flush=True)
         print(reply.done.finish_reason)
 
+``Client.connect(url, coalesce=8)`` asks for fewer frames: each reply's first delta at
+once, the rest in deltas of up to 8 tokens (``Delta.first_seq`` to ``Delta.seq``;
+docs/protocol.md, "Coalesced deltas").
+
 If the connection drops, iterating a reply raises :class:`ConnectionLost`;
 ``await client.resume()`` (optionally with another server's URL) reconnects to the
 session and the same reply objects carry on: events the client already has are not
@@ -160,9 +164,13 @@ class Client:
     """One conversation with an mmchat server. Build it with :meth:`connect`."""
 
     def __init__(self, url: str, *, token: str | None = None, origin: str | None = None,
-                 open_timeout: float = 10.0, **ws_options: Any) -> None:
+                 open_timeout: float = 10.0, coalesce: int | None = None,
+                 **ws_options: Any) -> None:
         self.url = url
         self.token = token
+        #: Asked of the server in every hello: the most tokens one delta may carry
+        #: after a reply's first (``None``: the server's default; docs/protocol.md).
+        self.coalesce = coalesce
         self.origin = origin
         self.open_timeout = open_timeout
         self.ws_options = ws_options
@@ -207,7 +215,7 @@ class Client:
             raise CannotConnect(f"cannot connect to {url}: {exc}") from exc
         try:
             await ws.send(serialize(Hello(PROTOCOL_VERSION, self.token, session_id,
-                                          last_seq)))
+                                          last_seq, self.coalesce)))
             self.notices = []
             async with asyncio.timeout(self.open_timeout):
                 while True:

@@ -130,6 +130,7 @@ class ServerConfig:
     ping_timeout_seconds: float = _opt(20.0, min=0.1)
     drain_seconds: float = _opt(30.0, min=0.0)
     resume_idle_seconds: float = _opt(30.0, min=0.1)
+    coalesce: int = _opt(1, min=1, max=256)
     web: bool = _opt(True)
     workers: int | str = _opt(1, choices=("auto",), min=1, max=1024)
     #: The HTTP port of the OpenAI-compatible endpoint (and the page): -1 off, 0 a free one.

@@ -18,7 +18,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
@@ -562,7 +562,9 @@ class Engine:
                  "usage": {"prompt_tokens": run.prompt_tokens,
                            "completion_tokens": len(run.tokens)},
                  "attention": done.attention,
-                 "generation": {**asdict(params), "stop": list(params.stop)}},
+                 # its fields are plain values: no deep copy (asdict) per reply
+                 "generation": {**{f: getattr(params, f) for f in params.__dataclass_fields__},
+                                "stop": list(params.stop)}},
             ]
             session.save(state=done.state, memory_added=done.memory_added, turns=turns,
                          max_memory=self.config.fusion.max_memory)

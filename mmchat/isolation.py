@@ -14,6 +14,7 @@ past it the turn fails with :class:`~mmchat.errors.PluginTimeout`. What ``collat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import time
@@ -47,6 +48,11 @@ HOST_SETTINGS = ("timeout_seconds",)
 
 #: Threads that run one modality's ``decode`` calls.
 DECODE_THREADS = 2
+#: Threads one modality's encoder batches run on: a batch of at least
+#: ``ENCODE_THREADS * ENCODE_SPLIT`` items (a burst of pictures) is split among them, so
+#: it uses more than one core (the encoder's torch ops release the interpreter lock).
+ENCODE_THREADS = 2
+ENCODE_SPLIT = 4
 
 T = TypeVar("T")
 
@@ -241,6 +247,8 @@ class _Lane:
     breaker: Breaker
     decode_pool: DaemonPool = field(init=False)
     encode_pool: DaemonPool = field(init=False)
+    #: The other threads a big batch is split among.
+    encode_helpers: DaemonPool = field(init=False)
     encoders: Any = field(init=False)  # batching.DecodeScheduler without a decoder
 
     def __post_init__(self) -> None:
@@ -249,6 +257,7 @@ class _Lane:
         name = self.modality.name
         self.decode_pool = DaemonPool(DECODE_THREADS, f"mmchat-decode-{name}")
         self.encode_pool = DaemonPool(1, f"mmchat-encode-{name}")
+        self.encode_helpers = DaemonPool(ENCODE_THREADS - 1, f"mmchat-encode-{name}-more")
         self.encoders = DecodeScheduler(None, self.encode_pool)
 
     @property
@@ -329,7 +338,7 @@ class PluginGuard:
         only its own turn."""
         modality = items[0][0]
         try:
-            return self._encode(modality, [f for _, f in items])
+            return self._encode_split(modality, [f for _, f in items])
         except Exception:
             if len(items) == 1:
                 raise
@@ -339,6 +348,24 @@ class PluginGuard:
                 out.append(self._encode(modality, [f])[0])
             except Exception as exc:
                 out.append(exc)
+        return out
+
+    def _encode_split(self, modality: Modality, features: list["torch.Tensor"]
+                      ) -> list["torch.Tensor"]:
+        """:meth:`_encode` for a batch, in parts on the lane's threads when it is big."""
+        parts = min(ENCODE_THREADS, len(features) // ENCODE_SPLIT)
+        if parts < 2:
+            return self._encode(modality, features)
+        size = -(-len(features) // parts)
+        chunks = [features[i:i + size] for i in range(0, len(features), size)]
+        helpers = self._lanes[modality.name].encode_helpers
+        futures = [helpers.submit(self._encode, modality, chunk) for chunk in chunks[1:]]
+        try:
+            out = self._encode(modality, chunks[0])
+        finally:
+            concurrent.futures.wait(futures)  # no part left running when one failed
+        for future in futures:
+            out += future.result()
         return out
 
     def _encode(self, modality: Modality, features: list["torch.Tensor"]
@@ -364,6 +391,7 @@ class PluginGuard:
             lane.encoders.close()
             lane.decode_pool.shutdown(wait=False, cancel_futures=True)
             lane.encode_pool.shutdown(wait=False, cancel_futures=True)
+            lane.encode_helpers.shutdown(wait=False, cancel_futures=True)
 
 
 def _checked_decode(modality: Modality, data: bytes, mime_type: str) -> "torch.Tensor":

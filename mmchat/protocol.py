@@ -110,6 +110,8 @@ _MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-
 _MAX_INT = 2**53 - 1
 _MAX_TOKEN_CHARS = 4096
 _MAX_NONCE_CHARS = 128
+#: The most tokens a client may ask one ``delta`` to carry.
+MAX_COALESCE = 256
 FINISH_REASONS = ("stop", "length", "loop", "cancelled", "error")
 
 
@@ -162,13 +164,16 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class Hello:
     """First event of a connection. ``session_id`` reattaches a session; with
-    ``last_seq`` the server replays reply events after that seq."""
+    ``last_seq`` the server replays reply events after that seq. ``coalesce`` (1 to
+    :data:`MAX_COALESCE`) lets a ``delta`` carry up to that many tokens after a reply's
+    first; absent, the server's default (``server.coalesce``) holds."""
 
     type: ClassVar[str] = "hello"
     version: str
     token: str | None = None
     session_id: str | None = None
     last_seq: int | None = None
+    coalesce: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,8 @@ class ModalityInfo:
 
 @dataclass(frozen=True)
 class Ready:
-    """Answer to ``hello``. ``resumed`` is true when an existing session was reattached."""
+    """Answer to ``hello``. ``resumed`` is true when an existing session was reattached;
+    ``coalesce`` is the most tokens one ``delta`` carries on this connection."""
 
     type: ClassVar[str] = "ready"
     session_id: str
@@ -237,6 +243,7 @@ class Ready:
     modalities: tuple[ModalityInfo, ...] = ()
     resumed: bool = False
     limits: Limits = DEFAULT_LIMITS
+    coalesce: int = 1
 
 
 @dataclass(frozen=True)
@@ -251,10 +258,14 @@ class Started:
 
 @dataclass(frozen=True)
 class Delta:
+    """Reply text. A delta that carries several tokens (``coalesce``) numbers them
+    ``first_seq`` to ``seq``; a one-token delta has no ``first_seq``."""
+
     type: ClassVar[str] = "delta"
     response_id: str
     seq: int
     text: str
+    first_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -480,10 +491,17 @@ def _read_hello(r: _Reader, limits: Limits) -> Hello:
                      f"this server speaks {PROTOCOL_VERSION!r}", fatal=True)
     hello = Hello(version, r.string("token", required=False, max_chars=_MAX_TOKEN_CHARS),
                   r.ident("session_id", required=False),
-                  r.integer("last_seq", required=False))
+                  r.integer("last_seq", required=False), _read_coalesce(r))
     if hello.last_seq is not None and hello.session_id is None:
         raise r.fail("bad_value", "'last_seq' needs 'session_id'")
     return hello
+
+
+def _read_coalesce(r: _Reader) -> int | None:
+    coalesce = r.integer("coalesce", required=False, minimum=1)
+    if coalesce is not None and coalesce > MAX_COALESCE:
+        raise r.fail("bad_value", f"'coalesce' must be from 1 to {MAX_COALESCE}")
+    return coalesce
 
 
 def _read_message(r: _Reader, limits: Limits) -> Message:
@@ -554,7 +572,17 @@ def _read_ready(r: _Reader) -> Ready:
         lr.finish()
         limits = Limits(**{k: defaults[k] if v is None else v for k, v in values.items()})
     return Ready(r.ident("session_id"), r.string("version"), tuple(modalities),
-                 r.boolean("resumed", default=False), limits)
+                 r.boolean("resumed", default=False), limits,
+                 _read_coalesce(r) or 1)
+
+
+def _read_delta(r: _Reader) -> Delta:
+    delta = Delta(r.ident("response_id"), r.integer("seq", minimum=1), r.string("text"),
+                  r.integer("first_seq", required=False, minimum=1))
+    if delta.first_seq is not None and delta.first_seq >= delta.seq:
+        raise r.fail("bad_value", "'first_seq' must be below 'seq' (a one-token delta "
+                     "has none)")
+    return delta
 
 
 def _read_done(r: _Reader) -> Done:
@@ -578,8 +606,7 @@ _SERVER_READERS = {
     Ready: _read_ready,
     Started: lambda r: Started(r.ident("id"), r.ident("response_id"),
                                r.integer("seq", minimum=1)),
-    Delta: lambda r: Delta(r.ident("response_id"), r.integer("seq", minimum=1),
-                           r.string("text")),
+    Delta: _read_delta,
     Done: _read_done,
     Error: lambda r: Error(r.string("code"), r.string("message"), r.string("ref", required=False),
                            r.boolean("fatal", default=False)),
@@ -621,8 +648,49 @@ def to_json(event: ClientEvent | ServerEvent) -> dict[str, Any]:
     return {"type": event.type, **_to_json(event)}
 
 
+#: JSON string literal of a ``str`` (the C encoder ``json.dumps`` uses for strings).
+_quote = json.encoder.encode_basestring
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} cannot be sent as JSON")
+    return value
+
+
+def _done_fields(done: Done) -> dict[str, Any]:
+    """A ``done``'s JSON fields but its type, response id, seq and text (as
+    :func:`to_json` gives them), built directly."""
+    fields: dict[str, Any] = {
+        "finish_reason": done.finish_reason,
+        "usage": {"prompt_tokens": done.usage.prompt_tokens,
+                  "completion_tokens": done.usage.completion_tokens},
+        "attention": {str(k): _finite(v) for k, v in done.attention.items()},
+        "timings": {str(k): _finite(v) for k, v in done.timings.items()}}
+    if done.dropped is not None:
+        fields["dropped"] = list(done.dropped)
+    if done.confidence is not None:
+        fields["confidence"] = _finite(done.confidence)
+    fields["fallback"] = done.fallback
+    return fields
+
+
 def serialize(event: ClientEvent | ServerEvent) -> str:
-    """The text frame for ``event``."""
+    """The text frame for ``event``. Deltas and starts, most of the frames a server
+    sends, are written directly: the same JSON as :func:`to_json` gives, built without
+    it."""
+    cls = type(event)
+    if cls is Delta:
+        first = "" if event.first_seq is None else f',"first_seq":{event.first_seq:d}'
+        return (f'{{"type":"delta","response_id":{_quote(event.response_id)},'
+                f'"seq":{event.seq:d},"text":{_quote(event.text)}{first}}}')
+    if cls is Started:
+        return (f'{{"type":"started","id":{_quote(event.id)},'
+                f'"response_id":{_quote(event.response_id)},"seq":{event.seq:d}}}')
+    if cls is Done:
+        return json.dumps({"type": "done", "response_id": event.response_id,
+                           "seq": event.seq, "text": event.text, **_done_fields(event)},
+                          ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return json.dumps(to_json(event), ensure_ascii=False, separators=(",", ":"),
                       allow_nan=False)
 
@@ -631,6 +699,14 @@ def serialize(event: ClientEvent | ServerEvent) -> str:
 
 def to_stream_entry(event: Started | Delta | Done) -> StreamEntry:
     """The :class:`mmchat.sessions.StreamEntry` that keeps a reply event for resume."""
+    cls = type(event)
+    if cls is Delta and event.first_seq is None:
+        return StreamEntry(event.seq, event.response_id, "delta", event.text, {})
+    if cls is Started:
+        return StreamEntry(event.seq, event.response_id, "started", "", {"id": event.id})
+    if cls is Done:
+        return StreamEntry(event.seq, event.response_id, "done", event.text,
+                           _done_fields(event))
     if not isinstance(event, (Started, Delta, Done)):
         raise TypeError(f"only started, delta and done are kept, not {event.type}")
     data = to_json(event)

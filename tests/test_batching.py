@@ -347,6 +347,51 @@ async def test_replies_decode_while_the_encoders_work(tiny_config, toy_host):
         assert (await waiting.wait()).completion_tokens > 0
 
 
+async def streams_encoded_together(engine, turns):
+    """Start ``turns`` while the toy modality's encoder thread is held, so that their
+    attachments wait together; then let it go. The turns' streams."""
+    encoders = engine._guard._lanes["toy"].encoders
+    gate = threading.Event()
+    busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
+    streams = [await engine.stream(s, text, atts) for s, text, atts in turns]
+    attachments = sum(len(atts) for _, _, atts in turns)
+    for _ in range(1000):
+        if len(encoders._jobs) == attachments:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    await busy
+    return streams
+
+
+async def test_a_burst_of_attachments_is_encoded_on_two_threads(tiny_config, toy_host,
+                                                                  tmp_path):
+    """Eight or more attachments waiting together are split in two encoder calls on two
+    threads (so a burst of pictures uses two cores), and every reply is as if alone."""
+    from mmchat.isolation import ENCODE_SPLIT, ENCODE_THREADS
+
+    config = engine_config(tiny_config, tmp_path, toy_host)
+    turns = [(f"s{n}", "what is it", [toy(n)]) for n in range(1, 11)]
+    solo = await solo_replies(config, toy_host, turns)
+    assert len(turns) >= ENCODE_THREADS * ENCODE_SPLIT
+    async with Engine(config, plugins=toy_host) as engine:
+        calls: list[tuple[list[int], str]] = []
+        encode = engine.model.encoders["toy"]
+
+        def recording(x, lengths):
+            calls.append((lengths.tolist(), threading.current_thread().name))
+            return encode(x, lengths)
+
+        engine._guard._encoders["toy"] = recording
+        streams = await streams_encoded_together(engine, turns)
+        replies = await asyncio.gather(*(st.wait() for st in streams))
+    assert sorted(len(lengths) for lengths, _ in calls) == [5, 5]
+    assert sorted(n for lengths, _ in calls for n in lengths) == list(range(1, 11))
+    assert len({thread for _, thread in calls}) == 2
+    for (session, _, _), reply in zip(turns, replies):
+        assert summary(reply) == summary(solo[session][0]), session
+
+
 async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_config, toy_host,
                                                                         tmp_path):
     """One encoder call per modality for the attachments waiting together on its
@@ -367,17 +412,7 @@ async def test_attachments_that_arrive_together_are_encoded_in_one_call(tiny_con
             return encode(x, lengths)
 
         engine._guard._encoders["toy"] = flaky
-        encoders = engine._guard._lanes["toy"].encoders
-        gate = threading.Event()
-        busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
-        streams = [await engine.stream(s, text, atts) for s, text, atts in SESSIONS]
-        attachments = sum(len(atts) for _, _, atts in SESSIONS)
-        for _ in range(1000):
-            if len(encoders._jobs) == attachments:
-                break
-            await asyncio.sleep(0.01)
-        gate.set()
-        await busy
+        streams = await streams_encoded_together(engine, SESSIONS)
         results = await asyncio.gather(*(st.wait() for st in streams), return_exceptions=True)
     assert sorted(calls[0]) == [1, 2, 4, 9, 16]  # every toy attachment in one call (in
     # the order their media finished decoding)

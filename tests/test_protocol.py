@@ -55,6 +55,7 @@ CLIENT_EXAMPLES = [
     Hello("1"),
     Hello("1", token="v1.YQ.1.sig", session_id="s-1", last_seq=0),
     Hello("1", session_id="s.1:x-y", last_seq=17),
+    Hello("1", token="v1.YQ.1.sig", session_id="s-1", last_seq=3, coalesce=8),
     Message("m-1"),
     Message("m-2", "hello \u00e9\u6f22\U0001f600"),
     Message("m-3", "", (WireAttachment("image/png", data=b"\x89PNG\x00\xff"),
@@ -70,10 +71,11 @@ SERVER_EXAMPLES = [
     Ready("s-1"),
     Ready("s-2", "1", (ModalityInfo("image", ("image/png", "image/jpeg"), 10 << 20),
                        ModalityInfo("voice", (), 0)),
-          True, Limits(max_attachments=2, messages_per_second=0.5, burst=1)),
+          True, Limits(max_attachments=2, messages_per_second=0.5, burst=1), 8),
     Started("m-1", "r-1", 1),
     Delta("r-1", 2, "Hel"),
     Delta("r-1", 3, ""),
+    Delta("r-1", 9, " there, you", 4),
     Done("r-1", 4, "Hello", "stop", Usage(3, 2)),
     Done("r-2", 9, "x", "length", Usage(0, 64), {"text": 0.25, "image": 0.75},
          {"generate_ms": 12.5}, ("0123456789abcdef",), 0.125, True),
@@ -156,6 +158,10 @@ def test_generated_client_events_round_trip(event):
 @settings(deadline=None)
 @given(st.one_of(
     st.builds(Delta, response_id=_ids, seq=st.integers(1, 2**53 - 1), text=_text),
+    st.builds(lambda rid, seq, n, text: Delta(rid, seq, text, seq - n), _ids,
+              st.integers(2, 2**53 - 1), st.integers(1, 255), _text).filter(
+        lambda d: d.first_seq >= 1),
+    st.builds(Started, id=_ids, response_id=_ids, seq=st.integers(1, 2**53 - 1)),
     st.builds(Done, response_id=_ids, seq=st.integers(1, 100), text=_text,
               finish_reason=st.sampled_from(protocol.FINISH_REASONS),
               usage=st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)),
@@ -164,7 +170,29 @@ def test_generated_client_events_round_trip(event):
               confidence=st.none() | st.floats(0, 1), fallback=st.booleans()),
 ))
 def test_generated_server_events_round_trip(event):
-    assert parse_server_event(serialize(event)) == event
+    if isinstance(event, (Started, Delta, Done)) and not getattr(event, "first_seq", None):
+        entry = protocol.to_stream_entry(event)  # written directly, as to_json gives it
+        data = protocol.to_json(event)
+        assert entry.data == {k: v for k, v in data.items()
+                              if k not in ("type", "response_id", "seq", "text")}
+        assert protocol.from_stream_entry(entry) == event
+    text = serialize(event)
+    assert parse_server_event(text) == event
+    # the frames written directly are the JSON to_json gives
+    assert text == json.dumps(protocol.to_json(event), ensure_ascii=False,
+                              separators=(",", ":"))
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type":"delta","response_id":"r","seq":3,"text":"ab","first_seq":3}',
+    '{"type":"delta","response_id":"r","seq":3,"text":"ab","first_seq":0}',
+    '{"type":"ready","session_id":"s","version":"1","coalesce":0}',
+    '{"type":"ready","session_id":"s","version":"1","coalesce":257}',
+])
+def test_server_event_coalescing_fields_are_checked(frame):
+    with pytest.raises(ProtocolError) as caught:
+        parse_server_event(frame)
+    assert caught.value.code == "bad_value"
 
 
 def _msg(**fields):
@@ -207,6 +235,9 @@ ERROR_CASES = [
     ('{"type":"hello","version":"1","session_id":"s","last_seq":-1}', "bad_value", "hello",
      False),
     ('{"type":"ping","nonce":"' + "n" * 129 + '"}', "bad_value", "ping", False),
+    ('{"type":"hello","version":"1","coalesce":0}', "bad_value", "hello", False),
+    ('{"type":"hello","version":"1","coalesce":257}', "bad_value", "hello", False),
+    ('{"type":"hello","version":"1","coalesce":"8"}', "bad_type", "hello", False),
     ('{"type":"ping","nonce":"\\ud800"}', "bad_value", "ping", False),
     (_att(mime_type="png", data=""), "bad_value", "m-1", False),
     (_att(mime_type="image/png"), "bad_value", "m-1", False),
@@ -546,11 +577,12 @@ def test_asyncapi_lists_every_event(asyncapi):
 
 _SCHEMA_EXAMPLES = {**{type(e): e for e in CLIENT_EXAMPLES},
                     **{type(e): e for e in SERVER_EXAMPLES}}
-_SCHEMA_EXAMPLES[Hello] = CLIENT_EXAMPLES[1]
-_SCHEMA_EXAMPLES[Message] = CLIENT_EXAMPLES[5]
+_SCHEMA_EXAMPLES[Hello] = CLIENT_EXAMPLES[3]
+_SCHEMA_EXAMPLES[Message] = CLIENT_EXAMPLES[6]
 _SCHEMA_EXAMPLES[Ready] = SERVER_EXAMPLES[1]
-_SCHEMA_EXAMPLES[Done] = SERVER_EXAMPLES[6]
-_SCHEMA_EXAMPLES[Error] = SERVER_EXAMPLES[8]
+_SCHEMA_EXAMPLES[Delta] = SERVER_EXAMPLES[5]
+_SCHEMA_EXAMPLES[Done] = SERVER_EXAMPLES[7]
+_SCHEMA_EXAMPLES[Error] = SERVER_EXAMPLES[9]
 
 
 @pytest.mark.parametrize("cls", [*CLIENT_EVENTS.values(), *SERVER_EVENTS.values()],

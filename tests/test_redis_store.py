@@ -914,6 +914,31 @@ async def test_turns_that_append_together_share_one_round_trip(redis_store, monk
 
 
 @needs_redis
+async def test_turns_that_begin_and_end_together_share_one_round_trip_each(redis_store,
+                                                                          monkeypatch):
+    store = redis_store
+    await store.load_scripts()
+    sessions = [f"{SID}-{i}" for i in range(6)]
+    await store.append_stream(sessions[4], _entries(1, 1))  # its end's seq is refused
+    trips = RoundTrips(store, monkeypatch)
+    held = await asyncio.gather(*(store.begin_turn(sid, message_id="m-1")
+                                  for sid in sessions))
+    assert trips.writes == [["EVALSHA"] * 6]  # six turns begun in one round trip
+    trips.writes.clear()
+    for i, h in enumerate(held):
+        _save(h, 1, (f"m{i}".encode(),))
+    results = await asyncio.gather(*(h.end(_entries(1, 2, f"r-{i}", done=True))
+                                     for i, h in enumerate(held)), return_exceptions=True)
+    assert trips.writes == [["EVALSHA"] * 6]  # and ended in one
+    assert isinstance(results[4], ValueError) and "does not follow" in str(results[4])
+    assert results[:4] + results[5:] == [None] * 5  # one refused end fails only itself
+    for i, sid in enumerate(sessions):
+        data = await store.load(sid)
+        assert data.memory[-1] == f"m{i}".encode()
+        assert await store.client.get(store.keys(sid).lock) is None
+
+
+@needs_redis
 async def test_a_failed_round_trip_fails_every_append_of_its_batch(redis_store, monkeypatch):
     store = redis_store
     held = [await store.begin_turn(f"{SID}-{i}") for i in range(3)]
@@ -1360,6 +1385,10 @@ async def test_cluster(redis_cluster):
             assert (data.state, data.memory[-1]) == (b"state-1", b"n")
             assert (await store.stream_tail(sid)).seq == 4
             assert await store.client.get(store.keys(sid).lock) is None
+            async with store.turn(sid, message_id="m-3") as held:  # appends, batched
+                assert await held.append(_entries(5, 1, "r-3")) is False
+                await held.end(_entries(6, 1, "r-3", done=True))
+            assert (await store.stream_tail(sid)).seq == 6
             with pytest.raises(DuplicateMessage):
                 await store.begin_turn(sid, message_id="m-2")
         keys = store.keys("s0")

@@ -29,8 +29,10 @@ from mmchat.protocol import (
     Done,
     Error,
     Hello,
+    Message,
     Ready,
     ServerEvent,
+    Started,
     make_token,
     parse_server_event,
     serialize,
@@ -141,6 +143,82 @@ async def test_hello_ready_and_a_streamed_reply(server):
         assert done.usage.completion_tokens == len(deltas) <= 6
         assert done.usage.prompt_tokens > 0
         assert {"prefill", "first_token", "total", "queue"} <= set(done.timings)
+
+
+def _frames_of_one_reply(events) -> tuple[list, str]:
+    """The reply's frames, and the text its deltas cover, checking their seqs."""
+    started, *deltas, done = events
+    assert isinstance(started, Started) and isinstance(done, Done)
+    covered = [s for d in deltas for s in range((d.first_seq or d.seq), d.seq + 1)]
+    assert covered == list(range(started.seq + 1, done.seq)), covered
+    assert "".join(d.text for d in deltas) == done.text
+    return deltas, done
+
+
+async def test_coalesced_deltas_make_a_short_reply_four_frames(server):
+    ws, ready = await raw_hello(server.url, coalesce=8)
+    async with ws:
+        assert ready.coalesce == 8
+        await ws.send(serialize(Message("m-1", "hello there")))
+        deltas, done = _frames_of_one_reply(await collect(ws))
+    tokens = done.usage.completion_tokens
+    assert 2 <= tokens <= 6  # max_new_tokens 6: started, 1 delta, 1 more, done
+    assert len(deltas) == 2 and deltas[0].first_seq is None  # the first at once
+    assert deltas[1].seq - deltas[1].first_seq == tokens - 2
+    per_token, ready = await raw_hello(server.url)
+    async with per_token:
+        assert ready.coalesce == 1
+        await per_token.send(serialize(Message("m-1", "hello there")))
+        deltas, again = _frames_of_one_reply(await collect(per_token))
+    assert again.text == done.text
+    assert len(deltas) == tokens and all(d.first_seq is None for d in deltas)
+
+
+async def test_frames_waiting_together_go_in_one_socket_write(server, monkeypatch):
+    from mmchat.server import app
+
+    writes: list[bytes] = []
+    made = app._ServerConnection.connection_made
+
+    def counting(self, transport):
+        made(self, transport)
+        write = transport.write
+        transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]
+
+    monkeypatch.setattr(app._ServerConnection, "connection_made", counting)
+    ws, _ = await raw_hello(server.url, coalesce=8)
+    async with ws:
+        writes.clear()  # the handshake and ready
+        await ws.send(serialize(Message("m-1", "hello there")))
+        deltas, done = _frames_of_one_reply(await collect(ws))
+    assert len(deltas) == 2
+    texts = [w for w in writes if w[:1] == b"\x81"]  # text frames first (not the close)
+    # started with the first delta, then the held delta with done: two writes, not four
+    assert len(texts) == 2, texts
+    assert b'"type":"started"' in texts[0] and b'"type":"done"' in texts[1]
+
+
+def _sizes(tokens: int, coalesce: int) -> list[int]:
+    rest = tokens - 1
+    return [1, *[min(coalesce, rest - i) for i in range(0, rest, coalesce)]]
+
+
+async def test_the_server_default_coalesces_and_a_resume_replays_coalesced():
+    config = server_config(server={"coalesce": 3}, generation={"max_new_tokens": 12})
+    async with running_server(config) as server:
+        async with await Client.connect(server.url) as client:
+            assert client.ready.coalesce == 3
+            reply = await client.reply("hello")
+            tokens = reply.done.usage.completion_tokens
+            assert tokens >= 5
+            assert [d.seq - (d.first_seq or d.seq) + 1 for d in reply.deltas] == _sizes(
+                tokens, 3)
+        async with await Client.connect(server.url, session_id=client.session_id,
+                                        last_seq=0, coalesce=1) as again:
+            replayed = await again.next_reply(20)
+            await replayed.wait(20)
+        assert len(replayed.deltas) == tokens and replayed.done == reply.done
+        check_reply(replayed)
 
 
 async def test_done_carries_the_confidence_and_the_fallback():
@@ -578,3 +656,25 @@ def test_attachment_types_are_checked_by_the_client():
 
         _attachment(b"raw bytes without a type")
     assert Attachment(b"x", "image/png").mime_type == "image/png"
+
+
+def test_metric_label_children_are_made_once_per_value(monkeypatch):
+    from mmchat.server.metrics import Metrics
+
+    metrics = Metrics()
+    made = []
+    for counter in (metrics.errors, metrics.turns, metrics.store_latency):
+        original = counter.labels
+        monkeypatch.setattr(counter, "labels",
+                            lambda *values, original=original: made.append(values) or
+                            original(*values))
+    for _ in range(3):
+        metrics.error("rate_limited")
+        metrics.turn_ended("stop")
+        metrics.store_call("end_turn", 0.001)
+    metrics.turn_ended("length")
+    assert made == [("rate_limited",), ("stop",), ("end_turn",), ("length",)]
+    text = metrics.render().decode()
+    assert 'mmchat_errors_total{code="rate_limited"} 3.0' in text
+    assert 'mmchat_turns_total{finish_reason="stop"} 3.0' in text
+    assert 'mmchat_store_latency_seconds_count{op="end_turn"} 3.0' in text

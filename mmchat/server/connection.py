@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..coalesce import DeltaCoalescer
 from ..errors import MMChatError, SessionBusy, SessionLost
 from ..modality import Attachment
 from ..protocol import (
@@ -83,6 +84,7 @@ class Connection:
         self.closing = False
         self._loop = loop
         self._assembler = FrameAssembler(server.limits)
+        self._coalescer = DeltaCoalescer(1)  # until hello says otherwise
         self._rate = TokenBucket(settings.messages_per_second, settings.burst, now=now)
         self._strikes = TokenBucket(settings.max_strikes / 60, settings.max_strikes, now=now)
         self._jobs: asyncio.Queue[_Message | _Resume] = asyncio.Queue(
@@ -99,11 +101,18 @@ class Connection:
 
     def send(self, event: ServerEvent) -> None:
         if not self.closing:
-            self.outbox.put_nowait(serialize(event))
+            for item in self._coalescer.feed(event):
+                self.outbox.put_nowait(serialize(item))
+
+    def flush(self) -> None:
+        """Send the delta text held back for coalescing, if any."""
+        if not self.closing:
+            for item in self._coalescer.flush():
+                self.outbox.put_nowait(serialize(item))
 
     def error(self, code: str, message: str, ref: str | None = None, *,
               fatal: bool = False) -> None:
-        self.server.metrics.errors.labels(code).inc()
+        self.server.metrics.error(code)
         self.send(Error(code, message, ref, fatal))
 
     def close(self, code: int, reason: str) -> None:
@@ -220,8 +229,10 @@ class Connection:
         self.session_id, self.subject = session_id, subject
         self._hello_timer.cancel()
         server.session_joined(session_id)
+        coalesce = hello.coalesce or server.settings.coalesce
+        self._coalescer = DeltaCoalescer(coalesce)
         self.send(Ready(session_id, modalities=server.modality_info, resumed=resumed,
-                        limits=server.limits))
+                        limits=server.limits, coalesce=coalesce))
         self._worker = asyncio.create_task(self._work(), name=f"mmchat-conn:{session_id}")
         if resumed and hello.last_seq is not None:
             self._jobs.put_nowait(_Resume(hello.last_seq))
@@ -288,6 +299,7 @@ class Connection:
                 else:
                     await self._reply(job)
             finally:
+                self.flush()
                 if self._jobs.empty():
                     self._idle.set()
 

@@ -108,10 +108,35 @@ class Metrics:
             "mmchat_openai_sessions", "OpenAI endpoint requests by how their session was "
             "found: continued (the history matched a session), rebuilt (seeded from the "
             "history) or new (no history).", ["how"], registry=r)
+        # Label children by value: labels() takes a lock and builds a key each call.
+        self._errors: dict[str, Any] = {}
+        self._turns: dict[str, Any] = {}
+        self._store_ops: dict[str, Any] = {}
         self.plugin_failures = Gauge("mmchat_plugin_failures", "Failures and timeouts of a "
                                      "modality's decode and encoder calls so far.",
                                      ["modality", "plugin"], multiprocess_mode="livesum",
                                      registry=r)
+
+    def error(self, code: str) -> None:
+        """Count an error event sent with ``code``."""
+        child = self._errors.get(code)
+        if child is None:
+            child = self._errors[code] = self.errors.labels(code)
+        child.inc()
+
+    def turn_ended(self, finish_reason: str) -> None:
+        """Count a reply that ended with ``finish_reason``."""
+        child = self._turns.get(finish_reason)
+        if child is None:
+            child = self._turns[finish_reason] = self.turns.labels(finish_reason)
+        child.inc()
+
+    def store_call(self, op: str, seconds: float) -> None:
+        """Record one session-store call's latency."""
+        child = self._store_ops.get(op)
+        if child is None:
+            child = self._store_ops[op] = self.store_latency.labels(op)
+        child.observe(seconds)
 
     def observe_plugins(self, health: Sequence[dict[str, Any]]) -> None:
         """Set the plugin gauges from :meth:`mmchat.Engine.plugin_health`."""
@@ -150,7 +175,7 @@ class TimedStore(SessionStore):
     def __init__(self, inner: SessionStore, metrics: Metrics,
                  episodes: Episodes | None = None) -> None:
         self.inner = inner
-        self._latency = metrics.store_latency
+        self._metrics = metrics
         #: Every call's outcome, so outages are logged once per episode.
         self.episodes = episodes or Episodes()
 
@@ -163,14 +188,8 @@ class TimedStore(SessionStore):
             raise
         self.episodes.succeeded(STORE_TROUBLE)
 
-    @contextlib.contextmanager
-    def _timed(self, op: str):
-        start = time.perf_counter()
-        try:
-            with self._watched():
-                yield
-        finally:
-            self._latency.labels(op).observe(time.perf_counter() - start)
+    def _timed(self, op: str) -> _Timed:
+        return _Timed(self, op)
 
     async def load(self, session_id: str) -> SessionData | None:
         with self._timed("load"):
@@ -259,6 +278,28 @@ class TimedStore(SessionStore):
     async def stream_tail(self, session_id: str) -> StreamEntry | None:
         with self._timed("stream_tail"):
             return await self.inner.stream_tail(session_id)
+
+
+class _Timed:
+    """``with store._timed(op):`` a call's latency recorded and its outcome watched (a
+    plain class: it runs around every append of every reply)."""
+
+    __slots__ = ("_store", "_op", "_start")
+
+    def __init__(self, store: TimedStore, op: str) -> None:
+        self._store, self._op = store, op
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        store = self._store
+        store._metrics.store_call(self._op, time.perf_counter() - self._start)
+        if kind is None:
+            store.episodes.succeeded(STORE_TROUBLE)
+        elif isinstance(exc, StoreUnavailable):
+            store.episodes.failed(STORE_TROUBLE, str(exc))
 
 
 class _TimedTurn(SessionTurn):

@@ -136,7 +136,7 @@ class Turn:
 
     def _fail(self, code: str, message: str) -> None:
         self._failed = True
-        self.manager.metrics.errors.labels(code).inc()
+        self.manager.metrics.error(code)
         self._publish([Error(code, message, self.message_id)])
 
     async def run(self) -> None:
@@ -240,7 +240,7 @@ class Turn:
             raise error
         message = error.message + ("; the reply was stopped" if broken else "")
         self._fail(error.code, message)
-        metrics.turns.labels("error").inc()
+        metrics.turn_ended("error")
         done = Done(self.response_id, seq + 1, "".join(texts), "error", Usage(0, len(texts)))
         await self._append([done], held, last=True,
                            error=Error(error.code, message, self.message_id))
@@ -254,7 +254,7 @@ class Turn:
 
     def _count(self, reply: Any) -> None:
         metrics = self.manager.metrics
-        metrics.turns.labels(reply.finish_reason).inc()
+        metrics.turn_ended(reply.finish_reason)
         metrics.tokens.inc(reply.completion_tokens)
         total = reply.timings.get("total", 0.0) / 1000
         if reply.completion_tokens and total > 0:
@@ -327,7 +327,7 @@ class TurnManager:
             "reply_lost", "the process generating this reply stopped; the reply ends with "
             "what was streamed", message_id))
         await held.append([entry])
-        self.metrics.turns.labels("error").inc()
+        self.metrics.turn_ended("error")
         logger.warning("session %s: reply %s was left open by a process that stopped; "
                        "closed it after seq %d", session_id, tail.response_id, tail.seq)
         return LostReply(entry, message_id)

@@ -30,9 +30,10 @@ const MAX_SENDS = 4;
  *
  * @typedef {{name: string, mime_types: string[], max_bytes: number}} Modality
  * @typedef {{type: "ready", session_id: string, version: string, modalities: Modality[],
- *            resumed: boolean, limits: Limits}} ReadyEvent
+ *            resumed: boolean, limits: Limits, coalesce?: number}} ReadyEvent
  * @typedef {{type: "started", id: string, response_id: string, seq: number}} StartedEvent
- * @typedef {{type: "delta", response_id: string, seq: number, text: string}} DeltaEvent
+ * @typedef {{type: "delta", response_id: string, seq: number, text: string,
+ *            first_seq?: number}} DeltaEvent a coalesced delta stands for first_seq..seq
  * @typedef {{type: "done", response_id: string, seq: number, text: string,
  *            finish_reason: "stop"|"length"|"cancelled"|"error",
  *            usage?: {prompt_tokens: number, completion_tokens: number},
@@ -53,6 +54,8 @@ const MAX_SENDS = 4;
  * @property {{initialMs?: number, maxMs?: number, factor?: number}} [backoff]
  * @property {number} [openTimeoutMs=10000]
  * @property {number} [reorderMs=2000] how long an event after a gap in seq waits
+ * @property {number|null} [coalesce] the most tokens one delta may carry after a reply's
+ *   first (fewer frames; docs/protocol.md, "Coalesced deltas"); null: the server's default
  * @property {typeof WebSocket} [WebSocket] a WebSocket class (tests pass a fake)
  */
 
@@ -215,6 +218,7 @@ export class MMChat extends EventTarget {
     this.backoff = { initialMs: 250, maxMs: 8000, factor: 2, ...options.backoff };
     this.openTimeoutMs = options.openTimeoutMs ?? 10000;
     this.reorderMs = options.reorderMs ?? 2000;
+    this.coalesce = options.coalesce ?? null;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     /** @type {"connecting"|"connected"|"reconnecting"|"closed"} */
     this.state = "connecting";
@@ -226,7 +230,7 @@ export class MMChat extends EventTarget {
     /** @type {Map<string, Reply>} by response id, until done */
     this._byResponse = new Map();
     this._finished = new Set();
-    this._held = new Map();  // seq -> event that came after a gap
+    this._held = new Map();  // (first) seq -> event that came after a gap
     this._gapOk = true;
     this._reorderTimer = null;
     this._pings = new Map();
@@ -277,6 +281,7 @@ export class MMChat extends EventTarget {
       ws.onopen = () => {
         const hello = { type: "hello", version: PROTOCOL_VERSION };
         if (this.token) hello.token = this.token;
+        if (this.coalesce !== null) hello.coalesce = this.coalesce;
         if (this.sessionId) {
           hello.session_id = this.sessionId;
           hello.last_seq = this.lastSeq;
@@ -577,17 +582,20 @@ export class MMChat extends EventTarget {
     }
   }
 
-  /** Hand seq events over in seq order: drop ones already had, hold ones after a gap. */
+  /** Hand seq events over in seq order: drop ones already had, hold ones after a gap.
+   * A coalesced delta stands for the seqs first_seq..seq: it follows lastSeq when its
+   * first_seq does, and is held under its first_seq. */
   _ordered(event) {
     const rid = event.response_id;
+    const first = event.first_seq ?? event.seq;
     if (event.seq <= this.lastSeq) {
       if (this._byResponse.has(rid) || this._finished.has(rid)) return;  // had it already
       // a lower seq of a reply never seen: the session's stream started over
       this._deliver(event);
       return;
     }
-    if (event.seq > this.lastSeq + 1 && this.lastSeq > 0 && !this._gapOk) {
-      this._held.set(event.seq, event);
+    if (first > this.lastSeq + 1 && this.lastSeq > 0 && !this._gapOk) {
+      this._held.set(first, event);
       if (!this._reorderTimer) {
         this._reorderTimer = setTimeout(() => this._skipGap(), this.reorderMs);
       }
@@ -601,7 +609,7 @@ export class MMChat extends EventTarget {
   _releaseHeld() {
     let next;
     while ((next = this._held.get(this.lastSeq + 1))) {
-      this._held.delete(next.seq);
+      this._held.delete(this.lastSeq + 1);
       this._deliver(next);
     }
     for (const seq of this._held.keys()) if (seq <= this.lastSeq) this._held.delete(seq);

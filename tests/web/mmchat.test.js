@@ -82,6 +82,27 @@ const tests = {
     assertEqual(chat.lastSeq, 4, "last seq");
   },
 
+  async "coalesced deltas: asked for in every hello, and in seq order by their first seq"() {
+    const server = new FakeServer();
+    const chat = await connect(server, { coalesce: 8 });
+    const reply = chat.send({ text: "hi" });
+    await until(() => server.last.messages().length === 1, "message sent");
+    assertEqual(server.hellos[0], { type: "hello", version: "1", coalesce: 8 }, "hello");
+    const id = server.last.messages()[0].id;
+    const s = server.last;
+    s.emit({ type: "started", id, response_id: "r-1", seq: 1 });
+    s.emit({ type: "delta", response_id: "r-1", seq: 6, first_seq: 3, text: " cat on a mat" });
+    assertEqual(chat.lastSeq, 1, "held after the gap");
+    s.emit({ type: "delta", response_id: "r-1", seq: 2, text: "A" });
+    assertEqual(chat.lastSeq, 6, "the coalesced delta followed the one it waited for");
+    s.emit({ type: "done", response_id: "r-1", seq: 7, text: "A cat on a mat", finish_reason: "stop" });
+    assertEqual(await collect(reply), ["A", " cat on a mat"], "deltas");
+    s.drop(1006);
+    await until(() => server.hellos.length === 2, "hello again");
+    assertEqual(server.hellos[1], { type: "hello", version: "1", coalesce: 8,
+                                    session_id: "s-1", last_seq: 7 }, "resume hello");
+  },
+
   async "a resume asks from the last seq and duplicate deltas are dropped"() {
     const server = new FakeServer();
     const chat = await connect(server);

@@ -61,7 +61,8 @@ message id, takes the lock (or queues for it) and reads state, memory and the st
 tail; one script saves the turn, appends the reply's last events and releases the lock.
 In between, the turns whose reply events come out of one decode step append them in one
 shared pipeline (:class:`.appends.Appends`), so streaming costs one round trip per step,
-not one per reply and step.
+not one per reply and step; the begin and end scripts of turns that start or finish
+together share one pipeline the same way (:class:`.appends.Scripts`).
 
 The lock is fair (:mod:`.lock`): turns of a session run in the order they asked for it,
 whichever process they are in. Each grant adds 1 to the session's fencing token, and

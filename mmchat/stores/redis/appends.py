@@ -1,4 +1,11 @@
-"""The reply-event appends of held turns, sent together in one round trip."""
+"""Script calls of concurrent turns, sent together in one round trip.
+
+Every turn that begins, appends or ends in one pass of the event loop (the replies of
+one decode step do, and the messages of a burst) shares one pipeline: a batch of
+concurrent replies costs one round trip per step instead of one each, and one
+connection from the pool instead of one each. A script that fails fails only its own
+call.
+"""
 
 from __future__ import annotations
 
@@ -31,32 +38,28 @@ def lost(session_id: str) -> TurnLost:
                     "(its lease ran out); what it had not yet written was refused")
 
 
-class Appends:
-    """Every turn that appends in one pass of the event loop (the replies of one decode
-    step do) shares one pipeline, so a batch of concurrent replies costs one round trip
-    per token instead of one each. A turn's append is one ``append.lua``: its fencing
-    token checked, its ``XADD``s, ``PEXPIRE`` and whether it was cancelled. A script that
-    fails fails only its own turn's append."""
+_Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
 
-    #: At most this many appends go in one pipeline.
+
+class Scripts:
+    """Lua script calls gathered over one pass of the event loop and sent as one
+    pipeline (``transaction=False``: each script is atomic by itself)."""
+
+    #: At most this many calls go in one pipeline.
     MAX_BATCH = 256
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
-        self._pending: list[tuple[Keys, int, list[StreamEntry], list[str],
-                                  asyncio.Future]] = []
+        self._pending: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    def add(self, keys: Keys, fence: int, entries: list[StreamEntry], cancels: list[str]
-            ) -> asyncio.Future[bool | None]:
-        """Queue one turn's append; the future says whether one of ``cancels`` is in the
-        session's cancel set (``None``: the fencing token was stale, nothing written), or
-        raises what Redis answered."""
+    def run(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue script ``name``; the future has what Redis answered, or raises it."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)  # after every task woken in this pass
-        self._pending.append((keys, fence, entries, cancels, future))
+        self._pending.append((name, keys, args, future))
         if len(self._pending) >= self.MAX_BATCH:
             self._flush()
         return future
@@ -68,24 +71,28 @@ class Appends:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _execute(self, batch: list[tuple[Keys, int, list[StreamEntry], list[str],
-                                               asyncio.Future]]) -> list[Any]:
-        store = self._store
-        pipe = store.client.pipeline(transaction=False)
-        for keys, fence, entries, cancels, _ in batch:
-            lua.queue(pipe, "append", [keys.meta, keys.stream, keys.cancel],
-                      [fence, store.ttl_ms, store.stream_max_len, len(entries),
-                       *entry_args(entries), *cancels])
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        client = self._store.client
+        if self._store.clustered:  # a cluster client pipelines no scripts: one call each
+            return list(await asyncio.gather(
+                *(client.evalsha(lua.script(name).sha, len(keys), *keys, *args)
+                  for name, keys, args, _ in batch), return_exceptions=True))
+        pipe = client.pipeline(transaction=False)
+        for name, keys, args, _ in batch:
+            lua.queue(pipe, name, keys, args)
         return await pipe.execute(raise_on_error=False)
 
-    async def _send(self, batch: list[tuple[Keys, int, list[StreamEntry], list[str],
-                                            asyncio.Future]]) -> None:
+    async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute(batch)
-            if any(lua.is_noscript(r) for r in results):  # Redis restarted: none ran
-                await lua.load(self._store.client, "append")
-                results = await self._execute(batch)
-        except BaseException as exc:  # the round trip failed: every append did
+            missing = [i for i, r in enumerate(results) if lua.is_noscript(r)]
+            if missing:  # Redis restarted: those did not run
+                for name in {batch[i][0] for i in missing}:
+                    await lua.load(self._store.client, name)
+                again = await self._execute([batch[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+        except BaseException as exc:  # the round trip failed: every call did
             for *_, future in batch:
                 if not future.done():
                     if isinstance(exc, Exception):
@@ -96,11 +103,34 @@ class Appends:
                 raise
             return
         for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its turn stopped waiting
+            if future.done():  # its caller stopped waiting
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)
-            elif result[0] == 0:
-                future.set_result(None)
             else:
-                future.set_result(bool(result[1]))
+                future.set_result(result)
+
+
+class Appends:
+    """A held turn's append: one ``append.lua`` (its fencing token checked, its
+    ``XADD``s, ``PEXPIRE`` and whether it was cancelled), batched by :class:`Scripts`."""
+
+    def __init__(self, store: RedisStore, scripts: Scripts) -> None:
+        self._store = store
+        self._scripts = scripts
+
+    @property
+    def _sending(self) -> set[asyncio.Task[None]]:
+        return self._scripts._sending
+
+    async def add(self, keys: Keys, fence: int, entries: list[StreamEntry],
+                  cancels: list[str]) -> bool | None:
+        """Append one turn's entries: whether one of ``cancels`` is in the session's
+        cancel set (``None``: the fencing token was stale, nothing written), or raise
+        what Redis answered."""
+        store = self._store
+        result = await self._scripts.run(
+            "append", [keys.meta, keys.stream, keys.cancel],
+            [fence, store.ttl_ms, store.stream_max_len, len(entries), *entry_args(entries),
+             *cancels])
+        return None if result[0] == 0 else bool(result[1])

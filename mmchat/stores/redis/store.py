@@ -30,7 +30,7 @@ from ...sessions import (
 )
 from ...subjects import Erased, indexed
 from . import lua, owners
-from .appends import Appends
+from .appends import Appends, Scripts
 from .client import connect
 from .keys import Keys, owner_index
 from .lock import Attempt, RedisLock
@@ -95,7 +95,9 @@ class RedisStore(SessionStore):
         self.stream_max_len = stream_max_len
         self.history_max_len = history_max_len
         self.message_ids_max_len = message_ids_max_len
-        self.appends = Appends(self)
+        #: Script calls of concurrent turns (begin, append, end), one pipeline a pass.
+        self.scripts = Scripts(self)
+        self.appends = Appends(self, self.scripts)
         self._client, self._sentinel = connect(
             self._url, max_connections=max_connections, pool_timeout=pool_timeout,
             socket_timeout=socket_timeout, connect_timeout=connect_timeout,
@@ -133,6 +135,11 @@ class RedisStore(SessionStore):
     def prefix(self) -> str:
         """What every key of this store starts with (``sessions.prefix``)."""
         return self._prefix
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the store is a Redis Cluster (whose client pipelines no scripts)."""
+        return self._url.kind == "cluster"
 
     def keys(self, session_id: str) -> Keys:
         """The Redis keys of one session."""
@@ -248,8 +255,8 @@ class RedisStore(SessionStore):
 
         async def attempt() -> Attempt:
             async with self._guard("begin_turn"):
-                reply[:] = await lua.run(
-                    self._client, "begin_turn",
+                reply[:] = await self.scripts.run(
+                    "begin_turn",
                     [keys.lock, keys.msgids, keys.state, keys.memory, keys.stream,
                      keys.history, keys.meta, keys.cancel, keys.queue, keys.waiters,
                      keys.msgids_old], args)
@@ -281,7 +288,7 @@ class RedisStore(SessionStore):
         its history, memory or stream is read."""
         keys = self.keys(session_id)
         async with self._guard("head"):
-            found = await lua.run(self._client, "resume", list(keys.data), [self.ttl_ms])
+            found = await self.scripts.run("resume", list(keys.data), [self.ttl_ms])
         if found[0] == -1:
             raise _lost(session_id)
         if found[0] == 0:

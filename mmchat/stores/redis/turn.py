@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 
 from ...sessions import SessionTurn, StreamEntry, TurnWrite
-from . import lua
 from .appends import entry_args, lost
 from .lock import RedisLock
 
@@ -81,8 +80,8 @@ class RedisTurn(SessionTurn):
         await lock.stop_renewal()
         try:
             async with store._guard("end_turn"):
-                written, released, seq_refused_ = await lua.run(
-                    store.client, "end_turn",
+                written, released, seq_refused_ = await store.scripts.run(
+                    "end_turn",
                     [keys.meta, keys.stream, keys.cancel, *keys.fair_lock, keys.state,
                      keys.memory, keys.history, keys.msgids],
                     [self.fence, lock.token, store.ttl_ms, store.stream_max_len,
