@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..budget import DecodeAllowance
 from ..errors import MMChatError, SessionBusy, SessionLost
 from ..modality import Attachment
 from ..protocol import (
@@ -84,6 +85,8 @@ class Connection:
         self._loop = loop
         self._assembler = FrameAssembler(server.limits)
         self._rate = TokenBucket(settings.messages_per_second, settings.burst, now=now)
+        self._media = DecodeAllowance(settings.media_decode_rate,
+                                      settings.media_decode_seconds)
         self._strikes = TokenBucket(settings.max_strikes / 60, settings.max_strikes, now=now)
         self._jobs: asyncio.Queue[_Message | _Resume] = asyncio.Queue(
             maxsize=2 * settings.burst)
@@ -300,7 +303,7 @@ class Connection:
         try:
             return self.server.turns.start(
                 TurnRequest(self.session_id, job.id, job.text, job.attachments,
-                            job.received, owner_for(self.subject)),
+                            job.received, owner_for(self.subject), self._media),
                 cancelled=job.id in self._cancelled)
         finally:
             self._queued.discard(job.id)
