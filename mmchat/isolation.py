@@ -297,16 +297,18 @@ class PluginGuard:
         lane = self._lanes[modality.name]
         if allowance is not None:
             allowance.admit()
-        costly = modality.is_costly(attachment.data, attachment.mime_type)
         return await self._guarded(lane, "decode", lambda: self._decode(
-            lane, costly, allowance, attachment))
+            lane, allowance, attachment))
 
-    async def _decode(self, lane: _Lane, costly: bool, allowance: DecodeAllowance | None,
+    async def _decode(self, lane: _Lane, allowance: DecodeAllowance | None,
                       attachment: Attachment) -> "torch.Tensor":
         """Queue the decode (a costly one once it holds ``lane.costly``) and wait for it.
         Whatever happens to this wait, the thread's end releases the hold and charges
         the allowance."""
         loop = asyncio.get_running_loop()
+        modality = lane.modality
+        costly = run_plugin(modality, "is_costly", lambda: bool(
+            modality.is_costly(attachment.data, attachment.mime_type)))
         if costly:
             await lane.costly.acquire()
         spent: list[float] = []
@@ -318,7 +320,7 @@ class PluginGuard:
                 allowance.charge(spent[0])
 
         try:
-            future = lane.decode_pool.submit(_timed_decode, lane.modality, attachment.data,
+            future = lane.decode_pool.submit(_timed_decode, modality, attachment.data,
                                              attachment.mime_type, spent)
         except BaseException:
             ended()
