@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .budget import DecodeAllowance
 from .errors import (
     Cancelled,
     CheckpointError,
@@ -20,6 +21,7 @@ from .errors import (
     EmptyMessage,
     EngineClosed,
     InputError,
+    MediaBusy,
     MediaTooLarge,
     MessageTooLong,
     MMChatError,
@@ -69,13 +71,13 @@ _LAZY = {
 
 __all__ = [
     "Attachment", "Cancelled", "CheckpointError", "Config", "ConfigError", "CorruptMedia",
-    "DatasetError", "Delta", "DuplicateMessage", "EmptyMessage", "Engine", "EngineClosed",
-    "Erased", "SessionExpired", "SessionForbidden",
-    "GenerationSettings", "InputError", "MMChatError", "MediaTooLarge", "MemoryStore",
-    "MessageTooLong", "Modality", "PluginError", "PluginHost", "RedisStore", "Reply",
-    "ReplyStream", "ReplyTimeout", "SessionBusy", "SessionStore", "SessionTurn", "StateError",
-    "StoreUnavailable", "SyncEngine", "SyncReplyStream", "UnsupportedMedia", "__version__",
-    "bundled_model_path", "hookimpl",
+    "DatasetError", "DecodeAllowance", "Delta", "DuplicateMessage", "EmptyMessage", "Engine",
+    "EngineClosed", "Erased", "GenerationSettings", "InputError", "MMChatError", "MediaBusy",
+    "MediaTooLarge", "MemoryStore", "MessageTooLong", "Modality", "PluginError", "PluginHost",
+    "RedisStore", "Reply", "ReplyStream", "ReplyTimeout", "SessionBusy", "SessionExpired",
+    "SessionForbidden", "SessionStore", "SessionTurn", "StateError", "StoreUnavailable",
+    "SyncEngine", "SyncReplyStream", "UnsupportedMedia", "__version__", "bundled_model_path",
+    "hookimpl",
 ]
 
 

@@ -86,6 +86,7 @@ class PluginsConfig:
     timeout_seconds: float = _opt(60.0, min=0.001)
     breaker_failures: int = _opt(5, min=1)
     breaker_cooldown_seconds: float = _opt(30.0, min=0.0)
+    decode_threads: int = _opt(2, min=2, max=64)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class ServerConfig:
     max_message_bytes: int = _opt(33_554_432, min=1024)
     messages_per_second: float = _opt(1.0, min=0.001)
     burst: int = _opt(5, min=1)
+    media_decode_seconds: float = _opt(8.0, min=0.000001)
+    media_decode_rate: float = _opt(0.5, min=0.000001)
     max_strikes: int = _opt(20, min=1)
     max_connections: int = _opt(1000, min=1)
     origins: tuple[str, ...] = _opt(())

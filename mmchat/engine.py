@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
 from . import config as config_module
+from .budget import DecodeAllowance
 from .config import Config
 from .errors import (
     Cancelled,
@@ -278,6 +279,7 @@ class Engine:
                      attachments: Sequence[Attachment | str | Path] = (), *,
                      turn: SessionTurn | None = None, timeout: float | None = None,
                      subject: str | None = None,
+                     media_allowance: DecodeAllowance | None = None,
                      **generation: Unpack[GenerationSettings]) -> ReplyStream:
         """Start a reply. Validation errors raise here, before anything is stored.
 
@@ -295,6 +297,10 @@ class Engine:
         ``begin_turn``): the engine then neither locks nor loads, and only stages the
         turn's write in it (``turn.save``) for its holder to send with ``turn.end()``.
         Without it the engine holds the session itself for the turn.
+
+        ``media_allowance`` is charged the CPU time of decoding the attachments; while it
+        is spent, the stream raises :class:`~mmchat.errors.MediaBusy` before anything is
+        decoded or stored (the server gives each connection one).
         """
         await self.start()
         from .generate import GenerationParams
@@ -309,6 +315,8 @@ class Engine:
         text, atts = await self._hooks.prepare(session_id, text, atts)
         self._check_message(text, atts)
         resolved = [(self._modality_for(a), a) for a in atts]
+        if resolved and media_allowance is not None:
+            media_allowance.admit()
         try:
             params = GenerationParams.from_config(self.config.generation, **generation)
         except (ValueError, MMChatError) as exc:
@@ -317,7 +325,7 @@ class Engine:
         stream = ReplyStream(asyncio.Queue(), session_id=session_id)
         stream._set_timeout(timeout)
         stream._task = asyncio.create_task(
-            self._run_turn(session_id, text, resolved, params, stream, turn))
+            self._run_turn(session_id, text, resolved, params, stream, turn, media_allowance))
         self._streams.add(stream)
         stream._task.add_done_callback(lambda _: self._streams.discard(stream))
         return stream
@@ -502,9 +510,11 @@ class Engine:
 
     async def _run_turn(self, session_id: str, text: str,
                         attachments: list[tuple[Modality, Attachment]], params: Any,
-                        stream: ReplyStream, turn: SessionTurn | None) -> None:
+                        stream: ReplyStream, turn: SessionTurn | None,
+                        allowance: DecodeAllowance | None = None) -> None:
         try:
-            reply = await self._turn(session_id, text, attachments, params, stream, turn)
+            reply = await self._turn(session_id, text, attachments, params, stream, turn,
+                                     allowance)
             stream._queue.put_nowait(reply)
             await self._hooks.record(session_id, text, [a for _, a in attachments], reply)
         except Cancelled as exc:
@@ -521,12 +531,13 @@ class Engine:
 
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
-                    stream: ReplyStream, turn: SessionTurn | None) -> Reply:
+                    stream: ReplyStream, turn: SessionTurn | None,
+                    allowance: DecodeAllowance | None = None) -> Reply:
         from .generate import needs_fallback
 
         t0, received = time.perf_counter(), _now()
         # a turn cancelled while its media wait (on a slow plugin, say) ends there
-        vectors = (await until_cancelled(self._media(attachments), stream._cancel)
+        vectors = (await until_cancelled(self._media(attachments, allowance), stream._cancel)
                    if attachments else [])
         t_media = time.perf_counter()
         held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
@@ -593,13 +604,15 @@ class Engine:
                + [entry.attachment_id for entry in new[:max(0, over - len(memory))]])
         return [i for i in ids if i]  # entries stored before ids were kept have none
 
-    async def _media(self, attachments: list[tuple[Modality, Attachment]]) -> list[Any]:
+    async def _media(self, attachments: list[tuple[Modality, Attachment]],
+                     allowance: DecodeAllowance | None = None) -> list[Any]:
         """Decode each attachment (a failure raises), then encode it (batched with the
         attachments of other turns): its vectors, or the exception its encoding raised.
         Both run in the modality's own threads, limited and checked. A turn decodes its
-        attachments one after another, so it holds one decode thread at a time."""
+        attachments one after another, so it holds one decode thread at a time; each
+        decode's CPU time is charged to ``allowance``."""
         guard = self._guard
-        features = [await guard.decode(m, a) for m, a in attachments]
+        features = [await guard.decode(m, a, allowance) for m, a in attachments]
         return await asyncio.gather(*(
             guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
             return_exceptions=True)

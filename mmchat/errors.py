@@ -115,6 +115,18 @@ class SessionBusy(MMChatError):
     code = "session_busy"
 
 
+class MediaBusy(MMChatError):
+    """The client spent its allowance of media decode time (CPU seconds, regained over
+    time): the message is refused before anything is stored, and may be sent again
+    after ``retry_after`` seconds."""
+
+    code = "media_busy"
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class SessionExpired(MMChatError):
     """A turn found its session gone (its TTL ran out, or the store lost it): it is not
     re-created under the connection that had it; the client starts a new session."""

@@ -1,12 +1,18 @@
 """What keeps a slow or broken modality plugin from hurting anyone but its own turn.
 
-Each modality gets a lane of its own: a small thread pool for ``decode`` and one
-thread for its encoder (attachments of that modality that arrive together are encoded
-in one call). A lane that is stuck holds only that modality. Every call has a time
-limit (``[plugins.<name>] timeout_seconds``, default ``[plugins] timeout_seconds``);
-past it the turn fails with :class:`~mmchat.errors.PluginTimeout`. What ``collate``,
-``decode`` and the encoder return is checked before anything is kept
-(:func:`check_features`, :func:`check_encoded`). A modality that fails or times out
+Each modality gets a lane of its own: a small thread pool for ``decode``
+(``[plugins] decode_threads``) and one thread for its encoder (attachments of that
+modality that arrive together are encoded in one call). A lane that is stuck holds only
+that modality. Costly decodes (:meth:`Modality.is_costly`: a 40-megapixel picture) take
+at most all but one of the lane's decode threads, so a cheap one is never queued behind
+them, and the memory they take at once stays bounded. A client's
+:class:`~mmchat.budget.DecodeAllowance` is charged the CPU time of its decodes.
+
+Every call has a time limit (``[plugins.<name>] timeout_seconds``, default
+``[plugins] timeout_seconds``); past it the turn fails with
+:class:`~mmchat.errors.PluginTimeout`. What ``collate``, ``decode`` and the encoder
+return is checked before anything is kept (:func:`check_features`,
+:func:`check_encoded`). A modality that fails or times out
 ``breaker_failures`` times in a row is out of service (:class:`Breaker`) for
 ``breaker_cooldown_seconds``, then one call is let through to try it again.
 """
@@ -22,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .budget import DecodeAllowance
 from .errors import (
     Cancelled,
     ConfigError,
@@ -46,8 +53,6 @@ logger = logging.getLogger(__name__)
 #: sees them.
 HOST_SETTINGS = ("timeout_seconds",)
 
-#: Threads that run one modality's ``decode`` calls.
-DECODE_THREADS = 2
 #: Threads one modality's encoder batches run on: a batch of at least
 #: ``ENCODE_THREADS * ENCODE_SPLIT`` items (a burst of pictures) is split among them, so
 #: it uses more than one core (the encoder's torch ops release the interpreter lock).
@@ -245,20 +250,25 @@ class _Lane:
     modality: Modality
     timeout: float
     breaker: Breaker
+    decode_threads: int
     decode_pool: DaemonPool = field(init=False)
     encode_pool: DaemonPool = field(init=False)
     #: The other threads a big batch is split among.
     encode_helpers: DaemonPool = field(init=False)
     encoders: Any = field(init=False)  # batching.DecodeScheduler without a decoder
+    #: Costly decodes hold one of these from before they are queued until their thread
+    #: is done with them (even past their time limit): all threads but one.
+    costly: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         from .batching import DecodeScheduler
 
         name = self.modality.name
-        self.decode_pool = DaemonPool(DECODE_THREADS, f"mmchat-decode-{name}")
+        self.decode_pool = DaemonPool(self.decode_threads, f"mmchat-decode-{name}")
         self.encode_pool = DaemonPool(1, f"mmchat-encode-{name}")
         self.encode_helpers = DaemonPool(ENCODE_THREADS - 1, f"mmchat-encode-{name}-more")
         self.encoders = DecodeScheduler(None, self.encode_pool)
+        self.costly = asyncio.Semaphore(self.decode_threads - 1)
 
     @property
     def plugin(self) -> str:
@@ -284,17 +294,49 @@ class PluginGuard:
             limit = own.get(name, {}).get("timeout_seconds", settings.timeout_seconds)
             self._lanes[name] = _Lane(modality, float(limit),
                                       Breaker(settings.breaker_failures,
-                                              settings.breaker_cooldown_seconds, clock))
+                                              settings.breaker_cooldown_seconds, clock),
+                                      settings.decode_threads)
 
     def timeout(self, modality: str) -> float:
         return self._lanes[modality].timeout
 
-    async def decode(self, modality: Modality, attachment: Attachment) -> "torch.Tensor":
-        """``modality.decode`` in its lane, limited and checked."""
+    async def decode(self, modality: Modality, attachment: Attachment,
+                     allowance: DecodeAllowance | None = None) -> "torch.Tensor":
+        """``modality.decode`` in its lane, limited and checked; its CPU time is charged
+        to ``allowance``, which must have time left (else :class:`MediaBusy`)."""
         lane = self._lanes[modality.name]
+        if allowance is not None:
+            allowance.admit()
+        return await self._guarded(lane, "decode", lambda: self._decode(
+            lane, allowance, attachment))
+
+    async def _decode(self, lane: _Lane, allowance: DecodeAllowance | None,
+                      attachment: Attachment) -> "torch.Tensor":
+        """Queue the decode (a costly one once it holds ``lane.costly``) and wait for it.
+        Whatever happens to this wait, the thread's end releases the hold and charges
+        the allowance."""
         loop = asyncio.get_running_loop()
-        return await self._guarded(lane, "decode", lambda: loop.run_in_executor(
-            lane.decode_pool, _checked_decode, modality, attachment.data, attachment.mime_type))
+        modality = lane.modality
+        costly = run_plugin(modality, "is_costly", lambda: bool(
+            modality.is_costly(attachment.data, attachment.mime_type)))
+        if costly:
+            await lane.costly.acquire()
+        spent: list[float] = []
+
+        def ended() -> None:  # on the event loop, once the thread is done with it
+            if costly:
+                lane.costly.release()
+            if allowance is not None and spent:
+                allowance.charge(spent[0])
+
+        try:
+            future = lane.decode_pool.submit(_timed_decode, modality, attachment.data,
+                                             attachment.mime_type, spent)
+        except BaseException:
+            ended()
+            raise
+        future.add_done_callback(lambda _: _call_soon(loop, ended))
+        return await asyncio.wrap_future(future)
 
     async def encode(self, modality: Modality, features: "torch.Tensor") -> "torch.Tensor":
         """The item's vectors ``(N, d_model)`` from the modality's encoder, in its lane,
@@ -394,9 +436,23 @@ class PluginGuard:
             lane.encode_helpers.shutdown(wait=False, cancel_futures=True)
 
 
-def _checked_decode(modality: Modality, data: bytes, mime_type: str) -> "torch.Tensor":
-    return run_plugin(modality, "decode",
-                      lambda: check_features(modality.decode(data, mime_type)))
+def _timed_decode(modality: Modality, data: bytes, mime_type: str,
+                  spent: list[float]) -> "torch.Tensor":
+    """On a decode thread: the checked decode; the CPU seconds it took go into ``spent``."""
+    start = time.thread_time()
+    try:
+        return run_plugin(modality, "decode",
+                          lambda: check_features(modality.decode(data, mime_type)))
+    finally:
+        spent.append(time.thread_time() - start)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """``fn()`` on ``loop`` (from any thread); nothing if the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:
+        logger.debug("the event loop closed before a decode ended")
 
 
 def run_plugin(modality: Modality, what: str, fn: Callable[[], T]) -> T:

@@ -81,6 +81,15 @@ class Modality(ABC):
             batch[i, ..., : f.shape[-1]] = f
         return batch, lengths
 
+    def is_costly(self, data: bytes, mime_type: str) -> bool:
+        """Whether decoding ``data`` is costly (a big picture, a long clip), judged from
+        its header alone: this runs on the event loop, so it must read a few bytes and
+        never decode. Costly decodes of a modality never take the last of its decode
+        threads (``[plugins] decode_threads``), so cheap ones are not queued behind
+        them. The default, ``False``, treats every payload as cheap.
+        """
+        return False
+
     def augment(self, features: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
         """Return a randomly perturbed copy of one item's decoded features, for training.
 

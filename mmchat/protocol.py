@@ -73,6 +73,8 @@ ERROR_CODES: Mapping[str, str] = {
     "too_many_connections": "The server has as many connections as it allows; try again "
                             "later.",
     errors.SessionBusy.code: "Another turn of the session is running; try again.",
+    errors.MediaBusy.code: "The connection used its allowance of attachment decode time; "
+                           "send attachments again after the time the message names.",
     errors.SessionExpired.code: "The session expired or the store lost it; it is not "
                                 "re-created: start a new session (hello without "
                                 "session_id).",

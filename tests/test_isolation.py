@@ -329,3 +329,54 @@ async def test_websocket_clients_see_the_codes_and_readyz_and_metrics_say_so():
         slow.gate.set()
         await server.shutdown(drain_seconds=10)
         await engine.close()
+
+
+class Judging(Gated):
+    """Every payload's decode waits at the gate; ``is_costly`` reads the first byte
+    (``b"C"``: costly; ``b"!"``: the plugin's own check raises)."""
+
+    name = "judging"
+    mime_types = ("application/x-judging",)
+
+    def __init__(self):
+        super().__init__("decode")
+        self.at_gate = {True: 0, False: 0}  # costly or not: decodes waiting at the gate
+        self.lock = threading.Lock()
+
+    def is_costly(self, data, mime_type):
+        if data.startswith(b"!"):
+            raise RuntimeError("cannot judge")
+        return data.startswith(b"C")
+
+    def decode(self, data, mime_type):
+        with self.lock:
+            self.at_gate[data.startswith(b"C")] += 1
+        return super().decode(data, mime_type)
+
+
+def judged(first: bytes) -> Attachment:
+    return Attachment(first + b"bcd", "application/x-judging")
+
+
+async def test_costly_decodes_leave_a_thread_to_cheap_ones_and_a_failing_judge_is_the_plugins():
+    judging = Judging()
+
+    async def until(check) -> None:
+        async with asyncio.timeout(60):
+            while not check():
+                await asyncio.sleep(0.01)
+
+    async with Engine(config(decode_threads=3), plugins=host_with(judging)) as engine:
+        try:
+            bigs = [await engine.stream(f"big{i}", "look", [judged(b"C")]) for i in range(4)]
+            await until(lambda: judging.at_gate[True] == 2)  # decode_threads - 1
+            small = await engine.stream("small", "look", [judged(b"c")])
+            await until(lambda: judging.at_gate[False] == 1)  # the last thread was free
+            assert judging.at_gate[True] == 2
+            with pytest.raises(PluginError, match="is_costly raised RuntimeError"):
+                await (await engine.stream("odd", "look", [judged(b"!")])).wait()
+        finally:
+            judging.gate.set()
+        await small.wait()  # all five replies end well once the gate opens
+        for big in bigs:
+            await big.wait()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..budget import DecodeAllowance
 from ..coalesce import DeltaCoalescer
 from ..errors import MMChatError, SessionBusy, SessionLost
 from ..modality import Attachment
@@ -86,6 +87,8 @@ class Connection:
         self._assembler = FrameAssembler(server.limits)
         self._coalescer = DeltaCoalescer(1)  # until hello says otherwise
         self._rate = TokenBucket(settings.messages_per_second, settings.burst, now=now)
+        self._media = DecodeAllowance(settings.media_decode_rate,
+                                      settings.media_decode_seconds)
         self._strikes = TokenBucket(settings.max_strikes / 60, settings.max_strikes, now=now)
         self._jobs: asyncio.Queue[_Message | _Resume] = asyncio.Queue(
             maxsize=2 * settings.burst)
@@ -312,7 +315,7 @@ class Connection:
         try:
             return self.server.turns.start(
                 TurnRequest(self.session_id, job.id, job.text, job.attachments,
-                            job.received, owner_for(self.subject)),
+                            job.received, owner_for(self.subject), self._media),
                 cancelled=job.id in self._cancelled)
         finally:
             self._queued.discard(job.id)

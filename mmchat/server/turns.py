@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..budget import DecodeAllowance
 from ..errors import DuplicateMessage, MMChatError, StoreUnavailable, TurnLost
 from ..modality import Attachment
 from ..protocol import Delta, Done, Error, Started, Usage, to_stream_entry
@@ -52,6 +53,8 @@ class TurnRequest:
     #: The session's owner as the connection knows it: the turn runs only in a session
     #: that still exists with this owner (``None``: no check, the session may be new).
     owner: str | None = None
+    #: The connection's allowance of media decode time, charged by this turn's decodes.
+    media_allowance: DecodeAllowance | None = None
 
 
 class Turn:
@@ -150,8 +153,9 @@ class Turn:
                 tail = held.tail
                 if tail is not None and not tail.final:
                     tail = (await manager.close_lost_reply(held, tail)).done
-                stream = await manager.engine.stream(request.session_id, request.text,
-                                                     request.attachments, turn=held)
+                stream = await manager.engine.stream(
+                    request.session_id, request.text, request.attachments, turn=held,
+                    media_allowance=request.media_allowance)
                 self._stream = stream
                 if self._cancel_requested or held.cancel_requested:
                     self.cancel()

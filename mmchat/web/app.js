@@ -20,6 +20,7 @@ const PLAIN = {
   corrupt_media: "That file could not be read.",
   too_many_attachments: "Too many attachments for one message.",
   rate_limited: "Messages are coming too fast. Wait a moment and try again.",
+  media_busy: "Your pictures and recordings took a lot of the server's time. Wait a moment and send them again.",
   connection_lost: "The server is gone, so this message was not answered.",
   cannot_connect: "The server cannot be reached.",
   message_too_long: "That message is too long.",

@@ -16,6 +16,8 @@ from mmchat import Modality
 from mmchat.errors import CorruptMedia, MediaTooLarge
 from mmchat.modality import read_settings
 
+from .header import image_size
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image as PILImage
@@ -48,6 +50,7 @@ SETTINGS: dict[str, tuple[int, type, int, int | None]] = {
     "size": (64, int, 16, 1024),
     "max_bytes": (10 * 1024 * 1024, int, 1, None),
     "max_pixels": (40_000_000, int, 1, PILLOW_MAX_PIXELS),
+    "costly_pixels": (4_000_000, int, 1, None),
 }
 
 # What Pillow raises on damaged data, besides its decompression-bomb errors.
@@ -57,9 +60,10 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct
 class ImageModality(Modality):
     """Still images (the first frame of a GIF), letterboxed to ``size`` x ``size`` RGB.
 
-    Settings (``[plugins.image]``): ``size`` (default 64), ``max_bytes`` (10 MiB)
-    and ``max_pixels`` (40,000,000; checked from the header before any pixel is
-    decoded).
+    Settings (``[plugins.image]``): ``size`` (default 64), ``max_bytes`` (10 MiB),
+    ``max_pixels`` (40,000,000; checked from the header before any pixel is
+    decoded) and ``costly_pixels`` (4,000,000: bigger pictures are costly to decode,
+    see :meth:`is_costly`).
     """
 
     name = "image"
@@ -72,6 +76,7 @@ class ImageModality(Modality):
         self.size: int = values["size"]
         self.max_bytes: int = values["max_bytes"]
         self.max_pixels: int = values["max_pixels"]
+        self.costly_pixels: int = values["costly_pixels"]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "max_pixels": self.max_pixels, "size": self.size}
@@ -107,6 +112,13 @@ class ImageModality(Modality):
             except _DECODE_ERRORS as exc:
                 raise CorruptMedia(f"could not decode {img.format} image: {exc}") from exc
         return _to_tensor(rgb)
+
+    def is_costly(self, data: bytes, mime_type: str) -> bool:
+        """More than ``costly_pixels``, read from the file's first bytes (no Pillow: this
+        runs on the event loop). A picture whose size cannot be read there counts as
+        costly."""
+        size = image_size(data)
+        return size is None or size[0] * size[1] > self.costly_pixels
 
     def build_encoder(self, d_model: int) -> nn.Module:
         from .encoder import ImageEncoder
@@ -163,16 +175,24 @@ class ImageModality(Modality):
         return img
 
     def _to_rgb(self, img: PILImage.Image) -> PILImage.Image:
-        """Orient, flatten to RGB on white and letterbox to ``size`` x ``size``."""
-        from PIL import Image, ImageOps
+        """Shrink, orient, flatten to RGB on white and letterbox to ``size`` x ``size``.
+
+        No full-size copy is made after decoding: JPEG decodes at 1/2 to 1/8 scale
+        (``draft``), every format is box-reduced right after decoding (converted a band
+        of rows at a time where its pixels cannot be averaged as they are), and the
+        EXIF orientation is applied to the reduced picture."""
+        from PIL import Image
 
         if img.format in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, still at least size x size.
             img.draft("RGB", (self.size, self.size))
-        ImageOps.exif_transpose(img, in_place=True)
-        if img.mode in ("I", "F") or img.mode.startswith("I;"):
-            img = _deep_to_l(img)
+        transpose = _ORIENTATIONS.get(img.getexif().get(_EXIF_ORIENTATION, 1))
+        deep = img.mode if img.mode in ("I", "F") or img.mode.startswith("I;") else None
         img = _shrink(img, self.size)
+        if deep is not None:
+            img = _deep_to_l(img, deep)
+        if transpose is not None:
+            img = img.transpose(transpose)
         if img.has_transparency_data:
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -205,13 +225,13 @@ def letterbox(img: PILImage.Image, size: int) -> PILImage.Image:
     return canvas
 
 
-def _deep_to_l(img: PILImage.Image) -> PILImage.Image:
-    """8-bit greyscale from 16-bit, 32-bit integer or float greyscale.
+def _deep_to_l(img: PILImage.Image, mode: str) -> PILImage.Image:
+    """8-bit greyscale from 16-bit, 32-bit integer or float greyscale (``mode``, the
+    picture's mode as decoded: a reduced one may be ``I`` where it was ``I;16``).
 
     ``I;16`` images span 0-65535. Other integer images are read as 16-bit when a
     value is above 255, else as 8-bit; float images up to 1.0 as [0, 1].
     """
-    mode = img.mode
     img = img.convert("F")
     _, high = img.getextrema()
     if mode.startswith("I;16") or (mode == "I" and high > 255):
@@ -237,15 +257,46 @@ def _to_tensor(img: PILImage.Image) -> torch.Tensor:
 #: Modes whose pixels :meth:`PIL.Image.Image.reduce` may average (not palette indices).
 _REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F")
 
+#: Pixels converted at once when a picture must change mode before it is reduced.
+BAND_PIXELS = 1 << 22
+
+_EXIF_ORIENTATION = 0x0112
+
+#: EXIF orientation -> the transpose that makes the picture upright (as
+#: :func:`PIL.ImageOps.exif_transpose`).
+_ORIENTATIONS = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # Image.Transpose values
+
 
 def _shrink(img: PILImage.Image, size: int) -> PILImage.Image:
     """Box-reduce a big picture by a whole factor right after decoding, while its shorter
     side stays at least ``2 * size``, so the conversions that follow (flattening on
     white, RGB) and the final resize work on the pixels the encoder needs, not on up to
-    ``max_pixels`` of them (what JPEG's ``draft`` does while decoding, for any format)."""
+    ``max_pixels`` of them (what JPEG's ``draft`` does while decoding, for any format).
+    A picture whose pixels cannot be averaged as they are (palette, bilevel, 16-bit) is
+    converted and reduced a band of rows at a time, never as a whole."""
     factor = min(img.size) // (2 * size)
     if factor < 2:
         return img
-    if img.mode not in _REDUCIBLE:  # palette or bilevel: to pixels first
-        img = img.convert("RGBA" if img.has_transparency_data else "RGB")
-    return img.reduce(factor)
+    if img.mode in _REDUCIBLE:
+        return img.reduce(factor)
+    if img.mode.startswith("I;"):
+        mode = "I"
+    elif img.mode == "1":
+        mode = "L"
+    else:
+        mode = "RGBA" if img.has_transparency_data else "RGB"
+    return _reduce_in_bands(img, factor, mode)
+
+
+def _reduce_in_bands(img: PILImage.Image, factor: int, mode: str) -> PILImage.Image:
+    """``img.convert(mode).reduce(factor)``, converting a band of whole boxes' rows at a
+    time, so the converted copy never holds more than about :data:`BAND_PIXELS`."""
+    from PIL import Image
+
+    width, height = img.size
+    rows = factor * max(1, BAND_PIXELS // (width * factor))
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        band = img.crop((0, top, width, min(height, top + rows)))
+        out.paste(band.convert(mode).reduce(factor), (0, top // factor))
+    return out

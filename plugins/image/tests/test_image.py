@@ -362,3 +362,69 @@ def test_a_big_picture_is_shrunk_before_it_is_converted(image, mode):
     assert torch.allclose(colour_at(x, slice(None), slice(0, 24)), torch.full((3,), WHITE_VALUE))
     assert_blue(colour_at(x, slice(None), slice(40, 64)))
     assert _shrink(halves((200, 100)), image.size).size == (200, 100)  # small: as it is
+
+
+@pytest.mark.parametrize("fmt, params", [
+    ("PNG", {}), ("JPEG", {"quality": 90}), ("GIF", {}), ("BMP", {}),
+    ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}),
+])
+@pytest.mark.parametrize("size", [(1, 1), (333, 97), (97, 3001)])
+def test_the_header_gives_the_size_pillow_reads(fmt, params, size):
+    from mmchat_image.header import image_size
+
+    data = encode(halves(size), fmt, **params)
+    assert image_size(data) == Image.open(io.BytesIO(data)).size
+    assert image_size(data[:8]) is None  # cut short
+
+
+def test_the_header_size_of_a_jpeg_with_exif_and_an_extended_webp():
+    from mmchat_image.header import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert image_size(encode(halves((640, 320)), "JPEG", exif=exif.tobytes())) == (640, 320)
+    webp = encode(halves((300, 200)), "WEBP", exif=exif.tobytes())
+    assert webp[12:16] == b"VP8X"
+    assert image_size(webp) == (300, 200)
+    assert image_size(png_header(40_000, 1_000)) == (40_000, 1_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\xff\xd8" + b"\xff\xe0\x00\x02" * 300,
+                                  b"\xff\xd8\xff\xda"])
+def test_an_unreadable_header_has_no_size_and_is_costly(image, data):
+    from mmchat_image.header import image_size
+
+    assert image_size(data) is None
+    assert image.is_costly(data, "image/jpeg")
+
+
+def test_pictures_over_costly_pixels_are_costly():
+    image = ImageModality({"costly_pixels": 10_000})
+    assert not image.is_costly(encode(halves((100, 100)), "PNG"), "image/png")
+    assert image.is_costly(encode(halves((101, 100)), "PNG"), "image/png")
+    assert image.is_costly(png_header(8000, 5000), "image/png")
+    assert not ImageModality().is_costly(png_header(2000, 2000), "image/png")
+
+
+@pytest.mark.parametrize("mode", ["P", "PA", "1", "I;16"])
+def test_a_picture_that_must_change_mode_is_reduced_a_band_at_a_time(mode, monkeypatch):
+    """The same pixels as converting the whole picture, then reducing it."""
+    from mmchat_image import modality
+
+    rng = random.Random(0)
+    img = Image.new("RGB", (997, 603), "white")
+    draw = ImageDraw.Draw(img)
+    for _ in range(40):
+        x, y = rng.randrange(997), rng.randrange(603)
+        draw.ellipse((x, y, x + 90, y + 60), fill=tuple(rng.randrange(256) for _ in range(3)))
+    if mode == "I;16":
+        img = img.convert("L").point(lambda v: v * 200, "I").convert("I;16")
+    elif mode == "PA":
+        img = img.convert("RGBA").convert("PA")
+    else:
+        img = img.convert(mode)
+    target = {"P": "RGB", "PA": "RGBA", "1": "L", "I;16": "I"}[mode]
+    monkeypatch.setattr(modality, "BAND_PIXELS", 997 * 50)  # many bands, one cut short
+    small = modality._shrink(img, 64)
+    assert small.mode == target
+    assert small.tobytes() == img.convert(target).reduce(603 // 128).tobytes()
