@@ -115,9 +115,12 @@ class EntrySelector(nn.Module):
     def __init__(self, d_model: int, n_kinds: int, n_tags: int) -> None:
         super().__init__()
         self.n_kinds, self.n_tags = n_kinds, n_tags
-        self.score = nn.Linear(d_model, 2 * n_kinds * n_tags)
+        # built uninitialised and zeroed: no random numbers drawn (the model's other
+        # weights stay what they are without it), and the model's init skips it
+        self.score = nn.utils.skip_init(nn.Linear, d_model, 2 * n_kinds * n_tags)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
+        self.score.zero_init = True
 
     def forward(self, q: torch.Tensor, kinds: torch.Tensor, recency: torch.Tensor,
                 ordinal: torch.Tensor) -> torch.Tensor:

@@ -392,6 +392,8 @@ class DialogueLM(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
+    if getattr(module, "zero_init", False):
+        return  # starts at zero by design (EntrySelector)
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -68,6 +68,7 @@ class Base:
         fresh = []
         kept: dict[str, torch.Tensor] = {}  # grown weight -> 1 where it is new, 0 where loaded
         n_old = len(self.config.modalities)
+        n_tags = model.config.entry_tags
         with torch.no_grad():
             for name, param in model.state_dict().items():
                 old = self.state.get(name)
@@ -83,6 +84,18 @@ class Base:
                     fresh.append(name)
                     kept[name] = torch.zeros_like(param)
                     kept[name][:, n_old * d: -d] = 1
+                elif name.startswith("select."):
+                    # entry selector, (2, K, n_tags) score rows: the kinds grow inside
+                    # each half (recency, ordinal)
+                    if old.shape[0] != 2 * n_old * n_tags:
+                        raise MMChatError(f"cannot start from {self.path}: its entry "
+                                          "selector has another [fusion] entry_tags")
+                    grown, was = _halves(param, n_tags), _halves(old, n_tags)
+                    grown.zero_()
+                    grown[:, :n_old] = was
+                    fresh.append(name)
+                    kept[name] = torch.ones_like(param)
+                    _halves(kept[name], n_tags)[:, :n_old] = 0
                 elif old.dim() == param.dim() and all(
                         o <= n for o, n in zip(old.shape, param.shape)):
                     param[tuple(slice(0, o) for o in old.shape)] = old  # rows appended
@@ -104,3 +117,8 @@ class Base:
                     self.path, ", ".join(added) or "none", len(fresh),
                     "; the rest is frozen" if freeze else "")
         return fresh
+
+
+def _halves(t: torch.Tensor, n_tags: int) -> torch.Tensor:
+    """The entry selector's score rows (2 K n_tags, ...) as (2, K, n_tags, ...), a view."""
+    return t.view(2, -1, n_tags, *t.shape[1:])
