@@ -207,7 +207,8 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
     tuned = tmp_path / "run" / "model"
     meta = checkpoint.read_meta(tuned)
     assert meta["config"]["modalities"] == ["image", "voice", "pulse"]
-    assert meta["config"]["answers"] == checkpoint.read_meta(bundled)["config"]["answers"]
+    old = checkpoint.read_meta(bundled)["config"]["answers"]  # kept, with the new appended
+    assert meta["config"]["answers"] == [*old, "cold", "hot"]
     host = PluginHost(paths=[work / "plugins"])
     c = from_dict({"model": {"checkpoint": str(tuned)}, "generation": {"max_new_tokens": 8}},
                   env={})
