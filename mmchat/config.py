@@ -54,6 +54,7 @@ class FusionConfig:
     max_memory: int = _opt(16, min=1, max=4096)
     entry_tags: int = _opt(8, min=0, max=64)
     carry_query: bool = _opt(True)
+    select_entries: bool = _opt(True)
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).

@@ -100,6 +100,40 @@ class TurnQuery(nn.Module):
         return attn.out_proj(values.reshape(B, d) + b_v)  # (B, d)
 
 
+class EntrySelector(nn.Module):
+    """Which attachments a turn asks about: a gate per memory vector from the turn query.
+
+    For each modality, ``q`` scores every recency (0 = the latest attachment) and every
+    ordinal (0 = the first); a vector's gate is ``2 sigmoid(s_recency + s_ordinal)`` of
+    the entry it came from, and its conditioned value is scaled by it. "the first
+    picture" can thereby dim every other picture's vectors, for the decoder's attention
+    and for the max-pooled summaries alike (so it works the same for every fusion
+    method). The null slot keeps gate 1. The scores start at zero: gate 1 everywhere,
+    so a warm-started model computes what it did.
+    """
+
+    def __init__(self, d_model: int, n_kinds: int, n_tags: int) -> None:
+        super().__init__()
+        self.n_kinds, self.n_tags = n_kinds, n_tags
+        # built uninitialised and zeroed: no random numbers drawn (the model's other
+        # weights stay what they are without it), and the model's init skips it
+        self.score = nn.utils.skip_init(nn.Linear, d_model, 2 * n_kinds * n_tags)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+        self.score.zero_init = True
+
+    def forward(self, q: torch.Tensor, kinds: torch.Tensor, recency: torch.Tensor,
+                ordinal: torch.Tensor) -> torch.Tensor:
+        """q (B, d); kinds, recency, ordinal (B, N) -> gate (B, N), 1 on the null slot."""
+        B = q.shape[0]
+        s = self.score(q).view(B, 2, self.n_kinds, self.n_tags)  # (B, 2, K, n)
+        kind = (kinds - 1).clamp_min(0)  # (B, N); the null slot is masked below
+        by_recency = s[:, 0].flatten(1).gather(1, kind * self.n_tags + recency)  # (B, N)
+        by_ordinal = s[:, 1].flatten(1).gather(1, kind * self.n_tags + ordinal)  # (B, N)
+        gate = 2 * torch.sigmoid(by_recency + by_ordinal)  # (B, N)
+        return torch.where(kinds > 0, gate, torch.ones_like(gate))
+
+
 class FiLM(nn.Module):
     """Per-vector MLP whose hidden layer is scaled and shifted by the turn query."""
 

@@ -14,7 +14,8 @@ sees the memory of attachments sent up to and including turn ``k``. With
 ``entry_tags``, each memory vector carries which of its modality's attachments it came
 from, counted from the latest (recency) and from the first (ordinal), as seen at turn
 ``k``; with ``carry_query``, turn ``k``'s query also sees turn ``k - 1``'s (the
-referent of a follow-up such as "and where is it?").
+referent of a follow-up such as "and where is it?"); with ``select_entries``, turn
+``k``'s query gates each entry's vectors ("the first picture" dims the others).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
+from .fusion import EntrySelector, FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DialogueConfig:
     heard_tokens: float = 8.0  # how many typed tokens one heard attachment counts for
     entry_tags: int = 0  # recency/ordinal embeddings per memory entry (0 = none)
     carry_query: bool = False  # each turn's query sees the previous turn's query
+    select_entries: bool = False  # the query gates each entry's vectors (needs entry_tags)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +98,8 @@ class DialogueLM(nn.Module):
         self.ordinal_emb = nn.Parameter(torch.zeros(c.entry_tags, c.d_model)) \
             if c.entry_tags else None  # (n, d), 0 = the first entry
         self.film = FiLM(c.d_model) if c.condition else None
+        self.select = EntrySelector(c.d_model, len(c.modalities), c.entry_tags) \
+            if c.select_entries and c.entry_tags else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
         self.answer_head = nn.Sequential(
             nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
@@ -241,13 +245,18 @@ class DialogueLM(nn.Module):
         also max-pooled into one summary vector appended to the memory, so the decoder
         can attend to "the best match" directly.
         """
+        places = None
         if self.recency_emb is not None and ordinal is not None:
+            places = self.entry_places(kinds, ordinal, mask)  # recency, ordinal (B, N)
             values = values + self.entry_tags(kinds, ordinal, mask)  # (B, N, d)
         if self.config.carry_query and previous is None:
             previous = values.new_zeros(values.shape[0], self.config.d_model)
         q = self.turn_query(h_prompt, bag, values, mask,
                             previous if self.config.carry_query else None)  # (B, d)
         conditioned = self.film(values, q) if self.film is not None else values  # (B, N, d)
+        if self.select is not None and places is not None:
+            gate = self.select(q, kinds, *places)  # (B, N)
+            conditioned = conditioned * gate.unsqueeze(-1)  # (B, N, d)
         n_kinds = len(self.config.modalities)
         pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
         kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)
@@ -383,6 +392,8 @@ class DialogueLM(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
+    if getattr(module, "zero_init", False):
+        return  # starts at zero by design (EntrySelector)
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -12,11 +12,12 @@ FUSIONS = ["attention", "concat", "weighted"]
 RNNS = ["lstm", "gru"]
 
 
-def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False):
+def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False,
+               select=False):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=vocab, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
                          d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"],
-                         entry_tags=tags, carry_query=carry)
+                         entry_tags=tags, carry_query=carry, select_entries=select)
     return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
 
 
@@ -245,9 +246,10 @@ def test_entry_places_count_from_the_latest_and_the_first_of_each_modality():
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_a_new_model_with_tags_and_carry_starts_as_one_without(fusion):
-    """The tags and the carried query start at zero and draw no random numbers: the same
-    seed gives the same weights and the same logits, and training moves them."""
-    plain, v2 = tiny_model(fusion), tiny_model(fusion, tags=4, carry=True)
+    """The tags, the carried query and the entry selector start at zero and draw no random
+    numbers: the same seed gives the same weights and the same logits, and training
+    moves them."""
+    plain, v2 = tiny_model(fusion), tiny_model(fusion, tags=4, carry=True, select=True)
     shared = plain.state_dict()
     assert all(torch.equal(shared[k], v) for k, v in v2.state_dict().items() if k in shared)
     idx, turns, prompt_end, media, targets = batch()
@@ -256,3 +258,26 @@ def test_a_new_model_with_tags_and_carry_starts_as_one_without(fusion):
     _, loss = v2(idx, turns, prompt_end, media, targets)
     loss.backward()
     assert v2.turn_query.carry.grad.abs().sum() > 0 and v2.ordinal_emb.grad.abs().sum() > 0
+    assert v2.select.score.weight.grad.abs().sum() > 0
+
+
+def test_the_entry_selector_dims_the_pictures_the_query_does_not_ask_about():
+    """Two toy pictures: scores that favour the first (ordinal 0) give its vectors gate
+    near 2 and the second's near 0, so the decoder's attention moves to the first; the
+    null slot keeps gate 1."""
+    model = tiny_model(tags=4, select=True)
+    g = torch.Generator().manual_seed(3)
+    entries = [[("toy", torch.randn(3, 16, generator=g)), ("toy", torch.randn(3, 16, generator=g))]]
+    values, kinds, mask, ordinal = model.memory_bank(entries)
+    recency, place = model.entry_places(kinds, ordinal, mask)
+    q = torch.ones(1, 16)
+    assert model.select(q, kinds, recency, place).tolist() == [[1.0] * 7]  # starts neutral
+    with torch.no_grad():  # scores: (kind 1) recency 0..3 then ordinal 0..3
+        model.select.score.bias.copy_(torch.tensor([0.0] * 4 + [8.0, -8.0, 0.0, 0.0]))
+    gate = model.select(q, kinds, recency, place)[0]
+    assert gate[0] == 1 and (gate[1:4] > 1.99).all() and (gate[4:] < 0.01).all()
+    h = torch.zeros(1, 24)
+    bag = torch.zeros(1, 16)
+    mem = model.turn_memory(h, bag, values, kinds, mask, ordinal)
+    torch.testing.assert_close(mem.values[0, 4:7], torch.zeros(3, 16), atol=0.02, rtol=0)
+    assert mem.values[0, 1:4].abs().sum() > 1

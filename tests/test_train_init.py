@@ -109,6 +109,8 @@ def test_init_from_adds_the_new_modality_and_freeze_keeps_the_rest(work):
     for name, weight in old.items():
         if name == "kind_emb.weight":
             assert now[name][:2].equal(weight) and now[name].shape[0] == 3
+        elif name.startswith("select.score."):  # (2 halves, kinds, 8 places): kinds grow
+            assert now[name].view(2, 2, 8, -1)[:, :1].equal(weight.view(2, 1, 8, -1))
         else:
             assert now[name].equal(weight), name  # frozen
     assert any(n.startswith("encoders.pulse.") for n in now)
@@ -205,7 +207,8 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
     tuned = tmp_path / "run" / "model"
     meta = checkpoint.read_meta(tuned)
     assert meta["config"]["modalities"] == ["image", "voice", "pulse"]
-    assert meta["config"]["answers"] == checkpoint.read_meta(bundled)["config"]["answers"]
+    old = checkpoint.read_meta(bundled)["config"]["answers"]  # kept, with the new appended
+    assert meta["config"]["answers"] == [*old, "cold", "hot"]
     host = PluginHost(paths=[work / "plugins"])
     c = from_dict({"model": {"checkpoint": str(tuned)}, "generation": {"max_new_tokens": 8}},
                   env={})
@@ -216,3 +219,35 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
         picture = await engine.reply("i", "what colour is the circle?",
                                      [image_dir / "circle.png"])
         assert picture.attention["image"] > 0
+
+
+def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_classes(work,
+                                                                                   tmp_path):
+    """A checkpoint trained without entry tags, carried query or entry selection (as v1
+    was) and answer classes hot/cold, warm-started on data whose cold answers say
+    "freezing": the new model has the run's memory settings, and "freezing" is appended
+    after the checkpoint's classes, whose answer-head rows are kept."""
+    host = PluginHost(paths=[work / "plugins"], entry_points=False)
+    plain = {"entry_tags": 0, "carry_query": False, "select_entries": False}
+    toy = load_train_data(work / "toy", host.modalities, vocab_size=64, max_tokens=64)
+    Trainer(from_dict({"model": MODEL, "train": TRAIN, "fusion": plain}, env={}), toy,
+            tmp_path / "plain", progress=False).run()
+    base = Base.load(tmp_path / "plain" / "model", host.modalities)
+    assert (base.config.entry_tags, base.config.answers) == (0, ["cold", "hot"])
+    colder = tmp_path / "colder"
+    colder.mkdir()
+    for split in ("train", "valid"):
+        text = (work / "toy" / f"{split}.jsonl").read_text()
+        (colder / f"{split}.jsonl").write_text(text.replace(
+            '"it is cold", "answer": "cold"', '"it is freezing", "answer": "freezing"'))
+    data = load_train_data(colder, host.modalities, vocab_size=64, max_tokens=64,
+                           tokenizer=base.tokenizer, modality_names=base.config.modalities,
+                           answers=base.config.answers, more_answers=True)
+    assert data.answers == ["cold", "hot", "freezing"]
+    trainer = Trainer(from_dict({"model": MODEL, "train": TRAIN}, env={}), data,
+                      tmp_path / "grown", progress=False, init_from=base)
+    c = trainer.model.config
+    assert (c.entry_tags, c.carry_query, c.select_entries) == (8, True, True)
+    assert c.answers == ["cold", "hot", "freezing"]
+    head = trainer.model.answer_head[2].weight
+    assert head.shape[0] == 3 and head[:2].equal(base.state["answer_head.2.weight"])

@@ -83,7 +83,7 @@ def train_command(data, out_dir, config_path, tokenizer_path, resume, init_from,
         list(data), host.modalities, vocab_size=config.model.vocab_size,
         max_tokens=config.train.max_tokens, tokenizer=tokenizer,
         modality_names=None if base is None else base.config.modalities,
-        answers=None if base is None else base.config.answers)
+        answers=None if base is None else base.config.answers, more_answers=True)
     trainer = Trainer(config, data_, out_dir, resume=resume, progress=not no_progress,
                       init_from=base, freeze=freeze)
     if trainer.dist.main:

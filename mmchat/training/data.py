@@ -74,11 +74,14 @@ def load_train_data(data_dir: str | Path | Sequence[str | Path],
                     registered: Mapping[str, Modality], *,
                     vocab_size: int, max_tokens: int, tokenizer: Tokenizer | None = None,
                     modality_names: list[str] | None = None,
-                    answers: list[str] | None = None) -> TrainData:
+                    answers: list[str] | None = None,
+                    more_answers: bool = False) -> TrainData:
     """Read ``train.jsonl`` and ``valid.jsonl`` of one dataset folder, or of several
     together (media paths stay relative to each folder); train a tokenizer unless one is
     given. ``modality_names`` are modalities to keep besides those the data uses;
-    ``answers`` fixes the auxiliary answer classes (else they come from the data)."""
+    ``answers`` fixes the auxiliary answer classes (else they come from the data); with
+    ``more_answers``, the data's classes that ``answers`` lacks follow them (a warm start
+    keeps its classes' ids and learns the new ones)."""
     dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path)) else data_dir)]
     if not dirs:
         raise MMChatError("no dataset folder given")
@@ -103,7 +106,11 @@ def load_train_data(data_dir: str | Path | Sequence[str | Path],
         logger.info("trained a tokenizer with %d pieces", tokenizer.vocab_size)
     cache = FeatureCache()
     decode_media(cache, train + valid, modalities)
-    answers = answer_classes(train) if answers is None else list(answers)
+    found = answer_classes(train)
+    if answers is None:
+        answers = found
+    else:
+        answers = [*answers, *(a for a in found if more_answers and a not in answers)]
     ids = {a: i for i, a in enumerate(answers)}
     return TrainData(encode_all(train, tokenizer, max_tokens, ids),
                      encode_all(valid, tokenizer, max_tokens, ids), cache, tokenizer, modalities,

@@ -2,12 +2,14 @@
 
 The new model keeps the checkpoint's shape, tokenizer, answer classes and modalities,
 in their order (a modality's type id is its place in that list), and appends the
-modalities the data has that the checkpoint lacks. Every weight of the checkpoint is
-loaded; a weight that grew with the new modalities (the modality type embedding, the
-``concat`` fusion's projection) keeps its trained part and starts the new part at zero
-or at its fresh initialisation. ``freeze`` keeps every weight loaded unchanged and
-trains only the new encoders and the new part of the grown weights (with
-``[train] weight_decay = 0``, the default, the loaded part then stays exactly as it was).
+modalities and answer classes the data has that the checkpoint lacks; the memory
+settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``) are the run's.
+Every weight of the checkpoint is loaded; a weight that grew (the modality type
+embedding, the ``concat`` fusion's projection, the answer head) keeps its trained part
+and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
+weight loaded unchanged and trains only the new encoders and the new part of the grown
+weights (with ``[train] weight_decay = 0``, the default, the loaded part then stays
+exactly as it was).
 """
 
 from __future__ import annotations
@@ -43,14 +45,21 @@ class Base:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return cls(Path(path), model.config, state, tokenizer)
 
-    def grown(self, modalities: list[str], heard: list[str]) -> DialogueConfig:
-        """The checkpoint's config with ``modalities`` it lacks appended, and the
-        transcript head kept (or added) for ``heard``."""
-        old = self.config.modalities
-        added = [m for m in sorted(modalities) if m not in old]
-        heard_all = sorted(set(self.config.heard) | set(heard))
-        return dataclasses.replace(self.config, modalities=[*old, *added], heard=heard_all,
-                                   transcripts=self.config.transcripts or bool(heard_all))
+    def grown(self, run: DialogueConfig) -> DialogueConfig:
+        """The checkpoint's config (its sizes, cell, fusion method and vocabulary) grown
+        by what the run's config ``run`` adds: the modalities it lacks appended, the
+        transcript head kept (or added) for ``run.heard``, the answer classes it lacks
+        appended after its own, and the run's memory settings (entry tags, carried query,
+        entry selection), whose weights start fresh where the checkpoint has none."""
+        c = self.config
+        added = [m for m in sorted(run.modalities) if m not in c.modalities]
+        heard_all = sorted(set(c.heard) | set(run.heard))
+        answers = [*c.answers, *(a for a in run.answers if a not in c.answers)]
+        return dataclasses.replace(c, modalities=[*c.modalities, *added], heard=heard_all,
+                                   transcripts=c.transcripts or bool(heard_all),
+                                   answers=answers, entry_tags=run.entry_tags,
+                                   carry_query=run.carry_query,
+                                   select_entries=run.select_entries)
 
     def load_into(self, model: DialogueLM, *, freeze: bool = False) -> list[str]:
         """Copy the checkpoint's weights into ``model`` (built from :meth:`grown`); with
@@ -59,6 +68,7 @@ class Base:
         fresh = []
         kept: dict[str, torch.Tensor] = {}  # grown weight -> 1 where it is new, 0 where loaded
         n_old = len(self.config.modalities)
+        n_tags = model.config.entry_tags
         with torch.no_grad():
             for name, param in model.state_dict().items():
                 old = self.state.get(name)
@@ -74,6 +84,18 @@ class Base:
                     fresh.append(name)
                     kept[name] = torch.zeros_like(param)
                     kept[name][:, n_old * d: -d] = 1
+                elif name.startswith("select."):
+                    # entry selector, (2, K, n_tags) score rows: the kinds grow inside
+                    # each half (recency, ordinal)
+                    if old.shape[0] != 2 * n_old * n_tags:
+                        raise MMChatError(f"cannot start from {self.path}: its entry "
+                                          "selector has another [fusion] entry_tags")
+                    grown, was = _halves(param, n_tags), _halves(old, n_tags)
+                    grown.zero_()
+                    grown[:, :n_old] = was
+                    fresh.append(name)
+                    kept[name] = torch.ones_like(param)
+                    _halves(kept[name], n_tags)[:, :n_old] = 0
                 elif old.dim() == param.dim() and all(
                         o <= n for o, n in zip(old.shape, param.shape)):
                     param[tuple(slice(0, o) for o in old.shape)] = old  # rows appended
@@ -95,3 +117,8 @@ class Base:
                     self.path, ", ".join(added) or "none", len(fresh),
                     "; the rest is frozen" if freeze else "")
         return fresh
+
+
+def _halves(t: torch.Tensor, n_tags: int) -> torch.Tensor:
+    """The entry selector's score rows (2 K n_tags, ...) as (2, K, n_tags, ...), a view."""
+    return t.view(2, -1, n_tags, *t.shape[1:])

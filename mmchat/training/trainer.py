@@ -138,7 +138,7 @@ class Trainer:
             if lacking:
                 raise MMChatError(f"--init-from {init_from.path} needs modalities {lacking} "
                                   "in the data's (load_train_data(modality_names=...))")
-            dcfg = init_from.grown(sorted(data.modalities), dcfg.heard)
+            dcfg = init_from.grown(dcfg)
         self.model = checkpoint.build_untrained(dcfg, data.modalities)
         if init_from is not None:
             init_from.load_into(self.model, freeze=freeze)
