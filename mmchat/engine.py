@@ -4,22 +4,22 @@ Model, Pillow and librosa work never runs on the event loop: each modality decod
 and encodes in threads of its own, with a time limit and its output checked
 (:mod:`mmchat.isolation`; attachments that arrive together are encoded in one call per
 modality, while replies decode), and the rest of the model work in one dedicated thread.
+
+This module holds the engine's lifecycle and its public methods; a reply's turn runs in
+:mod:`mmchat.turnrunner`, its model-thread work in :mod:`mmchat.turnwork`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import functools
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -27,7 +27,6 @@ from . import config as config_module
 from .budget import DecodeAllowance
 from .config import Config
 from .errors import (
-    Cancelled,
     EmptyMessage,
     EngineClosed,
     InputError,
@@ -36,7 +35,7 @@ from .errors import (
     MMChatError,
     SessionForbidden,
 )
-from .isolation import run_plugin, until_cancelled
+from .isolation import run_plugin
 from .modality import Attachment, Modality
 from .plugins import PluginHost
 from .replies import Delta, Reply, ReplyStream
@@ -53,50 +52,19 @@ from .subjects import (
     validate_subject,
 )
 from .threads import DaemonPool
+from .turnhooks import TurnHooks
+from .turnrunner import TurnRunner, dropped_reply, now
+from .turnwork import raise_if_error
 
 if TYPE_CHECKING:
     from .sync import SyncEngine
 
 __all__ = ["Delta", "Engine", "Reply", "ReplyStream"]
-from .turnhooks import TurnHooks
 
 logger = logging.getLogger(__name__)
 
 #: How long :meth:`Engine.close` waits for cancelled replies to finish saving.
 CLOSE_TIMEOUT_S = 10.0
-
-#: In place of a first token: the reply (beam search) chooses its own from the start.
-_UNSTARTED = object()
-
-
-@dataclass
-class _Prefill:
-    """A turn waiting for its prefill on the model thread."""
-
-    attachments: list[tuple[Modality, Attachment]]
-    vectors: list[Any]  # encoded, one per attachment, or the exception its encoding raised
-    memory: list[bytes]  # the session's stored memory entries before this turn
-    state: bytes | None  # the stored SessionState, or None for a new session
-    text: str
-    params: Any  # GenerationParams
-    cancelled: Callable[[], bool] = lambda: False  # the reply was cancelled meanwhile
-
-
-@dataclass
-class _Finish:
-    """A decoded turn waiting on the model thread to become what the store keeps."""
-
-    run: Any  # TurnRun
-    cancelled: bool
-    new_entries: list[Any]  # MemoryEntry of this turn's attachments
-
-
-@dataclass
-class _Finished:
-    state: bytes
-    memory_added: list[bytes]
-    finish_reason: str
-    attention: dict[str, float]
 
 
 class Engine:
@@ -120,6 +88,7 @@ class Engine:
         self._media_pool: DaemonPool | None = None
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
         self._guard: Any = None  # isolation.PluginGuard: the modalities' threads
+        self._runner: TurnRunner | None = None  # runs the turns, once the model is loaded
         self._streams: set[ReplyStream] = set()  # replies whose turn is still running
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -177,6 +146,11 @@ class Engine:
         self._scheduler = DecodeScheduler(decoder, self._model_pool)
         self._guard = PluginGuard(self.served_modalities, self.model.encoders,
                                   self.model.config.d_model, self.config.plugins)
+        assert self._media_pool is not None
+        self._runner = TurnRunner(
+            self.config, self.store, self._hooks, model=self.model, tokenizer=self.tokenizer,
+            scheduler=self._scheduler, guard=self._guard, media_pool=self._media_pool,
+            fallback_threshold=self.fallback_threshold, closing=lambda: self._closed)
 
     @property
     def served_modalities(self) -> dict[str, Modality]:
@@ -203,8 +177,8 @@ class Engine:
                     self._media_pool, run_plugin, modality, "example", modality.example)
                 if example is None:
                     continue
-                vectors = await self._media([(modality, Attachment(*example))])
-                _raise_if_error(vectors[0])
+                vectors = await self._turns().media([(modality, Attachment(*example))])
+                raise_if_error(vectors[0])
             except Exception:
                 logger.exception("warming up modality %r failed", modality.name)
                 continue
@@ -239,14 +213,14 @@ class Engine:
             for task in pending:  # stuck outside the model (a store call, say)
                 task.cancel()
                 stream = tasks[task]
-                stream._queue.put_nowait(self._dropped(stream))
+                stream._queue.put_nowait(dropped_reply(stream))
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
         for pool in (self._model_pool, self._media_pool):
             if pool is not None:
                 await pool.aclose()
-        self._scheduler = self._guard = None
+        self._scheduler = self._guard = self._runner = None
         self._started = False
 
     def _stop_threads(self) -> None:
@@ -325,7 +299,7 @@ class Engine:
         stream = ReplyStream(asyncio.Queue(), session_id=session_id)
         stream._set_timeout(timeout)
         stream._task = asyncio.create_task(
-            self._run_turn(session_id, text, resolved, params, stream, turn, media_allowance))
+            self._turns().run(session_id, text, resolved, params, stream, turn, media_allowance))
         self._streams.add(stream)
         stream._task.add_done_callback(lambda _: self._streams.discard(stream))
         return stream
@@ -404,13 +378,13 @@ class Engine:
         seeded = transcript.turns
         media = [(self._modality_for(a), a) for turn in seeded for a in turn.attachments]
         await self._claim(session_id, subject)
-        vectors = [_raise_if_error(v) for v in await self._media(media)]
+        vectors = [raise_if_error(v) for v in await self._turns().media(media)]
         added: list[dict[str, Any]] = []
         if transcript.system is not None:
-            added.append({"role": "system", "id": uuid.uuid4().hex, "time": _now(),
+            added.append({"role": "system", "id": uuid.uuid4().hex, "time": now(),
                           "text": transcript.system})
         for turn in seeded:
-            time_now = _now()
+            time_now = now()
             added += [
                 {"role": "user", "id": uuid.uuid4().hex, "time": time_now, "text": turn.text,
                  "attachments": [{"modality": self._modality_for(a).name,
@@ -498,6 +472,11 @@ class Engine:
             raise InputError(f"message has {len(attachments)} attachments; the limit is "
                              f"{limits.max_attachments} (limits.max_attachments)")
 
+    def _turns(self) -> TurnRunner:
+        """The :class:`~mmchat.turnrunner.TurnRunner` of the started engine."""
+        assert self._runner is not None, "the engine has not started"
+        return self._runner
+
     def _modality_for(self, attachment: Attachment) -> Modality:
         from .isolation import choose_modality
 
@@ -507,266 +486,6 @@ class Engine:
             raise MediaTooLarge(f"{modality.name} attachment is {len(attachment.data)} bytes; "
                                 f"the limit is {modality.max_bytes}")
         return modality
-
-    async def _run_turn(self, session_id: str, text: str,
-                        attachments: list[tuple[Modality, Attachment]], params: Any,
-                        stream: ReplyStream, turn: SessionTurn | None,
-                        allowance: DecodeAllowance | None = None) -> None:
-        try:
-            reply = await self._turn(session_id, text, attachments, params, stream, turn,
-                                     allowance)
-            stream._queue.put_nowait(reply)
-            await self._hooks.record(session_id, text, [a for _, a in attachments], reply)
-        except Cancelled as exc:
-            stream._queue.put_nowait(self._dropped(stream) if self._closed else exc)
-        except Exception as exc:  # every failure reaches the consumer, nothing is lost
-            if not isinstance(exc, MMChatError):
-                logger.exception("turn failed for session %s", session_id)
-            stream._queue.put_nowait(exc)
-
-    def _dropped(self, stream: ReplyStream) -> Reply:
-        """The end of a turn the closing engine dropped before it reached the model."""
-        return Reply(session_id=stream.session_id, text="", finish_reason="cancelled", attention={},
-                     prompt_tokens=0, completion_tokens=0, timings={})
-
-    async def _turn(self, session_id: str, text: str,
-                    attachments: list[tuple[Modality, Attachment]], params: Any,
-                    stream: ReplyStream, turn: SessionTurn | None,
-                    allowance: DecodeAllowance | None = None) -> Reply:
-        from .generate import needs_fallback
-
-        t0, received = time.perf_counter(), _now()
-        # a turn cancelled while its media wait (on a slow plugin, say) ends there
-        vectors = (await until_cancelled(self._media(attachments, allowance), stream._cancel)
-                   if attachments else [])
-        t_media = time.perf_counter()
-        held = self.store.turn(session_id) if turn is None else contextlib.nullcontext(turn)
-        async with held as session:
-            stream._holds_session = True
-            # Model work runs between the steps of the replies being decoded together,
-            # with the prefills of every turn that arrived meanwhile in one batch.
-            new_entries, run, first = await self._scheduler.call_batched(
-                self._prefill, _Prefill(attachments, vectors, list(session.memory),
-                                        session.state or None, text, params,
-                                        lambda: stream.cancelled))
-            t_prefill = time.perf_counter()
-            dropped = self._pushed_out(session.memory, new_entries)
-            redactor = self._hooks.redactor(session_id)
-            t_first = await self._decode(run, first, stream, redactor)
-            done = await self._finish_turn(_Finish(run, stream.cancelled, new_entries))
-            reply_text = self._trim_stop(self.tokenizer.decode(run.tokens), params.stop)
-            if redactor is not None:  # a failed redaction ends the turn, nothing stored
-                if redactor.error is not None:
-                    raise redactor.error
-                reply_text = redactor.text(reply_text, final=True)
-            confidence = run.generation.confidence
-            fallback = needs_fallback(done.finish_reason, confidence, self.fallback_threshold)
-            if fallback:
-                reply_text = self.config.generation.fallback_text
-            turns: list[dict[str, Any]] = [
-                {"role": "user", "id": uuid.uuid4().hex, "time": received, "text": text,
-                 "attachments": [{"modality": m.name, "mime_type": a.mime_type, "id": a.id}
-                                 for m, a in attachments]},
-                {"role": "assistant", "id": uuid.uuid4().hex, "time": _now(),
-                 "text": reply_text, "finish_reason": done.finish_reason,
-                 **({"fallback": True} if fallback else {}),
-                 "usage": {"prompt_tokens": run.prompt_tokens,
-                           "completion_tokens": len(run.tokens)},
-                 "attention": done.attention,
-                 # its fields are plain values: no deep copy (asdict) per reply
-                 "generation": {**{f: getattr(params, f) for f in params.__dataclass_fields__},
-                                "stop": list(params.stop)}},
-            ]
-            session.save(state=done.state, memory_added=done.memory_added, turns=turns,
-                         max_memory=self.config.fusion.max_memory)
-        t_end = time.perf_counter()
-
-        def ms(a: float, b: float) -> float:
-            return round((b - a) * 1000, 3)
-
-        return Reply(
-            session_id=session_id, text=reply_text, finish_reason=done.finish_reason,
-            attention=done.attention, prompt_tokens=run.prompt_tokens,
-            completion_tokens=len(run.tokens),
-            timings={"decode_media": ms(t0, t_media), "prefill": ms(t_media, t_prefill),
-                     "first_token": ms(t0, t_first or t_end), "total": ms(t0, t_end)},
-            dropped=dropped, confidence=round(confidence, 4), fallback=fallback)
-
-    def _pushed_out(self, memory: Sequence[bytes], new: Sequence[Any]) -> list[str]:
-        """Ids of the attachments that the turn's new ones push out of the memory bank,
-        oldest first (read from the stored entries' headers only)."""
-        from .state import entry_attachment_id
-
-        over = len(memory) + len(new) - self.config.fusion.max_memory
-        if over <= 0:
-            return []
-        ids = ([entry_attachment_id(entry) for entry in memory[:over]]
-               + [entry.attachment_id for entry in new[:max(0, over - len(memory))]])
-        return [i for i in ids if i]  # entries stored before ids were kept have none
-
-    async def _media(self, attachments: list[tuple[Modality, Attachment]],
-                     allowance: DecodeAllowance | None = None) -> list[Any]:
-        """Decode each attachment (a failure raises), then encode it (batched with the
-        attachments of other turns): its vectors, or the exception its encoding raised.
-        Both run in the modality's own threads, limited and checked. A turn decodes its
-        attachments one after another, so it holds one decode thread at a time; each
-        decode's CPU time is charged to ``allowance``."""
-        guard = self._guard
-        features = [await guard.decode(m, a, allowance) for m, a in attachments]
-        return await asyncio.gather(*(
-            guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
-            return_exceptions=True)
-
-    async def _decode(self, run: Any, first: Any, stream: ReplyStream,
-                      redactor: Any = None) -> float | None:
-        """Stream the reply's tokens into ``stream`` as deltas (through ``redactor``, a
-        :class:`~mmchat.turnhooks.Redactor`) until decoding ends, the first one at once
-        when the prefill chose it; ``perf_counter()`` of the first."""
-        put = stream._queue.put_nowait
-        deltas = _Deltas(self.tokenizer,
-                         put if redactor is None else redactor.wrap(put, stream.cancel))
-        started = first is not _UNSTARTED  # sampled: its first token came with it
-        if started:
-            deltas.take(first)
-            if first is None or run.generation.sampler.done:
-                return deltas.first
-        stop = self._scheduler.feed(run, deltas.take, cancelled=lambda: stream.cancelled,
-                                    started=started)
-        try:
-            await deltas.finished
-        finally:
-            stop()
-        return deltas.first
-
-    async def _finish_turn(self, item: _Finish) -> _Finished:
-        """The turn's stored form, made on the model thread between two steps (in the
-        media pool once the engine is closing, so a cancelled turn is still saved)."""
-        finished: _Finished
-        try:
-            finished = await self._scheduler.call_batched(self._finish, item)
-        except Cancelled:
-            loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(self._media_pool, self._finish, [item])
-            finished = _raise_if_error(done[0])
-        return finished
-
-    def _finish(self, items: list[_Finish]) -> list[Any]:
-        """On the model thread: each decoded turn's state, new memory entries and
-        attention mass, serialised for the store."""
-        from .state import dumps_entry, dumps_state
-
-        out: list[Any] = []
-        for item in items:
-            try:
-                state, reason = item.run.finish(cancelled=item.cancelled)
-                out.append(_Finished(dumps_state(state),
-                                     [dumps_entry(e) for e in item.new_entries], reason,
-                                     item.run.attention_by_modality()))
-            except Exception as exc:
-                out.append(exc)
-        return out
-
-    def _prefill(self, items: list[_Prefill]) -> list[Any]:
-        """On the model thread: read every turn's stored state, then prefill all the
-        turns (their new attachments already encoded) in one batch and
-        choose each sampled reply's first token, so it reaches the client without waiting
-        for a decode step. One result per item, ``(new memory entries, run, first token
-        or None at once at the end)``, ``_UNSTARTED`` in place of the token for beam
-        search and cancelled replies, or the exception that item alone raises."""
-        from .batching import first_token
-        from .runtime import TurnRequest, start_turns
-        from .state import MemoryEntry, loads_entry, loads_state
-
-        out: list[Any] = [None] * len(items)
-        todo: dict[int, tuple[list[Any], TurnRequest]] = {}
-        for i, item in enumerate(items):
-            try:
-                state = loads_state(item.state) if item.state else None
-                memory = [loads_entry(b) for b in item.memory]
-                new = [MemoryEntry(m.name, _raise_if_error(v), a.id)
-                       for (m, a), v in zip(item.attachments, item.vectors)]
-            except Exception as exc:
-                out[i] = exc
-                continue
-            keep = (memory + new)[-self.config.fusion.max_memory:]
-            todo[i] = new, TurnRequest(state, keep, item.text, item.params,
-                                       min(len(new), len(keep)))
-        decoder = self._scheduler.decoder
-        requests = [request for _, request in todo.values()]
-        runs: list[Any]
-        try:
-            runs = start_turns(self.model, self.tokenizer, requests, decoder)
-        except Exception as exc:
-            if len(requests) == 1:
-                runs = [exc]
-            else:  # one bad turn (a corrupt state, say) must not fail the others
-                runs = []
-                for request in requests:
-                    try:
-                        runs += start_turns(self.model, self.tokenizer, [request], decoder)
-                    except Exception as one:
-                        runs.append(one)
-        for (i, (new, _)), run in zip(todo.items(), runs):
-            if isinstance(run, Exception):
-                out[i] = run
-                continue
-            try:
-                first = (_UNSTARTED if run.generation.sampler is None or items[i].cancelled()
-                         else first_token(run))
-            except Exception as exc:
-                out[i] = exc
-                continue
-            out[i] = new, run, first
-        return out
-
-    @staticmethod
-    def _trim_stop(text: str, stops: Iterable[str]) -> str:
-        for s in stops:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text
-
-
-class _Deltas:
-    """A reply's tokens as they come from the scheduler (on the event loop, without a
-    task switch per token), turned into :class:`Delta` text pieces for ``put``.
-    :attr:`finished` resolves when decoding ends (or fails)."""
-
-    def __init__(self, tokenizer: Any, put: Callable[[Delta], None]) -> None:
-        self.tokenizer = tokenizer
-        self.put = put
-        self.ids: list[int] = []
-        self.shown = ""
-        self.index = 0  # of the next delta
-        self.first: float | None = None  # perf_counter() of the first token
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def take(self, item: Any) -> None:
-        if self.finished.done():
-            return
-        if item is None:
-            self.finished.set_result(None)
-        elif isinstance(item, BaseException):
-            self.finished.set_exception(item)
-        else:
-            self.first = self.first or time.perf_counter()
-            self.ids.append(item.id)
-            full = self.tokenizer.decode(self.ids)
-            if full.startswith(self.shown) and len(full) > len(self.shown):
-                self.put(Delta(full[len(self.shown):], self.index, item.id))
-                self.shown = full
-                self.index += 1
-
-
-def _now() -> str:
-    """The time now, for transcripts: ISO 8601 in UTC."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _raise_if_error(value: Any) -> Any:
-    if isinstance(value, Exception):
-        raise value
-    return value
 
 
 def _stop_at_exit(ref: weakref.ReferenceType[Engine]) -> None:

@@ -1451,7 +1451,7 @@ def test_only_the_redis_store_imports_redis():
     for path in (ROOT / "mmchat").rglob("*.py"):
         if path.parent != ROOT / "mmchat" / "stores" / "redis":
             assert "redis" not in _imports(path), path
-    mine = [ROOT / "mmchat" / "protocol.py", ROOT / "mmchat" / "sessions.py",
+    mine = [*(ROOT / "mmchat" / "protocol").rglob("*.py"), ROOT / "mmchat" / "sessions.py",
             *(ROOT / "mmchat" / "stores").rglob("*.py")]
     for path in mine:
         assert "websockets" not in _imports(path), path
