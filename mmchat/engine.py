@@ -150,7 +150,8 @@ class Engine:
         self._runner = TurnRunner(
             self.config, self.store, self._hooks, model=self.model, tokenizer=self.tokenizer,
             scheduler=self._scheduler, guard=self._guard, media_pool=self._media_pool,
-            fallback_threshold=self.fallback_threshold, closing=lambda: self._closed)
+            fallback_threshold=lambda: self.fallback_threshold,
+            closing=lambda: self._closed)
 
     @property
     def served_modalities(self) -> dict[str, Modality]:

@@ -44,7 +44,7 @@ class TurnRunner:
 
     def __init__(self, config: Config, store: SessionStore, hooks: TurnHooks, *,
                  model: Any, tokenizer: Any, scheduler: Any, guard: Any,
-                 media_pool: Executor, fallback_threshold: float,
+                 media_pool: Executor, fallback_threshold: Callable[[], float],
                  closing: Callable[[], bool]) -> None:
         self.config = config
         self.store = store
@@ -54,6 +54,7 @@ class TurnRunner:
         self.scheduler = scheduler  # batching.DecodeScheduler
         self.guard = guard  # isolation.PluginGuard: the modalities' threads
         self.media_pool = media_pool
+        #: The engine's current threshold (``Engine.fallback_threshold`` may be set later).
         self.fallback_threshold = fallback_threshold
         self.closing = closing  # true once the engine is closing
 
@@ -106,7 +107,7 @@ class TurnRunner:
                     raise redactor.error
                 reply_text = redactor.text(reply_text, final=True)
             confidence = run.generation.confidence
-            fallback = needs_fallback(done.finish_reason, confidence, self.fallback_threshold)
+            fallback = needs_fallback(done.finish_reason, confidence, self.fallback_threshold())
             if fallback:
                 reply_text = self.config.generation.fallback_text
             turns: list[dict[str, Any]] = [

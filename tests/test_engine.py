@@ -368,6 +368,15 @@ async def test_a_reply_below_the_confidence_threshold_sends_the_fallback(tiny_co
     assert not again.fallback and again.text == sure.text
 
 
+
+async def test_a_threshold_set_on_a_running_engine_takes_effect(tiny_config, toy_host):
+    async with Engine(tiny_config, plugins=toy_host) as engine:
+        sure = await engine.reply("a", "hello", [TOY])
+        engine.fallback_threshold = sure.confidence + 1e-3
+        unsure = await engine.reply("b", "hello", [TOY])
+    assert not sure.fallback and unsure.fallback
+    assert unsure.text == tiny_config.generation.fallback_text
+
 def test_the_default_threshold_is_the_one_the_checkpoint_was_trained_with(tiny_config):
     from mmchat.loading import fallback_threshold
 
