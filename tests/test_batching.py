@@ -351,16 +351,28 @@ async def streams_encoded_together(engine, turns):
     """Start ``turns`` while the toy modality's encoder thread is held, so that their
     attachments wait together; then let it go. The turns' streams."""
     encoders = engine._guard._lanes["toy"].encoders
-    gate = threading.Event()
-    busy = asyncio.ensure_future(encoders.call(gate.wait, 30))
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(600)
+
+    busy = asyncio.ensure_future(encoders.call(hold))
+    # The thread must be inside hold() before the turns queue: were it still to take the
+    # hold job, it would take the turns' jobs that arrived meanwhile with it.
+    assert await asyncio.to_thread(holding.wait, 600)
     streams = [await engine.stream(s, text, atts) for s, text, atts in turns]
     attachments = sum(len(atts) for _, _, atts in turns)
-    for _ in range(1000):
+    # Wait until every attachment is queued behind the held thread. On a loaded machine
+    # their decodes can take many seconds: the guard only stops a broken test hanging.
+    for _ in range(30_000):
         if len(encoders._jobs) == attachments:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.005)
+    queued = len(encoders._jobs)
     gate.set()
     await busy
+    assert queued == attachments, "the attachments never queued together"
     return streams
 
 
