@@ -278,15 +278,20 @@ async def _long_session(store, session_id: str, turns: int) -> int:
     return seq
 
 
-async def _resume_cost(store, url: str, session_id: str, last_seq: int) -> tuple[int, int]:
-    """Redis commands run and bytes sent while a client resumes ``session_id``."""
+async def _resume_cost(store, server, session_id: str, last_seq: int) -> tuple[int, int]:
+    """Redis commands run and bytes sent while a client resumes ``session_id``: from
+    before its hello to after the server has finished the resume (ready comes first,
+    the replay after it) and let the connection go."""
     async def stats() -> tuple[int, int]:
         info = await store.client.info("stats")
         return info["total_commands_processed"], info["total_net_output_bytes"]
 
     commands, sent = await stats()
-    async with await Client.connect(url, session_id=session_id, last_seq=last_seq) as back:
+    async with await Client.connect(server.url, session_id=session_id,
+                                    last_seq=last_seq) as back:
         assert back.ready.resumed
+        await eventually(lambda: all(c.idle for c in server.connections))
+    await eventually(lambda: not server.connections)
     commands_after, sent_after = await stats()
     return commands_after - commands, sent_after - sent
 
@@ -297,9 +302,9 @@ async def test_resume_costs_the_same_at_2000_turns_as_at_one(redis):
                                                            store=store) as server:
         short_seq = await _long_session(store, "short", 1)
         long_seq = await _long_session(store, "long", 2000)
-        await _resume_cost(store, server.url, "short", short_seq)  # scripts loaded
-        short = await _resume_cost(store, server.url, "short", short_seq)
-        long = await _resume_cost(store, server.url, "long", long_seq)
+        await _resume_cost(store, server, "short", short_seq)  # scripts loaded
+        short = await _resume_cost(store, server, "short", short_seq)
+        long = await _resume_cost(store, server, "long", long_seq)
         assert long[0] == short[0]
         assert long[1] <= 1.3 * short[1], (short, long)
         # and the session's size is bounded by its settings, not by its length

@@ -100,6 +100,11 @@ class Connection:
         self._hello_timer = loop.call_later(settings.hello_timeout_seconds,
                                             self._hello_expired)
 
+    @property
+    def idle(self) -> bool:
+        """Whether the worker has nothing in hand or waiting (a resume included)."""
+        return self._idle.is_set() and self._jobs.empty()
+
     # -- sending ---------------------------------------------------------------------
 
     def send(self, event: ServerEvent) -> None:
