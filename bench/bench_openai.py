@@ -59,7 +59,8 @@ async def _run(quick: bool) -> str:
     from mmchat.server import ChatServer
 
     torch.set_num_threads(1)
-    config = load_config().replace(server={"messages_per_second": 1000.0, "burst": 1000})
+    config = load_config().replace(server={"openai_requests_per_second": 1000.0,
+                                           "openai_burst": 1000})
     lengths = (1, 4) if quick else LENGTHS
     rounds = 1 if quick else 5
     engine = Engine(config)

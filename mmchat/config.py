@@ -143,6 +143,10 @@ class ServerConfig:
     openai_model: str = _opt("mmchat")
     #: Whether image_url parts may name http(s) URLs for the server to fetch.
     openai_remote_urls: bool = _opt(False)
+    #: Completions per second each caller (token subject, or address) may request.
+    openai_requests_per_second: float = _opt(10.0, min=0.001)
+    #: Completions a caller may request at once above that rate.
+    openai_burst: int = _opt(40, min=1)
 
 
 @dataclass(frozen=True)

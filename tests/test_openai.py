@@ -166,6 +166,7 @@ async def test_the_events_are_server_sent_events_ending_with_done(server):
 
 
 async def test_twenty_concurrent_streams(server):
+    """From one caller, at the default per-caller limits (server.openai_burst)."""
     _, client = clients(server)
 
     async def chat(i: int) -> str:
@@ -344,7 +345,8 @@ async def test_bad_input_gets_openai_errors_and_the_server_goes_on(server, image
 
 async def test_an_attachment_over_the_limit_and_the_rate_limit():
     config = server_config(server={"http_port": 0, "max_attachment_bytes": 1024,
-                                   "messages_per_second": 0.001, "burst": 2})
+                                   "openai_requests_per_second": 0.001,
+                                   "openai_burst": 2})
     async with running_server(config) as server:
         _, client = clients(server)
         big = base64.b64encode(b"\0" * 2048).decode()

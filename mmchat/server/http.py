@@ -111,7 +111,7 @@ class HttpServer:
                                     model_name=s.openai_model,
                                     max_attachment_bytes=s.max_attachment_bytes,
                                     allow_remote_urls=s.openai_remote_urls)
-        self.rates = RateLimits(s.messages_per_second, s.burst)
+        self.rates = RateLimits(s.openai_requests_per_second, s.openai_burst)
         self.created = int(time.time())
         routes = [Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/models", self.models, methods=["GET"]),
