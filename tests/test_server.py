@@ -221,6 +221,60 @@ async def test_the_server_default_coalesces_and_a_resume_replays_coalesced():
         check_reply(replayed)
 
 
+class _OneTokenAtATime:
+    """A reply stream that hands the turn one delta per take, as a decode step does."""
+
+    def __init__(self, tokens: int) -> None:
+        from mmchat.replies import Delta, Reply
+
+        self.items = [([Delta(f" w{i}", i, i)], None) for i in range(tokens)]
+        self.items.append(([], Reply("s", "".join(f" w{i}" for i in range(tokens)),
+                                     "length", {}, 3, tokens, {})))
+
+    async def take(self):
+        await asyncio.sleep(0)
+        return self.items.pop(0)
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("groups", [[3], [1], [3, 1], []])
+async def test_a_turn_stores_deltas_as_its_listeners_take_them(groups):
+    """While every listener takes deltas 3 at a time (coalescing), the turn stores and
+    publishes them 3 at a time, one append each; a per-token listener (or none) gets
+    one append per delta. Either way every token is its own entry in the stream."""
+    from mmchat.server.metrics import Metrics, TimedStore
+    from mmchat.server.turns import Turn, TurnManager, TurnRequest
+    from mmchat.stores.memory import MemoryStore
+
+    store = TimedStore(MemoryStore(), Metrics())
+    manager = TurnManager(None, store, Metrics())
+    turn = Turn(manager, TurnRequest("grouped", "m-1", "hello"))
+    heard: list[list[Any]] = []
+    for tokens in groups:
+        heard.append([])
+        turn._listeners[heard[-1].append] = tokens
+    held = await store.begin_turn("grouped", message_id="m-1")
+    appended: list[list[str]] = []
+    append = held._append
+
+    async def counting(entries):
+        appended.append([e.kind for e in entries])
+        return await append(entries)
+
+    held._append = counting
+    await turn._pump(_OneTokenAtATime(11), held, 0, 0.0)
+    group = min(groups, default=1)
+    deltas = [kinds.count("delta") for kinds in appended]
+    assert appended[0][0] == "started" and deltas == [1, *[group] * (10 // group)]
+    stored = await store.read_stream("grouped")
+    assert [e.kind for e in stored] == ["started", *["delta"] * 11, "done"]
+    assert [e.seq for e in stored] == list(range(1, 14))
+    for events in heard:
+        assert [e.seq for e in events] == list(range(1, 14))
+
+
 async def test_done_carries_the_confidence_and_the_fallback():
     """The untrained model loops ("circle circle ..."): with the loop guard on, done says
     so and carries the fallback text instead of the streamed deltas, on resume too."""
