@@ -221,22 +221,24 @@ async def test_the_server_default_coalesces_and_a_resume_replays_coalesced():
         check_reply(replayed)
 
 
-class _OneTokenAtATime:
-    """A reply stream that hands the turn one delta per take, as a decode step does."""
+async def _one_token_at_a_time(tokens: int):
+    """A reply stream whose turn puts one delta at a time, each once its reader waits
+    (a reader that keeps up with the decode steps)."""
+    from mmchat.replies import Delta, Reply, ReplyStream
 
-    def __init__(self, tokens: int) -> None:
-        from mmchat.replies import Delta, Reply
+    stream = ReplyStream(asyncio.Queue(), session_id="s")
 
-        self.items = [([Delta(f" w{i}", i, i)], None) for i in range(tokens)]
-        self.items.append(([], Reply("s", "".join(f" w{i}" for i in range(tokens)),
-                                     "length", {}, 3, tokens, {})))
+    async def decode() -> None:
+        for i in range(tokens):
+            while stream._taker is None:
+                await asyncio.sleep(0)
+            stream._put(Delta(f" w{i}", i, i))
+            await asyncio.sleep(0)
+        stream._put(Reply("s", "".join(f" w{i}" for i in range(tokens)), "length", {}, 3,
+                          tokens, {}))
 
-    async def take(self):
-        await asyncio.sleep(0)
-        return self.items.pop(0)
-
-    def cancel(self) -> None:
-        pass
+    stream._task = asyncio.create_task(decode())
+    return stream
 
 
 @pytest.mark.parametrize("groups", [[3], [1], [3, 1], []])
@@ -264,7 +266,7 @@ async def test_a_turn_stores_deltas_as_its_listeners_take_them(groups):
         return await append(entries)
 
     held._append = counting
-    await turn._pump(_OneTokenAtATime(11), held, 0, 0.0)
+    await turn._pump(await _one_token_at_a_time(11), held, 0, 0.0)
     group = min(groups, default=1)
     deltas = [kinds.count("delta") for kinds in appended]
     assert appended[0][0] == "started" and deltas == [1, *[group] * (10 // group)]

@@ -207,16 +207,11 @@ class Turn:
         end: Any = None  # the Reply, or the exception that ended the stream
         started = broken = False
         texts: list[str] = []  # of the deltas published
-        waiting: list[Any] = []  # deltas not yet stored
         try:
             while end is None:
-                batch, end = await stream.take()
+                batch, end = await stream.take(self._group() if started else 1)
                 if broken:
                     continue
-                if end is None and started and len(waiting) + len(batch) < self._group():
-                    waiting += batch
-                    continue
-                batch, waiting = waiting + batch, []
                 failed = isinstance(end, Exception)
                 last = end is not None and not failed
                 events: list[Started | Delta | Done] = []
