@@ -178,9 +178,11 @@ def _cpu(pid: int | None, *, clients: bool) -> dict[str, float]:
 
 
 async def measure_engine(config, name: str, sessions: int, messages: int,
-                         rounds: int = 1) -> Phase:
+                         rounds: int = 1, warm_rounds: int = 0) -> Phase:
     """The same load on an in-process :class:`~mmchat.engine.Engine`, no server: what the
-    model side gives by itself (with the collector set as ``mmchat serve`` sets it)."""
+    model side gives by itself (with the collector set as ``mmchat serve`` sets it).
+    ``warm_rounds`` more rounds run first, unmeasured (a new engine's first rounds cost
+    more: its compiled decode step specialises on the first calls)."""
     from mmchat import Engine
 
     phase = Phase(name, sessions)
@@ -191,7 +193,7 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
         gc.freeze()  # as `mmchat serve` does (docs/api.md, "Latency under load")
         gc.set_threshold(700, 20, 100)
 
-        async def session(session_id: str) -> None:
+        async def session(session_id: str, phase: Phase) -> None:
             for m in range(messages):
                 start = time.perf_counter()
                 stream = await engine.stream(session_id, f"what colour is the circle? ({m})")
@@ -202,10 +204,14 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
                 phase.replies += 1
 
         try:
+            warm = Phase("warm-up", sessions)
+            for r in range(warm_rounds):
+                await asyncio.gather(*(session(f"w{r}-s{i}", warm) for i in range(sessions)))
             before = _cpu(os.getpid(), clients=False)
             for r in range(rounds):
                 start = time.perf_counter()
-                await asyncio.gather(*(session(f"r{r}-s{i}") for i in range(sessions)))
+                await asyncio.gather(*(session(f"r{r}-s{i}", phase)
+                                       for i in range(sessions)))
                 phase.wall += time.perf_counter() - start
             after = _cpu(os.getpid(), clients=False)
             if before and after:

@@ -10,8 +10,9 @@ plugins and libraries from the current environment. Loads: ``text`` and ``image`
 64 clients with 3 messages each (the image load attaches a 96x96 PNG), ``one`` is one
 client with 8 messages. Prints tokens/s, time to first token and the server's CPU per
 reply (event loop and other threads, from /proc) per revision; with ``--engine`` also
-the engine alone's CPU per reply, measured each round between the servers' loads, and
-each server's as a multiple of it (issue 19's ratio). ``--store redis`` serves from a
+the engine alone's CPU per reply, measured each round between the servers' loads (a new
+engine each time, after a round unmeasured), and each server's as a multiple of it
+(issue 19's ratio). ``--store redis`` serves from a
 private ``redis-server``; ``--coalesce 8`` has the clients ask for coalesced deltas
 (every revision compared must have the option; the default is per-token).
 
@@ -86,7 +87,7 @@ async def compare(revisions: list[str], load: str, rounds: int, store: str = "me
                                               coalesce=coalesce))
                 if engine:
                     _add(alone, await measure_engine(_engine_config(), load, clients,
-                                                     messages))
+                                                     messages, warm_rounds=1))
     lines = [f"{load}: {clients} client(s) x {messages} messages, {rounds} interleaved "
              f"rounds, {store} store, "
              + (f"coalesce {coalesce}" if coalesce else "per-token deltas"),
