@@ -178,9 +178,11 @@ def _cpu(pid: int | None, *, clients: bool) -> dict[str, float]:
 
 
 async def measure_engine(config, name: str, sessions: int, messages: int,
-                         rounds: int = 1) -> Phase:
+                         rounds: int = 1, warm_rounds: int = 0) -> Phase:
     """The same load on an in-process :class:`~mmchat.engine.Engine`, no server: what the
-    model side gives by itself (with the collector set as ``mmchat serve`` sets it)."""
+    model side gives by itself (with the collector set as ``mmchat serve`` sets it).
+    ``warm_rounds`` more rounds run first, unmeasured (a new engine's first rounds cost
+    more: its compiled decode step specialises on the first calls)."""
     from mmchat import Engine
 
     phase = Phase(name, sessions)
@@ -191,7 +193,7 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
         gc.freeze()  # as `mmchat serve` does (docs/api.md, "Latency under load")
         gc.set_threshold(700, 20, 100)
 
-        async def session(session_id: str) -> None:
+        async def session(session_id: str, phase: Phase) -> None:
             for m in range(messages):
                 start = time.perf_counter()
                 stream = await engine.stream(session_id, f"what colour is the circle? ({m})")
@@ -202,10 +204,14 @@ async def measure_engine(config, name: str, sessions: int, messages: int,
                 phase.replies += 1
 
         try:
+            warm = Phase("warm-up", sessions)
+            for r in range(warm_rounds):
+                await asyncio.gather(*(session(f"w{r}-s{i}", warm) for i in range(sessions)))
             before = _cpu(os.getpid(), clients=False)
             for r in range(rounds):
                 start = time.perf_counter()
-                await asyncio.gather(*(session(f"r{r}-s{i}") for i in range(sessions)))
+                await asyncio.gather(*(session(f"r{r}-s{i}", phase)
+                                       for i in range(sessions)))
                 phase.wall += time.perf_counter() - start
             after = _cpu(os.getpid(), clients=False)
             if before and after:
@@ -422,21 +428,23 @@ async def _run(quick: bool, clients: int, threads: int,
         client = await private.client() if private is not None else None
         redis = client is not None or _redis_answers()
         with _baseline_tree(baseline) as tree:
-            if tree is not None:  # the same loads on the code at `baseline`, per-token
+            if tree is not None:  # the same loads on the code at `baseline`
+                # coalesced as the new server's clients ask, if that code can, else per-token
+                old_coalesce = COALESCE if (tree / "mmchat" / "coalesce.py").exists() else None
                 for store in ("memory", "redis") if redis else ("memory",):
                     env = _with_tree(_serve_env(store, threads, redis_url), tree)
                     async with Process(_serve_argv(untrained), env, cwd=tree) as server:
-                        await measure(server.url, "warm-up", 4, 1, coalesce=None)
+                        await measure(server.url, "warm-up", 4, 1, coalesce=old_coalesce)
                         store_name = "" if store == "memory" else " + Redis store"
                         phases.append(await measure(
                             server.url, f"mmchat at {baseline}{store_name}, {text}", clients,
-                            messages, rounds=rounds, pid=server.proc.pid, coalesce=None,
-                            redis=client if store == "redis" else None))
+                            messages, rounds=rounds, pid=server.proc.pid,
+                            coalesce=old_coalesce, redis=client if store == "redis" else None))
                         if store == "memory":
                             phases.append(await measure(
                                 server.url, f"mmchat at {baseline}, {image}", clients,
                                 messages, [(png, "image/png")], rounds=rounds,
-                                pid=server.proc.pid, coalesce=None))
+                                pid=server.proc.pid, coalesce=old_coalesce))
 
         if redis:
             env = _serve_env("redis", threads, redis_url)
@@ -458,7 +466,8 @@ async def _run(quick: bool, clients: int, threads: int,
              f"fusion {sizes.fusion}, greedy, at most {REPLY_TOKENS}-token replies; "
              f"{messages} messages per client ({baseline_messages} for the baseline), "
              f"{rounds} rounds of each load with new clients; clients ask for "
-             f"`coalesce` {COALESCE} unless the row says per-token")
+             f"`coalesce` {COALESCE} unless the row says per-token (the baseline's "
+             f"clients too where its code has the option, else per-token)")
     return setup, phases, machine_notes(threads)
 
 
@@ -672,6 +681,7 @@ if __name__ == "__main__":
                         help="torch threads of the served model (model.threads)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure a server built from the code at this git "
-                             "revision (git archive), per-token, in the same run")
+                             "revision (git archive) in the same run (its clients ask "
+                             "for coalesced deltas where that code can)")
     args = parser.parse_args()
     print(run(args.quick, args.clients, args.threads, args.baseline))

@@ -214,7 +214,7 @@ class Engine:
             for task in pending:  # stuck outside the model (a store call, say)
                 task.cancel()
                 stream = tasks[task]
-                stream._queue.put_nowait(dropped_reply(stream))
+                stream._put(dropped_reply(stream))
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()

@@ -75,6 +75,11 @@ class ReplyStream:
     #: the turn holds its session: once cancelled it ends within one decode step
     _holds_session: bool = False
     _ended: bool = False
+    #: the stream's end (its reply or exception) is in the queue
+    _end_queued: bool = False
+    #: :meth:`take` waiting for ``_wanted`` items, woken by :meth:`_put` (not by each)
+    _taker: asyncio.Future[None] | None = None
+    _wanted: int = 1
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -95,14 +100,23 @@ class ReplyStream:
         self._end(item)
         raise StopAsyncIteration
 
-    async def take(self) -> tuple[list[Delta], Reply | Exception | None]:
-        """The deltas waiting now (at least one, unless the stream ends first), and how
-        the stream ended if it did: the :class:`Reply`, or the exception that ended it.
+    async def take(self, at_least: int = 1) -> tuple[list[Delta], Reply | Exception | None]:
+        """The deltas waiting now (at least ``at_least``, unless the stream ends first),
+        and how the stream ended if it did: the :class:`Reply`, or the exception that
+        ended it. Waiting for several deltas wakes the caller once, not once for each.
         Do not call it again once it returned an end."""
         queue = self._queue
-        items = [await self._get()]
-        while not queue.empty():
-            items.append(queue.get_nowait())
+        if queue.qsize() < max(1, at_least) and not self._end_queued:
+            self._wanted = max(1, at_least)
+            self._taker = asyncio.get_running_loop().create_future()
+            try:
+                await self._taker
+            except asyncio.CancelledError:  # whoever waited for the reply gave up on it
+                self.cancel()
+                raise
+            finally:
+                self._taker = None
+        items = [queue.get_nowait() for _ in range(queue.qsize())]
         last = items[-1]
         if isinstance(last, Delta):
             return [i for i in items if isinstance(i, Delta)], None
@@ -123,6 +137,17 @@ class ReplyStream:
             pass
         assert self.reply is not None
         return self.reply
+
+    def _put(self, item: StreamItem) -> None:
+        """Queue a delta, or the stream's end (its reply or exception): what the turn
+        producing the stream calls."""
+        self._queue.put_nowait(item)
+        if not isinstance(item, Delta):
+            self._end_queued = True
+        taker = self._taker
+        if taker is not None and not taker.done() and (
+                self._end_queued or self._queue.qsize() >= self._wanted):
+            taker.set_result(None)
 
     async def _get(self) -> StreamItem:
         try:
@@ -157,6 +182,6 @@ class ReplyStream:
         self._timed_out = True
         self.cancel()
         if not self._holds_session:
-            self._queue.put_nowait(ReplyTimeout(
+            self._put(ReplyTimeout(
                 f"the reply did not start within its timeout of {self._timeout:g} s "
                 "and was cancelled"))

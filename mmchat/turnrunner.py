@@ -67,14 +67,14 @@ class TurnRunner:
         try:
             reply = await self._turn(session_id, text, attachments, params, stream, turn,
                                      allowance)
-            stream._queue.put_nowait(reply)
+            stream._put(reply)
             await self.hooks.record(session_id, text, [a for _, a in attachments], reply)
         except Cancelled as exc:
-            stream._queue.put_nowait(dropped_reply(stream) if self.closing() else exc)
+            stream._put(dropped_reply(stream) if self.closing() else exc)
         except Exception as exc:  # every failure reaches the consumer, nothing is lost
             if not isinstance(exc, MMChatError):
                 logger.exception("turn failed for session %s", session_id)
-            stream._queue.put_nowait(exc)
+            stream._put(exc)
 
     async def _turn(self, session_id: str, text: str,
                     attachments: list[tuple[Modality, Attachment]], params: Any,
@@ -169,7 +169,7 @@ class TurnRunner:
         """Stream the reply's tokens into ``stream`` as deltas (through ``redactor``, a
         :class:`~mmchat.turnhooks.Redactor`) until decoding ends, the first one at once
         when the prefill chose it; ``perf_counter()`` of the first."""
-        put = stream._queue.put_nowait
+        put = stream._put
         deltas = _Deltas(self.tokenizer,
                          put if redactor is None else redactor.wrap(put, stream.cancel))
         started = first is not UNSTARTED  # sampled: its first token came with it

@@ -1189,6 +1189,26 @@ async def test_redis_restart_mid_conversation(tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", "a" * 40, 2, "p:s:{x}:meta", "p:s:{x}:stream", 7, -3, 0.1, 1e300, "",
+     "é ü ✓", b"\x00\xffbytes", memoryview(b"view"), bytearray(b"array")),
+    ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", "n")])
+def test_connections_pack_commands_as_redis_py_does(args):
+    """The store's connections pack with hiredis's C packer (as redis-py's sync client
+    does), byte for byte what redis-py's asyncio packer writes, and refuse what it
+    refuses."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from mmchat.stores.redis.client import reconnecting
+
+    ours, plain = reconnecting(Connection)(), Connection()
+    assert b"".join(ours.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    for bad in (True, None, object()):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)
+
+
 @needs_redis
 @pytest.mark.parametrize("interval, stale_fails", [(0, True), (0.2, False)])
 async def test_stale_pooled_connections_reconnect_after_a_restart(tmp_path, interval,

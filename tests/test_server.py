@@ -221,6 +221,62 @@ async def test_the_server_default_coalesces_and_a_resume_replays_coalesced():
         check_reply(replayed)
 
 
+async def _one_token_at_a_time(tokens: int):
+    """A reply stream whose turn puts one delta at a time, each once its reader waits
+    (a reader that keeps up with the decode steps)."""
+    from mmchat.replies import Delta, Reply, ReplyStream
+
+    stream = ReplyStream(asyncio.Queue(), session_id="s")
+
+    async def decode() -> None:
+        for i in range(tokens):
+            while stream._taker is None:
+                await asyncio.sleep(0)
+            stream._put(Delta(f" w{i}", i, i))
+            await asyncio.sleep(0)
+        stream._put(Reply("s", "".join(f" w{i}" for i in range(tokens)), "length", {}, 3,
+                          tokens, {}))
+
+    stream._task = asyncio.create_task(decode())
+    return stream
+
+
+@pytest.mark.parametrize("groups", [[3], [1], [3, 1], []])
+async def test_a_turn_stores_deltas_as_its_listeners_take_them(groups):
+    """While every listener takes deltas 3 at a time (coalescing), the turn stores and
+    publishes them 3 at a time, one append each; a per-token listener (or none) gets
+    one append per delta. Either way every token is its own entry in the stream."""
+    from mmchat.server.metrics import Metrics, TimedStore
+    from mmchat.server.turns import Turn, TurnManager, TurnRequest
+    from mmchat.stores.memory import MemoryStore
+
+    store = TimedStore(MemoryStore(), Metrics())
+    manager = TurnManager(None, store, Metrics())
+    turn = Turn(manager, TurnRequest("grouped", "m-1", "hello"))
+    heard: list[list[Any]] = []
+    for tokens in groups:
+        heard.append([])
+        turn._listeners[heard[-1].append] = tokens
+    held = await store.begin_turn("grouped", message_id="m-1")
+    appended: list[list[str]] = []
+    append = held._append
+
+    async def counting(entries):
+        appended.append([e.kind for e in entries])
+        return await append(entries)
+
+    held._append = counting
+    await turn._pump(await _one_token_at_a_time(11), held, 0, 0.0)
+    group = min(groups, default=1)
+    deltas = [kinds.count("delta") for kinds in appended]
+    assert appended[0][0] == "started" and deltas == [1, *[group] * (10 // group)]
+    stored = await store.read_stream("grouped")
+    assert [e.kind for e in stored] == ["started", *["delta"] * 11, "done"]
+    assert [e.seq for e in stored] == list(range(1, 14))
+    for events in heard:
+        assert [e.seq for e in events] == list(range(1, 14))
+
+
 async def test_done_carries_the_confidence_and_the_fallback():
     """The untrained model loops ("circle circle ..."): with the loop guard on, done says
     so and carries the fallback text instead of the streamed deltas, on resume too."""

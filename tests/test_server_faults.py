@@ -226,7 +226,7 @@ class _FailsMidway:
     def cancel(self) -> None:
         self.stream.cancel()
 
-    async def take(self):
+    async def take(self, at_least: int = 1):
         if self.given == 2:
             self.stream.cancel()
             await self.stream.wait()

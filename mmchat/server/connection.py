@@ -312,7 +312,7 @@ class Connection:
                     self._idle.set()
 
     async def _reply(self, job: _Message) -> None:
-        await self._start_turn(job).follow(self.send)
+        await self._start_turn(job).follow(self.send, tokens=self._coalescer.tokens)
 
     def _start_turn(self, job: _Message) -> Turn:
         """Start the message's turn. The turn claims the message id (a taken one ends

@@ -66,7 +66,8 @@ class Turn:
         self.response_id = uuid.uuid4().hex
         self.events: list[ReplyEvent] = []
         self.finished = asyncio.Event()
-        self._listeners: set[Callable[[ReplyEvent], None]] = set()
+        #: Each listener and the deltas it takes at a time (its connection's coalesce).
+        self._listeners: dict[Callable[[ReplyEvent], None], int] = {}
         self._cancel_requested = False
         self._stream: Any = None
         self._store_error: StoreUnavailable | TurnLost | None = None
@@ -82,18 +83,21 @@ class Turn:
         if self._stream is not None:
             self._stream.cancel()
 
-    async def follow(self, send: Callable[[ReplyEvent], None]) -> None:
+    async def follow(self, send: Callable[[ReplyEvent], None], *, tokens: int = 1) -> None:
         """Hand every event of this reply, from its start, to ``send`` (as each is
-        published, on the event loop); return after the last one."""
+        published, on the event loop); return after the last one. ``send`` takes the
+        deltas after a reply's first ``tokens`` at a time (a connection that coalesces
+        them): while every listener does, the turn stores and publishes them in groups
+        of that many, one append for the group instead of one each."""
         for event in self.events:
             send(event)
         if self.finished.is_set():
             return
-        self._listeners.add(send)
+        self._listeners[send] = max(1, tokens)
         try:
             await self.finished.wait()
         finally:
-            self._listeners.discard(send)
+            self._listeners.pop(send, None)
 
     def _publish(self, events: Sequence[ReplyEvent]) -> None:
         self.events += events
@@ -103,8 +107,14 @@ class Turn:
                     send(event)
                 except Exception:  # one listener's failure must not end the reply
                     logger.exception("reply %s: a listener failed", self.response_id)
-                    self._listeners.discard(send)
+                    self._listeners.pop(send, None)
                     break
+
+    def _group(self) -> int:
+        """The deltas to gather before storing and publishing them: the fewest any
+        listener takes at a time (one without listeners: whoever follows the reply
+        through the store gets every token as it comes)."""
+        return min(self._listeners.values(), default=1)
 
     def _end(self) -> None:
         self.finished.set()
@@ -184,8 +194,10 @@ class Turn:
     async def _pump(self, stream: Any, held: SessionTurn, seq: int, queue_ms: float) -> None:
         """Stream the engine's deltas into the session stream, a batch per store round
         trip (while one append is in flight the next deltas gather), publishing each
-        batch once it is saved; the last batch ends ``held``. Raises
-        :class:`MMChatError` if the reply fails before it started.
+        batch once it is saved; the last batch ends ``held``. After the first delta,
+        deltas wait until there are as many as the listeners take at a time
+        (:meth:`_group`), or the reply ends. Raises :class:`MMChatError` if the reply
+        fails before it started.
 
         Clients only ever see saved seqs. If the store fails mid-reply, generation is
         cancelled and the reply ends with an ``error`` and a ``done`` at the next seq,
@@ -197,7 +209,7 @@ class Turn:
         texts: list[str] = []  # of the deltas published
         try:
             while end is None:
-                batch, end = await stream.take()
+                batch, end = await stream.take(self._group() if started else 1)
                 if broken:
                     continue
                 failed = isinstance(end, Exception)

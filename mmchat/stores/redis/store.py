@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
@@ -50,6 +50,26 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+
+class _Guard:
+    """See :meth:`RedisStore._guard` (a plain class: it is around every call of every
+    turn, where a generator context manager cost several times more)."""
+
+    __slots__ = ("_where", "_action")
+
+    def __init__(self, where: str, action: str) -> None:
+        self._where, self._action = where, action
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: Any) -> None:
+        if exc is not None and isinstance(exc, UNAVAILABLE_ERRORS):
+            raise StoreUnavailable(
+                f"Redis session store at {self._where} is unavailable "
+                f"({self._action}): {type(exc).__name__}: {exc}") from exc
+
 
 class RedisStore(SessionStore):
     """A :class:`SessionStore` in Redis (single server, Cluster or Sentinel).
@@ -145,14 +165,10 @@ class RedisStore(SessionStore):
         """The Redis keys of one session."""
         return Keys.of(self._prefix, session_id)
 
-    @contextlib.asynccontextmanager
-    async def _guard(self, action: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except UNAVAILABLE_ERRORS as exc:
-            raise StoreUnavailable(
-                f"Redis session store at {self._url.display} is unavailable "
-                f"({action}): {type(exc).__name__}: {exc}") from exc
+    def _guard(self, action: str) -> _Guard:
+        """``async with self._guard(action):`` Redis's connection errors and timeouts
+        raised as :class:`StoreUnavailable`."""
+        return _Guard(self._url.display, action)
 
     async def ping(self) -> None:
         async with self._guard("ping"):
@@ -245,8 +261,8 @@ class RedisStore(SessionStore):
         whether the message was cancelled already. A waiter tries again as :meth:`lock`
         does (without claiming again, the owner checked each time). The lock is renewed
         until the turn ends; the turn carries the grant's fencing token."""
-        keys = self.keys(session_id)
         lock = RedisLock(self, session_id)
+        keys = lock.keys
         args: list[Any] = [lock.token, lock.lease_ms, self.ttl_ms, owner or "",
                            int(lock.PLACE_KEPT * 1000), keys.wake_prefix]
         if message_id is not None:

@@ -66,7 +66,7 @@ class RedisTurn(SessionTurn):
         store = self._store
         async with store._guard("append_stream"):
             try:
-                cancelled = await store.appends.add(store.keys(self.session_id), self.fence,
+                cancelled = await store.appends.add(self._lock.keys, self.fence,
                                                     entries, self._cancels)
             except redis.exceptions.ResponseError as exc:
                 raise refused(exc, self.session_id, entries) from exc
