@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
+import json
+import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,8 +57,38 @@ def tree_cpu(pid: int) -> tuple[float, float]:
     return ran, waited
 
 
-async def _run(counts: list[int], quick: bool, clients: int, untrained: bool
-               ) -> tuple[str, list[Phase]]:
+def _measure_apart(url: str, name: str, clients: int, messages: int) -> str:
+    """One client process's share of a round, as JSON: its phase and its own CPU."""
+    clock = time.process_time()
+    phase = asyncio.run(measure(url, name, clients, messages))
+    phase.cpu = {"clients": time.process_time() - clock}
+    return json.dumps(dataclasses.asdict(phase))
+
+
+async def _measure(url: str, name: str, clients: int, messages: int,
+                   pool: concurrent.futures.Executor | None, procs: int) -> Phase:
+    """A round's clients in this process, or split over ``procs`` pool processes (their
+    wall is the longest share's, their CPU the sum)."""
+    if pool is None:
+        clock = time.process_time()
+        phase = await measure(url, name, clients, messages)
+        phase.cpu = {"clients": time.process_time() - clock}
+        return phase
+    loop = asyncio.get_running_loop()
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    done = await asyncio.gather(*(
+        loop.run_in_executor(pool, _measure_apart, url, name, share, messages)
+        for share in shares if share))
+    shares = [Phase(**json.loads(text)) for text in done]
+    total = Phase(name, clients, cpu={"clients": sum(one.cpu["clients"] for one in shares)})
+    for one in shares:
+        _add(total, one)
+    total.wall = max(one.wall for one in shares)
+    return total
+
+
+async def _run(counts: list[int], quick: bool, clients: int, untrained: bool,
+               procs: int = 1) -> tuple[str, list[Phase]]:
     from mmchat.loading import checkpoint_path
 
     config = load_config()
@@ -62,6 +97,10 @@ async def _run(counts: list[int], quick: bool, clients: int, untrained: bool
     rounds, messages = (1, 1) if quick else (ROUNDS, MESSAGES)
     phases = {n: Phase(f"{n} worker{'s' if n > 1 else ''}", clients) for n in counts}
     async with contextlib.AsyncExitStack() as stack:
+        pool = None
+        if procs > 1:
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                procs, mp_context=multiprocessing.get_context("spawn")))
         servers = {}
         for n in counts:
             argv = [*_serve_argv(untrained), "--workers", str(n)]
@@ -71,11 +110,12 @@ async def _run(counts: list[int], quick: bool, clients: int, untrained: bool
         for _ in range(rounds):
             for n in counts:
                 pid = servers[n].proc.pid
-                (ran, waited), clock = tree_cpu(pid), time.process_time()
-                one = await measure(servers[n].url, phases[n].name, clients, messages)
+                ran, waited = tree_cpu(pid)
+                one = await _measure(servers[n].url, phases[n].name, clients, messages,
+                                     pool, procs)
                 ran_after, waited_after = tree_cpu(pid)
                 spent = {"server": ran_after - ran, "waiting": waited_after - waited,
-                         "clients": time.process_time() - clock}
+                         "clients": one.cpu["clients"]}
                 for key, seconds in spent.items():
                     phases[n].cpu[key] = phases[n].cpu.get(key, 0.0) + seconds
                 _add(phases[n], one)
@@ -84,7 +124,8 @@ async def _run(counts: list[int], quick: bool, clients: int, untrained: bool
              else f"{config.model.checkpoint} (config.toml's)")
     setup = (f"model {model}, greedy, at most {REPLY_TOKENS}-token replies; {clients} "
              f"clients, {messages} messages each per round, {rounds} rounds per row, "
-             f"alternating; {len(os.sched_getaffinity(0))} CPUs available to this process")
+             f"alternating; {len(os.sched_getaffinity(0))} CPUs available to this process"
+             + (f"; the clients in {procs} processes of their own" if procs > 1 else ""))
     return setup, [phases[n] for n in counts]
 
 
@@ -96,7 +137,8 @@ def _add(total: Phase, one: Phase) -> None:
     total.wall += one.wall
 
 
-def report(setup: str, phases: list[Phase], notes: str, untrained: bool = False) -> str:
+def report(setup: str, phases: list[Phase], notes: str, untrained: bool = False,
+           command: str = "") -> str:
     base = phases[0]
     rows = [[p.name, p.replies, p.errors, f"{p.tokens_per_second:,.0f}",
              f"{p.tokens_per_second / base.tokens_per_second:.2f}x",
@@ -110,8 +152,7 @@ def report(setup: str, phases: list[Phase], notes: str, untrained: bool = False)
         "## Workers: one port, N processes (`bench/bench_workers.py`)"
         + (", the model at the [model] sizes" if untrained else ""),
         "",
-        "Command: `python -m bench.bench_workers --untrained`" if untrained
-        else "Command: `python -m bench workers`",
+        f"Command: `{command or _command(untrained)}`",
         "",
         f"Machine: {notes}. {setup}. Redis and the clients share the machine with the "
         "servers.",
@@ -128,18 +169,25 @@ def report(setup: str, phases: list[Phase], notes: str, untrained: bool = False)
     ])
 
 
+def _command(untrained: bool) -> str:
+    return "python -m bench.bench_workers --untrained" if untrained else "python -m bench workers"
+
+
 def run(counts: list[int], quick: bool = False, clients: int = CLIENTS,
-        untrained: bool = False) -> str:
+        untrained: bool = False, procs: int = 1, section: str | None = None,
+        command: str = "") -> str:
     """Measure, and unless ``quick`` write the section (the configured model's section,
-    or with ``untrained`` the section of the model at the [model] sizes)."""
+    or with ``untrained`` the section of the model at the [model] sizes, or the one
+    named ``section``)."""
     if not _redis_answers():
         return "bench workers: no Redis on 127.0.0.1:6379 (workers need it); skipped"
     notes = machine_notes(THREADS)
-    setup, phases = asyncio.run(_run(counts, quick, clients, untrained))
-    section = report(setup, phases, notes, untrained)
+    setup, phases = asyncio.run(_run(counts, quick, clients, untrained, procs))
+    text = report(setup, phases, notes, untrained, command)
     if not quick:
-        write_section("bench_workers_untrained" if untrained else "bench_workers", section)
-    return section
+        write_section(section or ("bench_workers_untrained" if untrained else "bench_workers"),
+                      text)
+    return text
 
 
 def main(quick: bool = False) -> None:
@@ -156,7 +204,15 @@ if __name__ == "__main__":
     parser.add_argument("--untrained", action="store_true",
                         help="serve an untrained model at the [model] sizes (longer "
                              "replies, more model work per reply) instead of the checkpoint")
+    parser.add_argument("--client-processes", type=int, default=1, metavar="K",
+                        help="run the clients in K processes of their own (a many-core "
+                             "machine needs more than one Python process to load it)")
+    parser.add_argument("--section", metavar="NAME",
+                        help="the docs/benchmarks.md section to write (a many-core run "
+                             "keeps its own beside the 2-core one)")
     args = parser.parse_args()
     started = time.perf_counter()
-    print(run(args.workers, args.quick, args.clients, args.untrained))
+    command = " ".join(["python -m bench.bench_workers", *sys.argv[1:]])
+    print(run(args.workers, args.quick, args.clients, args.untrained, args.client_processes,
+              args.section, command if len(sys.argv) > 1 else ""))
     print(f"({time.perf_counter() - started:.0f} s)")
