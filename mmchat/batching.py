@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from .errors import Cancelled
-from .generate import Sampler, Token
+from .generate import Sampler, Token, token_probs
 from .runtime import Decoder, TurnRun
 
 logger = logging.getLogger(__name__)
@@ -357,16 +357,19 @@ class DecodeScheduler:
                     self._batch = _Batch()
                     out += [(r, exc) for r in batch]
                 else:
-                    # plain greedy rows take their argmax from one call for the whole batch
-                    picked = (logits.argmax(dim=-1).tolist()
-                              if any(r.sampler.batchable for r in batch) else None)
+                    # plain greedy rows take their argmax and its probability from one
+                    # call each for the whole batch
+                    picked = probs = None
+                    if any(r.sampler.batchable for r in batch):
+                        picked = logits.argmax(dim=-1).tolist()
+                        probs = token_probs(logits, picked)
                     for b, reply in enumerate(batch):
                         n = reply.run.memory_size
                         rows = logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1]
                         batched = picked is not None and reply.sampler.batchable
-                        token = picked[b] if batched else None
-                        self._guarded(reply, out, lambda r=reply, rows=rows, t=token:
-                                      self._choose(r, rows, out, t))
+                        token, prob = (picked[b], probs[b]) if batched else (None, None)
+                        self._guarded(reply, out, lambda r=reply, rows=rows, t=token, p=prob:
+                                      self._choose(r, rows, out, t, p))
         self._deliver(out)
 
     def _runs_alone(self, reply: _Reply) -> bool:
@@ -407,11 +410,13 @@ class DecodeScheduler:
         return logits, weights, state
 
     def _choose(self, reply: _Reply, rows: tuple[torch.Tensor, ...],
-                out: list[tuple[_Reply, Any]], token: int | None = None) -> None:
+                out: list[tuple[_Reply, Any]], token: int | None = None,
+                prob: float | None = None) -> None:
         """Hand a reply its row of the step, (1, V) logits, (1, N) weights and its state,
-        and let it pick its next token (or take ``token``, picked for it)."""
+        and let it pick its next token (or take ``token`` with probability ``prob``,
+        picked for it)."""
         reply.sampler.feed(*rows)
-        self._emit(reply, reply.sampler.choose(token), out)
+        self._emit(reply, reply.sampler.choose(token, prob), out)
 
     @staticmethod
     def _guarded(reply: _Reply, out: list[tuple[_Reply, Any]], fn: Callable[[], None]) -> None:

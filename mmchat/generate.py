@@ -183,15 +183,18 @@ class Sampler:
         many rows may pick for all of them at once and pass it to :meth:`choose`."""
         return self.params.strategy == "greedy" and self.params.no_repeat_ngram <= 0
 
-    def choose(self, token: int | None = None) -> Token | None:
+    def choose(self, token: int | None = None, prob: float | None = None) -> Token | None:
         """The next token, or ``None`` when end-of-sequence was chosen.
 
-        ``token``, only when :attr:`batchable`, is the argmax the caller already took.
+        ``token``, only when :attr:`batchable`, is the argmax the caller already took,
+        and ``prob`` its :func:`token_prob`, if the caller computed that too.
         """
         assert not self.done, "choose() after decoding finished"
         if token is None:
             token = pick_token(self.logits[0], self.out, self.params, self.rng)
-        return self.take(token, token_prob(self.logits[0], token), self.weights[0], self.state)
+        if prob is None:
+            prob = token_prob(self.logits[0], token)
+        return self.take(token, prob, self.weights[0], self.state)
 
     def take(self, token: int, prob: float, weights: torch.Tensor, state: torch.Tensor
              ) -> Token | None:
@@ -295,6 +298,14 @@ def token_prob(logits: torch.Tensor, token: int) -> float:
     """softmax(logits)[token] for one row of logits (V,), without the full softmax."""
     logits = logits.float()
     return float((logits[token] - torch.logsumexp(logits, dim=-1)).exp())
+
+
+def token_probs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    """:func:`token_prob` of every row of ``logits`` (B, V) and its token, in three
+    tensor calls for the batch (the same values, row by row)."""
+    logits = logits.float()
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1))  # (B, 1)
+    return (chosen.squeeze(1) - torch.logsumexp(logits, dim=-1)).exp().tolist()
 
 
 def loops(tokens: list[int], n: int, repeats: int = LOOP_REPEATS) -> bool:

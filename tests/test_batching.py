@@ -217,10 +217,10 @@ async def test_a_failing_reply_or_job_ends_alone():
                  for _ in range(2))
     choose = bad.generation.sampler.choose
 
-    def failing_choose(token=None):
+    def failing_choose(token=None, prob=None):
         if len(bad.tokens) == 3:
             raise RuntimeError("sampler broke")
-        return choose(token)
+        return choose(token, prob)
 
     bad.generation.sampler.choose = failing_choose
     with ThreadPoolExecutor(1) as pool:

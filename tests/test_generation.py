@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from mmchat.config import GenerationConfig
-from mmchat.generate import GenerationParams, block_repeats, filter_logits, generate
+from mmchat.generate import (
+    GenerationParams,
+    block_repeats,
+    filter_logits,
+    generate,
+    token_prob,
+    token_probs,
+)
 
 EOS = 3
 V = 8
@@ -198,3 +205,14 @@ def test_confidence_is_the_least_sure_token():
     assert [t.id for t in gen] == [4, 5, 6]
     assert gen.confidence == pytest.approx(table[5].softmax(-1)[6].item(), rel=1e-5)
     assert gen.confidence == min(gen.probs) < max(gen.probs)
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1000), (7, 37), (64, 1000), (100, 4000)])
+def test_token_probs_of_a_batch_are_each_rows_token_prob(batch, vocab):
+    torch.manual_seed(batch)
+    logits = torch.randn(batch, vocab) * 5
+    tokens = torch.randint(vocab, (batch,)).tolist()
+    tokens[0] = int(logits[0].argmax())
+    got = token_probs(logits, tokens)
+    assert got == [token_prob(logits[b], tokens[b]) for b in range(batch)]
+    assert all(0.0 < p <= 1.0 for p in got)
