@@ -149,10 +149,13 @@ def check_plugin(path: Path, name: str, recorded: Mapping[str, Any],
             "again")
     if "settings" not in recorded:
         return  # recorded before checkpoints kept settings
+    # A key the record lacks was the plugin's default then, whose value the record does
+    # not say (a plugin that keeps only the keys it was given): not compared. Limits
+    # change what is accepted, not what the encoder sees: not compared either.
     was, now = dict(recorded["settings"]), dict(modality.settings)
-    changed = [f"{key} (trained with {was.get(key, 'the default')!r}, now "
-               f"{now.get(key, 'the default')!r})"
-               for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+    changed = [f"{key} (trained with {was[key]!r}, now {now.get(key, 'the default')!r})"
+               for key in sorted(set(was) - set(modality.limits))
+               if was[key] != now.get(key)]
     if changed:
         logger.warning("checkpoint %s: the settings of modality %r (plugin %r) changed since "
                        "training: %s; accuracy may suffer", path, name, plugin,

@@ -42,6 +42,10 @@ class Modality(ABC):
     #: When several served modalities take an attachment's MIME type and the client names
     #: none, the highest priority wins (then the first name in alphabetical order).
     priority: int = 0
+    #: Settings that only bound what is accepted (bytes, pixels, seconds) and leave the
+    #: features the encoder sees as they are: a checkpoint served with other values of
+    #: these loads without a warning.
+    limits: tuple[str, ...] = ()
     #: Name and version of the plugin that registered this modality (set by the host).
     plugin_name: str = ""
     plugin_version: str | None = None

@@ -185,10 +185,37 @@ def test_changed_settings_load_with_a_warning_naming_them(trained, caplog):
     with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
         checkpoint.load(trained, {"toy": ToyModality({"max_frames": 3, "size": 2})})
     [record] = caplog.records
-    assert ("max_frames (trained with 8, now 3), size (trained with 'the default', now 2)"
-            in record.getMessage())
+    # size was the default then, a value the record does not hold: not compared
+    assert record.getMessage().endswith(
+        "changed since training: max_frames (trained with 8, now 3); accuracy may suffer")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
+        checkpoint.load(trained, {"toy": ToyModality({"size": 2})})
+    [record] = caplog.records
+    assert "max_frames (trained with 8, now 'the default')" in record.getMessage()
 
 
-def test_the_bundled_model_still_loads_with_the_bundled_plugins():
+class LimitedToy(ToyModality):
+    limits = ("max_frames",)
+
+
+def test_limits_are_not_compared_with_the_checkpoint(trained, caplog):
+    with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
+        checkpoint.load(trained, {"toy": LimitedToy({"max_frames": 3})})
+    assert not caplog.records
+
+
+def test_the_bundled_model_loads_with_the_shipped_config_and_no_warning(caplog):
+    from mmchat.config import load
+
+    host = PluginHost.from_config(load(ROOT / "config.toml", env={}))
+    with caplog.at_level(logging.WARNING, logger="mmchat.checkpoint"):
+        checkpoint.load(ROOT / "mmchat" / "bundled_model", host.modalities)
+    assert not caplog.records
+
+
+def test_a_bundled_plugin_records_every_setting_with_its_default():
     host = PluginHost()
-    checkpoint.load(ROOT / "mmchat" / "bundled_model", host.modalities)
+    assert checkpoint.plugin_record(host.modalities["image"])["settings"] == {
+        "size": 64, "max_bytes": 10 * 1024 * 1024, "max_pixels": 40_000_000,
+        "costly_pixels": 4_000_000}

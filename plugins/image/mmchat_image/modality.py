@@ -69,10 +69,12 @@ class ImageModality(Modality):
     name = "image"
     mime_types = tuple(_MIME_FORMATS)
     version = "1"
+    limits = ("max_bytes", "max_pixels", "costly_pixels")
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(settings)
         values = read_settings(self.name, self.settings, SETTINGS)
+        self.settings = values  # every key, defaults filled in: checkpoints record it all
         self.size: int = values["size"]
         self.max_bytes: int = values["max_bytes"]
         self.max_pixels: int = values["max_pixels"]

@@ -66,10 +66,12 @@ class VoiceModality(Modality):
         "audio/mpeg", "audio/mp3",
     )
     version = "1"
+    limits = ("max_bytes", "max_seconds")
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(settings)
         values = read_settings(self.name, self.settings, SETTINGS)
+        self.settings = values  # every key, defaults filled in: checkpoints record it all
         self.n_mels: int = values["n_mels"]
         self.max_seconds: float = values["max_seconds"]
         self.max_bytes: int = values["max_bytes"]
