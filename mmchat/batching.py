@@ -363,9 +363,14 @@ class DecodeScheduler:
                     if any(r.sampler.batchable for r in batch):
                         picked = logits.argmax(dim=-1).tolist()
                         probs = token_probs(logits, picked)
+                    # each reply's rows as views, cut in one call per tensor
+                    logit_rows, weight_rows = logits.split(1), weights.split(1)
+                    state_rows = state.split(1, dim=2)
+                    width = weights.shape[1]
                     for b, reply in enumerate(batch):
                         n = reply.run.memory_size
-                        rows = logits[b: b + 1], weights[b: b + 1, :n], state[:, :, b: b + 1]
+                        w = weight_rows[b] if n == width else weight_rows[b][:, :n]
+                        rows = logit_rows[b], w, state_rows[b]  # (1, V), (1, n), (S, L, 1, H)
                         batched = picked is not None and reply.sampler.batchable
                         token, prob = (picked[b], probs[b]) if batched else (None, None)
                         self._guarded(reply, out, lambda r=reply, rows=rows, t=token, p=prob:
