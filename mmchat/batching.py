@@ -323,8 +323,11 @@ class DecodeScheduler:
                 outcomes = [(first.fn(*first.args), None)]
         except Exception as exc:
             outcomes = [(None, exc)] * len(jobs)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any, Any]]] = {}
         for job, (result, exc) in zip(jobs, outcomes):
-            _post(job.loop, _settle, job.future, result, exc)
+            by_loop.setdefault(job.loop, []).append((job.future, result, exc))
+        for loop, settled in by_loop.items():  # one wake-up per event loop, not per job
+            _post(loop, _settle_all, settled)
 
     def _advance(self, ready: list[_Reply]) -> None:
         """One token for every ready reply: a batched step for the sampled ones.
@@ -497,4 +500,9 @@ def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> N
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, result, exc in settled:
+        _settle(future, result, exc)
 
