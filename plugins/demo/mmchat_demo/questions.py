@@ -165,7 +165,7 @@ def ask_not_there(scene: Scene, rng: np.random.Generator) -> Ask | None:
 
 # -- pronouns and ellipsis --------------------------------------------------------------
 
-_PRONOUN = {
+PRONOUN_FORMS = {
     "colour": ("what colour is it?", "and its colour?", "and what colour is it?",
                "which colour is it?"),
     "shape": ("what shape is it?", "and what shape is it?", "which shape is it?",
@@ -202,7 +202,7 @@ def pronoun_followup(questions: list[Question], prev: Question, rng: np.random.G
             continue
         if _referent(q) == ref:  # same shape, named the same way: a pronoun
             slot = q.axis if q.type == "position" else q.type
-            options.append((str(_pick(rng, _PRONOUN[slot])), q))
+            options.append((str(_pick(rng, PRONOUN_FORMS[slot])), q))
         elif (q.type, q.axis, q.by_colour) == (prev.type, prev.axis, prev.by_colour):
             # same question, another shape: an ellipsis
             t = f"{q.target} one" if q.type == "shape" or q.by_colour else q.target

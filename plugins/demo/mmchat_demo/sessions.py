@@ -22,6 +22,10 @@ COUNT_WORDS = (*NUMBERS, "four", "five", "six", "seven", "eight", "nine", "ten",
                "twelve")
 _SPOKEN_SHARE = 0.15  # share of picture turns in a multi-picture session asked out loud
 _PICTURE_ONLY = 0.15  # share of picture turns sent with no words: the reply is a caption
+#: After such a caption of a one-shape picture, the share asked about "it" next.
+_CAPTION_FOLLOWUP = 0.5
+#: Share of picture sessions (several pictures, pronouns) that end with a goodbye.
+_CLOSING = 0.25
 
 
 def _user(text: str, attachments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -92,6 +96,13 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             turns += [_user("", [image]), _assistant(text, text, "caption")]
             asked.append({"turn": len(turns) - 1, "picture": k, "type": "caption"})
             last = None
+            about = (_about_it(rng, qs) if len(scene.shapes) == 1
+                     and rng.random() < _CAPTION_FOLLOWUP else None)
+            if about is not None:
+                words, last = about
+                turns += [_user(words), _assistant(scenes.answer_sentence(last), last.answer,
+                                                   "pronoun")]
+                asked.append(_qmeta(len(turns) - 1, last, picture=k, form="after_caption"))
         else:
             q = p.pick(rng, qs, want)
             words = scenes.phrase(q, rng)
@@ -113,8 +124,38 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             text, reply, answer, info = cross
             turns += [_user(text), _assistant(reply, answer, "across_pictures")]
             asked.append({"turn": len(turns) - 1, **info})
+    turns += _closing(rng)
     meta = {"source": "multi-picture", "pictures": pictures, "questions": asked}
     return p.record("multi", i, "later_picture", turns, meta)
+
+
+def _about_it(rng: np.random.Generator, qs: list[Question]) -> tuple[str, Question] | None:
+    """A question about the one shape of a picture that was just captioned, naming it
+    "it" ("what colour is it?"), and the question it resolves to (None if the picture
+    has no such question)."""
+    options = [q for q in qs if q.type in ("colour", "shape")
+               or (q.type == "position" and q.axis == "where")]
+    if not options:
+        return None
+    q = _pick(rng, options)
+    slot = q.axis if q.type == "position" else q.type
+    return str(_pick(rng, questions.PRONOUN_FORMS[slot])), q
+
+
+def _goodbye_text(rng: np.random.Generator, words: str) -> str:
+    return str(_pick(rng, [f"{w}{end}" for w in (words, words.capitalize())
+                           for end in ("", "!", ".")]))
+
+
+def _closing(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Now and then a goodbye at the end of a picture session: "bye" after pictures is
+    still a goodbye, not a question about them."""
+    if rng.random() >= _CLOSING:
+        return []
+    words = str(_pick(rng, smalltalk.GOODBYES))
+    text = _goodbye_text(rng, words) if rng.random() < 0.7 else f"thanks, {words}"
+    return [_user(text), _assistant(smalltalk.GOODBYE_REPLY, smalltalk.GOODBYE_ANSWER,
+                                    "goodbye")]
 
 
 def _refer_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question]]],
@@ -209,6 +250,7 @@ def pronoun(p: Planner, i: int) -> dict[str, Any]:
         asked.append(_qmeta(len(turns) - 1, q, referent=questions.referent_of(prev)))
         keys.add(q.key)
         prev = q
+    turns += _closing(rng)
     meta = {"source": "pronoun", "image_seed": image_seed, "scene": scene.to_meta(),
             "questions": asked}
     return p.record("pronoun", i, "pronoun", turns, meta)
@@ -272,8 +314,7 @@ def goodbye(p: Planner, i: int) -> dict[str, Any]:
     """A goodbye, typed as people type it; sometimes at the end of a short chat."""
     rng = p.rng(16, i)
     words = smalltalk.GOODBYES[i % len(smalltalk.GOODBYES)]
-    text = str(_pick(rng, [f"{w}{end}" for w in (words, words.capitalize())
-                           for end in ("", "!", ".")]))
+    text = _goodbye_text(rng, words)
     turns: list[dict[str, Any]] = []
     if rng.random() < 0.3:
         hello = str(_pick(rng, list(speech.GREETINGS)))
