@@ -26,6 +26,9 @@ _PICTURE_ONLY = 0.15  # share of picture turns sent with no words: the reply is 
 _CAPTION_FOLLOWUP = 0.5
 #: Share of picture sessions (several pictures, pronouns) that end with a goodbye.
 _CLOSING = 0.25
+#: Share of pictures in a several-picture session asked a yes/no or not-there question
+#: about the latest picture after its own turns ("is there a triangle?").
+_CHECK_LATEST = 0.3
 
 
 def _user(text: str, attachments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -118,6 +121,15 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             last = q
         if k and rng.random() < 0.6:
             turns, asked, last = _refer_back(rng, shown, turns, asked, last)
+        elif rng.random() < _CHECK_LATEST:
+            check = (questions.ask_yes_no(scene, rng) if rng.random() < 0.7
+                     else questions.ask_not_there(scene, rng))
+            if check is not None:
+                category = "yes_no" if check.meta.get("type") != "not_there" else "not_there"
+                turns += [_user(check.text), _assistant(check.reply, check.answer, category)]
+                asked.append({"turn": len(turns) - 1, "picture": k, **check.meta,
+                              "answer": check.answer})
+                last = None
     if rng.random() < 0.6:
         cross = _across(rng, [s for s, _ in shown])
         if cross:
