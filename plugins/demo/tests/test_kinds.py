@@ -61,24 +61,27 @@ def test_captions_name_every_shape_left_to_right_with_colour_and_place(records):
     assert found >= 10
 
 
+def _check_yes_no(q, user, reply, shapes):
+    """A yes/no question's answer follows from the picture's shapes."""
+    if q["form"] == "attribute":
+        asked = re.findall(r"\b(" + "|".join(scenes.COLOURS + scenes.KINDS
+                                             + ("left", "right")) + r")\b", user)
+        assert (asked[-1] == q["truth"]) == q["yes"], (user, q)
+    else:
+        words = q["target"].split()
+        there = any(all(w in (s["colour"], s["kind"], "shape") for w in words)
+                    for s in shapes)
+        assert there == q["yes"], (q, shapes)
+        assert q["target"] in user
+    assert reply.startswith("yes, " if q["yes"] else "no, ")
+
+
 def test_yes_no_answers_match_the_scene(records):
     found = 0
     for r in every(records, "yes-no"):
-        shapes = r["meta"]["scene"]["shapes"]
         for q in r["meta"]["questions"]:
-            reply = r["turns"][q["turn"]]["text"]
-            user = r["turns"][q["turn"] - 1]["text"]
-            if q["form"] == "attribute":
-                asked = re.findall(r"\b(" + "|".join(scenes.COLOURS + scenes.KINDS
-                                                     + ("left", "right")) + r")\b", user)
-                assert (asked[-1] == q["truth"]) == q["yes"], (user, q)
-            else:
-                words = q["target"].split()
-                there = any(all(w in (s["colour"], s["kind"], "shape") for w in words)
-                            for s in shapes)
-                assert there == q["yes"], (q, shapes)
-                assert q["target"] in user
-            assert reply.startswith("yes, " if q["yes"] else "no, ")
+            _check_yes_no(q, r["turns"][q["turn"] - 1]["text"], r["turns"][q["turn"]]["text"],
+                          r["meta"]["scene"]["shapes"])
             found += 1
     assert found >= 10
 
@@ -158,6 +161,46 @@ def test_multi_picture_sessions_answer_from_the_right_picture(records):
                     assert len(colours) == 2 and (colours[0] == colours[1]) == q["answer"]
         assert len(images) == len(pictures)
     assert all(kinds.values()), kinds
+
+
+def test_picture_sessions_check_the_latest_picture_ask_about_it_and_end_with_goodbyes(
+        records):
+    found = {"yes_no": 0, "not_there": 0, "after_caption": 0, "goodbye": 0}
+    for r in every(records, "multi-picture") + every(records, "pronoun"):
+        turns = r["turns"]
+        if turns[-1]["category"] == "goodbye":
+            assert turns[-1]["text"] == smalltalk.GOODBYE_REPLY
+            assert not turns[-2]["attachments"] and len(turns) > 2
+            found["goodbye"] += 1
+        if r["meta"]["source"] != "multi-picture":
+            continue
+        pictures = [p["scene"] for p in r["meta"]["pictures"]]
+        shown = -1
+        for k in range(0, len(turns), 2):
+            user, reply = turns[k], turns[k + 1]
+            shown += bool(user["attachments"])
+            q = next((q for q in r["meta"]["questions"] if q["turn"] == k + 1), None)
+            if q is None:
+                continue
+            shapes = pictures[shown]["shapes"]
+            if q.get("form") == "after_caption":  # "what colour is it?" after a caption
+                assert turns[k - 1]["category"] == "caption" and len(shapes) == 1
+                assert reply["category"] == "pronoun" and q["picture"] == shown
+                assert " it" in f" {user['text']}" or user["text"].startswith("and its")
+                truth = {"colour": shapes[0]["colour"], "shape": shapes[0]["kind"]}
+                assert q["answer"] == truth.get(q["type"], q["answer"])
+                assert q["answer"] in reply["text"].split()
+                found["after_caption"] += 1
+            elif reply["category"] in ("yes_no", "not_there"):  # about the latest picture
+                assert q["picture"] == shown and not user["attachments"]
+                if reply["category"] == "yes_no":
+                    _check_yes_no(q, user["text"], reply["text"], shapes)
+                else:
+                    assert q["target"] not in {s["kind"] for s in shapes} | {
+                        s["colour"] for s in shapes}
+                    assert reply["text"].startswith(f"there is no {q['target']}")
+                found[reply["category"]] += 1
+    assert all(found.values()), found
 
 
 def test_goodbyes_and_out_of_domain_prompts(records):
