@@ -57,12 +57,17 @@ def tree_cpu(pid: int) -> tuple[float, float]:
     return ran, waited
 
 
-def _measure_apart(url: str, name: str, clients: int, messages: int) -> str:
-    """One client process's share of a round, as JSON: its phase and its own CPU."""
+async def _timed(url: str, name: str, clients: int, messages: int) -> Phase:
+    """:func:`measure` with this process's CPU over it as the clients' CPU."""
     clock = time.process_time()
-    phase = asyncio.run(measure(url, name, clients, messages))
+    phase = await measure(url, name, clients, messages)
     phase.cpu = {"clients": time.process_time() - clock}
-    return json.dumps(dataclasses.asdict(phase))
+    return phase
+
+
+def _measure_apart(url: str, name: str, clients: int, messages: int) -> str:
+    """One client process's share of a round, as JSON."""
+    return json.dumps(dataclasses.asdict(asyncio.run(_timed(url, name, clients, messages))))
 
 
 async def _measure(url: str, name: str, clients: int, messages: int,
@@ -70,15 +75,12 @@ async def _measure(url: str, name: str, clients: int, messages: int,
     """A round's clients in this process, or split over ``procs`` pool processes (their
     wall is the longest share's, their CPU the sum)."""
     if pool is None:
-        clock = time.process_time()
-        phase = await measure(url, name, clients, messages)
-        phase.cpu = {"clients": time.process_time() - clock}
-        return phase
+        return await _timed(url, name, clients, messages)
     loop = asyncio.get_running_loop()
-    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    counts = [clients // procs + (i < clients % procs) for i in range(procs)]
     done = await asyncio.gather(*(
-        loop.run_in_executor(pool, _measure_apart, url, name, share, messages)
-        for share in shares if share))
+        loop.run_in_executor(pool, _measure_apart, url, name, n, messages)
+        for n in counts if n))
     shares = [Phase(**json.loads(text)) for text in done]
     total = Phase(name, clients, cpu={"clients": sum(one.cpu["clients"] for one in shares)})
     for one in shares:

@@ -124,9 +124,9 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
         elif rng.random() < _CHECK_LATEST:
             check = (questions.ask_yes_no(scene, rng) if rng.random() < 0.7
                      else questions.ask_not_there(scene, rng))
-            if check is not None:
-                category = "yes_no" if check.meta.get("type") != "not_there" else "not_there"
-                turns += [_user(check.text), _assistant(check.reply, check.answer, category)]
+            if check is not None:  # its meta's type is its category: yes_no or not_there
+                turns += [_user(check.text), _assistant(check.reply, check.answer,
+                                                        check.meta["type"])]
                 asked.append({"turn": len(turns) - 1, "picture": k, **check.meta,
                               "answer": check.answer})
                 last = None
