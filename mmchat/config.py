@@ -167,6 +167,7 @@ class TrainConfig:
     transcript_weight: float = _opt(1.0, min=0.0)
     augment: bool = _opt(True)
     category_weights: Mapping[str, float] = _opt({})
+    freeze: tuple[str, ...] = _opt(())
     seed: int = _opt(1337, min=0)
     threads: int = _opt(0, min=0, max=256)
     fallback_threshold: float = _opt(0.0, min=0.0, max=1.0)

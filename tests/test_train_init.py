@@ -251,3 +251,22 @@ def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_class
     assert c.answers == ["cold", "hot", "freezing"]
     head = trainer.model.answer_head[2].weight
     assert head.shape[0] == 3 and head[:2].equal(base.state["answer_head.2.weight"])
+
+
+def test_train_freeze_holds_the_named_parts_of_the_model_it_starts_from(work, tmp_path):
+    host = PluginHost(paths=[work / "plugins"], entry_points=False)
+    base = Base.load(work / "base" / "model", host.modalities)
+    config = from_dict({"model": MODEL, "train": {**TRAIN, "freeze": ["encoders.toy", "rnn"]}},
+                       env={})
+    data = load_train_data(work / "toy", host.modalities, vocab_size=64, max_tokens=64,
+                           tokenizer=base.tokenizer, modality_names=base.config.modalities,
+                           answers=base.config.answers, more_answers=True)
+    Trainer(config, data, tmp_path, progress=False, init_from=base).run()
+    old = load_file(work / "base" / "model" / "model.safetensors")
+    now = load_file(tmp_path / "model" / "model.safetensors")
+    held = [n for n in old if n.startswith(("encoders.toy.", "rnn."))]
+    assert len(held) == 6 and all(now[n].equal(old[n]) for n in held)
+    assert not now["lm_head.weight"].equal(old["lm_head.weight"])  # the rest trains
+    bad = from_dict({"model": MODEL, "train": {**TRAIN, "freeze": ["encoder.toy"]}}, env={})
+    with pytest.raises(MMChatError, match="train.freeze names 'encoder.toy'.*encoders.toy"):
+        Trainer(bad, data, tmp_path / "bad", progress=False, init_from=base)

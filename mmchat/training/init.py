@@ -9,7 +9,8 @@ embedding, the ``concat`` fusion's projection, the answer head) keeps its traine
 and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
 weight loaded unchanged and trains only the new encoders and the new part of the grown
 weights (with ``[train] weight_decay = 0``, the default, the loaded part then stays
-exactly as it was).
+exactly as it was: the trainer keeps wholly frozen parts in evaluation mode, see
+:mod:`.freeze`).
 """
 
 from __future__ import annotations

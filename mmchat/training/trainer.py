@@ -37,6 +37,7 @@ from ..loading import dialogue_config
 from ..modality import Modality
 from ..tokenizer import Tokenizer
 from .examples import Batch, Example, FeatureCache, collate
+from .freeze import freeze_named, hold_frozen
 from .init import Base
 from .state import dump_optimizer, load_optimizer
 
@@ -142,6 +143,10 @@ class Trainer:
         self.model = checkpoint.build_untrained(dcfg, data.modalities)
         if init_from is not None:
             init_from.load_into(self.model, freeze=freeze)
+        if t.freeze:
+            held = freeze_named(self.model, t.freeze)
+            logger.info("train.freeze holds %d weights fixed (%s)", len(held),
+                        ", ".join(t.freeze))
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
@@ -228,6 +233,7 @@ class Trainer:
         """
         t = self.config.train
         self.model.train()
+        hold_frozen(self.model)
         torch.manual_seed(t.seed * 1_000_003 + self.step * self.dist.world + self.dist.rank)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
