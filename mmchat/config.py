@@ -137,6 +137,7 @@ class ServerConfig:
     coalesce: int = _opt(1, min=1, max=256)
     web: bool = _opt(True)
     workers: int | str = _opt(1, choices=("auto",), min=1, max=1024)
+    event_loop: str = _opt("auto", choices=("auto", "asyncio", "uvloop"))
     #: The HTTP port of the OpenAI-compatible endpoint (and the page): -1 off, 0 a free one.
     http_port: int = _opt(-1, min=-1, max=65535)
     #: The model name /v1/models lists and completions answer with.

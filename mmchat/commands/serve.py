@@ -42,6 +42,7 @@ def serve_command(config_path, host: str | None, port: int | None, http_port: in
     server.drain_seconds), then connections close with 1001. With several workers,
     SIGHUP restarts them one at a time, each draining (docs/deploy.md, "Workers").
     """
+    from ..server import loop as event_loop
     from ..server.worker import configure_logging, serve_until_stopped
     from ..server.workers import Supervisor, worker_count
 
@@ -58,7 +59,7 @@ def serve_command(config_path, host: str | None, port: int | None, http_port: in
     count = worker_count(config)
     configure_logging(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
     if count == 1:
-        asyncio.run(serve_until_stopped(config, host, port))
+        event_loop.run(serve_until_stopped(config, host, port), config.server.event_loop)
         return
     status = asyncio.run(Supervisor(config, host, port, count).run())
     if status:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import Config, from_dict
 from ..errors import MMChatError
+from . import loop as event_loop
 from .app import ChatServer
 
 #: Named, not __name__: under ``python -m`` that is "__main__".
@@ -105,8 +106,9 @@ def main() -> None:
         sys.stdout.flush()
 
     try:
-        asyncio.run(serve_until_stopped(spec["config"], spec["host"], spec["port"],
-                                        worker=spec["worker"], started=started))
+        event_loop.run(serve_until_stopped(spec["config"], spec["host"], spec["port"],
+                                           worker=spec["worker"], started=started),
+                       spec["config"].server.event_loop)
     except MMChatError as exc:  # as `mmchat serve` reports it: the message, no traceback
         logger.error("%s", exc)
         sys.exit(2)
