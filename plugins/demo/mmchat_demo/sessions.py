@@ -21,9 +21,9 @@ ORDINALS = ("first", "second", "third", "fourth")
 COUNT_WORDS = (*NUMBERS, "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                "twelve")
 _SPOKEN_SHARE = 0.15  # share of picture turns in a multi-picture session asked out loud
-_PICTURE_ONLY = 0.15  # share of picture turns sent with no words: the reply is a caption
+_PICTURE_ONLY = 0.25  # share of picture turns sent with no words: the reply is a caption
 #: After such a caption of a one-shape picture, the share asked about "it" next.
-_CAPTION_FOLLOWUP = 0.5
+_CAPTION_FOLLOWUP = 0.7
 #: Share of picture sessions (several pictures, pronouns) that end with a goodbye.
 _CLOSING = 0.25
 #: Share of pictures in a several-picture session asked a yes/no or not-there question
@@ -85,6 +85,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
     asked: list[dict[str, Any]] = []
     pictures = []
     last: Question | None = None
+    it_slot: tuple[str, str | None] | None = None  # what the last "it" question asked
     for k in range(n):
         image_seed = p.image_seed("multi", i * 4 + k)
         want = str(_pick(rng, scenes.QUESTION_TYPES))
@@ -98,7 +99,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             text = questions.caption(scene)
             turns += [_user("", [image]), _assistant(text, text, "caption")]
             asked.append({"turn": len(turns) - 1, "picture": k, "type": "caption"})
-            last = None
+            last, it_slot = None, None
             about = (_about_it(rng, qs) if len(scene.shapes) == 1
                      and rng.random() < _CAPTION_FOLLOWUP else None)
             if about is not None:
@@ -106,6 +107,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
                 turns += [_user(words), _assistant(scenes.answer_sentence(last), last.answer,
                                                    "pronoun")]
                 asked.append(_qmeta(len(turns) - 1, last, picture=k, form="after_caption"))
+                it_slot = (last.type, last.axis)
         else:
             q = p.pick(rng, qs, want)
             words = scenes.phrase(q, rng)
@@ -118,9 +120,10 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
                 user, asked_voice = _user(words, [image]), {}
             turns += [user, _assistant(scenes.answer_sentence(q), q.answer, category)]
             asked.append(_qmeta(len(turns) - 1, q, picture=k, **asked_voice))
-            last = q
+            last, it_slot = q, None
         if k and rng.random() < 0.6:
-            turns, asked, last = _refer_back(rng, shown, turns, asked, last)
+            turns, asked, last = _refer_back(rng, shown, turns, asked, last, it_slot)
+            it_slot = None
         elif rng.random() < _CHECK_LATEST:
             check = (questions.ask_yes_no(scene, rng) if rng.random() < 0.7
                      else questions.ask_not_there(scene, rng))
@@ -172,14 +175,20 @@ def _closing(rng: np.random.Generator) -> list[dict[str, Any]]:
 
 def _refer_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question]]],
                 turns: list[dict[str, Any]], asked: list[dict[str, Any]],
-                last: Question | None) -> tuple[list, list, Question | None]:
+                last: Question | None, it_slot: tuple[str, str | None] | None = None,
+                ) -> tuple[list, list, Question | None]:
     """One typed question about an earlier picture: the last question again ("and the
-    first one?") when that picture can answer it, else a new one naming the picture."""
+    first one?") when that picture can answer it, else a new one naming the picture.
+    After a question about "it" (the one shape of the latest picture, ``it_slot`` its
+    type and axis), "and the first one?" asks the same of an earlier one-shape
+    picture's shape, whatever its kind."""
     latest = len(shown) - 1
     j = int(rng.integers(latest))
     full, short = _pick(rng, _references(j, latest))
     scene, qs = shown[j]
     q = _find(qs, last.key) if last is not None else None
+    if q is None and it_slot is not None and len(scene.shapes) == 1:
+        q = next((x for x in qs if (x.type, x.axis) == it_slot), None)
     if q is not None and rng.random() < 0.5:
         text = str(_pick(rng, _ELLIPSIS_FORMS)).format(r=_pick(rng, (full, short)))
         form = "ellipsis"
