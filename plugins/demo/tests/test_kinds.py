@@ -310,3 +310,27 @@ def test_a_missing_or_broken_font_file_is_skipped(tmp_path):
     broken.write_bytes(b"not a font")
     assert not digits._draws_digits(str(broken))
     assert not digits._draws_digits(str(tmp_path / "missing.ttf"))
+
+
+def test_after_a_question_about_it_the_ellipsis_asks_an_earlier_one_shape_picture():
+    """"what colour is it?" (the latest picture's one shape), then "and the first one?":
+    the same question about the earlier picture's one shape, whatever its kind."""
+    planner = build_module._Planner("train", 0)
+    found = 0
+    for i in range(600):
+        r = sessions.multi_picture(planner, i)
+        pictures = [p["scene"] for p in r["meta"]["pictures"]]
+        qs = {q["turn"]: q for q in r["meta"]["questions"]}
+        for turn, q in qs.items():
+            prev = qs.get(turn - 2)
+            if not (q.get("form") == "ellipsis" and prev and prev.get("form") == "after_caption"
+                    and prev["target"] != q["target"]):
+                continue
+            [shape] = pictures[q["picture"]]["shapes"]
+            assert q["target"] in (shape["kind"], shape["colour"])  # it names the shape
+            assert (q["type"], q["axis"]) == (prev["type"], prev["axis"])
+            truth = {"colour": shape["colour"], "shape": shape["kind"]}
+            assert q["answer"] == truth.get(q["type"], q["answer"])
+            assert q["answer"] in r["turns"][turn]["text"].split()
+            found += 1
+    assert found >= 3
