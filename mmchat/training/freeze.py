@@ -39,13 +39,9 @@ def freeze_named(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
 def hold_frozen(model: nn.Module) -> None:
     """Put each largest part of ``model`` whose every weight is frozen (and that has
     weights) into evaluation mode; call after ``model.train()``."""
-    _hold(model)
-
-
-def _hold(module: nn.Module) -> None:
-    for child in module.children():
+    for child in model.children():
         params = list(child.parameters())
         if params and not any(p.requires_grad for p in params):
             child.eval()
         else:
-            _hold(child)
+            hold_frozen(child)
