@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, digits
+from .build import _assistant, _attachment, _user
 
 #: Renderings of each held-out image (``--small``: 1).
 RENDERINGS = 5
@@ -54,14 +55,13 @@ def _records(split: str, seed: int, renderings: int) -> list[dict[str, Any]]:
             style = digits.sample_style(rng, index)
             buffer = io.BytesIO()
             digits.render(style).save(buffer, "PNG")
-            image = {"modality": "image", "mime_type": "image/png",
-                     "data": base64.b64encode(buffer.getvalue()).decode("ascii")}
-            out.append({
-                "id": f"{split}-digitcheck-{index:04d}-{r}", "split": split,
-                "category": "digit",
-                "turns": [{"role": "user", "text": str(rng.choice(digits.QUESTIONS)),
-                           "attachments": [image]},
-                          {"role": "assistant", "text": digits.answer_sentence(style.label),
-                           "answer": digits.WORDS[style.label], "category": "digit"}],
-                "meta": {"source": "digits", "digit": style.label, "style": style.to_meta()}})
+            image = _attachment("image", "image/png",
+                                data=base64.b64encode(buffer.getvalue()).decode("ascii"))
+            turns = [_user(str(rng.choice(digits.QUESTIONS)), [image]),
+                     _assistant(digits.answer_sentence(style.label), digits.WORDS[style.label],
+                                "digit")]
+            out.append({"id": f"{split}-digitcheck-{index:04d}-{r}", "split": split,
+                        "category": "digit", "turns": turns,
+                        "meta": {"source": "digits", "digit": style.label,
+                                 "style": style.to_meta()}})
     return out
