@@ -203,6 +203,65 @@ def _refer_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question
     return turns, asked, q
 
 
+def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
+    """Two or three one-shape pictures, the latest followed by a question about "it",
+    then "and the first one?" (or "the previous one", "the other one"): the same
+    question about an earlier picture, whose shape is another kind two times in three.
+    The reply names the earlier picture's own shape, not the one just talked about.
+    Sometimes a yes/no question about the latest picture and a goodbye follow."""
+    rng = p.rng(19, i)
+    n = 2 + int(rng.random() < 0.4)
+    one_shape = (lambda scene, qs: len(scene.shapes) == 1)
+    shown: list[tuple[Scene, list[Question]]] = []
+    turns: list[dict[str, Any]] = []
+    asked: list[dict[str, Any]] = []
+    pictures = []
+    for k in range(n):
+        image_seed = p.image_seed("refer-back", i * 3 + k)
+        scene, qs = p.scene_for(image_seed, one_shape)
+        if k and rng.random() < 2 / 3:  # another kind than the latest's, drawn again
+            other = [s.shapes[0].kind for s, _ in shown]
+            scene, qs = p.scene_for(image_seed, lambda sc, q, o=other: (
+                len(sc.shapes) == 1 and sc.shapes[0].kind not in o))
+        shown.append((scene, qs))
+        image = p.image("scene", scene, image_seed)
+        pictures.append({"image_seed": image_seed, "scene": scene.to_meta()})
+        if rng.random() < 0.6 or not questions.captionable(scene):
+            q = _any_question(rng, qs)
+            turns += [_user(scenes.phrase(q, rng), [image]),
+                      _assistant(scenes.answer_sentence(q), q.answer, "later_picture" if k
+                                 else q.type)]
+            asked.append(_qmeta(len(turns) - 1, q, picture=k))
+        else:
+            text = questions.caption(scene)
+            turns += [_user("", [image]), _assistant(text, text, "caption")]
+            asked.append({"turn": len(turns) - 1, "picture": k, "type": "caption"})
+    latest = n - 1
+    about = _about_it(rng, shown[latest][1])
+    if about is None:
+        return None
+    words, q = about
+    turns += [_user(words), _assistant(scenes.answer_sentence(q), q.answer, "pronoun")]
+    asked.append(_qmeta(len(turns) - 1, q, picture=latest, form="it"))
+    j = int(rng.integers(latest))
+    full, short = _pick(rng, _references(j, latest))
+    back = next((x for x in shown[j][1] if (x.type, x.axis) == (q.type, q.axis)), None)
+    if back is None:
+        return None
+    text = str(_pick(rng, _ELLIPSIS_FORMS)).format(r=_pick(rng, (full, short)))
+    turns += [_user(text), _assistant(scenes.answer_sentence(back), back.answer,
+                                      "earlier_picture")]
+    asked.append(_qmeta(len(turns) - 1, back, picture=j, form="ellipsis"))
+    if rng.random() < 0.4:
+        check = questions.ask_yes_no(shown[latest][0], rng)
+        turns += [_user(check.text), _assistant(check.reply, check.answer, "yes_no")]
+        asked.append({"turn": len(turns) - 1, "picture": latest, **check.meta,
+                      "answer": check.answer})
+    turns += _closing(rng)
+    meta = {"source": "refer-back", "pictures": pictures, "questions": asked}
+    return p.record("refer-back", i, "refer_back", turns, meta)
+
+
 def _any_question(rng: np.random.Generator, qs: list[Question]) -> Question:
     types = sorted({q.type for q in qs})
     qtype = types[int(rng.integers(len(types)))]

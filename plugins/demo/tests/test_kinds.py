@@ -334,3 +334,28 @@ def test_after_a_question_about_it_the_ellipsis_asks_an_earlier_one_shape_pictur
             assert q["answer"] in r["turns"][turn]["text"].split()
             found += 1
     assert found >= 3
+
+
+def test_refer_back_asks_it_of_the_latest_then_the_same_of_an_earlier_picture(records):
+    """"what colour is it?" about the latest one-shape picture, then "and the first
+    one?": the same question about that earlier picture, answered with its own shape."""
+    other_kind = 0
+    found = every(records, "refer-back")
+    assert found
+    for r in found:
+        assert r["category"] == "refer_back"
+        pictures = [p["scene"] for p in r["meta"]["pictures"]]
+        assert all(len(p["shapes"]) == 1 for p in pictures) and 2 <= len(pictures) <= 3
+        qs = {q["turn"]: q for q in r["meta"]["questions"]}
+        it = next(q for q in qs.values() if q.get("form") == "it")
+        back = next(q for q in qs.values() if q.get("form") == "ellipsis")
+        assert back["turn"] == it["turn"] + 2
+        assert it["picture"] == len(pictures) - 1 and back["picture"] < it["picture"]
+        assert (it["type"], it["axis"]) == (back["type"], back["axis"])
+        latest, earlier = pictures[-1]["shapes"][0], pictures[back["picture"]]["shapes"][0]
+        reply = normalize(r["turns"][back["turn"]]["text"])
+        assert r["turns"][back["turn"]]["category"] == "earlier_picture"
+        if back["type"] == "colour":
+            assert reply == f"the {earlier['kind']} is {earlier['colour']}"
+        other_kind += earlier["kind"] != latest["kind"]
+    assert other_kind > len(found) / 3
