@@ -211,18 +211,16 @@ def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
     Sometimes a yes/no question about the latest picture and a goodbye follow."""
     rng = p.rng(19, i)
     n = 2 + int(rng.random() < 0.4)
-    one_shape = (lambda scene, qs: len(scene.shapes) == 1)
     shown: list[tuple[Scene, list[Question]]] = []
     turns: list[dict[str, Any]] = []
     asked: list[dict[str, Any]] = []
     pictures = []
     for k in range(n):
         image_seed = p.image_seed("refer-back", i * 3 + k)
-        scene, qs = p.scene_for(image_seed, one_shape)
-        if k and rng.random() < 2 / 3:  # another kind than the latest's, drawn again
-            other = [s.shapes[0].kind for s, _ in shown]
-            scene, qs = p.scene_for(image_seed, lambda sc, q, o=other: (
-                len(sc.shapes) == 1 and sc.shapes[0].kind not in o))
+        # one shape; two times in three, of a kind no earlier picture had
+        other = {s.shapes[0].kind for s, _ in shown} if k and rng.random() < 2 / 3 else set()
+        scene, qs = p.scene_for(image_seed, lambda sc, _qs, other=other: (
+            len(sc.shapes) == 1 and sc.shapes[0].kind not in other))
         shown.append((scene, qs))
         image = p.image("scene", scene, image_seed)
         pictures.append({"image_seed": image_seed, "scene": scene.to_meta()})
