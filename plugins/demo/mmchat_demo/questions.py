@@ -34,6 +34,11 @@ def _pick(rng: np.random.Generator, options: list | tuple) -> Any:
     return options[int(rng.integers(len(options)))]
 
 
+def a(phrase: str) -> str:
+    """``phrase`` with its indefinite article: "a red circle", "an orange shape"."""
+    return f"{'an' if phrase[:1] in 'aeiou' else 'a'} {phrase}"
+
+
 def _words(reply: str) -> str:
     """The reply as exact-answer key words: lower case, no punctuation."""
     return " ".join("".join(c if c.isalnum() or c == "'" else " " for c in reply).split())
@@ -74,7 +79,7 @@ CAPTION_ASK = ("describe the picture.", "what do you see?", "what is in the pict
 
 def caption(scene: Scene) -> str:
     """One sentence naming every shape, left to right, with its colour and place."""
-    parts = [f"{'an' if s.colour == 'orange' else 'a'} {s.colour} {s.kind} {place(scene, s)}"
+    parts = [f"{a(f'{s.colour} {s.kind}')} {place(scene, s)}"
              for s in sorted(scene.shapes, key=lambda s: (s.cx, s.cy))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -86,8 +91,8 @@ def ask_caption(scene: Scene, rng: np.random.Generator) -> Ask:
 
 # -- yes/no ----------------------------------------------------------------------------
 
-_EXISTS = ("is there a {t}?", "is there a {t} in the picture?", "do you see a {t}?",
-           "can you see a {t}?", "does the picture have a {t}?")
+_EXISTS = ("is there {t}?", "is there {t} in the picture?", "do you see {t}?",
+           "can you see {t}?", "does the picture have {t}?")  # {t}: "a circle", "an orange shape"
 _IS_COLOUR = ("is the {k} {c}?", "is the {k} coloured {c}?", "is the {k} {c} or not?")
 _IS_KIND = ("is the {c} one a {k}?", "is the {c} shape a {k}?")
 _IS_SIDE = ("is the {k} on the {d}?", "is the {k} on the {d} side?")
@@ -133,8 +138,8 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
     if not pool:  # every kind is there: ask for one that is
         want_yes, pool = True, present if form != "colour" else [f"{c} shape" for c in present]
     target = str(_pick(rng, pool))
-    text = str(_pick(rng, _EXISTS)).format(t=target)
-    reply = f"yes, there is a {target}" if want_yes else f"no, there is no {target}"
+    text = str(_pick(rng, _EXISTS)).format(t=a(target))
+    reply = f"yes, there is {a(target)}" if want_yes else f"no, there is no {target}"
     return Ask(text, reply, _words(reply), {"type": "yes_no", "form": form, "target": target,
                                             "yes": want_yes})
 
@@ -226,5 +231,5 @@ def ask_without_picture(rng: np.random.Generator, scene: Scene) -> Ask:
     send one. ``scene`` only supplies a plausible question."""
     q = _pick(rng, askable(scene))
     text = str(_pick(rng, (phrase(q, rng), _pick(rng, CAPTION_ASK), _pick(rng, _EXISTS).format(
-        t=_pick(rng, KINDS)), "what digit is this?", "what is in this image?")))
+        t=a(_pick(rng, KINDS))), "what digit is this?", "what is in this image?")))
     return Ask(text, NO_PICTURE, NO_PICTURE_ANSWER, {"type": "no_picture"})

@@ -359,3 +359,16 @@ def test_refer_back_asks_it_of_the_latest_then_the_same_of_an_earlier_picture(re
             assert reply == f"the {earlier['kind']} is {earlier['colour']}"
         other_kind += earlier["kind"] != latest["kind"]
     assert other_kind > len(found) / 3
+
+
+def test_articles_agree_with_the_word_after_them(records):
+    """"an orange shape", never "a orange shape", in questions and replies alike (and
+    "an eight", "a one": the sound decides)."""
+    wrong = re.compile(r"\b(a (orange|eight)|an (red|green|blue|yellow|purple|circle|"
+                       r"square|triangle|shape|one|two|three|four|five|six|seven|nine|zero))\b")
+    seen_an = 0
+    for r in every(records):
+        for turn in r["turns"]:
+            assert not wrong.search(turn["text"]), (r["id"], turn["text"])
+            seen_an += " an orange " in f" {turn['text']} "
+    assert seen_an
