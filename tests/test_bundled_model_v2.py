@@ -129,6 +129,25 @@ def test_yes_no_and_existence(engine):
     assert rate(right) >= 0.9, right  # issue target: 95%
 
 
+@pytest.mark.xfail(strict=True, reason="the bundled v2i was trained on a corpus that wrote "
+                   "'is there a orange shape?'; it answers the correct 'an orange' as a "
+                   "different question (docs/model-card.md, Limits)")
+def test_is_there_an_orange_shape(engine):
+    """The article a user writes before "orange" ("is there an orange shape?") asks the
+    same as any other colour: yes when one of the two shapes is orange, else no."""
+    right = []
+    others = [c for c in COLOURS if c != "orange"]
+    for i, (kind, colour) in enumerate(itertools.product(KINDS, others)):
+        s = f"orange-{i}"
+        other = next(k for k in KINDS if k != kind)
+        yes = i % 2 == 0
+        pic = [scene((kind, "orange" if yes else colour, LEFT), (other, colour, RIGHT))]
+        question = ("is there an orange shape?", f"is there an orange {kind}?")[i % 3 == 0]
+        got = ask(engine, s, question, pic)
+        right.append(normalize(got).startswith("yes" if yes else "no"))
+    assert rate(right) >= 0.9, right  # issue target for yes/no: 95%
+
+
 def test_says_when_there_is_no_picture(engine):
     for i, question in enumerate(["what colour is the circle?", "how many shapes are there?",
                                   "describe the picture.", "is there a triangle?",
