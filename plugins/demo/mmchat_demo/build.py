@@ -223,7 +223,7 @@ class _Planner:
                         (functools.partial(sessions.refer_back, self), counts.refer_back)):
             for i in range(n):
                 record = make(i)
-                if record is not None:  # no font digits without fonts; see refer_back
+                if record is not None:  # None: no fonts, or an unaskable refer-back
                     out.append(record)
                 tick()
         out += self.chitchat(counts.chitchat)

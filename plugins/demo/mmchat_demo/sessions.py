@@ -208,7 +208,8 @@ def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
     then "and the first one?" (or "the previous one", "the other one"): the same
     question about an earlier picture, whose shape is another kind two times in three.
     The reply names the earlier picture's own shape, not the one just talked about.
-    Sometimes a yes/no question about the latest picture and a goodbye follow."""
+    Sometimes a yes/no question about the latest picture and a goodbye follow. None when
+    the earlier picture cannot be asked that question (its shape has no clear place)."""
     rng = p.rng(19, i)
     n = 2 + int(rng.random() < 0.4)
     shown: list[tuple[Scene, list[Question]]] = []
