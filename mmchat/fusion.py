@@ -156,6 +156,10 @@ def pool_by_kind(values: torch.Tensor, mask: torch.Tensor, kinds: torch.Tensor,
     pools, present = [], []
     for k in range(1, n_kinds + 1):
         sel = mask & (kinds == k)  # (B, N)
+        if not bool(sel.any()):  # no row has this modality: skip the pass over the memory
+            pools.append(values.new_zeros(values.shape[0], values.shape[-1]))
+            present.append(sel[:, 0])
+            continue
         filled = values.masked_fill(~sel.unsqueeze(-1), NEG_INF)
         pooled = filled.max(dim=1).values  # (B, d)
         has = sel.any(dim=1)  # (B,)
