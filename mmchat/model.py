@@ -156,22 +156,24 @@ class DialogueLM(nn.Module):
         B = len(entries)
         sizes = [1 + sum(v.shape[0] for _, v in item) for item in entries]
         N = max(sizes)
-        values = self.null.new_zeros(B, N, d)
-        kinds = torch.zeros(B, N, dtype=torch.long, device=values.device)
-        ordinal = torch.zeros(B, N, dtype=torch.long, device=values.device)
-        mask = torch.zeros(B, N, dtype=torch.bool, device=values.device)
-        for b, item in enumerate(entries):
-            parts = [self.null] + [v for _, v in item]
-            kinds_b = [0] + [self.kind_index[m] for m, v in item for _ in range(v.shape[0])]
-            seen: dict[str, int] = {}
-            ordinal_b = [0]
+        kinds_rows, ordinal_rows, parts = [], [], []
+        for item, size in zip(entries, sizes):
+            kinds_b, ordinal_b, seen = [0], [0], {}
             for m, v in item:
-                ordinal_b += [seen.get(m, 0)] * v.shape[0]
+                n = v.shape[0]
+                kinds_b += [self.kind_index[m]] * n
+                ordinal_b += [seen.get(m, 0)] * n
                 seen[m] = seen.get(m, 0) + 1
-            values[b, : sizes[b]] = torch.cat(parts, dim=0)
-            kinds[b, : sizes[b]] = torch.tensor(kinds_b, device=values.device)
-            ordinal[b, : sizes[b]] = torch.tensor(ordinal_b, device=values.device)
-            mask[b, : sizes[b]] = True
+            padding = [0] * (N - size)
+            kinds_rows.append(kinds_b + padding)
+            ordinal_rows.append(ordinal_b + padding)
+            parts += [self.null, *(v for _, v in item)]
+        device = self.null.device
+        kinds = torch.tensor(kinds_rows, dtype=torch.long, device=device)  # (B, N)
+        ordinal = torch.tensor(ordinal_rows, dtype=torch.long, device=device)  # (B, N)
+        mask = torch.arange(N, device=device) < torch.tensor(sizes, device=device).unsqueeze(1)
+        values = self.null.new_zeros(B, N, d)
+        values[mask] = torch.cat(parts, dim=0)  # each row's slots in order, padding after
         return values + self.kind_emb(kinds), kinds, mask, ordinal
 
     def entry_places(self, kinds: torch.Tensor, ordinal: torch.Tensor, mask: torch.Tensor
@@ -198,8 +200,13 @@ class DialogueLM(nn.Module):
         """Recency plus ordinal embedding of each visible vector (B, N, d); zeros for the
         null slot and hidden vectors (:meth:`entry_places`)."""
         recency, place = self.entry_places(kinds, ordinal, mask)
-        tags = self.recency_emb[recency] + self.ordinal_emb[place]
-        return tags * (mask & (kinds > 0)).unsqueeze(-1)  # (B, N, d)
+        n, d = self.config.entry_tags, self.config.d_model
+        # every (recency, ordinal) sum once, and a zero row for untagged slots: one
+        # gather of (B, N) rows gives the same sums as two gathers and an add
+        table = torch.cat([(self.recency_emb.unsqueeze(1) + self.ordinal_emb).view(n * n, d),
+                           self.recency_emb.new_zeros(1, d)])  # (n*n + 1, d)
+        index = torch.where(mask & (kinds > 0), recency * n + place, n * n)  # (B, N)
+        return table[index]  # (B, N, d)
 
     def bag_of_words(self, idx: torch.Tensor, select: torch.Tensor,
                      heard: torch.Tensor | None = None,
