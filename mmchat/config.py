@@ -55,6 +55,7 @@ class FusionConfig:
     entry_tags: int = _opt(8, min=0, max=64)
     carry_query: bool = _opt(True)
     select_entries: bool = _opt(True)
+    summaries: bool = _opt(True)
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).

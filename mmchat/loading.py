@@ -40,7 +40,7 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         n_hidden=m.n_hidden, d_model=m.d_model, dropout=m.dropout,
         fusion=config.fusion.method, condition=config.fusion.condition,
         entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
-        select_entries=config.fusion.select_entries,
+        select_entries=config.fusion.select_entries, summaries=config.fusion.summaries,
         modalities=sorted(modalities))
 
 

@@ -49,6 +49,7 @@ class DialogueConfig:
     entry_tags: int = 0  # recency/ordinal embeddings per memory entry (0 = none)
     carry_query: bool = False  # each turn's query sees the previous turn's query
     select_entries: bool = False  # the query gates each entry's vectors (needs entry_tags)
+    summaries: bool = True  # append each modality's max-pooled vectors to the memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,9 +249,9 @@ class DialogueLM(nn.Module):
 
         ``ordinal`` (B, N) tags each vector with its entry (:meth:`entry_tags`) and
         ``previous`` (B, d) is the previous turn's query (zeros for a first turn), both
-        used only when the config asks for them. Each modality's conditioned vectors are
-        also max-pooled into one summary vector appended to the memory, so the decoder
-        can attend to "the best match" directly.
+        used only when the config asks for them. With ``summaries``, each modality's
+        conditioned vectors are also max-pooled into one summary vector appended to the
+        memory, so the decoder can attend to "the best match" directly.
         """
         places = None
         if self.recency_emb is not None and ordinal is not None:
@@ -264,6 +265,8 @@ class DialogueLM(nn.Module):
         if self.select is not None and places is not None:
             gate = self.select(q, kinds, *places)  # (B, N)
             conditioned = conditioned * gate.unsqueeze(-1)  # (B, N, d)
+        if not self.config.summaries:
+            return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
         n_kinds = len(self.config.modalities)
         pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
         kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)

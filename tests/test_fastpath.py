@@ -25,11 +25,11 @@ def tok():
                            vocab_size=40)
 
 
-def tiny_model(tok, fusion="attention", rnn="lstm", n_layer=2, seed=0):
+def tiny_model(tok, fusion="attention", rnn="lstm", n_layer=2, seed=0, summaries=True):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=tok.vocab_size, rnn=rnn, n_layer=n_layer, n_embd=16,
                          n_hidden=24, d_model=16, dropout=0.0, fusion=fusion,
-                         modalities=["toy"])
+                         modalities=["toy"], summaries=summaries)
     model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)}).eval()
     with torch.no_grad():  # weights big enough that replies are not all one token
         for p in model.parameters():
@@ -102,8 +102,9 @@ def test_fast_prefill_equals_the_reference_prefill(tok, rnn, n_layer, precision)
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("rnn", RNNS)
-def test_greedy_replies_are_identical_over_two_turns(tok, fusion, rnn):
-    model = tiny_model(tok, fusion, rnn)
+@pytest.mark.parametrize("summaries", [True, False])
+def test_greedy_replies_are_identical_over_two_turns(tok, fusion, rnn, summaries):
+    model = tiny_model(tok, fusion, rnn, summaries=summaries)
     params = GenerationParams(max_new_tokens=24)
     replies = []
     for decoder in (ReferenceDecoder(model), FastDecoder(model)):

@@ -13,11 +13,12 @@ RNNS = ["lstm", "gru"]
 
 
 def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False,
-               select=False):
+               select=False, summaries=True):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=vocab, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
                          d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"],
-                         entry_tags=tags, carry_query=carry, select_entries=select)
+                         entry_tags=tags, carry_query=carry, select_entries=select,
+                         summaries=summaries)
     return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
 
 
@@ -140,18 +141,20 @@ def test_heard_words_reach_the_query_and_train_through_it():
 @pytest.mark.parametrize("rnn", RNNS)
 @pytest.mark.parametrize("hearing", [False, True])
 @pytest.mark.parametrize("v2", [False, True])
-def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2):
+@pytest.mark.parametrize("summaries", [True, False])
+def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, summaries):
     """The teacher-forced pass and turn-by-turn decoding compute the same logits.
 
     With ``hearing``, the first turn's attachment is heard (its words join that turn's
     bag) and the second turn, which sends nothing, hears nothing. With ``v2``, memory
     entries carry recency/ordinal tags, each query sees the previous one, and the second
-    turn sends a second attachment (so the first one's recency changes).
+    turn sends a second attachment (so the first one's recency changes). Without
+    ``summaries`` the memory holds no max-pooled slots.
     """
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)
     model = tiny_model(fusion, rnn, vocab=tok.vocab_size, tags=4 if v2 else 0,
-                       carry=v2).eval()
+                       carry=v2, summaries=summaries).eval()
     if v2:  # large enough that a wrong tag or a lost query moves the logits past atol
         with torch.no_grad():
             for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb]:
@@ -185,6 +188,8 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2):
         if end == end2 and v2:
             memory.append(MemoryEntry("toy", vectors[1]))
         run = start_turn(model, tok, state, memory, text, GenerationParams(), new=new)
+        slots = 1 + sum(e.vectors.shape[0] for e in memory) + (1 if summaries else 0)
+        assert run.memory.values.shape[1] == slots  # null, the entries, a summary per kind
         got = [run.prompt_logits[0]]
         rnn_state = run.prompt_state
         with torch.no_grad():

@@ -60,7 +60,8 @@ class Base:
                                    transcripts=c.transcripts or bool(heard_all),
                                    answers=answers, entry_tags=run.entry_tags,
                                    carry_query=run.carry_query,
-                                   select_entries=run.select_entries)
+                                   select_entries=run.select_entries,
+                                   summaries=run.summaries)
 
     def load_into(self, model: DialogueLM, *, freeze: bool = False) -> list[str]:
         """Copy the checkpoint's weights into ``model`` (built from :meth:`grown`); with
