@@ -176,7 +176,8 @@ class MemoryStore(SessionStore):
         self._locks[session_id] = (lock, users + 1)
         try:
             try:
-                await asyncio.wait_for(lock.acquire(), self._lock_timeout)
+                async with asyncio.timeout(self._lock_timeout):  # no task of its own
+                    await lock.acquire()
             except TimeoutError:
                 raise SessionBusy(
                     f"session {session_id!r} is busy: another turn held it for more than "
