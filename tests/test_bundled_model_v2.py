@@ -129,9 +129,6 @@ def test_yes_no_and_existence(engine):
     assert rate(right) >= 0.9, right  # issue target: 95%
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled v2i was trained on a corpus that wrote "
-                   "'is there a orange shape?'; it answers the correct 'an orange' as a "
-                   "different question (docs/model-card.md, Limits)")
 def test_is_there_an_orange_shape(engine):
     """The article a user writes before "orange" ("is there an orange shape?") asks the
     same as any other colour: yes when one of the two shapes is orange, else no."""
