@@ -19,86 +19,27 @@ each round's ratio; the two processes run one at a time, so both see the same ma
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from bench import ROOT, table
-
-PICTURES = (1, 2, 3)
-TURNS = 64
-
-
-def measure(reps: int = 10, checkpoint_dir: str | None = None
-            ) -> dict[str, dict[str, float | str]]:
-    """Per number of pictures: ms per turn (median over ``reps`` batches) and the
-    checksum of the first logits, on ``checkpoint_dir`` (default: the bundled model)."""
-    import torch
-    from PIL import Image, ImageDraw
-
-    from mmchat import bundled_model_path, checkpoint
-    from mmchat.config import from_dict
-    from mmchat.fastpath import FastDecoder
-    from mmchat.generate import GenerationParams
-    from mmchat.plugins import PluginHost
-    from mmchat.runtime import TurnRequest, start_turns
-    from mmchat.state import MemoryEntry
-
-    torch.set_num_threads(1)
-    host = PluginHost.from_config(from_dict({}, env={})).load()
-    model, tokenizer, _ = checkpoint.load(checkpoint_dir or bundled_model_path(),
-                                          host.modalities)
-    decoder = FastDecoder(model)
-    image = host.modalities["image"]
-    vectors = []
-    for colour in ("red", "blue", "green"):
-        picture = Image.new("RGB", (96, 96), "white")
-        ImageDraw.Draw(picture).ellipse((10, 10, 50, 50), fill=colour)
-        x, lengths = image.collate([_features(image, picture)])
-        with torch.inference_mode():
-            vectors.append(model.encode("image", x, lengths)[0])
-    params = GenerationParams()
-    out: dict[str, dict[str, float | str]] = {}
-    for k in PICTURES:
-        requests = [TurnRequest(None, [MemoryEntry("image", vectors[j].clone(), f"p{j}")
-                                       for j in range(k)],
-                                "what colour is the circle?", params, 1)
-                    for _ in range(TURNS)]
-        runs = start_turns(model, tokenizer, requests, decoder)  # warm-up and checksum
-        logits = torch.cat([run.prompt_logits for run in runs]).contiguous()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            start_turns(model, tokenizer, requests, decoder)
-            times.append((time.perf_counter() - start) / TURNS * 1e3)
-        out[str(k)] = {"ms": statistics.median(times),
-                       "checksum": hashlib.sha256(logits.numpy().tobytes()).hexdigest()[:12]}
-    return out
-
-
-def _features(image, picture):
-    """The image plugin's features of a Pillow picture, as a PNG upload gives them."""
-    import io
-
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return image.decode(buffer.getvalue(), "image/png")
+from bench.prefill_probe import PICTURES, measure
 
 
 def _run(path: os.PathLike | str, reps: int) -> dict:
     """:func:`measure` in a fresh process whose ``mmchat`` comes from ``path``, on this
     checkout's bundled model (both revisions run the same weights)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(ROOT)])}
-    weights = str(ROOT / "mmchat" / "bundled_model")
-    code = ("import json, bench.bench_prefill as b; "
-            f"print(json.dumps(b.measure({reps}, {weights!r})))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
-                          capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    script = ROOT / "bench" / "prefill_probe.py"
+    done = subprocess.run([sys.executable, str(script), str(reps),
+                           str(ROOT / "mmchat" / "bundled_model")], env=env, cwd=path,
+                          check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result.pop("mmchat").startswith(str(path)):
+        raise RuntimeError(f"the probe did not import mmchat from {path}")
+    return result
 
 
 def compare(baseline: str, rounds: int, reps: int) -> str:
