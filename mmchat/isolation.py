@@ -353,8 +353,7 @@ class PluginGuard:
                 f"{lane.breaker.streak} failures in a row; it is tried again in "
                 f"{lane.breaker.retry_in():.0f}s")
         try:
-            async with asyncio.timeout(lane.timeout):  # no task of its own, unlike wait_for
-                result = await start()
+            result = await asyncio.wait_for(start(), lane.timeout)
         except TimeoutError:
             lane.breaker.failed()
             logger.warning("plugin %r: %s of modality %r took longer than %gs", lane.plugin,

@@ -160,11 +160,6 @@ class TurnRunner:
         decode's CPU time is charged to ``allowance``."""
         guard = self.guard
         features = [await guard.decode(m, a, allowance) for m, a in attachments]
-        if len(attachments) == 1:  # the usual case: no task for the gather
-            try:
-                return [await guard.encode(attachments[0][0], features[0])]
-            except Exception as exc:
-                return [exc]
         return await asyncio.gather(*(
             guard.encode(modality, f) for (modality, _), f in zip(attachments, features)),
             return_exceptions=True)

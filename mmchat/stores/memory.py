@@ -176,8 +176,7 @@ class MemoryStore(SessionStore):
         self._locks[session_id] = (lock, users + 1)
         try:
             try:
-                async with asyncio.timeout(self._lock_timeout):  # no task of its own
-                    await lock.acquire()
+                await asyncio.wait_for(lock.acquire(), self._lock_timeout)
             except TimeoutError:
                 raise SessionBusy(
                     f"session {session_id!r} is busy: another turn held it for more than "
