@@ -223,12 +223,13 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
 
 def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_classes(work,
                                                                                    tmp_path):
-    """A checkpoint trained without entry tags, carried query or entry selection (as v1
-    was) and answer classes hot/cold, warm-started on data whose cold answers say
+    """A checkpoint trained without entry tags, carried query, entry selection or summary
+    slots and answer classes hot/cold, warm-started on data whose cold answers say
     "freezing": the new model has the run's memory settings, and "freezing" is appended
     after the checkpoint's classes, whose answer-head rows are kept."""
     host = PluginHost(paths=[work / "plugins"], entry_points=False)
-    plain = {"entry_tags": 0, "carry_query": False, "select_entries": False}
+    plain = {"entry_tags": 0, "carry_query": False, "select_entries": False,
+             "summaries": False}
     toy = load_train_data(work / "toy", host.modalities, vocab_size=64, max_tokens=64)
     Trainer(from_dict({"model": MODEL, "train": TRAIN, "fusion": plain}, env={}), toy,
             tmp_path / "plain", progress=False).run()
@@ -248,6 +249,7 @@ def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_class
                       tmp_path / "grown", progress=False, init_from=base)
     c = trainer.model.config
     assert (c.entry_tags, c.carry_query, c.select_entries) == (8, True, True)
+    assert c.summaries  # the run's default, not the checkpoint's
     assert c.answers == ["cold", "hot", "freezing"]
     head = trainer.model.answer_head[2].weight
     assert head.shape[0] == 3 and head[:2].equal(base.state["answer_head.2.weight"])
