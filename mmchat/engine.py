@@ -51,7 +51,7 @@ from .subjects import (
     subject_sessions,
     validate_subject,
 )
-from .threads import DaemonPool
+from .threads import EngineThreads
 from .turnhooks import TurnHooks
 from .turnrunner import TurnRunner, dropped_reply, now
 from .turnwork import raise_if_error
@@ -84,8 +84,7 @@ class Engine:
         self.tokenizer: Any = None  # its Tokenizer
         self.checkpoint_meta: dict[str, Any] = {}
         self.fallback_threshold = 0.0  # resolved when the model loads (loading.fallback_threshold)
-        self._model_pool: DaemonPool | None = None
-        self._media_pool: DaemonPool | None = None
+        self._threads: EngineThreads | None = None  # the model and media threads, once started
         self._scheduler: Any = None  # batching.DecodeScheduler, once the model is loaded
         self._guard: Any = None  # isolation.PluginGuard: the modalities' threads
         self._runner: TurnRunner | None = None  # runs the turns, once the model is loaded
@@ -94,6 +93,7 @@ class Engine:
         self._started = False
         self._closed = False
         self._at_exit: Callable[[], None] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._sync: SyncEngine | None = None  # drives the *_sync methods
         self._sync_lock = threading.RLock()
 
@@ -122,12 +122,15 @@ class Engine:
             self._check_open()
             if self._started:
                 return self
-            self._model_pool = DaemonPool(1, "mmchat-model")
-            self._media_pool = DaemonPool(2, "mmchat-media")
-            self._at_exit = functools.partial(_stop_at_exit, weakref.ref(self))
+            self._threads = threads = EngineThreads()
+            # Neither holds the engine: one its program dropped unclosed is still collected
+            # (its work stops then), and its threads are still waited for at exit.
+            self._finalizer = weakref.finalize(self, threads.release)
+            self._finalizer.atexit = False
+            self._at_exit = functools.partial(_stop_at_exit, weakref.ref(self), threads)
             atexit.register(self._at_exit)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._model_pool, self._load_model)
+            await loop.run_in_executor(threads.model, self._load_model)
             await self._warm_up()
             self._started = True
         self.plugins.call_each("startup", engine=self)
@@ -142,14 +145,15 @@ class Engine:
         self.model, self.tokenizer, self.checkpoint_meta = load_model(self.config, self.modalities)
         self.fallback_threshold = fallback_threshold(self.config, self.checkpoint_meta)
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
-        assert self._model_pool is not None
-        self._scheduler = DecodeScheduler(decoder, self._model_pool)
+        assert self._threads is not None
+        self._scheduler = DecodeScheduler(decoder, self._threads.model)
         self._guard = PluginGuard(self.served_modalities, self.model.encoders,
                                   self.model.config.d_model, self.config.plugins)
-        assert self._media_pool is not None
+        self._threads.on_stop(self._scheduler.close)
+        self._threads.on_stop(self._guard.close)
         self._runner = TurnRunner(
             self.config, self.store, self._hooks, model=self.model, tokenizer=self.tokenizer,
-            scheduler=self._scheduler, guard=self._guard, media_pool=self._media_pool,
+            scheduler=self._scheduler, guard=self._guard, media_pool=self._threads.media,
             fallback_threshold=lambda: self.fallback_threshold,
             closing=lambda: self._closed)
 
@@ -169,13 +173,14 @@ class Engine:
         """Decode and encode each modality's :meth:`~mmchat.Modality.example` once, as a
         turn would; a failure is logged (the modality's first turn will fail loudly)."""
         loop = asyncio.get_running_loop()
+        assert self._threads is not None
         for modality in self.modalities.values():
             if modality.name not in self.model.kind_index:
                 continue
             t0 = time.perf_counter()
             try:
                 example = await loop.run_in_executor(
-                    self._media_pool, run_plugin, modality, "example", modality.example)
+                    self._threads.media, run_plugin, modality, "example", modality.example)
                 if example is None:
                     continue
                 vectors = await self._turns().media([(modality, Attachment(*example))])
@@ -201,6 +206,8 @@ class Engine:
         self._closed = True
         if self._at_exit is not None:
             atexit.unregister(self._at_exit)
+        if self._finalizer is not None:
+            self._finalizer.detach()
         streams = list(self._streams)
         for stream in streams:
             stream.cancel()
@@ -218,22 +225,11 @@ class Engine:
         if self._started:
             self.plugins.call_each("shutdown", engine=self)
         await self.store.close()
-        for pool in (self._model_pool, self._media_pool):
-            if pool is not None:
-                await pool.aclose()
+        if self._threads is not None:
+            await self._threads.model.aclose()
+            await self._threads.media.aclose()
         self._scheduler = self._guard = self._runner = None
         self._started = False
-
-    def _stop_threads(self) -> None:
-        """Without an event loop (at exit): stop model work and wait for the worker
-        threads to end, so none of them is inside torch while the interpreter finalizes."""
-        if self._scheduler is not None:
-            self._scheduler.close()
-        if self._guard is not None:
-            self._guard.close()
-        for pool in (self._model_pool, self._media_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -489,12 +485,14 @@ class Engine:
         return modality
 
 
-def _stop_at_exit(ref: weakref.ReferenceType[Engine]) -> None:
-    """``atexit``: stop the worker threads of an engine its program did not close."""
+def _stop_at_exit(ref: weakref.ReferenceType[Engine], threads: EngineThreads) -> None:
+    """``atexit``: stop the worker threads of an engine its program did not close (and
+    wait for them, so none is inside torch while the interpreter finalizes), even if
+    the garbage collector already took the engine."""
     engine = ref()
-    if engine is None or engine._closed:
+    if engine is not None and engine._closed:
         return
-    if engine._sync is not None and not engine._sync.closed:
+    if engine is not None and engine._sync is not None and not engine._sync.closed:
         engine._sync.close_at_exit()  # its loop still runs: close it there
     else:
-        engine._stop_threads()
+        threads.stop()

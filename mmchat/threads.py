@@ -6,6 +6,10 @@ exits, so a program that ends without closing its engine would wait on a reply w
 reader went away, forever. A daemon thread does not hold the exit up; the engine stops
 the work of its threads from an ``atexit`` hook (:meth:`mmchat.Engine.start`), so none
 of them is inside torch while the interpreter finalizes.
+
+:class:`EngineThreads` holds one engine's pools and the work that runs on them, apart
+from the engine, so that they can still be stopped when a program dropped its engine
+without closing it and the garbage collector took it before the exit.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ class DaemonPool(Executor):
 
     def __init__(self, workers: int, name: str) -> None:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        # Reentrant: an engine's finalizer may shut the pool down from a garbage
+        # collection that began inside submit().
+        self._lock = threading.RLock()
         self._shutdown = False
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
@@ -90,6 +96,39 @@ class DaemonPool(Executor):
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+
+
+class EngineThreads:
+    """One engine's model and media threads, and what stops the work on them.
+
+    It holds no reference to the engine: the engine's finalizer stops the work when
+    the garbage collector takes an engine nobody closed (:meth:`release`), and the
+    ``atexit`` hook waits for the threads to end (:meth:`stop`).
+    """
+
+    def __init__(self) -> None:
+        self.model = DaemonPool(1, "mmchat-model")
+        self.media = DaemonPool(2, "mmchat-media")
+        self._stoppers: list[Callable[[], None]] = []  # each stops one kind of work, never blocks
+
+    def on_stop(self, stop: Callable[[], None]) -> None:
+        """Call ``stop()`` (which must not block) when the threads stop."""
+        self._stoppers.append(stop)
+
+    def release(self) -> None:
+        """Stop the work and let the threads end, without waiting for them; drop what
+        the work held (the model, say)."""
+        stoppers, self._stoppers = self._stoppers, []
+        for stop in stoppers:
+            stop()
+        for pool in (self.model, self.media):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self) -> None:
+        """:meth:`release`, then wait for the threads to end (never from one of them)."""
+        self.release()
+        for pool in (self.model, self.media):
+            pool.shutdown(wait=True)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

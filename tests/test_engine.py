@@ -264,7 +264,7 @@ async def test_close_cancels_replies_still_decoding(tiny_config, toy_host):
         assert reply.finish_reason == "cancelled" and reply.completion_tokens < 4096
     late = await asyncio.wait_for(unscheduled.wait(), timeout=10)
     assert late.finish_reason == "cancelled" and late.completion_tokens == 0
-    assert engine._model_pool._shutdown
+    assert engine._threads.model._shutdown
     for i in range(3):  # saved, though the model thread had stopped taking work
         turns = (await engine.store.load(f"s{i}")).history
         assert [t["role"] for t in turns] == ["user", "assistant"]

@@ -123,6 +123,23 @@ EXIT_SCRIPTS = {
 
         asyncio.run(main())
     """,
+    # The engine goes to the garbage collector before the exit: its finalizer stops the
+    # work, and its threads end (the atexit hook used to need the engine alive).
+    "async-collected": """
+        import gc, threading
+
+        async def main():
+            engine = Engine(config, plugins=host)
+            stream = await engine.stream("s", "hello", max_new_tokens=4096)
+            await stream.__anext__()
+
+        asyncio.run(main())
+        gc.collect()
+        for thread in threading.enumerate():
+            if thread.name.startswith("mmchat-"):
+                thread.join(timeout=60)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("mmchat-")]
+    """,
 }
 
 
