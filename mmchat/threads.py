@@ -87,15 +87,10 @@ class DaemonPool(Executor):
 
     def _work(self) -> None:
         while (work := self._queue.get()) is not None:
-            future, fn, args, kwargs = work
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # the caller sees it, as with ThreadPoolExecutor
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            _run(*work)
+            # An idle thread holds nothing: the last job's function may be a method of
+            # an engine its program dropped, which the collector must still be able to take.
+            del work
 
 
 class EngineThreads:
@@ -129,6 +124,18 @@ class EngineThreads:
         self.release()
         for pool in (self.model, self.media):
             pool.shutdown(wait=True)
+
+
+def _run(future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+         kwargs: dict[str, Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # the caller sees it, as with ThreadPoolExecutor
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
