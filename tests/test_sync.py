@@ -2,11 +2,13 @@
 the exit of a program that forgot to close it."""
 
 import asyncio
+import gc
 import inspect
 import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,23 +125,6 @@ EXIT_SCRIPTS = {
 
         asyncio.run(main())
     """,
-    # The engine goes to the garbage collector before the exit: its finalizer stops the
-    # work, and its threads end (the atexit hook used to need the engine alive).
-    "async-collected": """
-        import gc, threading
-
-        async def main():
-            engine = Engine(config, plugins=host)
-            stream = await engine.stream("s", "hello", max_new_tokens=4096)
-            await stream.__anext__()
-
-        asyncio.run(main())
-        gc.collect()
-        for thread in threading.enumerate():
-            if thread.name.startswith("mmchat-"):
-                thread.join(timeout=60)
-        assert not [t.name for t in threading.enumerate() if t.name.startswith("mmchat-")]
-    """,
 }
 
 
@@ -166,6 +151,26 @@ def test_a_program_that_never_closes_its_engine_exits_cleanly(kind, tmp_path):
                               timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "end" and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_engine_dropped_unclosed_stops_its_threads_when_collected(tiny_config, toy_host):
+    """Its threads used to run on; the atexit hook, holding the engine weakly, then had
+    nothing to stop, and a thread still inside torch aborted the interpreter's exit."""
+    before = set(threading.enumerate())
+
+    async def forget() -> weakref.ref[Engine]:
+        engine = Engine(tiny_config, plugins=toy_host)
+        assert (await engine.reply("s", "hello", [TOY], max_new_tokens=3)).text
+        return weakref.ref(engine)
+
+    engine = asyncio.run(forget())
+    started = [t for t in set(threading.enumerate()) - before if t.name.startswith("mmchat-")]
+    assert {"mmchat-model-0", "mmchat-media-0"} <= {t.name for t in started}
+    gc.collect()
+    assert engine() is None
+    for thread in started:
+        thread.join(timeout=60)
+    assert not [t.name for t in started if t.is_alive()]
 
 
 def test_sync_engine_refuses_calls_from_its_own_loop_thread(tiny_config, toy_host):
