@@ -70,6 +70,27 @@ def record_batch_sizes(engine) -> list[int]:
     return sizes
 
 
+def hold_a_lone_reply_for_company(engine, sizes: list[int]) -> None:
+    """Until two replies have shared a step, a lone reply's step waits for another turn's
+    work to reach the model thread (a job to run, a reply joining), so a loaded machine
+    cannot let the first reply end before the second joins it."""
+    scheduler = engine._scheduler
+    decoder = scheduler.decoder
+
+    def held(fn):
+        def wait_then(*args):
+            if 2 not in sizes:
+                with scheduler._cond:
+                    scheduler._cond.wait_for(lambda: scheduler._jobs or scheduler._joining,
+                                             timeout=60)
+            return fn(*args)
+        return wait_then
+
+    decoder.step = held(decoder.step)
+    if getattr(decoder, "greedy", None) is not None:
+        decoder.greedy = held(decoder.greedy)
+
+
 def summary(reply):
     return reply.text, reply.finish_reason, reply.completion_tokens
 
@@ -177,6 +198,7 @@ async def test_a_new_turn_joins_while_another_reply_is_decoding(tiny_config, toy
     config = tiny_config.replace(generation={"max_new_tokens": 1000})
     async with Engine(config, plugins=toy_host) as engine:
         sizes = record_batch_sizes(engine)
+        hold_a_lone_reply_for_company(engine, sizes)
         long = await engine.stream("long", "tell me everything", [toy(3)])
         await long.__anext__()
         short = await engine.reply("short", "hi", [toy(2)], max_new_tokens=5)
