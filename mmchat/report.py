@@ -96,7 +96,8 @@ def fallback_table(result: EvalResult) -> str:
 
 def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
                  meta: Mapping[str, object], metrics_jsonl: Path | None = None) -> Path:
-    """Write report.md, results.json and plots into ``out_dir``; returns report.md."""
+    """Write report.md, results.json, turns.jsonl (every reply of every run) and plots
+    into ``out_dir``; returns report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     main = next(iter(results.values()))
     plots = []
@@ -126,6 +127,11 @@ def write_report(out_dir: Path, title: str, results: Mapping[str, EvalResult],
                "fallback_threshold": r.fallback_threshold,
                "fallback_rate": {c: r.fallback_rate(c) for c in r.by_category()}}
         for name, r in results.items()}, indent=2))
+    with (out_dir / "turns.jsonl").open("w") as f:  # every reply, to read the misses
+        for name, r in results.items():
+            for t in r.turns:
+                f.write(json.dumps({"run": name, **dataclasses.asdict(t), "exact": t.exact,
+                                    "key_answer": t.key_answer}) + "\n")
     return path
 
 

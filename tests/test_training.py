@@ -157,6 +157,11 @@ def test_train_eval_and_serve_through_the_cli(corpus, tmp_path, image_dir):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())["full"]
     assert 0.0 <= results["calibration"]["ece"] <= 1.0
     assert set(results["fallback_rate"]) == set(results["categories"])
+    turns = [json.loads(line) for line in (tmp_path / "eval" / "turns.jsonl").open()]
+    full = [t for t in turns if t["run"] == "full"]
+    assert full and {t["category"] for t in full} == set(results["categories"])
+    assert sum(t["exact"] for t in full) / len(full) == pytest.approx(
+        results["summary"]["exact"])
 
     config = from_dict({"model": {"checkpoint": str(out / "model")}}, env={})
 

@@ -20,7 +20,7 @@ def register(cli: click.Group) -> None:
               help="Checkpoint to evaluate (default: model.checkpoint).")
 @click.option("--split", default="test", show_default=True, help="DATA/<split>.jsonl.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/eval"),
-              show_default=True, help="Folder for report.md, results.json and plots.")
+              show_default=True, help="Folder for report.md, results.json, turns.jsonl and plots.")
 @click.option("--ablations/--no-ablations", default=True, show_default=True,
               help="Also evaluate with images removed and with audio removed.")
 @click.option("--limit", type=int, help="Evaluate only the first N dialogues.")
