@@ -151,6 +151,8 @@ class Engine:
                                   self.model.config.d_model, self.config.plugins)
         self._threads.on_stop(self._scheduler.close)
         self._threads.on_stop(self._guard.close)
+        for pool in self._guard.encoder_pools():
+            self._threads.wait_for(pool)
         self._runner = TurnRunner(
             self.config, self.store, self._hooks, model=self.model, tokenizer=self.tokenizer,
             scheduler=self._scheduler, guard=self._guard, media_pool=self._threads.media,

@@ -427,6 +427,12 @@ class PluginGuard:
                  "timeout_seconds": lane.timeout}
                 for name, lane in sorted(self._lanes.items())]
 
+    def encoder_pools(self) -> list[DaemonPool]:
+        """The threads that run the model's encoders (torch, never plugin code): an
+        exit may wait for them, as it may not for a plugin's decode."""
+        return [pool for lane in self._lanes.values()
+                for pool in (lane.encode_pool, lane.encode_helpers)]
+
     def close(self) -> None:
         """Stop every lane without waiting for a call that overran (never blocks)."""
         for lane in self._lanes.values():

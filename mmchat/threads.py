@@ -105,10 +105,15 @@ class EngineThreads:
         self.model = DaemonPool(1, "mmchat-model")
         self.media = DaemonPool(2, "mmchat-media")
         self._stoppers: list[Callable[[], None]] = []  # each stops one kind of work, never blocks
+        self._also: list[DaemonPool] = []  # others' pools that run torch: waited for too
 
     def on_stop(self, stop: Callable[[], None]) -> None:
         """Call ``stop()`` (which must not block) when the threads stop."""
         self._stoppers.append(stop)
+
+    def wait_for(self, pool: DaemonPool) -> None:
+        """:meth:`stop` also waits for ``pool``'s threads (shut down by a stopper)."""
+        self._also.append(pool)
 
     def release(self) -> None:
         """Stop the work and let the threads end, without waiting for them; drop what
@@ -122,7 +127,7 @@ class EngineThreads:
     def stop(self) -> None:
         """:meth:`release`, then wait for the threads to end (never from one of them)."""
         self.release()
-        for pool in (self.model, self.media):
+        for pool in (self.model, self.media, *self._also):
             pool.shutdown(wait=True)
 
 
