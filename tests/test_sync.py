@@ -2,8 +2,10 @@
 the exit of a program that forgot to close it."""
 
 import asyncio
+import atexit
 import gc
 import inspect
+import queue
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmchat import Attachment, Engine, EngineClosed, SyncEngine
+from mmchat.threads import DaemonPool
 
 TOY = Attachment(bytes(range(16)), "application/x-toy")
 TESTS = Path(__file__).parent
@@ -153,24 +156,79 @@ def test_a_program_that_never_closes_its_engine_exits_cleanly(kind, tmp_path):
         assert done.stdout.strip() == "end" and "Traceback" not in done.stderr, done.stderr
 
 
+def wait_until_idle(pool: DaemonPool) -> None:
+    """Until every thread of ``pool`` has finished the work it had (each then runs one
+    of the barrier's waits)."""
+    barrier = threading.Barrier(len(pool._threads) + 1)
+    for _ in pool._threads:
+        pool.submit(barrier.wait, 60)
+    barrier.wait(60)
+
+
 def test_an_engine_dropped_unclosed_stops_its_threads_when_collected(tiny_config, toy_host):
     """Its threads used to run on; the atexit hook, holding the engine weakly, then had
     nothing to stop, and a thread still inside torch aborted the interpreter's exit."""
     before = set(threading.enumerate())
 
-    async def forget() -> weakref.ref[Engine]:
+    async def forget() -> tuple[weakref.ref[Engine], list[DaemonPool]]:
         engine = Engine(tiny_config, plugins=toy_host)
         assert (await engine.reply("s", "hello", [TOY], max_new_tokens=3)).text
-        return weakref.ref(engine)
+        lanes = engine._guard._lanes.values()
+        return weakref.ref(engine), [engine._threads.model, engine._threads.media,
+                                     *(lane.decode_pool for lane in lanes),
+                                     *engine._guard.encoder_pools()]
 
-    engine = asyncio.run(forget())
+    engine, pools = asyncio.run(forget())
     started = [t for t in set(threading.enumerate()) - before if t.name.startswith("mmchat-")]
     assert {"mmchat-model-0", "mmchat-media-0"} <= {t.name for t in started}
+    for pool in pools:  # a thread may still be ending the reply's work, holding the engine
+        wait_until_idle(pool)
+    del pools
     gc.collect()
     assert engine() is None
     for thread in started:
         thread.join(timeout=60)
     assert not [t.name for t in started if t.is_alive()]
+
+
+def test_the_exit_hook_waits_for_an_encode_in_progress(tiny_config, toy_host):
+    """The encoders run torch: an exit must not finalize the interpreter under one (a
+    plugin's decode threads, which may never return, are not waited for)."""
+    entered, go = threading.Event(), threading.Event()
+    opened: queue.SimpleQueue[Engine] = queue.SimpleQueue()
+    outcome: list[object] = []
+
+    async def picture_turn() -> None:
+        engine = Engine(tiny_config, plugins=toy_host)
+        await engine.start()
+        encoder = engine.model.encoders["toy"]
+        forward = encoder.forward
+
+        def held(*args):
+            entered.set()
+            go.wait(60)
+            return forward(*args)
+
+        encoder.forward = held
+        opened.put(engine)
+        try:
+            outcome.append(await engine.reply("s", "hello", [TOY], max_new_tokens=3))
+        except Exception as exc:  # the exit hook stopped the engine's work under it
+            outcome.append(exc)
+
+    turn = threading.Thread(target=asyncio.run, args=(picture_turn(),))
+    turn.start()
+    engine = opened.get(timeout=60)
+    atexit.unregister(engine._at_exit)
+    assert entered.wait(60)
+    exiting = threading.Thread(target=engine._at_exit)  # what the interpreter runs at exit
+    exiting.start()
+    exiting.join(0.5)
+    assert exiting.is_alive()  # waiting for the encode, however long the machine takes
+    go.set()
+    exiting.join(60)
+    turn.join(60)
+    assert not exiting.is_alive() and not turn.is_alive() and outcome
 
 
 def test_sync_engine_refuses_calls_from_its_own_loop_thread(tiny_config, toy_host):
