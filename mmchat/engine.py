@@ -491,9 +491,7 @@ def _stop_at_exit(ref: weakref.ReferenceType[Engine], threads: EngineThreads) ->
     """``atexit``: stop the worker threads of an engine its program did not close (and
     wait for them, so none is inside torch while the interpreter finalizes), even if
     the garbage collector already took the engine."""
-    engine = ref()
-    if engine is not None and engine._closed:
-        return
+    engine = ref()  # close() unregisters this hook, so a live engine here is open
     if engine is not None and engine._sync is not None and not engine._sync.closed:
         engine._sync.close_at_exit()  # its loop still runs: close it there
     else:
