@@ -56,7 +56,6 @@ class FusionConfig:
     carry_query: bool = _opt(True)
     select_entries: bool = _opt(True)
     summaries: bool = _opt(True)
-    answer_feed: bool = _opt(False)
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).

@@ -78,13 +78,6 @@ class Turn:
     answer: str | None = None
     #: Assistant turns: the category the answer is scored under.
     category: str | None = None
-    #: Assistant turns: the auxiliary answer class, where it is not ``answer`` itself.
-    label: str | None = None
-
-    @property
-    def answer_class(self) -> str | None:
-        """The class the auxiliary answer head learns for this turn."""
-        return self.label or self.answer
 
 
 @dataclass(frozen=True)
@@ -224,7 +217,7 @@ def _dialogue(record: dict[str, Any], path: Path, lineno: int) -> Dialogue:
                                           data=base64.b64decode(a["data"], validate=True),
                                           text=a.get("text")))
         turns.append(Turn(turn["role"], turn["text"], tuple(refs), turn.get("answer"),
-                          turn.get("category"), turn.get("label")))
+                          turn.get("category")))
     return Dialogue(record["id"], tuple(turns), record.get("split"), record.get("category"),
                     record.get("meta", {}), path, lineno)
 
@@ -313,7 +306,7 @@ def _check_turn(turn: dict[str, Any], where: str, folder: Path,
     if role == "user":
         if text == "" and not attachments:
             reasons.append(f"{where}: user turn has neither text nor attachments")
-        for key in ("answer", "category", "label"):
+        for key in ("answer", "category"):
             if key in turn:
                 reasons.append(f"{where}: {key!r} belongs on assistant turns only")
     elif role == "assistant":
@@ -321,10 +314,9 @@ def _check_turn(turn: dict[str, Any], where: str, folder: Path,
             reasons.append(f"{where}: assistant turn has empty text")
         if attachments:
             reasons.append(f"{where}: assistant turns cannot carry attachments")
-        for key in ("answer", "label"):
-            value = turn.get(key)
-            if isinstance(value, str) and value != value.lower():
-                reasons.append(f"{where}.{key}: {value!r} must be lower-case")
+        answer = turn.get("answer")
+        if isinstance(answer, str) and answer != answer.lower():
+            reasons.append(f"{where}.answer: {answer!r} must be lower-case")
     for j, attachment in enumerate(attachments):
         if isinstance(attachment, dict):
             reasons += _check_attachment(attachment, f"{where}.attachments[{j}]", folder,

@@ -90,10 +90,9 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
 
     Attention (``values`` (B, N, d), ``hidden`` (B, N) True where a slot is padding)
     re-attends every step: the score scale is folded into ``query`` (H, d), and the
-    context (B, d) goes through ``combine_ctx`` (d, H), combine's context half, and a
-    ``bias`` (B, H) is added when given (the model's answer feed). Pooled fusions pass
-    ``bias`` (B, H), combine's bias plus their constant context, and the turn's
-    ``const_weights`` (B, N).
+    context (B, d) goes through ``combine_ctx`` (d, H), combine's context half. Pooled
+    fusions pass ``bias`` (B, H), combine's bias plus their constant context, and the
+    turn's ``const_weights`` (B, N).
     """
     n_layer = state.shape[1]
     x, new = rnn(tokens, state, table, weights, biases, packed, precision, lstm)
@@ -105,8 +104,6 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
         w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
         ctx = torch.bmm(w.unsqueeze(1), values).squeeze(1)  # (B, d)
         y = y.addmm_(ctx, combine_ctx)
-        if bias is not None:  # the turn's answer feed
-            y = y.add_(bias)
     else:  # a context constant over the turn, already folded into a bias
         assert bias is not None and const_weights is not None
         w = const_weights

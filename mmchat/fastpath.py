@@ -62,9 +62,7 @@ class FastMemory:
 
     values: torch.Tensor | None = None  # (B, N, d) attention: the conditioned memory
     hidden: torch.Tensor | None = None  # (B, N) attention: True where a slot is not visible
-    # (B, H) pooled fusions: combine's bias plus the context (and the answer feed);
-    # attention: the answer feed, or None
-    bias: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # (B, H) pooled fusions: combine's bias plus the context
     weights: torch.Tensor | None = None  # (B, N) pooled fusions: the mass each vector gets
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FastMemory:
@@ -179,22 +177,18 @@ class FastDecoder:
         """Per-turn constants from a batch-1 memory and the prompt step's weights (1, N)."""
         if self.attention:
             values = mem.values.contiguous()  # (1, N, d)
-            return FastMemory(values=values, hidden=~mem.mask, bias=mem.bias)
+            return FastMemory(values=values, hidden=~mem.mask)
         h = mem.values.new_zeros(1, 1, self.model.config.n_hidden)  # unused by pooled fusions
         ctx, _ = self.model.context(h, mem)  # (1, 1, d), the same at every step
         bias = torch.addmm(self.combine_bias, ctx[:, 0], self.combine_ctx)  # (1, H)
-        if mem.bias is not None:
-            bias = bias + mem.bias
         return FastMemory(bias=bias, weights=weights)
 
     def stack(self, mems: Sequence[FastMemory]) -> FastMemory:
         if len(mems) == 1:
             return mems[0]
         if self.attention:
-            biases = [m.bias for m in mems]
             return FastMemory(values=pad_rows([m.values for m in mems]),
-                              hidden=pad_rows([m.hidden for m in mems], True),
-                              bias=None if biases[0] is None else torch.cat(biases))
+                              hidden=pad_rows([m.hidden for m in mems], True))
         return FastMemory(bias=torch.cat([m.bias for m in mems]),
                           weights=pad_rows([m.weights for m in mems]))
 

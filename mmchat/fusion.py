@@ -33,7 +33,6 @@ class TurnMemory:
     query: torch.Tensor  # (B, d) the turn query
     pooled: torch.Tensor | None = None  # (B, K, d) per-modality pools (concat/weighted)
     pooled_mask: torch.Tensor | None = None  # (B, K) bool
-    bias: torch.Tensor | None = None  # (B, H) the turn's constant share of combine (answer feed)
 
 
 class TurnQuery(nn.Module):

@@ -50,7 +50,6 @@ class DialogueConfig:
     carry_query: bool = False  # each turn's query sees the previous turn's query
     select_entries: bool = False  # the query gates each entry's vectors (needs entry_tags)
     summaries: bool = True  # append each modality's max-pooled vectors to the memory
-    answer_feed: bool = False  # the answer head's hidden layer feeds combine, once per turn
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,10 +108,6 @@ class DialogueLM(nn.Module):
         self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
         self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
-        # what the answer head concluded, as a per-turn shift of combine: zero at first,
-        # like the entry tags, so a model grown from one without it starts unchanged
-        self.answer_feed = nn.Parameter(torch.zeros(c.d_model, c.n_hidden)) \
-            if c.answer_feed and c.answers else None  # (d, H)
         self.apply(_init_weights)
 
     # -- pieces shared by training and inference ----------------------------------------
@@ -256,9 +251,7 @@ class DialogueLM(nn.Module):
         ``previous`` (B, d) is the previous turn's query (zeros for a first turn), both
         used only when the config asks for them. With ``summaries``, each modality's
         conditioned vectors are also max-pooled into one summary vector appended to the
-        memory, so the decoder can attend to "the best match" directly. With
-        ``answer_feed``, the memory also carries the turn's share of ``combine``
-        (``bias``, (B, H)): the answer head's hidden layer times ``answer_feed``.
+        memory, so the decoder can attend to "the best match" directly.
         """
         places = None
         if self.recency_emb is not None and ordinal is not None:
@@ -273,28 +266,18 @@ class DialogueLM(nn.Module):
             gate = self.select(q, kinds, *places)  # (B, N)
             conditioned = conditioned * gate.unsqueeze(-1)  # (B, N, d)
         if not self.config.summaries:
-            mem = self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
-        else:
-            n_kinds = len(self.config.modalities)
-            pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
-            kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0],
-                                                                                  -1)
-            mem = self.fusion.prepare(TurnMemory(
-                torch.cat([conditioned, pooled], dim=1), torch.cat([mask, present], dim=1),
-                torch.cat([kinds, kind_ids], dim=1), q))
-        if self.answer_feed is not None:
-            mem.bias = self.answer_features(mem) @ self.answer_feed  # (B, H)
-        return mem
-
-    def answer_features(self, mem: TurnMemory) -> torch.Tensor:
-        """The answer head's hidden layer (B, d) on the pooled conditioned memory and the
-        query."""
-        summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
-        return self.answer_head[1](self.answer_head[0](torch.cat([summary, mem.query], dim=-1)))
+            return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
+        n_kinds = len(self.config.modalities)
+        pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
+        kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)
+        return self.fusion.prepare(TurnMemory(
+            torch.cat([conditioned, pooled], dim=1), torch.cat([mask, present], dim=1),
+            torch.cat([kinds, kind_ids], dim=1), q))
 
     def answer_logits(self, mem: TurnMemory) -> torch.Tensor:
         """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query."""
-        return self.answer_head[2](self.answer_features(mem))
+        summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
+        return self.answer_head(torch.cat([summary, mem.query], dim=-1))
 
     def transcript_loss(self, vectors: Sequence[torch.Tensor], words: Sequence[Sequence[int]]
                         ) -> tuple[torch.Tensor, int]:
@@ -318,15 +301,9 @@ class DialogueLM(nn.Module):
         """Context (B, T, d) and the attention each memory vector received (B, T, N)."""
         return self.fusion(h, mem)
 
-    def logits(self, h: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        """Next-token logits (B, T, V) from RNN outputs (B, T, H) and contexts (B, T, d);
-        ``bias`` (the turn memory's, see :meth:`turn_memory`) is added to combine's output
-        and must broadcast against it: (B, 1, H) for (B, T, H)."""
-        x = self.combine(torch.cat([h, ctx], dim=-1))  # (B, T, H)
-        if bias is not None:
-            x = x + bias
-        return self.lm_head(self.drop(torch.tanh(x)))  # (B, T, V)
+    def logits(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.combine(torch.cat([h, ctx], dim=-1)))  # (B, T, H)
+        return self.lm_head(self.drop(x))  # (B, T, V)
 
     # -- training ------------------------------------------------------------------------
 
@@ -382,8 +359,6 @@ class DialogueLM(nn.Module):
 
         h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
         ctx = h.new_zeros(B, T, self.config.d_model)
-        shift = h.new_zeros(B, T, self.config.n_hidden) if self.answer_feed is not None \
-            else None  # (B, T, H) each position's turn bias (answer feed)
         use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
         aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
@@ -407,18 +382,14 @@ class DialogueLM(nn.Module):
             ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
             window = ctx[rows, lo:hi]
             ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)
-            if shift is not None and mem.bias is not None:
-                shift[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1),
-                                                 mem.bias.unsqueeze(1), shift[rows, lo:hi])
             if use_aux and (answers[rows, k] >= 0).any():
                 aux_loss = aux_loss + F.cross_entropy(self.answer_logits(mem),
                                                       answers[rows, k], ignore_index=-1,
                                                       reduction="sum")
         if targets is None:
-            return self.logits(h, ctx, shift), None  # (B, T, V)
+            return self.logits(h, ctx), None  # (B, T, V)
         scored = targets >= 0  # (B, T) the positions that take a loss
-        logits = self.logits(h[scored], ctx[scored],
-                             shift[scored] if shift is not None else None)  # (S, V)
+        logits = self.logits(h[scored], ctx[scored])  # (S, V)
         loss = F.cross_entropy(logits, targets[scored])
         if use_aux:
             loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)

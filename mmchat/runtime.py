@@ -75,12 +75,7 @@ class ReferenceDecoder:
         model = self.model
         h, state = model.run_rnn(tokens.unsqueeze(1), state)  # (B, 1, H)
         ctx, w = model.context(h, mem)  # (B, 1, d), (B, 1, N)
-        return model.logits(h, ctx, turn_bias(mem))[:, -1], w[:, -1], state
-
-
-def turn_bias(mem: TurnMemory) -> torch.Tensor | None:
-    """The memory's per-turn combine bias as (B, 1, H), to add to a step's (B, 1, H)."""
-    return None if mem.bias is None else mem.bias.unsqueeze(1)
+        return model.logits(h, ctx)[:, -1], w[:, -1], state
 
 
 def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
@@ -93,7 +88,7 @@ def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
 
     return replace(mem, values=grow(mem.values), mask=grow(mem.mask), kinds=grow(mem.kinds),
                    query=grow(mem.query), pooled=grow(mem.pooled),
-                   pooled_mask=grow(mem.pooled_mask), bias=grow(mem.bias))
+                   pooled_mask=grow(mem.pooled_mask))
 
 
 def pad_rows(rows: Sequence[torch.Tensor], fill: float | bool = 0) -> torch.Tensor:
@@ -120,8 +115,7 @@ def stack_memories(mems: Sequence[TurnMemory]) -> TurnMemory:
                       kinds=pad_rows([m.kinds for m in mems]),
                       query=torch.cat([m.query for m in mems]),
                       pooled=cat([m.pooled for m in mems]),
-                      pooled_mask=cat([m.pooled_mask for m in mems]),
-                      bias=cat([m.bias for m in mems]))
+                      pooled_mask=cat([m.pooled_mask for m in mems]))
 
 
 @dataclass
@@ -242,7 +236,7 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask, ordinal,
                                 _previous_queries(model, states))
         ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
-        logits = model.logits(h_last, ctx, turn_bias(mem))[:, -1]  # (B, V)
+        logits = model.logits(h_last, ctx)[:, -1]  # (B, V)
         runs = []
         for b, (r, s, n) in enumerate(zip(requests, states, lengths)):
             # row b's own slots: its null and entries, then the summary slots after the
@@ -295,7 +289,7 @@ def _row(mem: TurnMemory, b: int, keep: slice | torch.Tensor) -> TurnMemory:
 
     return TurnMemory(mem.values[b: b + 1, keep], mem.mask[b: b + 1, keep],
                       mem.kinds[b: b + 1, keep], mem.query[b: b + 1], one(mem.pooled),
-                      one(mem.pooled_mask), one(mem.bias))
+                      one(mem.pooled_mask))
 
 
 def _turn_run(model: DialogueLM, tokenizer: Tokenizer, decoder: Decoder, request: TurnRequest,

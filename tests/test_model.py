@@ -4,7 +4,7 @@ from toy_plugin import ToyModality
 
 from mmchat.generate import GenerationParams
 from mmchat.model import DialogueConfig, DialogueLM, MediaBatch
-from mmchat.runtime import start_turn, turn_bias
+from mmchat.runtime import start_turn
 from mmchat.state import MemoryEntry, SessionState
 from mmchat.tokenizer import Tokenizer
 
@@ -13,12 +13,12 @@ RNNS = ["lstm", "gru"]
 
 
 def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False,
-               select=False, summaries=True, answers=(), feed=False):
+               select=False, summaries=True):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=vocab, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
                          d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"],
                          entry_tags=tags, carry_query=carry, select_entries=select,
-                         summaries=summaries, answers=list(answers), answer_feed=feed)
+                         summaries=summaries)
     return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
 
 
@@ -147,20 +147,17 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, su
 
     With ``hearing``, the first turn's attachment is heard (its words join that turn's
     bag) and the second turn, which sends nothing, hears nothing. With ``v2``, memory
-    entries carry recency/ordinal tags, each query sees the previous one, the answer head
-    feeds combine, and the second turn sends a second attachment (so the first one's
-    recency changes). Without
+    entries carry recency/ordinal tags, each query sees the previous one, and the second
+    turn sends a second attachment (so the first one's recency changes). Without
     ``summaries`` the memory holds no max-pooled slots.
     """
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)
     model = tiny_model(fusion, rnn, vocab=tok.vocab_size, tags=4 if v2 else 0,
-                       carry=v2, summaries=summaries, answers=["red", "yes"] if v2 else (),
-                       feed=v2).eval()
-    if v2:  # large enough that a wrong tag, a lost query or feed moves the logits past atol
+                       carry=v2, summaries=summaries).eval()
+    if v2:  # large enough that a wrong tag or a lost query moves the logits past atol
         with torch.no_grad():
-            for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb,
-                      model.answer_feed]:
+            for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb]:
                 p.normal_(0.0, 0.5)
     if hearing:
         model.config.transcripts, model.config.heard = True, ["toy"]
@@ -199,7 +196,7 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, su
             for t in answer:
                 h, rnn_state = model.run_rnn(torch.tensor([[t]]), rnn_state)
                 ctx, _ = model.context(h, run.memory)
-                got.append(model.logits(h, ctx, turn_bias(run.memory))[0, -1])
+                got.append(model.logits(h, ctx)[0, -1])
         for i, logits in enumerate(got):
             torch.testing.assert_close(logits, full[0, end + i], atol=1e-4, rtol=1e-4)
         state = SessionState(rnn=rnn_state, pending=[tok.eos_id], turns=1,
@@ -267,32 +264,6 @@ def test_a_new_model_with_tags_and_carry_starts_as_one_without(fusion):
     loss.backward()
     assert v2.turn_query.carry.grad.abs().sum() > 0 and v2.ordinal_emb.grad.abs().sum() > 0
     assert v2.select.score.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_the_answer_feed_starts_at_zero_and_learns(fusion):
-    """The answer feed starts at zero and draws no random numbers: a new model computes
-    what one without it does, and the language-model loss alone reaches the feed and,
-    through it, the answer head."""
-    answers = ["red", "blue", "yes", "no"]
-    plain = tiny_model(fusion, answers=answers)
-    fed = tiny_model(fusion, answers=answers, feed=True)
-    shared = plain.state_dict()
-    assert set(fed.state_dict()) - set(shared) == {"answer_feed"}
-    assert all(torch.equal(shared[k], v) for k, v in fed.state_dict().items() if k in shared)
-    idx, turns, prompt_end, media, targets = batch()
-    torch.testing.assert_close(fed(idx, turns, prompt_end, media)[0],
-                               plain(idx, turns, prompt_end, media)[0])
-    _, loss = fed(idx, turns, prompt_end, media, targets)
-    loss.backward()
-    assert fed.answer_feed.grad.abs().sum() > 0
-    with torch.no_grad():
-        fed.answer_feed.normal_(0.0, 0.5)
-    fed.zero_grad()
-    _, loss = fed(idx, turns, prompt_end, media, targets)  # no answer targets: LM loss only
-    loss.backward()
-    assert fed.answer_head[0].weight.grad.abs().sum() > 0
-    assert fed.answer_head[2].weight.grad is None  # the classes themselves take no part
 
 
 def test_the_entry_selector_dims_the_pictures_the_query_does_not_ask_about():

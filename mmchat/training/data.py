@@ -52,11 +52,10 @@ def encode_all(dialogues: list[Dialogue], tokenizer: Tokenizer, max_tokens: int,
 
 def answer_classes(dialogues: list[Dialogue], *, min_count: int = 5,
                    max_words: int = 3) -> list[str]:
-    """Short answer classes (a turn's ``label``, else its ``answer``) seen at least
-    ``min_count`` times: the auxiliary classes."""
-    counts = Counter(t.answer_class for d in dialogues for t in d.turns
-                     if t.role == "assistant" and t.answer_class
-                     and len(t.answer_class.split()) <= max_words)
+    """Short ``answer`` labels seen at least ``min_count`` times: the auxiliary classes."""
+    counts = Counter(t.answer for d in dialogues for t in d.turns
+                     if t.role == "assistant" and t.answer
+                     and len(t.answer.split()) <= max_words)
     return sorted(a for a, n in counts.items() if n >= min_count)
 
 

@@ -46,8 +46,8 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
     ``turns`` are :class:`mmchat.dataset.Turn` objects. A dialogue longer than
     ``max_tokens`` is cut between pairs into several examples; a later piece starts
     afresh, so it keeps only the attachments sent within it. A single pair longer than
-    ``max_tokens`` is dropped. ``answer_ids`` maps an assistant turn's answer class
-    (:attr:`mmchat.dataset.Turn.answer_class`) to its auxiliary class id.
+    ``max_tokens`` is dropped. ``answer_ids`` maps an assistant turn's ``answer`` label
+    to its auxiliary class.
     """
     examples: list[Example] = []
     current: Example | None = None
@@ -60,7 +60,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
             current = Example([tokenizer.bos_id], [0], [], [], [], category, [], [])
             examples.append(current)
         k = len(current.prompt_end)
-        current.answers.append((answer_ids or {}).get(assistant.answer_class or "", -1))
+        current.answers.append((answer_ids or {}).get(assistant.answer or "", -1))
         current.tokens += prompt
         current.turns += [k] * len(prompt)
         current.prompt_end.append(len(current.tokens) - 1)

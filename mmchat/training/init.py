@@ -3,8 +3,7 @@
 The new model keeps the checkpoint's shape, tokenizer, answer classes and modalities,
 in their order (a modality's type id is its place in that list), and appends the
 modalities and answer classes the data has that the checkpoint lacks; the memory
-settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``, ``summaries``,
-``answer_feed``) are the run's.
+settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``) are the run's.
 Every weight of the checkpoint is loaded; a weight that grew (the modality type
 embedding, the ``concat`` fusion's projection, the answer head) keeps its trained part
 and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
@@ -62,7 +61,7 @@ class Base:
                                    answers=answers, entry_tags=run.entry_tags,
                                    carry_query=run.carry_query,
                                    select_entries=run.select_entries,
-                                   summaries=run.summaries, answer_feed=run.answer_feed)
+                                   summaries=run.summaries)
 
     def load_into(self, model: DialogueLM, *, freeze: bool = False) -> list[str]:
         """Copy the checkpoint's weights into ``model`` (built from :meth:`grown`); with

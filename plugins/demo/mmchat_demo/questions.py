@@ -28,7 +28,6 @@ class Ask:
     reply: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None  # the answer head's class where it is not ``answer`` (yes/no)
 
 
 def _pick(rng: np.random.Generator, options: list | tuple) -> Any:
@@ -124,8 +123,7 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
         reply = ("yes, " if want_yes else "no, ") + answer_sentence(q)
         return Ask(text, reply, _words(reply), {"type": "yes_no", "form": "attribute",
                                                "question": q.type, "target": q.target,
-                                               "truth": q.answer, "yes": want_yes},
-                   _yes_no(want_yes))
+                                               "truth": q.answer, "yes": want_yes})
     if form == "kind":
         present = sorted(set(kinds))
         pool = present if want_yes else [k for k in KINDS if k not in present]
@@ -143,12 +141,7 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
     text = str(_pick(rng, _EXISTS)).format(t=a(target))
     reply = f"yes, there is {a(target)}" if want_yes else f"no, there is no {target}"
     return Ask(text, reply, _words(reply), {"type": "yes_no", "form": form, "target": target,
-                                            "yes": want_yes}, _yes_no(want_yes))
-
-
-def _yes_no(yes: bool) -> str:
-    """The answer class of a yes/no reply: the decision its first word states."""
-    return "yes" if yes else "no"
+                                            "yes": want_yes})
 
 
 # -- shapes that are not there ------------------------------------------------------------

@@ -35,15 +35,8 @@ def _user(text: str, attachments: list[dict[str, Any]] | None = None) -> dict[st
     return {"role": "user", "text": text, "attachments": list(attachments or [])}
 
 
-def _assistant(text: str, answer: str, category: str, label: str | None = None
-               ) -> dict[str, Any]:
-    turn = {"role": "assistant", "text": text, "answer": answer, "category": category}
-    return turn if label is None else {**turn, "label": label}
-
-
-def _asked(a: questions.Ask, category: str) -> dict[str, Any]:
-    """The assistant turn that answers ``a``."""
-    return _assistant(a.reply, a.answer, category, a.label)
+def _assistant(text: str, answer: str, category: str) -> dict[str, Any]:
+    return {"role": "assistant", "text": text, "answer": answer, "category": category}
 
 
 def _pick(rng: np.random.Generator, options: list | tuple) -> Any:
@@ -135,7 +128,8 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
             check = (questions.ask_yes_no(scene, rng) if rng.random() < 0.7
                      else questions.ask_not_there(scene, rng))
             if check is not None:  # its meta's type is its category: yes_no or not_there
-                turns += [_user(check.text), _asked(check, check.meta["type"])]
+                turns += [_user(check.text), _assistant(check.reply, check.answer,
+                                                        check.meta["type"])]
                 asked.append({"turn": len(turns) - 1, "picture": k, **check.meta,
                               "answer": check.answer})
                 last = None
@@ -143,9 +137,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
         cross = _across(rng, [s for s, _ in shown])
         if cross:
             text, reply, answer, info = cross
-            label = (("yes" if info["answer"] else "no") if info["type"] == "same_colour"
-                     else None)
-            turns += [_user(text), _assistant(reply, answer, "across_pictures", label)]
+            turns += [_user(text), _assistant(reply, answer, "across_pictures")]
             asked.append({"turn": len(turns) - 1, **info})
     turns += _closing(rng)
     meta = {"source": "multi-picture", "pictures": pictures, "questions": asked}
@@ -261,7 +253,7 @@ def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
     asked.append(_qmeta(len(turns) - 1, back, picture=j, form="ellipsis"))
     if rng.random() < 0.4:
         check = questions.ask_yes_no(shown[latest][0], rng)
-        turns += [_user(check.text), _asked(check, "yes_no")]
+        turns += [_user(check.text), _assistant(check.reply, check.answer, "yes_no")]
         asked.append({"turn": len(turns) - 1, "picture": latest, **check.meta,
                       "answer": check.answer})
     turns += _closing(rng)
@@ -357,12 +349,12 @@ def _one_picture(p: Planner, i: int, kind: str, code: int, want: str, ask, categ
     scene, _ = p.scene_for(image_seed, want)
     a = ask(scene, rng)
     turns = [_user(a.text, [p.image("scene", scene, image_seed)]),
-             _asked(a, category)]
+             _assistant(a.reply, a.answer, category)]
     asked = [{"turn": 1, **a.meta, "answer": a.answer}]
     if rng.random() < repeat:
         b = ask(scene, rng)
         if b is not None and b.text != a.text:
-            turns += [_user(b.text), _asked(b, category)]
+            turns += [_user(b.text), _assistant(b.reply, b.answer, category)]
             asked.append({"turn": 3, **b.meta, "answer": b.answer})
     meta = {"source": kind, "image_seed": image_seed, "scene": scene.to_meta(),
             "questions": asked}
@@ -393,7 +385,7 @@ def no_picture(p: Planner, i: int) -> dict[str, Any]:
         reply, answer = speech.greeting_reply(words)
         turns += [_user(words), _assistant(reply, answer, "greeting")]
     a = questions.ask_without_picture(rng, scene)
-    turns += [_user(a.text), _asked(a, "no_picture")]
+    turns += [_user(a.text), _assistant(a.reply, a.answer, "no_picture")]
     return p.record("no-picture", i, "no_picture", turns, {"source": "no-picture"})
 
 
