@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import sentencepiece as spm
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 USER, BOT = "<user>", "<bot>"
 ROLE_TOKENS = (USER, BOT)
+
+#: Typing habits that do not change what is asked: a space before punctuation
+#: ("is it red ?") and a run of question or exclamation marks ("is it red??").
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[?!.,;:](?:\s|$))")
+_REPEATED_MARKS = re.compile(r"([?!])[?!]+")
 
 
 class Tokenizer:
@@ -64,7 +70,9 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text.lower()) if text else []
+        """Token ids of ``text``, lower-cased and with its punctuation normalised
+        (:func:`normalize`)."""
+        return self.sp.encode(normalize(text)) if text else []
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([i for i in ids if i > self.eos_id and i not in
@@ -76,3 +84,11 @@ class Tokenizer:
     def user_turn(self, text: str) -> list[int]:
         """Tokens fed before a reply: ``<user> text <bot>``."""
         return [self.user_id, *self.encode(text), self.bot_id]
+
+
+def normalize(text: str) -> str:
+    """``text`` as the tokenizer reads it: lower case, no space before a punctuation mark
+    that ends a word ("is it red ?" → "is it red?"), and a run of "?" and "!" cut to its
+    first ("is it red?!" → "is it red?")."""
+    text = _REPEATED_MARKS.sub(r"\1", text.lower())
+    return _SPACE_BEFORE_PUNCT.sub("", text)

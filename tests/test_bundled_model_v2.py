@@ -129,6 +129,21 @@ def test_yes_no_and_existence(engine):
     assert rate(right) >= 0.9, right  # issue target: 95%
 
 
+def test_typing_habits_do_not_change_the_answer(engine):
+    """A space before the question mark, doubled marks, capitals and American spelling
+    get the answers the tidy question gets."""
+    one = [scene(("circle", "purple", LEFT))]
+    two = [scene(("circle", "red", LEFT), ("square", "blue", RIGHT))]
+    cases = [(two, "What colour is the circle ?", "red"),
+             (two, "what color is the square??", "blue"),
+             (two, "IS THE CIRCLE RED ?", "yes"), (two, "is there a triangle ??", "no"),
+             (one, "is there a square ??", "no"), (two, "how many shapes are there ?", "two"),
+             (two, "where is the square ?", "right")]
+    for i, (pic, question, key) in enumerate(cases):
+        got = ask(engine, f"typing-{i}", question, pic)
+        assert has(got, key), (question, got)
+
+
 def test_is_there_an_orange_shape(engine):
     """The article a user writes before "orange" ("is there an orange shape?") asks the
     same as any other colour: yes when one of the two shapes is orange, else no."""
