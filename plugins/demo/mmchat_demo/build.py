@@ -24,13 +24,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, chitchat, digits, questions, scenes, sessions, speech
+from . import __version__, chitchat, digits, questions, scenes, sessions, speech, wording
 from .scenes import Question, Scene
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+#: Picture dialogues whose typed questions may say "image" or "photo" (module wording),
+#: each with the code of its generator.
+_VARIED = {"shapes": 0, "multi": 1, "refer-back": 2, "pronoun": 3, "yes-no": 4,
+           "not-there": 5, "caption": 6, "no-picture": 7}
+_VARY_CODE = 41
 #: Image seeds of a split lie in ``[base, base + 10_000_000)``; the three ranges are disjoint.
 IMAGE_SEED_BASE = {"train": 0, "valid": 10_000_000, "test": 20_000_000}
 _SEED_OFFSET = {"shapes": 0, "spoken": 1_000_000, "digits": 2_000_000, "multi": 3_000_000,
@@ -234,6 +239,8 @@ class _Planner:
 
     def record(self, kind: str, i: int, category: str, turns: list[dict[str, Any]],
                meta: dict[str, Any]) -> dict[str, Any]:
+        if kind in _VARIED:  # other words for "picture", from a generator of their own
+            turns = wording.vary_turns(turns, self.rng(_VARY_CODE, _VARIED[kind], i))
         return {"id": f"{self.split}-{kind}-{i:06d}", "split": self.split, "category": category,
                 "turns": turns, "meta": meta}
 

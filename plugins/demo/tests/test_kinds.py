@@ -10,7 +10,7 @@ import mmchat_demo.build as build_module
 import numpy as np
 import pytest
 import soundfile
-from mmchat_demo import chitchat, digits, questions, scenes, sessions, smalltalk, speech
+from mmchat_demo import chitchat, digits, questions, scenes, sessions, smalltalk, speech, wording
 
 from mmchat.evaluation import normalize
 
@@ -372,3 +372,26 @@ def test_articles_agree_with_the_word_after_them(records):
             assert not wrong.search(turn["text"]), (r["id"], turn["text"])
             seen_an += " an orange " in f" {turn['text']} "
     assert seen_an
+
+
+def test_typed_questions_also_say_image_photo_or_pic(records):
+    """A share of the picture dialogues' typed questions call a picture an image, a photo
+    or a pic, or the previous one "the one before"; replies and chit-chat never change."""
+    said = " ".join(t["text"] for r in every(records) for t in r["turns"]
+                    if t["role"] == "user")
+    for word in ("image", "photo", "pic"):
+        assert re.search(rf"\b{word}\b", said), word
+    for r in every(records):
+        for t in r["turns"]:
+            if t["role"] == "assistant" or r["meta"]["source"] in ("chitchat", "ood"):
+                assert not re.search(r"\b(images?|photos?|pics?)\b", t["text"]), (r["id"], t)
+
+
+def test_varied_words_keep_the_question():
+    rng = np.random.default_rng(0)
+    seen = {wording.vary("which picture has the circle? and the previous one?", rng)
+            for _ in range(200)}
+    assert "which picture has the circle? and the previous one?" in seen
+    assert "which photo has the circle? and the one before?" in seen
+    assert all(s.startswith("which ") and s.endswith("?") for s in seen)
+    assert wording.vary("what colour is the circle?", rng) == "what colour is the circle?"
