@@ -97,6 +97,27 @@ def test_earlier_pictures_by_reference(engine):
     assert rate(right) >= 0.85, right  # issue target: 95% for a later picture
 
 
+def test_other_words_for_a_picture(engine):
+    """Questions that call a picture an image, a photo or a pic, and "the one before"."""
+    right = []
+    for i, ((k1, c1), (k2, c2)) in enumerate(PAIRS * 4):
+        word = ("image", "photo", "pic")[i % 3]
+        s = f"words-{i}"
+        ask(engine, s, f"what colour is the {k1}?", [scene((k1, c1, MIDDLE))])
+        ask(engine, s, f"what colour is the {k2}?", [scene((k2, c2, MIDDLE))])
+        question, key = [(f"in the first {word}, what colour is the {k1}?", c1),
+                         ("what about the one before?", c1),
+                         (f"which {word} has the {k1}?", "first")][i % 3]
+        right.append(has(ask(engine, s, question), key))
+        missing = next(k for k in KINDS if k not in (k1, k2))
+        question, key = [(f"is there a {missing} in the {word}?", "no"),
+                         (f"does the {word} have a {c1} {k1}?", "yes"),
+                         (f"how many shapes are in the {word}?", "two")][i % 3]
+        got = ask(engine, f"{s}-one", question, [scene((k1, c1, LEFT), (k2, c2, RIGHT))])
+        right.append(normalize(got).startswith(key) if key in ("yes", "no") else has(got, key))
+    assert rate(right) >= 0.85, right
+
+
 def test_pronoun_and_ellipsis_follow_ups(engine):
     right = []
     for i, ((k1, c1), (k2, c2)) in enumerate(PAIRS * 2):
