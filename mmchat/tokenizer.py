@@ -34,8 +34,9 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4000) -> "Tokenizer":
-        """Train a unigram model on ``texts``; shrinks the vocabulary if the text is small."""
-        sentences = [t.strip().lower() for t in texts if t and t.strip()]
+        """Train a unigram model on ``texts``, read as :meth:`encode` reads them
+        (:func:`normalize`); shrinks the vocabulary if the text is small."""
+        sentences = [normalize(t.strip()) for t in texts if t and t.strip()]
         if not sentences:
             raise ValueError("cannot train a tokenizer on no text")
         proto = io.BytesIO()

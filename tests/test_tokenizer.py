@@ -27,3 +27,12 @@ def test_encoding_ignores_a_space_before_the_question_mark():
     assert tok.encode("What colour is the circle ?") == tok.encode("what colour is the circle?")
     assert tok.encode("is it red ??") == tok.encode("is it red?")
     assert tok.encode("is it red") != tok.encode("is it red?")
+
+
+def test_a_tokenizer_learns_its_pieces_from_text_read_the_same_way():
+    """Trained on questions typed with a space before "?", the vocabulary has no piece
+    for a "?" of its own, which encoding could never produce."""
+    tok = Tokenizer.train(["is it red ?", "what is it ?", "where is the blue one ?"] * 20,
+                          vocab_size=40)
+    pieces = {tok.piece(i) for i in range(tok.vocab_size)}
+    assert "▁?" not in pieces and "?" in pieces
