@@ -109,8 +109,9 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
                or (q.type == "position" and q.axis == "x" and not q.by_colour)]
     if form == "attribute" and not options:
         form = "kind"  # no shape is the only one of its kind or colour
-    if form == "attribute":
-        q = _pick(rng, options)
+    if form == "attribute":  # the kind of attribute first, so a rare one is asked as often
+        asked = _pick(rng, sorted({o.type for o in options}))
+        q = _pick(rng, [o for o in options if o.type == asked])
         if q.type == "colour":
             c = q.answer if want_yes else _pick(rng, [c for c in COLOURS if c != q.answer])
             text = str(_pick(rng, _IS_COLOUR)).format(k=q.target, c=c)
@@ -145,6 +146,20 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
 
 
 # -- shapes that are not there ------------------------------------------------------------
+
+
+def exists_reply(scene: Scene, target: str) -> tuple[str, str]:
+    """The reply and answer to "is there ``target``?" (a kind, "orange shape" or "red
+    circle", as :func:`ask_yes_no` asks it) about ``scene``."""
+    words = target.split()
+    if len(words) == 1:
+        present = any(s.kind == target for s in scene.shapes)
+    elif words[1] == "shape":
+        present = any(s.colour == words[0] for s in scene.shapes)
+    else:
+        present = any((s.colour, s.kind) == (words[0], words[1]) for s in scene.shapes)
+    reply = f"yes, there is {a(target)}" if present else f"no, there is no {target}"
+    return reply, _words(reply)
 
 
 def ask_not_there(scene: Scene, rng: np.random.Generator) -> Ask | None:

@@ -203,12 +203,29 @@ def _refer_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question
     return turns, asked, q
 
 
+def _exists_back(rng: np.random.Generator, shown: list[tuple[Scene, list[Question]]],
+                 turns: list[dict[str, Any]], asked: list[dict[str, Any]], target: str
+                 ) -> tuple[list, list]:
+    """After "is there ``target``?" about the latest picture, "and the first one?": the
+    same question about an earlier picture."""
+    latest = len(shown) - 1
+    j = int(rng.integers(latest))
+    full, short = _pick(rng, _references(j, latest))
+    text = str(_pick(rng, _ELLIPSIS_FORMS)).format(r=_pick(rng, (full, short)))
+    reply, answer = questions.exists_reply(shown[j][0], target)
+    turns = turns + [_user(text), _assistant(reply, answer, "earlier_picture")]
+    asked = asked + [{"turn": len(turns) - 1, "picture": j, "type": "yes_no",
+                      "form": "ellipsis", "target": target, "answer": answer}]
+    return turns, asked
+
+
 def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
     """Two or three one-shape pictures, the latest followed by a question about "it",
     then "and the first one?" (or "the previous one", "the other one"): the same
     question about an earlier picture, whose shape is another kind two times in three.
     The reply names the earlier picture's own shape, not the one just talked about.
-    Sometimes a yes/no question about the latest picture and a goodbye follow. None when
+    Sometimes a yes/no question about the latest picture follows (after "is there ...?",
+    half the time "and the first one?" asks it of an earlier one), and a goodbye. None when
     the earlier picture cannot be asked that question (its shape has no clear place)."""
     rng = p.rng(19, i)
     n = 2 + int(rng.random() < 0.4)
@@ -256,6 +273,9 @@ def refer_back(p: Planner, i: int) -> dict[str, Any] | None:
         turns += [_user(check.text), _assistant(check.reply, check.answer, "yes_no")]
         asked.append({"turn": len(turns) - 1, "picture": latest, **check.meta,
                       "answer": check.answer})
+        back_rng = p.rng(20, i)  # its own, so the sessions before it stay as they were
+        if check.meta["form"] != "attribute" and back_rng.random() < 0.5:
+            turns, asked = _exists_back(back_rng, shown, turns, asked, check.meta["target"])
     turns += _closing(rng)
     meta = {"source": "refer-back", "pictures": pictures, "questions": asked}
     return p.record("refer-back", i, "refer_back", turns, meta)

@@ -395,3 +395,72 @@ def test_varied_words_keep_the_question():
     assert "which photo has the circle? and the one before?" in seen
     assert all(s.startswith("which ") and s.endswith("?") for s in seen)
     assert wording.vary("what colour is the circle?", rng) == "what colour is the circle?"
+
+
+def test_typed_questions_are_also_asked_politely_or_indirectly(records):
+    """A share of the picture dialogues' typed questions are asked another way ("could
+    you tell me ...", "i'd like to know ..."); out-of-domain prompts ask politely too."""
+    said = [t["text"] for r in every(records) for t in r["turns"]
+            if t["role"] == "user" and r["meta"]["source"] not in ("chitchat", "out-of-domain")]
+    reworded = [s for s in said if re.search(r"could you|i'd like to know|do you know", s)]
+    assert reworded and len(reworded) < len(said) / 4
+    ood = [t["text"] for r in every(records) if r["meta"]["source"] == "out-of-domain"
+           for t in r["turns"] if t["role"] == "user"]
+    assert any(s.startswith(("could you", "do you know", "i'd like")) for s in ood)
+
+
+@pytest.mark.parametrize("question, fragment, lead", [
+    ("what colour is the circle?", "the circle", ""),
+    ("in the first picture, what colour is the circle?", "the circle", "in the first picture, "),
+    ("what colour is the square in the previous picture?", "square in the previous picture",
+     ""),
+    ("what shape is the red one?", "red", ""),
+    ("how many shapes are there?", "shapes", ""),
+    ("how many shapes are in the first picture?", "the first picture", ""),
+    ("is there an orange triangle?", "an orange triangle", ""),
+    ("is the circle coloured red?", "red", ""),
+    ("is the red one a circle?", "circle", ""),
+    ("is the square on the left side?", "left", ""),
+    ("where can you see the triangle?", "the triangle", ""),
+    ("describe this image.", "", ""),
+])
+def test_a_reworded_question_asks_the_same_thing(question, fragment, lead):
+    rng = np.random.default_rng(0)
+    seen = {wording.rephrase(question, rng, share=1.0) for _ in range(100)}
+    assert question not in seen and len(seen) >= 3
+    for text in seen:
+        assert text.startswith(lead) and fragment in text, text
+        assert text.endswith(("?", ".")) and "{" not in text, text
+
+
+def test_questions_it_does_not_know_are_left_as_they_are():
+    rng = np.random.default_rng(0)
+    for text in ("which picture has the circle?", "and what colour was the square?",
+                 "tell me a joke.", "how are you?", "is the circle red or blue?"):
+        assert wording.rephrase(text, rng, share=1.0) == text
+
+
+def test_is_there_asked_again_of_an_earlier_picture(records):
+    """"is there a triangle?" then "and the first one?": the reply is about that picture."""
+    found = 0
+    for r in every(records):
+        if r["meta"]["source"] != "refer-back":
+            continue
+        for q in r["meta"]["questions"]:
+            if q.get("form") != "ellipsis" or q.get("type") != "yes_no":
+                continue
+            found += 1
+            scene = r["meta"]["pictures"][q["picture"]]["scene"]
+            shapes = {(s["colour"], s["kind"]) for s in scene["shapes"]}
+            words = q["target"].split()
+            if len(words) == 1:
+                present = any(k == words[0] for _, k in shapes)
+            elif words[1] == "shape":
+                present = any(c == words[0] for c, _ in shapes)
+            else:
+                present = tuple(words) in shapes
+            reply = r["turns"][q["turn"]]
+            assert reply["category"] == "earlier_picture"
+            assert reply["text"].startswith("yes" if present else "no"), (r["id"], q, scene)
+            assert q["target"] in reply["text"]
+    assert found
