@@ -77,7 +77,8 @@ def _find(questions: list[Question], key: tuple) -> Question | None:
 def multi_picture(p: Planner, i: int) -> dict[str, Any]:
     """Two to four pictures in one session, each shown with a question (typed, spoken,
     or none: then it gets a caption). Between pictures, questions refer back to earlier
-    ones; the session may end with a question across all of them."""
+    ones ("is there a triangle?" may be asked again of one: "and the first one?"); the
+    session may end with a question across all of them."""
     rng = p.rng(10, i)
     n = 2 + i % 3
     shown: list[tuple[Scene, list[Question]]] = []
@@ -86,6 +87,7 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
     pictures = []
     last: Question | None = None
     it_slot: tuple[str, str | None] | None = None  # what the last "it" question asked
+    back_rng = p.rng(22, i)  # its own, so the rest of the session is as it was without it
     for k in range(n):
         image_seed = p.image_seed("multi", i * 4 + k)
         want = str(_pick(rng, scenes.QUESTION_TYPES))
@@ -133,6 +135,10 @@ def multi_picture(p: Planner, i: int) -> dict[str, Any]:
                 asked.append({"turn": len(turns) - 1, "picture": k, **check.meta,
                               "answer": check.answer})
                 last = None
+                if (k and check.meta["type"] == "yes_no" and check.meta["form"] != "attribute"
+                        and back_rng.random() < 0.5):
+                    turns, asked = _exists_back(back_rng, shown, turns, asked,
+                                                check.meta["target"])
     if rng.random() < 0.6:
         cross = _across(rng, [s for s, _ in shown])
         if cross:

@@ -442,14 +442,14 @@ def test_questions_it_does_not_know_are_left_as_they_are():
 
 def test_is_there_asked_again_of_an_earlier_picture(records):
     """"is there a triangle?" then "and the first one?": the reply is about that picture."""
-    found = 0
+    found = {"refer-back": 0, "multi-picture": 0}
     for r in every(records):
-        if r["meta"]["source"] != "refer-back":
+        if r["meta"]["source"] not in found:
             continue
         for q in r["meta"]["questions"]:
             if q.get("form") != "ellipsis" or q.get("type") != "yes_no":
                 continue
-            found += 1
+            found[r["meta"]["source"]] += 1
             scene = r["meta"]["pictures"][q["picture"]]["scene"]
             shapes = {(s["colour"], s["kind"]) for s in scene["shapes"]}
             words = q["target"].split()
@@ -463,4 +463,4 @@ def test_is_there_asked_again_of_an_earlier_picture(records):
             assert reply["category"] == "earlier_picture"
             assert reply["text"].startswith("yes" if present else "no"), (r["id"], q, scene)
             assert q["target"] in reply["text"]
-    assert found
+    assert all(found.values()), found
