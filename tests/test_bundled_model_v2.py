@@ -118,6 +118,25 @@ def test_other_words_for_a_picture(engine):
     assert rate(right) >= 0.85, right
 
 
+def test_questions_asked_politely_or_indirectly(engine):
+    """"could you tell me ...", "i'd like to know ...", and wordings training never had
+    ("any idea ...", "would you mind ..."): the same answers as the plain question."""
+    right = []
+    for i, (((k1, c1), (k2, c2)), form) in enumerate(itertools.product(PAIRS, range(6))):
+        missing = next(k for k in KINDS if k not in (k1, k2))
+        question, key = [
+            (f"could you tell me what colour the {k2} is?", c2),
+            (f"any idea what shape the {c1} one is?", k1),
+            ("could you count the shapes for me?", "two"),
+            (f"would you mind telling me where the {k1} is?", "left"),
+            (f"i'd like to know if there is a {missing}.", "no"),
+            (f"do you know if there is a {k2}?", "yes"),
+        ][form]
+        got = ask(engine, f"polite-{i}", question, [scene((k1, c1, LEFT), (k2, c2, RIGHT))])
+        right.append(normalize(got).startswith(key) if key in ("yes", "no") else has(got, key))
+    assert rate(right) >= 0.85, right
+
+
 def test_pronoun_and_ellipsis_follow_ups(engine):
     right = []
     for i, ((k1, c1), (k2, c2)) in enumerate(PAIRS * 2):
