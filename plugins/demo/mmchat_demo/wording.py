@@ -21,7 +21,9 @@ _KINDS = "circle|square|triangle"
 _LEAD = r"(?P<lead>(?:.*[,?] )?)"
 
 #: (pattern of a whole question, other ways to ask it), tried in this order. The
-#: templates name the pattern's groups; ``lead`` is put back in front.
+#: templates name the pattern's groups; ``lead`` is put back in front. A pattern with
+#: several forms names the same slot ``t``, ``t2``, ``t3`` (a regex group name must be
+#: unique): the templates say ``{t}`` for each.
 _REPHRASINGS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = tuple(
     (re.compile(f"{_LEAD}(?:{pattern})"), templates) for pattern, templates in (
         (rf"is the (?P<k>{_KINDS}) (?:coloured )?(?P<c>{_COLOURS})(?: or not)?\?",
@@ -107,7 +109,7 @@ def rephrase(text: str, rng: np.random.Generator, share: float = REPHRASE_SHARE)
         if rng.random() >= share:
             return text
         slots = {name.rstrip("23"): value for name, value in match.groupdict().items()
-                 if value is not None and name != "lead"}
+                 if value is not None and name != "lead"}  # "t2" fills "{t}"
         template = templates[int(rng.integers(len(templates)))]
         return match["lead"] + template.format(**slots)
     return text
