@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
-#: Picture dialogues whose typed questions may say "image" or "photo" (module wording),
-#: each with the code of its generator.
+#: Picture dialogues whose typed questions may be asked another way or say "image" or
+#: "photo" (module wording), each with the code of its generator.
 _VARIED = {"shapes": 0, "multi": 1, "refer-back": 2, "pronoun": 3, "yes-no": 4,
            "not-there": 5, "caption": 6, "no-picture": 7}
 _VARY_CODE = 41
@@ -239,7 +239,7 @@ class _Planner:
 
     def record(self, kind: str, i: int, category: str, turns: list[dict[str, Any]],
                meta: dict[str, Any]) -> dict[str, Any]:
-        if kind in _VARIED:  # other words for "picture", from a generator of their own
+        if kind in _VARIED:  # other wordings, from a generator of their own
             turns = wording.vary_turns(turns, self.rng(_VARY_CODE, _VARIED[kind], i))
         return {"id": f"{self.split}-{kind}-{i:06d}", "split": self.split, "category": category,
                 "turns": turns, "meta": meta}

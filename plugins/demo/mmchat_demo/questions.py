@@ -140,9 +140,13 @@ def ask_yes_no(scene: Scene, rng: np.random.Generator) -> Ask:
         want_yes, pool = True, present if form != "colour" else [f"{c} shape" for c in present]
     target = str(_pick(rng, pool))
     text = str(_pick(rng, _EXISTS)).format(t=a(target))
-    reply = f"yes, there is {a(target)}" if want_yes else f"no, there is no {target}"
+    reply = _exists_sentence(target, want_yes)
     return Ask(text, reply, _words(reply), {"type": "yes_no", "form": form, "target": target,
                                             "yes": want_yes})
+
+
+def _exists_sentence(target: str, present: bool) -> str:
+    return f"yes, there is {a(target)}" if present else f"no, there is no {target}"
 
 
 # -- shapes that are not there ------------------------------------------------------------
@@ -158,7 +162,7 @@ def exists_reply(scene: Scene, target: str) -> tuple[str, str]:
         present = any(s.colour == words[0] for s in scene.shapes)
     else:
         present = any((s.colour, s.kind) == (words[0], words[1]) for s in scene.shapes)
-    reply = f"yes, there is {a(target)}" if present else f"no, there is no {target}"
+    reply = _exists_sentence(target, present)
     return reply, _words(reply)
 
 

@@ -3,8 +3,9 @@
 People ask the same thing in many ways: politely or indirectly ("could you tell me what
 colour the circle is?", "i'd like to know the colour of the circle."), and they call a
 picture an image, a photo or a pic, and "the previous one" "the one before". A share of
-the typed user turns of picture dialogues is reworded so, drawn from a generator of its
-own, so the dialogues, their pictures and their replies are the same as without it.
+the typed user turns of picture dialogues is reworded in these ways, drawn from a
+generator of its own, so the dialogues, their pictures and their replies are the same as
+without it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-_COLOURS = "red|green|blue|yellow|purple|orange"
-_KINDS = "circle|square|triangle"
+from .scenes import COLOURS, KINDS
+
+_COLOURS = "|".join(COLOURS)
+_KINDS = "|".join(KINDS)
 #: What may come before the question itself: "in the first picture, ", "what about the
 #: previous one? " (kept as it is).
 _LEAD = r"(?P<lead>(?:.*[,?] )?)"
