@@ -464,3 +464,20 @@ def test_is_there_asked_again_of_an_earlier_picture(records):
             assert reply["text"].startswith("yes" if present else "no"), (r["id"], q, scene)
             assert q["target"] in reply["text"]
     assert all(found.values()), found
+
+
+def test_yes_no_about_an_attribute_asks_about_each_attribute_as_often():
+    """The side is askable of fewer shapes than the colour or the kind, yet is asked
+    about as often: the attribute is drawn first, then the shape."""
+    rng = np.random.default_rng(3)
+    for _ in range(1000):
+        scene = scenes.sample_scene(rng)
+        options = [q.type for q in scenes.askable(scene) if q.type in ("colour", "shape")
+                   or (q.type == "position" and q.axis == "x" and not q.by_colour)]
+        if options.count("position") == 1 and len(options) >= 5:
+            break
+    else:
+        pytest.fail("no scene with one side question among five or more")
+    asked = [questions.ask_yes_no(scene, rng).meta for _ in range(900)]
+    about = [m["question"] for m in asked if m["form"] == "attribute"]
+    assert 0.25 < about.count("position") / len(about) < 0.42, about.count("position")
