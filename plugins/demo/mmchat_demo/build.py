@@ -41,7 +41,8 @@ IMAGE_SEED_BASE = {"train": 0, "valid": 10_000_000, "test": 20_000_000}
 _SEED_OFFSET = {"shapes": 0, "spoken": 1_000_000, "digits": 2_000_000, "multi": 3_000_000,
                 "pronoun": 4_000_000, "yes-no": 5_000_000, "caption": 6_000_000,
                 "not-there": 7_000_000, "font-digits": 8_000_000,
-                "refer-back": 9_000_000}
+                "refer-back": 9_000_000, "ood": 9_500_000,
+                "social": 9_700_000}
 #: Questions in a shapes dialogue, cycled by dialogue number: 40% ask one, the rest add
 #: one or two follow-ups about the same picture.
 _TURN_PATTERN = (1, 1, 1, 1, 2, 2, 2, 3, 3, 3)
@@ -70,6 +71,7 @@ class Counts:
     font_digits: int = 0
     out_of_domain: int = 0
     refer_back: int = 0
+    social: int = 0
 
     @property
     def planned(self) -> int:
@@ -80,24 +82,25 @@ class Counts:
 
 _HELD_OUT = dict(shapes=600, digits=150, spoken=200, greetings=40, typed_greetings=40,
                  chitchat=100, multi=300, pronoun=200, yes_no=200, captions=150, not_there=100,
-                 no_picture=60, goodbyes=45, font_digits=150, refer_back=100)
+                 no_picture=60, goodbyes=45, font_digits=150, refer_back=100, social=100)
 DEFAULT_COUNTS = {
     "train": Counts(shapes=10_000, digits=4_000, spoken=2_200, greetings=600,
                     typed_greetings=400, chitchat=None, multi=3_000, pronoun=2_500,
                     yes_no=2_500, captions=1_500, not_there=1_000, no_picture=600,
-                    goodbyes=450, font_digits=2_000, out_of_domain=300, refer_back=1_000),
+                    goodbyes=450, font_digits=2_000, out_of_domain=1_200, refer_back=1_000,
+                    social=1_200),
     "valid": Counts(**_HELD_OUT, out_of_domain=60),
     "test": Counts(**_HELD_OUT, out_of_domain=100),
 }
 _SMALL_HELD_OUT = dict(shapes=20, digits=10, spoken=5, greetings=2, typed_greetings=2,
                        chitchat=5, multi=8, pronoun=6, yes_no=6, captions=5, not_there=4,
                        no_picture=4, goodbyes=4, font_digits=5, out_of_domain=5,
-                       refer_back=3)
+                       refer_back=3, social=8)
 SMALL_COUNTS = {
     "train": Counts(shapes=100, digits=30, spoken=10, greetings=4, typed_greetings=4,
                     chitchat=30, multi=20, pronoun=15, yes_no=15, captions=10, not_there=10,
                     no_picture=6, goodbyes=6, font_digits=10, out_of_domain=6,
-                    refer_back=6),
+                    refer_back=6, social=8),
     "valid": Counts(**_SMALL_HELD_OUT),
     "test": Counts(**_SMALL_HELD_OUT),
 }
@@ -225,7 +228,8 @@ class _Planner:
                         (functools.partial(sessions.no_picture, self), counts.no_picture),
                         (functools.partial(sessions.goodbye, self), counts.goodbyes),
                         (functools.partial(sessions.font_digit, self), counts.font_digits),
-                        (functools.partial(sessions.refer_back, self), counts.refer_back)):
+                        (functools.partial(sessions.refer_back, self), counts.refer_back),
+                        (functools.partial(sessions.social, self), counts.social)):
             for i in range(n):
                 record = make(i)
                 if record is not None:  # None: no fonts, or an unaskable refer-back

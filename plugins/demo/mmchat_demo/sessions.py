@@ -29,6 +29,8 @@ _CLOSING = 0.25
 #: Share of pictures in a several-picture session asked a yes/no or not-there question
 #: about the latest picture after its own turns ("is there a triangle?").
 _CHECK_LATEST = 0.3
+#: Share of out-of-domain prompts asked after a question about a picture.
+_OOD_AFTER_PICTURE = 0.5
 
 
 def _user(text: str, attachments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -431,12 +433,82 @@ def goodbye(p: Planner, i: int) -> dict[str, Any]:
 
 
 def out_of_domain(p: Planner, count: int, exclude: set[str]) -> list[dict[str, Any]]:
+    """Prompts the bot cannot help with; some come after a question about a picture, as
+    "what's the capital of peru?" in a chat about shapes is still not about them."""
     prompts = smalltalk.out_of_domain(p.split, count, p.rng(17), exclude)
-    return [p.record("ood", n, "out_of_domain",
-                     [_user(text), _assistant(smalltalk.OUT_OF_DOMAIN_REPLY,
-                                              smalltalk.OUT_OF_DOMAIN_ANSWER, "out_of_domain")],
-                     {"source": "out-of-domain"})
-            for n, text in enumerate(prompts)]
+    out = []
+    for n, text in enumerate(prompts):
+        turns, meta = _picture_first(p, n)
+        turns += [_user(text), _assistant(smalltalk.OUT_OF_DOMAIN_REPLY,
+                                          smalltalk.OUT_OF_DOMAIN_ANSWER, "out_of_domain")]
+        out.append(p.record("ood", n, "out_of_domain", turns,
+                            {"source": "out-of-domain", **meta}))
+    return out
+
+
+def _picture_first(p: Planner, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """For :data:`_OOD_AFTER_PICTURE` of out-of-domain prompts: a picture and one question
+    about it, answered, first (from generators of their own, so the prompts stay as
+    they were)."""
+    rng = p.rng(23, n)
+    if rng.random() >= _OOD_AFTER_PICTURE:
+        return [], {}
+    turns, meta, _ = _a_picture(p, rng, "ood", n)
+    return turns, meta
+
+
+def _a_picture(p: Planner, rng: np.random.Generator, kind: str, n: int
+               ) -> tuple[list[dict[str, Any]], dict[str, Any], tuple[Question, list[Question]]]:
+    """A picture sent with one question, and its answer: the turns, the dialogue's
+    meta, and the question with every question the picture can be asked."""
+    image_seed = p.image_seed(kind, n)
+    scene, qs = p.scene_for(image_seed, "any")
+    q = _any_question(rng, qs)
+    turns = [_user(scenes.phrase(q, rng), [p.image("scene", scene, image_seed)]),
+             _assistant(scenes.answer_sentence(q), q.answer, q.type)]
+    return turns, {"image_seed": image_seed, "scene": scene.to_meta(),
+                   "questions": [_qmeta(1, q)]}, (q, qs)
+
+
+#: The social turns of :func:`social`: the phrases, the reply and its answer label.
+_SOCIAL = {"thanks": (smalltalk.THANKS, smalltalk.THANKS_REPLY, smalltalk.THANKS_ANSWER),
+           "ack": (smalltalk.ACKNOWLEDGEMENTS, smalltalk.ACKNOWLEDGEMENT_REPLY,
+                   smalltalk.ACKNOWLEDGEMENT_ANSWER),
+           "help": (smalltalk.HELP, smalltalk.HELP_REPLY, smalltalk.HELP_ANSWER)}
+
+
+def social(p: Planner, i: int) -> dict[str, Any]:
+    """"thanks", "ok", "what can you do?" or a greeting, at the start of a chat or after
+    a question about a picture; after a picture, half the time another question about
+    it follows, answered from it as if nothing had come between."""
+    rng = p.rng(24, i)
+    turns: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {"source": "social"}
+    asked = None
+    if i % 2:
+        first, picture_meta, asked = _a_picture(p, rng, "social", i)
+        turns += first
+        meta.update(picture_meta)
+    kind = ("thanks", "ack", "help", "hello")[(i // 2) % 4]
+    if kind == "hello":
+        words = str(_pick(rng, list(speech.GREETINGS)))
+        reply, answer = speech.greeting_reply(words)
+        category = "greeting"
+    else:
+        phrases, reply, answer = _SOCIAL[kind]
+        words, category = str(_pick(rng, phrases)), "social"
+    turns += [_user(_goodbye_text(rng, words) if "?" not in words else words),
+              _assistant(reply, answer, category)]
+    if asked is not None and rng.random() < 0.5:
+        q, qs = asked
+        left = [o for o in qs if o.key != q.key]
+        if left:
+            nxt = _any_question(rng, left)
+            turns += [_user(scenes.phrase(nxt, rng, followup=True)),
+                      _assistant(scenes.answer_sentence(nxt), nxt.answer, nxt.type)]
+            meta["questions"].append(_qmeta(len(turns) - 1, nxt))
+    meta["text"] = words
+    return p.record("social", i, "social", turns, meta)
 
 
 def font_digit(p: Planner, i: int) -> dict[str, Any] | None:

@@ -208,12 +208,49 @@ def test_goodbyes_and_out_of_domain_prompts(records):
         user, reply = r["turns"][-2:]
         assert build_module._words(user["text"]) == build_module._words(r["meta"]["text"])
         assert (reply["text"], reply["category"]) == (smalltalk.GOODBYE_REPLY, "goodbye")
-    prompts = {s: {r["turns"][0]["text"] for r in recs if r["category"] == "out_of_domain"}
+    prompts = {s: {r["turns"][-2]["text"] for r in recs if r["category"] == "out_of_domain"}
                for s, recs in records.items()}
     assert all(prompts.values())
     assert not prompts["test"] & (prompts["train"] | prompts["valid"])
     said = {build_module._words(u) for c in chitchat.conversations() for u in c.utterances[::2]}
     assert not {build_module._words(p) for ps in prompts.values() for p in ps} & said
+
+
+def test_out_of_domain_prompts_also_come_after_a_picture(records):
+    """Half the out-of-domain prompts follow a question about a picture, answered from
+    its scene; the prompt itself still gets the out-of-domain reply."""
+    ood = every(records, "out-of-domain")
+    after = [r for r in ood if "scene" in r["meta"]]
+    assert 0 < len(after) < len(ood)
+    for r in after:
+        question, answer, prompt, reply = r["turns"]
+        assert question["attachments"][0]["modality"] == "image" and not prompt["attachments"]
+        assert answer["answer"] == r["meta"]["questions"][0]["answer"]
+        assert (reply["text"], reply["category"]) == (smalltalk.OUT_OF_DOMAIN_REPLY,
+                                                      "out_of_domain")
+
+
+def test_thanks_ok_and_help_are_not_goodbyes_or_questions(records):
+    """Social turns get their own reply at the start of a chat and after a picture, and a
+    question about the picture after one is answered from the picture."""
+    replies = {smalltalk.THANKS_REPLY: smalltalk.THANKS, smalltalk.HELP_REPLY: smalltalk.HELP,
+               smalltalk.ACKNOWLEDGEMENT_REPLY: smalltalk.ACKNOWLEDGEMENTS}
+    seen = set()
+    for r in every(records, "social"):
+        turns = r["turns"]
+        at = 2 if "scene" in r["meta"] else 0
+        user, reply = turns[at: at + 2]
+        said = build_module._words(user["text"])
+        if reply["category"] == "greeting":
+            assert reply["text"].endswith("! how can i help you?")
+        else:
+            assert reply["category"] == "social"
+            assert said in {build_module._words(p) for p in replies[reply["text"]]}
+            assert not set(smalltalk.GOODBYES) & {said}
+        seen.add((reply["text"], at > 0))
+        for q, turn in zip(r["meta"].get("questions", [])[1:], turns[at + 3::2]):
+            assert turn["answer"] == q["answer"] and q["turn"] == at + 3
+    assert {(t, after) for t in replies for after in (False, True)} <= seen
 
 
 def test_the_test_split_has_a_hundred_out_of_domain_prompts():
@@ -404,8 +441,7 @@ def test_typed_questions_are_also_asked_politely_or_indirectly(records):
             if t["role"] == "user" and r["meta"]["source"] not in ("chitchat", "out-of-domain")]
     reworded = [s for s in said if re.search(r"could you|i'd like to know|do you know", s)]
     assert reworded and len(reworded) < len(said) / 4
-    ood = [t["text"] for r in every(records) if r["meta"]["source"] == "out-of-domain"
-           for t in r["turns"] if t["role"] == "user"]
+    ood = smalltalk.out_of_domain("train", 300, np.random.default_rng(0))
     assert any(s.startswith(("could you", "do you know", "i'd like")) for s in ood)
 
 
