@@ -470,11 +470,10 @@ def _a_picture(p: Planner, rng: np.random.Generator, kind: str, n: int
                    "questions": [_qmeta(1, q)]}, (q, qs)
 
 
-#: The social turns of :func:`social`: the phrases, the reply and its answer label.
-_SOCIAL = {"thanks": (smalltalk.THANKS, smalltalk.THANKS_REPLY, smalltalk.THANKS_ANSWER),
-           "ack": (smalltalk.ACKNOWLEDGEMENTS, smalltalk.ACKNOWLEDGEMENT_REPLY,
-                   smalltalk.ACKNOWLEDGEMENT_ANSWER),
-           "help": (smalltalk.HELP, smalltalk.HELP_REPLY, smalltalk.HELP_ANSWER)}
+#: The social turns of :func:`social`: the reply and its answer label.
+_SOCIAL = {"thanks": (smalltalk.THANKS_REPLY, smalltalk.THANKS_ANSWER),
+           "ack": (smalltalk.ACKNOWLEDGEMENT_REPLY, smalltalk.ACKNOWLEDGEMENT_ANSWER),
+           "help": (smalltalk.HELP_REPLY, smalltalk.HELP_ANSWER)}
 
 
 def social(p: Planner, i: int) -> dict[str, Any]:
@@ -495,9 +494,9 @@ def social(p: Planner, i: int) -> dict[str, Any]:
         reply, answer = speech.greeting_reply(words)
         category = "greeting"
     else:
-        phrases, reply, answer = _SOCIAL[kind]
-        words, category = str(_pick(rng, phrases)), "social"
-    turns += [_user(_goodbye_text(rng, words) if "?" not in words else words),
+        reply, answer = _SOCIAL[kind]
+        words, category = str(_pick(rng, smalltalk.social_phrases(kind))), "social"
+    turns += [_user(_goodbye_text(rng, words) if not words.endswith(("?", ".")) else words),
               _assistant(reply, answer, category)]
     if asked is not None and rng.random() < 0.5:
         q, qs = asked

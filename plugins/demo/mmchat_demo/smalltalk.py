@@ -17,21 +17,41 @@ GOODBYE_REPLY = "goodbye! have a nice day."
 GOODBYE_ANSWER = "goodbye"
 
 #: Thanks, acknowledgements and asking what the bot does, anywhere in a chat, with their
-#: reply and answer label: "thanks" is not a goodbye, and "ok" is not a question.
-THANKS = ("thanks", "thank you", "thanks a lot", "thank you so much", "cheers", "great, thanks",
-          "ok, thanks", "perfect, thank you", "thx", "many thanks", "thanks for that",
-          "that's great, thanks")
+#: reply and answer label: "thanks" is not a goodbye, and "ok" is not a question. Each is
+#: said in many ways (:func:`social_phrases`: a lead-in, then one of the cores).
+THANKS = ("thanks", "thank you", "thanks a lot", "thank you so much", "cheers", "thx",
+          "many thanks", "thanks for that", "thanks for the help", "much appreciated",
+          "i appreciate it", "thank you kindly", "thanks so much", "ta", "thank u")
+THANKS_LEADS = ("", "great, ", "ok, ", "perfect, ", "brilliant, ", "awesome, ", "nice, ",
+                "cool, ", "that's great, ", "oh ", "wonderful, ", "lovely, ")
 THANKS_REPLY, THANKS_ANSWER = "you're welcome!", "welcome"
 ACKNOWLEDGEMENTS = ("ok", "okay", "cool", "nice", "great", "got it", "i see", "awesome",
-                    "alright", "good", "wow", "interesting", "ah, ok", "sure")
+                    "alright", "good", "wow", "interesting", "sure", "right", "fine",
+                    "fair enough", "makes sense", "good to know", "neat", "perfect",
+                    "understood", "lovely", "excellent", "noted", "k")
+ACKNOWLEDGEMENT_LEADS = ("", "ah, ", "oh, ", "ok, ", "okay ", "hmm, ", "oh ", "ah ")
 ACKNOWLEDGEMENT_REPLY = "ok! send me a picture, or ask me about one."
 ACKNOWLEDGEMENT_ANSWER = "ok"
 HELP = ("what can you do?", "help", "help me", "what do you do?", "how does this work?",
         "what are you for?", "what can i ask you?", "who are you?", "what are you?",
-        "how do i use this?", "what can you help me with?", "what should i ask?")
+        "how do i use this?", "what can you help me with?", "what should i ask?",
+        "what questions can you answer?", "what are you good at?", "how can you help me?",
+        "what is this?", "what can i do here?", "tell me what you can do.",
+        "what kind of things do you know?", "how do i start?", "what's your job?",
+        "what do you understand?", "what can you tell me?", "how do you work?")
+HELP_LEADS = ("", "hi, ", "so ", "um, ", "hey, ", "ok, ", "sorry, ")
 HELP_REPLY = ("i can tell you about the shapes or the digit in a picture you send, in "
               "writing or out loud.")
 HELP_ANSWER = "i can tell you"
+
+
+def social_phrases(kind: str) -> tuple[str, ...]:
+    """Every way the corpus says a ``thanks``, ``ack`` or ``help`` turn."""
+    cores, leads = {"thanks": (THANKS, THANKS_LEADS),
+                    "ack": (ACKNOWLEDGEMENTS, ACKNOWLEDGEMENT_LEADS),
+                    "help": (HELP, HELP_LEADS)}[kind]
+    return tuple(lead + core for core in cores for lead in leads
+                 if not (lead.strip(", ") == core))
 
 OUT_OF_DOMAIN_REPLY = ("sorry, i can't help with that. i can tell you about the shapes or "
                        "the digit in a picture you send, in writing or out loud.")
