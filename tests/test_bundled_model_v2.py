@@ -289,12 +289,15 @@ OUT_OF_DOMAIN = ["tell me a joke", "what's the weather in rome tomorrow?",
                  "recommend me a podcast", "what is the capital of peru?"]
 
 
+def sees_the_fallback(got, text) -> bool:
+    """The engine's fallback or the model's own "can't help"; no reply runs to the limit."""
+    assert got.finish_reason == "stop", (text, got.text)
+    return bool(getattr(got, "fallback", False)) or has(got.text, "can't help")
+
+
 def test_out_of_domain_prompts_get_the_fallback_and_nothing_loops(engine):
-    fell_back = []
-    for i, text in enumerate(OUT_OF_DOMAIN):
-        got = say(engine, f"ood-{i}", text)
-        assert got.finish_reason == "stop", (text, got.text)  # no reply runs to the limit
-        fell_back.append(bool(getattr(got, "fallback", False)) or has(got.text, "can't help"))
+    fell_back = [sees_the_fallback(say(engine, f"ood-{i}", text), text)
+                 for i, text in enumerate(OUT_OF_DOMAIN)]
     assert rate(fell_back) >= 0.8, fell_back  # issue target: 90%
 
 
@@ -314,9 +317,7 @@ def test_out_of_domain_prompts_after_a_picture_get_the_fallback(engine):
         (k1, c1), (k2, c2) = PAIRS[i % len(PAIRS)]
         s = f"ood-after-{i}"
         ask(engine, s, f"what colour is the {k1}?", [scene((k1, c1, LEFT), (k2, c2, RIGHT))])
-        got = say(engine, s, text)
-        assert got.finish_reason == "stop", (text, got.text)
-        fell_back.append(bool(getattr(got, "fallback", False)) or has(got.text, "can't help"))
+        fell_back.append(sees_the_fallback(say(engine, s, text), text))
     assert rate(fell_back) >= 0.8, fell_back  # issue target: 90%
 
 
@@ -324,7 +325,7 @@ def test_a_question_after_thanks_or_ok_is_answered_from_the_picture(engine):
     """"thanks", "ok" or "what can you do?" between two questions about a picture do not
     end the conversation about it: the next question is answered from the picture. The
     phrases are not the corpus's. (The replies to the phrases themselves are right about
-    half the time; docs/model-card.md gives the rates.)"""
+    one time in three; docs/model-card.md gives the rates.)"""
     said = ["thank you, that helps", "thank you very much", "superb, thank you",
             "right, cool", "i see now", "what are you able to do?",
             "what kind of questions can i ask?", "hello again"]
