@@ -165,7 +165,8 @@ def _about_it(rng: np.random.Generator, qs: list[Question]) -> tuple[str, Questi
     return str(_pick(rng, questions.PRONOUN_FORMS[slot])), q
 
 
-def _goodbye_text(rng: np.random.Generator, words: str) -> str:
+def _typed(rng: np.random.Generator, words: str) -> str:
+    """``words`` as people type them: lower case or capitalised, with "!", "." or nothing."""
     return str(_pick(rng, [f"{w}{end}" for w in (words, words.capitalize())
                            for end in ("", "!", ".")]))
 
@@ -176,7 +177,7 @@ def _closing(rng: np.random.Generator) -> list[dict[str, Any]]:
     if rng.random() >= _CLOSING:
         return []
     words = str(_pick(rng, smalltalk.GOODBYES))
-    text = _goodbye_text(rng, words) if rng.random() < 0.7 else f"thanks, {words}"
+    text = _typed(rng, words) if rng.random() < 0.7 else f"thanks, {words}"
     return [_user(text), _assistant(smalltalk.GOODBYE_REPLY, smalltalk.GOODBYE_ANSWER,
                                     "goodbye")]
 
@@ -421,7 +422,7 @@ def goodbye(p: Planner, i: int) -> dict[str, Any]:
     """A goodbye, typed as people type it; sometimes at the end of a short chat."""
     rng = p.rng(16, i)
     words = smalltalk.GOODBYES[i % len(smalltalk.GOODBYES)]
-    text = _goodbye_text(rng, words)
+    text = _typed(rng, words)
     turns: list[dict[str, Any]] = []
     if rng.random() < 0.3:
         hello = str(_pick(rng, list(speech.GREETINGS)))
@@ -470,12 +471,6 @@ def _a_picture(p: Planner, rng: np.random.Generator, kind: str, n: int
                    "questions": [_qmeta(1, q)]}, (q, qs)
 
 
-#: The social turns of :func:`social`: the reply and its answer label.
-_SOCIAL = {"thanks": (smalltalk.THANKS_REPLY, smalltalk.THANKS_ANSWER),
-           "ack": (smalltalk.ACKNOWLEDGEMENT_REPLY, smalltalk.ACKNOWLEDGEMENT_ANSWER),
-           "help": (smalltalk.HELP_REPLY, smalltalk.HELP_ANSWER)}
-
-
 def social(p: Planner, i: int) -> dict[str, Any]:
     """"thanks", "ok", "what can you do?" or a greeting, at the start of a chat or after
     a question about a picture; after a picture, half the time another question about
@@ -494,9 +489,9 @@ def social(p: Planner, i: int) -> dict[str, Any]:
         reply, answer = speech.greeting_reply(words)
         category = "greeting"
     else:
-        reply, answer = _SOCIAL[kind]
+        reply, answer = smalltalk.SOCIAL[kind].reply, smalltalk.SOCIAL[kind].answer
         words, category = str(_pick(rng, smalltalk.social_phrases(kind))), "social"
-    turns += [_user(_goodbye_text(rng, words) if not words.endswith(("?", ".")) else words),
+    turns += [_user(_typed(rng, words) if not words.endswith(("?", ".")) else words),
               _assistant(reply, answer, category)]
     if asked is not None and rng.random() < 0.5:
         q, qs = asked

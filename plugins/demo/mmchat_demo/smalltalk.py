@@ -8,6 +8,8 @@ the bot can do; an engine with a confidence fallback may send its own text inste
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 GOODBYES = ("bye", "goodbye", "bye bye", "see you", "see you later", "good night",
@@ -45,13 +47,28 @@ HELP_REPLY = ("i can tell you about the shapes or the digit in a picture you sen
 HELP_ANSWER = "i can tell you"
 
 
+
+
+class SocialTurn(NamedTuple):
+    """One kind of social turn: its phrases (each core after each lead-in) and reply."""
+
+    cores: tuple[str, ...]
+    leads: tuple[str, ...]
+    reply: str
+    answer: str
+
+
+SOCIAL = {"thanks": SocialTurn(THANKS, THANKS_LEADS, THANKS_REPLY, THANKS_ANSWER),
+          "ack": SocialTurn(ACKNOWLEDGEMENTS, ACKNOWLEDGEMENT_LEADS, ACKNOWLEDGEMENT_REPLY,
+                            ACKNOWLEDGEMENT_ANSWER),
+          "help": SocialTurn(HELP, HELP_LEADS, HELP_REPLY, HELP_ANSWER)}
+
+
 def social_phrases(kind: str) -> tuple[str, ...]:
     """Every way the corpus says a ``thanks``, ``ack`` or ``help`` turn."""
-    cores, leads = {"thanks": (THANKS, THANKS_LEADS),
-                    "ack": (ACKNOWLEDGEMENTS, ACKNOWLEDGEMENT_LEADS),
-                    "help": (HELP, HELP_LEADS)}[kind]
-    return tuple(lead + core for core in cores for lead in leads
-                 if not (lead.strip(", ") == core))
+    turn = SOCIAL[kind]
+    return tuple(lead + core for core in turn.cores for lead in turn.leads
+                 if lead.strip(", ") != core)
 
 OUT_OF_DOMAIN_REPLY = ("sorry, i can't help with that. i can tell you about the shapes or "
                        "the digit in a picture you send, in writing or out loud.")
