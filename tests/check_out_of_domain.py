@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alt_renderer import picture  # noqa: E402
-from test_bundled_model_v2 import has  # noqa: E402
+from test_bundled_model_v2 import sees_the_fallback  # noqa: E402
 
 from mmchat import Attachment  # noqa: E402
 from mmchat.config import from_dict  # noqa: E402
@@ -66,10 +66,6 @@ PROMPTS = [
     "how far away is the moon?", "is it rude to be late?",
 ]
 assert len(PROMPTS) == 100, len(PROMPTS)
-
-
-def sees_the_fallback(reply) -> bool:
-    return bool(reply.fallback) or has(reply.text, "can't help")
 
 
 def measure(checkpoint: str) -> None:

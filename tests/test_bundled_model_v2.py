@@ -289,15 +289,17 @@ OUT_OF_DOMAIN = ["tell me a joke", "what's the weather in rome tomorrow?",
                  "recommend me a podcast", "what is the capital of peru?"]
 
 
-def sees_the_fallback(got, text) -> bool:
-    """The engine's fallback or the model's own "can't help"; no reply runs to the limit."""
-    assert got.finish_reason == "stop", (text, got.text)
+def sees_the_fallback(got) -> bool:
+    """The engine's fallback, or the model's own "can't help"."""
     return bool(getattr(got, "fallback", False)) or has(got.text, "can't help")
 
 
 def test_out_of_domain_prompts_get_the_fallback_and_nothing_loops(engine):
-    fell_back = [sees_the_fallback(say(engine, f"ood-{i}", text), text)
-                 for i, text in enumerate(OUT_OF_DOMAIN)]
+    fell_back = []
+    for i, text in enumerate(OUT_OF_DOMAIN):
+        got = say(engine, f"ood-{i}", text)
+        assert got.finish_reason == "stop", (text, got.text)  # no reply runs to the limit
+        fell_back.append(sees_the_fallback(got))
     assert rate(fell_back) >= 0.8, fell_back  # issue target: 90%
 
 
@@ -317,7 +319,9 @@ def test_out_of_domain_prompts_after_a_picture_get_the_fallback(engine):
         (k1, c1), (k2, c2) = PAIRS[i % len(PAIRS)]
         s = f"ood-after-{i}"
         ask(engine, s, f"what colour is the {k1}?", [scene((k1, c1, LEFT), (k2, c2, RIGHT))])
-        fell_back.append(sees_the_fallback(say(engine, s, text), text))
+        got = say(engine, s, text)
+        assert got.finish_reason == "stop", (text, got.text)
+        fell_back.append(sees_the_fallback(got))
     assert rate(fell_back) >= 0.8, fell_back  # issue target: 90%
 
 
