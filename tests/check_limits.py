@@ -1,4 +1,5 @@
-"""Measure mmchat dialogue checkpoints on pictures and speech "as people make them".
+"""Measure mmchat dialogue checkpoints on pictures and speech "as people make them", and
+on questions across several pictures.
 
 Usage: python tests/check_limits.py CHECKPOINT [CHECKPOINT ...]
 (CHECKPOINT: `bundled` or a checkpoint directory; one column each in the table printed)
@@ -53,7 +54,8 @@ def att(shapes, **style) -> Attachment:
     return Attachment(*picture(shapes, **style))
 
 
-# -- conditions: each yields (condition name, text, attachments, key words any of which is right)
+# -- conditions: each yields (condition name, text, attachments, key words any of which is
+# right) and, optionally, the (text, attachments) turns said before it in the same session
 
 
 def backgrounds():
@@ -114,6 +116,66 @@ def spoken(tmp: Path):
             yield f"spoken-{snr}dB", "", [pic, Attachment.from_path(noisy)], [c1]
 
 
+COUNTED = ("no", "one", *WORDS[2:], "ten", "eleven", "twelve")
+
+
+def _pictures(rng, n_pictures, without=None):
+    """``n_pictures`` pictures, each of one to three shapes of different kinds (never the
+    kind ``without``) as (kind, colour, x, y, half-width)."""
+    spots = [(0.22, 0.3), (0.75, 0.28), (0.5, 0.75)]
+    pictures = []
+    for _ in range(n_pictures):
+        kinds = [k for k in rng.permutation(KINDS) if k != without][:int(rng.integers(1, 4))]
+        pictures.append([(str(k), str(rng.choice(COLOURS)), *spots[i], 0.11)
+                         for i, k in enumerate(kinds)])
+    return pictures
+
+
+def _shown(pictures):
+    """Each picture sent with a question about it: the turns before the one measured."""
+    return [(f"what colour is the {p[0][0]}?" if i % 2 else "how many shapes are there?",
+             [att(p)]) for i, p in enumerate(pictures)]
+
+
+def across():
+    """Two or three pictures, then a question about all of them (issue 12's examples);
+    right only when the reply is the whole sentence the demo corpus answers with."""
+    rng = np.random.default_rng(2)
+    for i in range(30):  # "which picture has the ...?": one picture has that kind
+        kind, n = str(rng.choice(KINDS)), 2 + i % 2
+        pictures = _pictures(rng, n, without=kind)
+        j = int(rng.integers(n))
+        pictures[j][0] = (kind, *pictures[j][0][1:])
+        ordinal = ("first", "second", "third")[j]
+        yield ("across-which", f"which picture has the {kind}?", [],
+               [f"the {ordinal} picture has the {kind}"], _shown(pictures))
+    for i in range(30):  # "how many squares in all?"
+        kind = str(rng.choice(KINDS))
+        pictures = _pictures(rng, 2 + i % 2)
+        n = sum(s[0] == kind for p in pictures for s in p)
+        want = (f"there are no {kind}s in the pictures" if n == 0 else
+                f"there is one {kind} in all" if n == 1 else
+                f"there are {COUNTED[n]} {kind}s in all")
+        yield "across-count-kind", f"how many {kind}s in all?", [], [want], _shown(pictures)
+    for i in range(30):  # "how many shapes in all the pictures?"
+        pictures = _pictures(rng, 2 + i % 2)
+        n = sum(len(p) for p in pictures)
+        yield ("across-count-shapes", "how many shapes in all the pictures?", [],
+               [f"there are {COUNTED[n]} shapes in all"], _shown(pictures))
+    for i in range(30):  # "are the circles the same colour?": one in each of two pictures
+        kind = str(rng.choice(KINDS))
+        a, b = (str(c) for c in rng.choice(COLOURS, 2, replace=False))
+        if i % 2:
+            b = a
+        pictures = _pictures(rng, 2, without=kind)
+        for p, colour in zip(pictures, (a, b)):
+            p[0] = (kind, colour, *p[0][2:])
+        want = (f"yes, both {kind}s are {a}" if a == b
+                else f"no, one {kind} is {a} and the other is {b}")
+        yield ("across-same-colour", f"are the {kind}s the same colour?", [], [want],
+               [(f"what colour is the {kind}?", [att(p)]) for p in pictures])
+
+
 CONDITIONS = {
     "backgrounds": lambda tmp: backgrounds(),
     "16:9": lambda tmp: aspect("16:9", (192, 108), ((0.3, 0.5), (0.7, 0.5))),
@@ -121,6 +183,7 @@ CONDITIONS = {
     "font-digits": lambda tmp: font_digits(),
     "three-2%-apart": lambda tmp: three_in_a_row(),
     "spoken": spoken,
+    "across": lambda tmp: across(),
 }
 
 
@@ -132,8 +195,10 @@ def measure(checkpoint: str, only, tmp: Path) -> dict:
         for group, make in CONDITIONS.items():
             if only and group not in only:
                 continue
-            for cond, text, attachments, keys in make(tmp):
+            for cond, text, attachments, keys, *before in make(tmp):
                 n += 1
+                for said, shown in (before[0] if before else ()):
+                    engine.reply(f"limits-{n}", said, shown)
                 reply = engine.reply(f"limits-{n}", text, attachments).text
                 score = scores.setdefault(cond, [0, 0])
                 score[0] += any(has(reply, k) for k in keys)
@@ -143,7 +208,7 @@ def measure(checkpoint: str, only, tmp: Path) -> dict:
     finally:
         engine.close()
     # a total line per group that has several conditions
-    for prefix in ("bg-", "spoken-"):
+    for prefix in ("bg-", "spoken-", "across-"):
         parts = [v for k, v in scores.items() if k.startswith(prefix)]
         if len(parts) > 1:
             scores[prefix + "all"] = [sum(p[0] for p in parts), sum(p[1] for p in parts)]
