@@ -75,9 +75,10 @@ def measure(checkpoint: str) -> None:
     try:
         for i, text in enumerate(PROMPTS):
             r = engine.reply(f"ood-{i}", text, [])
-            alone += sees_the_fallback(r)
+            fell_back = sees_the_fallback(r)
+            alone += fell_back
             limit += r.finish_reason not in ("stop", "loop")
-            if not sees_the_fallback(r):
+            if not fell_back:
                 misses.append((text, r.text))
             if i % 3 == 0:
                 s = f"ood-picture-{i}"

@@ -489,7 +489,8 @@ def social(p: Planner, i: int) -> dict[str, Any]:
         reply, answer = speech.greeting_reply(words)
         category = "greeting"
     else:
-        reply, answer = smalltalk.SOCIAL[kind].reply, smalltalk.SOCIAL[kind].answer
+        said = smalltalk.SOCIAL[kind]
+        reply, answer = said.reply, said.answer
         words, category = str(_pick(rng, smalltalk.social_phrases(kind))), "social"
     turns += [_user(_typed(rng, words) if not words.endswith(("?", ".")) else words),
               _assistant(reply, answer, category)]

@@ -47,8 +47,6 @@ HELP_REPLY = ("i can tell you about the shapes or the digit in a picture you sen
 HELP_ANSWER = "i can tell you"
 
 
-
-
 class SocialTurn(NamedTuple):
     """One kind of social turn: its phrases (each core after each lead-in) and reply."""
 
@@ -69,6 +67,7 @@ def social_phrases(kind: str) -> tuple[str, ...]:
     turn = SOCIAL[kind]
     return tuple(lead + core for core in turn.cores for lead in turn.leads
                  if lead.strip(", ") != core)
+
 
 OUT_OF_DOMAIN_REPLY = ("sorry, i can't help with that. i can tell you about the shapes or "
                        "the digit in a picture you send, in writing or out loud.")
