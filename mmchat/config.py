@@ -56,6 +56,7 @@ class FusionConfig:
     carry_query: bool = _opt(True)
     select_entries: bool = _opt(True)
     summaries: bool = _opt(True)
+    reread: bool = _opt(False)
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).
@@ -170,6 +171,7 @@ class TrainConfig:
     augment: bool = _opt(True)
     category_weights: Mapping[str, float] = _opt({})
     freeze: tuple[str, ...] = _opt(())
+    init_parts: tuple[str, ...] = _opt(())
     seed: int = _opt(1337, min=0)
     threads: int = _opt(0, min=0, max=256)
     fallback_threshold: float = _opt(0.0, min=0.0, max=1.0)

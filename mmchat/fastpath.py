@@ -157,6 +157,8 @@ class FastDecoder:
             return f"its RNN is a {type(rnn).__name__}, not a plain nn.LSTM or nn.GRU"
         if getattr(rnn, "proj_size", 0):
             return "its LSTM has projections"
+        if model.reread is not None:
+            return "it reads the memory twice a step ([fusion] reread)"
         linears = [model.combine, model.lm_head]
         if isinstance(model.fusion, AttentionFusion):
             linears.append(model.fusion.w)
@@ -179,7 +181,7 @@ class FastDecoder:
             values = mem.values.contiguous()  # (1, N, d)
             return FastMemory(values=values, hidden=~mem.mask)
         h = mem.values.new_zeros(1, 1, self.model.config.n_hidden)  # unused by pooled fusions
-        ctx, _ = self.model.context(h, mem)  # (1, 1, d), the same at every step
+        _, ctx, _ = self.model.read(h, mem)  # (1, 1, d), the same at every step
         bias = torch.addmm(self.combine_bias, ctx[:, 0], self.combine_ctx)  # (1, H)
         return FastMemory(bias=bias, weights=weights)
 

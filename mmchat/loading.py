@@ -41,6 +41,7 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         fusion=config.fusion.method, condition=config.fusion.condition,
         entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
         select_entries=config.fusion.select_entries, summaries=config.fusion.summaries,
+        reread=config.fusion.reread,
         modalities=sorted(modalities))
 
 

@@ -15,7 +15,10 @@ sees the memory of attachments sent up to and including turn ``k``. With
 from, counted from the latest (recency) and from the first (ordinal), as seen at turn
 ``k``; with ``carry_query``, turn ``k``'s query also sees turn ``k - 1``'s (the
 referent of a follow-up such as "and where is it?"); with ``select_entries``, turn
-``k``'s query gates each entry's vectors ("the first picture" dims the others).
+``k``'s query gates each entry's vectors ("the first picture" dims the others). With
+``reread``, every step reads the memory twice: a hidden layer over the state and the
+first read moves the state, which then reads again and chooses the token, so the reply's
+first word ("yes" or "no") can depend on what the first read found.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class DialogueConfig:
     carry_query: bool = False  # each turn's query sees the previous turn's query
     select_entries: bool = False  # the query gates each entry's vectors (needs entry_tags)
     summaries: bool = True  # append each modality's max-pooled vectors to the memory
+    reread: bool = False  # a layer compares the first read with the state, then reads again
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,9 +110,17 @@ class DialogueLM(nn.Module):
             nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
         ) if c.answers else None
         self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
+        # state and first read -> a move of the state that makes the second read (H + d -> H)
+        self.reread = nn.Sequential(nn.Linear(c.n_hidden + c.d_model, c.n_hidden), nn.Tanh(),
+                                    nn.Linear(c.n_hidden, c.n_hidden)) if c.reread else None
         self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
         self.apply(_init_weights)
+        if self.reread is not None:
+            # unit-variance hidden layer (tanh not saturated, not near zero): the output
+            # layer's small weights then learn from the first step, even on a warm start
+            first = self.reread[0]
+            nn.init.normal_(first.weight, std=first.in_features ** -0.5)
 
     # -- pieces shared by training and inference ----------------------------------------
 
@@ -297,9 +309,20 @@ class DialogueLM(nn.Module):
         said = said / said.sum(dim=-1, keepdim=True)  # (R, V), each row sums to 1
         return -(said * F.log_softmax(logits, dim=-1)).sum(), len(rows)
 
-    def context(self, h: torch.Tensor, mem: TurnMemory) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context (B, T, d) and the attention each memory vector received (B, T, N)."""
-        return self.fusion(h, mem)
+    def read(self, h: torch.Tensor, mem: TurnMemory
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What each step reads from the memory: the state the output layer sees (B, T, H),
+        the context (B, T, d) and the attention each memory vector received (B, T, N).
+
+        Without ``reread`` the state is ``h`` as given; with it, ``h`` moved by a hidden
+        layer over ``h`` and the first read, and the context and attention of a second read.
+        """
+        ctx, weights = self.fusion(h, mem)  # (B, T, d), (B, T, N)
+        if self.reread is None:
+            return h, ctx, weights
+        h = h + self.reread(torch.cat([h, ctx], dim=-1))  # (B, T, H)
+        ctx, weights = self.fusion(h, mem)
+        return h, ctx, weights
 
     def logits(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.combine(torch.cat([h, ctx], dim=-1)))  # (B, T, H)
@@ -359,6 +382,7 @@ class DialogueLM(nn.Module):
 
         h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
         ctx = h.new_zeros(B, T, self.config.d_model)
+        out = h  # (B, T, H) the state the output layer sees: h moved by a second read
         use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
         aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
@@ -379,17 +403,20 @@ class DialogueLM(nn.Module):
             mem = self.turn_memory(h_prompt, bag, values[rows, :n], kinds[rows, :n],
                                    visible[:, :n], ordinal[rows, :n], previous[rows])
             previous = previous.index_copy(0, rows, mem.query)
-            ctx_k, _ = self.context(h[rows, lo:hi], mem)  # (R, hi-lo, d)
-            window = ctx[rows, lo:hi]
-            ctx[rows, lo:hi] = torch.where(in_turn[:, lo:hi].unsqueeze(-1), ctx_k, window)
+            out_k, ctx_k, _ = self.read(h[rows, lo:hi], mem)  # (R, hi-lo, H), (R, hi-lo, d)
+            here = in_turn[:, lo:hi].unsqueeze(-1)  # (R, hi-lo, 1)
+            ctx[rows, lo:hi] = torch.where(here, ctx_k, ctx[rows, lo:hi])
+            if self.reread is not None:
+                out = out.clone() if out is h else out
+                out[rows, lo:hi] = torch.where(here, out_k, out[rows, lo:hi])
             if use_aux and (answers[rows, k] >= 0).any():
                 aux_loss = aux_loss + F.cross_entropy(self.answer_logits(mem),
                                                       answers[rows, k], ignore_index=-1,
                                                       reduction="sum")
         if targets is None:
-            return self.logits(h, ctx), None  # (B, T, V)
+            return self.logits(out, ctx), None  # (B, T, V)
         scored = targets >= 0  # (B, T) the positions that take a loss
-        logits = self.logits(h[scored], ctx[scored])  # (S, V)
+        logits = self.logits(out[scored], ctx[scored])  # (S, V)
         loss = F.cross_entropy(logits, targets[scored])
         if use_aux:
             loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)

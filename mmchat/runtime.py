@@ -74,8 +74,8 @@ class ReferenceDecoder:
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         h, state = model.run_rnn(tokens.unsqueeze(1), state)  # (B, 1, H)
-        ctx, w = model.context(h, mem)  # (B, 1, d), (B, 1, N)
-        return model.logits(h, ctx)[:, -1], w[:, -1], state
+        out, ctx, w = model.read(h, mem)  # (B, 1, H), (B, 1, d), (B, 1, N)
+        return model.logits(out, ctx)[:, -1], w[:, -1], state
 
 
 def expand_memory(mem: TurnMemory, batch: int) -> TurnMemory:
@@ -235,8 +235,8 @@ def start_turns(model: DialogueLM, tokenizer: Tokenizer, requests: Sequence[Turn
         bag = model.bag_of_words(words, select, *_heard(model, requests))  # (B, E)
         mem = model.turn_memory(h_last[:, -1], bag, values, kinds, mask, ordinal,
                                 _previous_queries(model, states))
-        ctx, weights = model.context(h_last, mem)  # (B, 1, d), (B, 1, N')
-        logits = model.logits(h_last, ctx)[:, -1]  # (B, V)
+        out, ctx, weights = model.read(h_last, mem)  # (B, 1, H), (B, 1, d), (B, 1, N')
+        logits = model.logits(out, ctx)[:, -1]  # (B, V)
         runs = []
         for b, (r, s, n) in enumerate(zip(requests, states, lengths)):
             # row b's own slots: its null and entries, then the summary slots after the

@@ -163,6 +163,10 @@ def test_models_the_fast_path_cannot_run_fall_back_to_the_reference(tok):
     assert isinstance(build_decoder(model), ReferenceDecoder)
     with pytest.raises(ValueError, match="training mode"):
         FastDecoder(model)
+    model.eval()
+    model.reread = torch.nn.Identity()  # a model that reads the memory twice a step
+    assert "reread" in FastDecoder.unsupported(model)
+    assert isinstance(build_decoder(model), ReferenceDecoder)
 
 
 @pytest.mark.parametrize("fusion", ["attention", "weighted"])  # concat reads proj.weight

@@ -13,12 +13,12 @@ RNNS = ["lstm", "gru"]
 
 
 def tiny_model(fusion="attention", rnn="lstm", vocab=40, seed=0, tags=0, carry=False,
-               select=False, summaries=True):
+               select=False, summaries=True, reread=False):
     torch.manual_seed(seed)
     cfg = DialogueConfig(vocab_size=vocab, rnn=rnn, n_layer=2, n_embd=16, n_hidden=24,
                          d_model=16, dropout=0.0, fusion=fusion, modalities=["toy"],
                          entry_tags=tags, carry_query=carry, select_entries=select,
-                         summaries=summaries)
+                         summaries=summaries, reread=reread)
     return DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
 
 
@@ -140,13 +140,14 @@ def test_heard_words_reach_the_query_and_train_through_it():
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("rnn", RNNS)
 @pytest.mark.parametrize("hearing", [False, True])
-@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("v2,reread", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("summaries", [True, False])
-def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, summaries):
+def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, reread, summaries):
     """The teacher-forced pass and turn-by-turn decoding compute the same logits.
 
     With ``hearing``, the first turn's attachment is heard (its words join that turn's
-    bag) and the second turn, which sends nothing, hears nothing. With ``v2``, memory
+    bag) and the second turn, which sends nothing, hears nothing. With ``reread``, every
+    step reads the memory twice. With ``v2``, memory
     entries carry recency/ordinal tags, each query sees the previous one, and the second
     turn sends a second attachment (so the first one's recency changes). Without
     ``summaries`` the memory holds no max-pooled slots.
@@ -154,10 +155,14 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, su
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)
     model = tiny_model(fusion, rnn, vocab=tok.vocab_size, tags=4 if v2 else 0,
-                       carry=v2, summaries=summaries).eval()
+                       carry=v2, summaries=summaries, reread=reread).eval()
     if v2:  # large enough that a wrong tag or a lost query moves the logits past atol
         with torch.no_grad():
             for p in [*model.turn_query.parameters(), model.recency_emb, model.ordinal_emb]:
+                p.normal_(0.0, 0.5)
+    if reread:  # the same for a second read the incremental path might skip
+        with torch.no_grad():
+            for p in model.reread.parameters():
                 p.normal_(0.0, 0.5)
     if hearing:
         model.config.transcripts, model.config.heard = True, ["toy"]
@@ -195,8 +200,8 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, su
         with torch.no_grad():
             for t in answer:
                 h, rnn_state = model.run_rnn(torch.tensor([[t]]), rnn_state)
-                ctx, _ = model.context(h, run.memory)
-                got.append(model.logits(h, ctx)[0, -1])
+                out, ctx, _ = model.read(h, run.memory)
+                got.append(model.logits(out, ctx)[0, -1])
         for i, logits in enumerate(got):
             torch.testing.assert_close(logits, full[0, end + i], atol=1e-4, rtol=1e-4)
         state = SessionState(rnn=rnn_state, pending=[tok.eos_id], turns=1,

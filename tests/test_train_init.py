@@ -223,10 +223,10 @@ async def test_the_bundled_model_learns_a_new_modality_as_the_docs_say(work, tmp
 
 def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_classes(work,
                                                                                    tmp_path):
-    """A checkpoint trained without entry tags, carried query, entry selection or summary
-    slots and answer classes hot/cold, warm-started on data whose cold answers say
-    "freezing": the new model has the run's memory settings, and "freezing" is appended
-    after the checkpoint's classes, whose answer-head rows are kept."""
+    """A checkpoint trained without entry tags, carried query, entry selection, summary
+    slots or a second read and answer classes hot/cold, warm-started on data whose cold
+    answers say "freezing": the new model has the run's memory settings, and "freezing" is
+    appended after the checkpoint's classes, whose answer-head rows are kept."""
     host = PluginHost(paths=[work / "plugins"], entry_points=False)
     plain = {"entry_tags": 0, "carry_query": False, "select_entries": False,
              "summaries": False}
@@ -245,10 +245,12 @@ def test_a_warm_start_takes_the_runs_memory_settings_and_learns_new_answer_class
                            tokenizer=base.tokenizer, modality_names=base.config.modalities,
                            answers=base.config.answers, more_answers=True)
     assert data.answers == ["cold", "hot", "freezing"]
-    trainer = Trainer(from_dict({"model": MODEL, "train": TRAIN}, env={}), data,
-                      tmp_path / "grown", progress=False, init_from=base)
+    trainer = Trainer(from_dict({"model": MODEL, "train": TRAIN, "fusion": {"reread": True}},
+                                env={}), data, tmp_path / "grown", progress=False,
+                      init_from=base)
     c = trainer.model.config
-    assert (c.entry_tags, c.carry_query, c.select_entries) == (8, True, True)
+    assert (c.entry_tags, c.carry_query, c.select_entries, c.reread) == (8, True, True, True)
+    assert trainer.model.reread is not None
     assert c.summaries  # the run's default, not the checkpoint's
     assert c.answers == ["cold", "hot", "freezing"]
     head = trainer.model.answer_head[2].weight
@@ -272,3 +274,26 @@ def test_train_freeze_holds_the_named_parts_of_the_model_it_starts_from(work, tm
     bad = from_dict({"model": MODEL, "train": {**TRAIN, "freeze": ["encoder.toy"]}}, env={})
     with pytest.raises(MMChatError, match="train.freeze names 'encoder.toy'.*encoders.toy"):
         Trainer(bad, data, tmp_path / "bad", progress=False, init_from=base)
+
+
+def test_init_parts_loads_only_the_named_parts_and_starts_the_rest_fresh(work, tmp_path):
+    host = PluginHost(paths=[work / "plugins"], entry_points=False)
+    base = Base.load(work / "base" / "model", host.modalities)
+    data = load_train_data(work / "toy", host.modalities, vocab_size=64, max_tokens=64,
+                           tokenizer=base.tokenizer, modality_names=base.config.modalities,
+                           answers=base.config.answers, more_answers=True)
+    train = {**TRAIN, "init_parts": ["encoders.toy"]}
+    model = Trainer(from_dict({"model": MODEL, "train": train}, env={}), data,
+                    tmp_path / "parts", progress=False, init_from=base).model
+    now = model.state_dict()
+    loaded = [n for n in base.state if n.startswith("encoders.toy.")]
+    assert loaded and all(now[n].equal(base.state[n]) for n in loaded)
+    assert not now["lm_head.weight"].equal(base.state["lm_head.weight"])  # fresh
+    assert not now["rnn.weight_hh_l0"].equal(base.state["rnn.weight_hh_l0"])
+    bad = from_dict({"model": MODEL, "train": {**TRAIN, "init_parts": ["encoder.toy"]}},
+                    env={})
+    with pytest.raises(MMChatError, match="init_parts names 'encoder.toy'"):
+        Trainer(bad, data, tmp_path / "bad", progress=False, init_from=base)
+    with pytest.raises(MMChatError, match="needs a model to start from"):
+        Trainer(from_dict({"model": MODEL, "train": train}, env={}), data,
+                tmp_path / "none", progress=False)

@@ -3,21 +3,23 @@
 The new model keeps the checkpoint's shape, tokenizer, answer classes and modalities,
 in their order (a modality's type id is its place in that list), and appends the
 modalities and answer classes the data has that the checkpoint lacks; the memory
-settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``) are the run's.
+settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``, ``summaries``,
+``reread``) are the run's.
 Every weight of the checkpoint is loaded; a weight that grew (the modality type
 embedding, the ``concat`` fusion's projection, the answer head) keeps its trained part
 and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
 weight loaded unchanged and trains only the new encoders and the new part of the grown
 weights (with ``[train] weight_decay = 0``, the default, the loaded part then stays
 exactly as it was: the trainer keeps wholly frozen parts in evaluation mode, see
-:mod:`.freeze`).
+:mod:`.freeze`). ``[train] init_parts`` loads only the named parts (the encoders, say)
+and starts the rest fresh: a new decoder over trained encoders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -61,12 +63,20 @@ class Base:
                                    answers=answers, entry_tags=run.entry_tags,
                                    carry_query=run.carry_query,
                                    select_entries=run.select_entries,
-                                   summaries=run.summaries)
+                                   summaries=run.summaries, reread=run.reread)
 
-    def load_into(self, model: DialogueLM, *, freeze: bool = False) -> list[str]:
+    def load_into(self, model: DialogueLM, *, freeze: bool = False,
+                  parts: Sequence[str] = ()) -> list[str]:
         """Copy the checkpoint's weights into ``model`` (built from :meth:`grown`); with
-        ``freeze``, stop gradients of every weight loaded unchanged. Returns the names of
-        the weights that start fresh or grew."""
+        ``freeze``, stop gradients of every weight loaded unchanged. ``parts`` (``[train]
+        init_parts``) loads only the weights under those names (``"encoders.image"``),
+        and every other weight starts fresh. Returns the names of the weights that start
+        fresh or grew."""
+        wanted = [p.strip(".") for p in parts]
+        unknown = [p for p in wanted if not any(_under(n, p) for n in self.state)]
+        if unknown:
+            raise MMChatError(f"train.init_parts names {', '.join(map(repr, unknown))}, "
+                              f"which {self.path} has no weights under")
         fresh = []
         kept: dict[str, torch.Tensor] = {}  # grown weight -> 1 where it is new, 0 where loaded
         n_old = len(self.config.modalities)
@@ -74,7 +84,7 @@ class Base:
         with torch.no_grad():
             for name, param in model.state_dict().items():
                 old = self.state.get(name)
-                if old is None:
+                if old is None or (wanted and not any(_under(name, p) for p in wanted)):
                     fresh.append(name)
                 elif old.shape == param.shape:
                     param.copy_(old)
@@ -119,6 +129,10 @@ class Base:
                     self.path, ", ".join(added) or "none", len(fresh),
                     "; the rest is frozen" if freeze else "")
         return fresh
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _halves(t: torch.Tensor, n_tags: int) -> torch.Tensor:

@@ -142,7 +142,9 @@ class Trainer:
             dcfg = init_from.grown(dcfg)
         self.model = checkpoint.build_untrained(dcfg, data.modalities)
         if init_from is not None:
-            init_from.load_into(self.model, freeze=freeze)
+            init_from.load_into(self.model, freeze=freeze, parts=t.init_parts)
+        elif t.init_parts:
+            raise MMChatError("train.init_parts needs a model to start from (--init-from)")
         if t.freeze:
             held = freeze_named(self.model, t.freeze)
             logger.info("train.freeze holds %d weights fixed (%s)", len(held),
