@@ -382,7 +382,8 @@ class DialogueLM(nn.Module):
 
         h, _ = self.run_rnn(idx, self.initial_state(B))  # (B, T, H)
         ctx = h.new_zeros(B, T, self.config.d_model)
-        out = h  # (B, T, H) the state the output layer sees: h moved by a second read
+        # (B, T, H) the state the output layer sees: with reread, h moved by the second read
+        out = h.clone() if self.reread is not None else h
         use_aux = answers is not None and aux_weight > 0 and self.answer_head is not None
         aux_loss = h.new_zeros(())
         positions = torch.arange(T, device=idx.device)
@@ -407,7 +408,6 @@ class DialogueLM(nn.Module):
             here = in_turn[:, lo:hi].unsqueeze(-1)  # (R, hi-lo, 1)
             ctx[rows, lo:hi] = torch.where(here, ctx_k, ctx[rows, lo:hi])
             if self.reread is not None:
-                out = out.clone() if out is h else out
                 out[rows, lo:hi] = torch.where(here, out_k, out[rows, lo:hi])
             if use_aux and (answers[rows, k] >= 0).any():
                 aux_loss = aux_loss + F.cross_entropy(self.answer_logits(mem),

@@ -146,11 +146,11 @@ def test_training_pass_equals_incremental_inference(fusion, rnn, hearing, v2, re
     """The teacher-forced pass and turn-by-turn decoding compute the same logits.
 
     With ``hearing``, the first turn's attachment is heard (its words join that turn's
-    bag) and the second turn, which sends nothing, hears nothing. With ``reread``, every
-    step reads the memory twice. With ``v2``, memory
+    bag) and the second turn, which sends nothing, hears nothing. With ``v2``, memory
     entries carry recency/ordinal tags, each query sees the previous one, and the second
-    turn sends a second attachment (so the first one's recency changes). Without
-    ``summaries`` the memory holds no max-pooled slots.
+    turn sends a second attachment (so the first one's recency changes). With ``reread``,
+    every step reads the memory twice. Without ``summaries`` the memory holds no
+    max-pooled slots.
     """
     tok = Tokenizer.train(["the circle is red", "what colour is it", "hello there"] * 20,
                           vocab_size=40)

@@ -23,7 +23,7 @@ def freeze_named(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     frozen: list[str] = []
     for prefix in prefixes:
         prefix = prefix.strip(".")
-        hits = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        hits = [n for n in names if lies_under(n, prefix)]
         if not hits:
             parts = sorted({".".join(n.split(".")[:2]) if n.startswith("encoders.")
                             else n.split(".")[0] for n in names})
@@ -34,6 +34,12 @@ def freeze_named(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen
+
+
+def lies_under(name: str, prefix: str) -> bool:
+    """Whether weight ``name`` is ``prefix`` or lies under it (``"encoders.image"`` holds
+    ``encoders.image.proj.weight``, not ``encoders.images.x``)."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def hold_frozen(model: nn.Module) -> None:

@@ -29,6 +29,7 @@ from ..errors import MMChatError
 from ..modality import Modality
 from ..model import DialogueConfig, DialogueLM
 from ..tokenizer import Tokenizer
+from .freeze import lies_under
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Base:
         and every other weight starts fresh. Returns the names of the weights that start
         fresh or grew."""
         wanted = [p.strip(".") for p in parts]
-        unknown = [p for p in wanted if not any(_under(n, p) for n in self.state)]
+        unknown = [p for p in wanted if not any(lies_under(n, p) for n in self.state)]
         if unknown:
             raise MMChatError(f"train.init_parts names {', '.join(map(repr, unknown))}, "
                               f"which {self.path} has no weights under")
@@ -84,7 +85,7 @@ class Base:
         with torch.no_grad():
             for name, param in model.state_dict().items():
                 old = self.state.get(name)
-                if old is None or (wanted and not any(_under(name, p) for p in wanted)):
+                if old is None or (wanted and not any(lies_under(name, p) for p in wanted)):
                     fresh.append(name)
                 elif old.shape == param.shape:
                     param.copy_(old)
@@ -129,10 +130,6 @@ class Base:
                     self.path, ", ".join(added) or "none", len(fresh),
                     "; the rest is frozen" if freeze else "")
         return fresh
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def _halves(t: torch.Tensor, n_tags: int) -> torch.Tensor:
