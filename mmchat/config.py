@@ -57,6 +57,8 @@ class FusionConfig:
     select_entries: bool = _opt(True)
     summaries: bool = _opt(True)
     reread: bool = _opt(False)
+    object_slots: int = _opt(0, min=0, max=64)
+    object_order: str = _opt("data", choices=("data", "any"))
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).
@@ -168,6 +170,7 @@ class TrainConfig:
     max_tokens: int = _opt(256, min=8, max=65536)
     aux_weight: float = _opt(1.0, min=0.0)
     transcript_weight: float = _opt(1.0, min=0.0)
+    objects_weight: float = _opt(1.0, min=0.0)
     augment: bool = _opt(True)
     category_weights: Mapping[str, float] = _opt({})
     freeze: tuple[str, ...] = _opt(())

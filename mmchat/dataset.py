@@ -53,6 +53,9 @@ class AttachmentRef:
     data: bytes | None = field(default=None, repr=False)
     #: What the attachment says in words (a voice clip's transcript), if the data gives it.
     text: str | None = None
+    #: What the attachment shows, one phrase per object in a fixed order, if the data
+    #: gives it (the demo corpus: a picture's shapes left to right).
+    objects: tuple[str, ...] = ()
 
     def read(self) -> bytes:
         """The media bytes (read from :attr:`path`, or the inline :attr:`data`)."""
@@ -211,11 +214,13 @@ def _dialogue(record: dict[str, Any], path: Path, lineno: int) -> Dialogue:
             if "path" in a:
                 refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
                                           path=_resolve(path.parent, a["path"]),
-                                          text=a.get("text")))
+                                          text=a.get("text"),
+                                          objects=tuple(a.get("objects", ()))))
             else:
                 refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
                                           data=base64.b64decode(a["data"], validate=True),
-                                          text=a.get("text")))
+                                          text=a.get("text"),
+                                          objects=tuple(a.get("objects", ()))))
         turns.append(Turn(turn["role"], turn["text"], tuple(refs), turn.get("answer"),
                           turn.get("category")))
     return Dialogue(record["id"], tuple(turns), record.get("split"), record.get("category"),

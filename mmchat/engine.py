@@ -147,7 +147,8 @@ class Engine:
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         assert self._threads is not None
         self._scheduler = DecodeScheduler(decoder, self._threads.model)
-        self._guard = PluginGuard(self.served_modalities, self.model.encoders,
+        encoders = {m: self.model.encoder_for(m) for m in self.model.config.modalities}
+        self._guard = PluginGuard(self.served_modalities, encoders,
                                   self.model.config.d_model, self.config.plugins)
         self._threads.on_stop(self._scheduler.close)
         self._threads.on_stop(self._guard.close)

@@ -41,7 +41,8 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         fusion=config.fusion.method, condition=config.fusion.condition,
         entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
         select_entries=config.fusion.select_entries, summaries=config.fusion.summaries,
-        reread=config.fusion.reread,
+        reread=config.fusion.reread, object_slots=config.fusion.object_slots,
+        object_order=config.fusion.object_order,
         modalities=sorted(modalities))
 
 

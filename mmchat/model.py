@@ -18,12 +18,15 @@ referent of a follow-up such as "and where is it?"); with ``select_entries``, tu
 ``k``'s query gates each entry's vectors ("the first picture" dims the others). With
 ``reread``, every step reads the memory twice: a hidden layer over the state and the
 first read moves the state, which then reads again and chooses the token, so the reply's
-first word ("yes" or "no") can depend on what the first read found.
+first word ("yes" or "no") can depend on what the first read found. With
+``object_slots``, each attachment of the modalities in ``objects_for`` brings that many
+more vectors, each trained to read one object it shows (:mod:`mmchat.objects`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import EntrySelector, FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
+from .objects import ObjectSlots, object_loss, object_targets
 
 
 @dataclass
@@ -54,6 +58,9 @@ class DialogueConfig:
     select_entries: bool = False  # the query gates each entry's vectors (needs entry_tags)
     summaries: bool = True  # append each modality's max-pooled vectors to the memory
     reread: bool = False  # a layer compares the first read with the state, then reads again
+    object_slots: int = 0  # vectors per attachment that each read one object (0 = none)
+    objects_for: list[str] = field(default_factory=list)  # modalities that get the slots
+    object_order: str = "data"  # slot i takes object i ("data") or any one ("any")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +81,7 @@ class MediaBatch:
     item: torch.Tensor  # (A,) which dialogue in the batch each attachment belongs to
     turn: torch.Tensor  # (A,) the turn that sent it
     words: list[list[int]] | None = None  # each attachment's transcript ids ([] for none)
+    objects: list[list[list[int]]] | None = None  # each one's object phrases' ids ([] for none)
 
 
 class DialogueLM(nn.Module):
@@ -115,7 +123,14 @@ class DialogueLM(nn.Module):
                                     nn.Linear(c.n_hidden, c.n_hidden)) if c.reread else None
         self.combine = nn.Linear(c.n_hidden + c.d_model, c.n_hidden)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size)
+        slotted = c.object_slots > 0 and bool(c.objects_for)
+        self.objects = ObjectSlots(c.d_model, c.object_slots) if slotted else None
+        # each slot's words, plus one class for "nothing" (V + 1)
+        self.object_head = nn.Linear(c.d_model, c.vocab_size + 1) if slotted else None
         self.apply(_init_weights)
+        if self.objects is not None:
+            # distinct unit-scale queries: identical ones would never tell the slots apart
+            nn.init.normal_(self.objects.queries, std=1.0)
         if self.reread is not None:
             # unit-variance hidden layer (tanh not saturated, not near zero): the output
             # layer's small weights then learn from the first step, even on a warm start
@@ -126,8 +141,24 @@ class DialogueLM(nn.Module):
 
     def encode(self, modality: str, x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Run one modality's encoder; returns each item's real vectors, (N_i, d)."""
-        vectors, mask = self.encoders[modality](x, lengths)  # (A, N, d), (A, N)
+        vectors, mask = self.encode_batch(modality, x, lengths)  # (A, N, d), (A, N)
         return [v[m] for v, m in zip(vectors, mask)]
+
+    def encode_batch(self, modality: str, x: torch.Tensor, lengths: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One modality's encoder on a batch: vectors (A, N, d) and mask (A, N). With object
+        slots for the modality, its K slots follow each item's vectors: (A, N + K, d)."""
+        vectors, mask = self.encoders[modality](x, lengths)  # (A, N, d), (A, N)
+        if self.objects is None or modality not in self.config.objects_for:
+            return vectors, mask
+        slots = self.objects(vectors, mask)  # (A, K, d)
+        return torch.cat([vectors, slots], dim=1), torch.cat(
+            [mask, mask.new_ones(slots.shape[:2])], dim=1)
+
+    def encoder_for(self, modality: str) -> Callable[[torch.Tensor, torch.Tensor],
+                                                     tuple[torch.Tensor, torch.Tensor]]:
+        """What serving calls to encode a batch of ``modality``: :meth:`encode_batch`."""
+        return functools.partial(self.encode_batch, modality)
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         """Zero RNN state, (S, L, B, H) with S = 2 for LSTM (h, c) and 1 for GRU."""
@@ -309,6 +340,24 @@ class DialogueLM(nn.Module):
         said = said / said.sum(dim=-1, keepdim=True)  # (R, V), each row sums to 1
         return -(said * F.log_softmax(logits, dim=-1)).sum(), len(rows)
 
+    def object_loss(self, vectors: Sequence[torch.Tensor],
+                    objects: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, int]:
+        """Summed loss of the object head on attachments whose objects the data names.
+
+        An attachment's last K vectors are its slots (:meth:`encode_batch`); slot ``i`` is
+        scored against the pieces of object ``i``, or "nothing" past the last
+        (:func:`mmchat.objects.object_targets`); with ``object_order = "any"``, against the
+        object it is matched to. Returns (loss, slots scored)."""
+        rows = [i for i, shown in enumerate(objects) if shown]
+        if not rows or self.object_head is None:
+            return vectors[0].new_zeros(()), 0
+        K = self.config.object_slots
+        slots = torch.stack([vectors[i][-K:] for i in rows])  # (R, K, d)
+        target = object_targets([objects[i] for i in rows], K, self.config.vocab_size,
+                                slots.device)  # (R, K, V + 1)
+        return object_loss(self.object_head(slots), target,
+                           self.config.object_order), len(rows) * K
+
     def read(self, h: torch.Tensor, mem: TurnMemory
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What each step reads from the memory: the state the output layer sees (B, T, H),
@@ -333,7 +382,7 @@ class DialogueLM(nn.Module):
     def forward(self, idx: torch.Tensor, turns: torch.Tensor, prompt_end: torch.Tensor,
                 media: Sequence[MediaBatch] = (), targets: torch.Tensor | None = None,
                 answers: torch.Tensor | None = None, aux_weight: float = 0.0,
-                transcript_weight: float = 0.0
+                transcript_weight: float = 0.0, objects_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced pass over whole dialogues.
 
@@ -341,7 +390,9 @@ class DialogueLM(nn.Module):
         prompt_end (B, K) position of each turn's ``<bot>`` token (-1 where absent);
         targets (B, T) next-token ids, -1 where no loss is taken; answers (B, K) the
         auxiliary answer class of each turn (-1 where none), weighted by ``aux_weight``;
-        media transcripts (``MediaBatch.words``) train the word head, by ``transcript_weight``.
+        media transcripts (``MediaBatch.words``) train the word head, by ``transcript_weight``,
+        and the objects they show (``MediaBatch.objects``) the object slots, by
+        ``objects_weight``.
 
         Returns ``(logits, loss)``: without targets, logits (B, T, V) and no loss; with
         targets, only the S positions that take a loss are scored (most of a dialogue
@@ -352,6 +403,7 @@ class DialogueLM(nn.Module):
         entries: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(B)]
         entry_turns: list[list[int]] = [[] for _ in range(B)]
         said_loss, n_said = self.null.new_zeros(()), 0
+        shown_loss, n_shown = self.null.new_zeros(()), 0
         K = prompt_end.shape[1]
         heard = self.null.new_zeros(B, K, self.config.n_embd)  # (B, K, E) words heard per turn
         n_heard = self.null.new_zeros(B, K)  # (B, K)
@@ -360,6 +412,10 @@ class DialogueLM(nn.Module):
             if batch.words is not None and transcript_weight > 0:
                 part, n = self.transcript_loss(vectors, batch.words)
                 said_loss, n_said = said_loss + part, n_said + n
+            if batch.objects is not None and objects_weight > 0 and \
+                    batch.modality in self.config.objects_for:
+                part, n = self.object_loss(vectors, batch.objects)
+                shown_loss, n_shown = shown_loss + part, n_shown + n
             if self.hears(batch.modality) and vectors:
                 at = (batch.item.to(idx.device), batch.turn.to(idx.device))
                 heard = heard.index_put(at, self.heard_words(vectors), accumulate=True)
@@ -422,6 +478,8 @@ class DialogueLM(nn.Module):
             loss = loss + aux_weight * aux_loss / (answers >= 0).sum().clamp_min(1)
         if n_said:
             loss = loss + transcript_weight * said_loss / n_said
+        if n_shown:
+            loss = loss + objects_weight * shown_loss / n_shown
         return logits, loss
 
     def num_params(self) -> int:

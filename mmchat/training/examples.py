@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Example:
     """One dialogue, tokenised. ``media`` lists (modality, feature key, turn);
-    ``words`` holds each media item's transcript token ids (empty without one)."""
+    ``words`` holds each media item's transcript token ids (empty without one) and
+    ``objects`` the token ids of each of its objects' phrases (none without them)."""
 
     tokens: list[int]
     turns: list[int]  # turn index of each position
@@ -36,6 +37,7 @@ class Example:
     category: str = ""
     answers: list[int] = field(default_factory=list)  # auxiliary answer class per turn, or -1
     words: list[list[int]] = field(default_factory=list)  # transcript ids per media item
+    objects: list[list[list[int]]] = field(default_factory=list)  # object phrases per item
 
 
 def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256,
@@ -57,7 +59,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
         if 1 + len(prompt) + len(answer) > max_tokens:
             continue
         if current is None or len(current.tokens) + len(prompt) + len(answer) > max_tokens:
-            current = Example([tokenizer.bos_id], [0], [], [], [], category, [], [])
+            current = Example([tokenizer.bos_id], [0], [], [], [], category, [], [], [])
             examples.append(current)
         k = len(current.prompt_end)
         current.answers.append((answer_ids or {}).get(assistant.answer or "", -1))
@@ -72,6 +74,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
         for att in user.attachments:
             current.media.append((att.modality, feature_key(att.read()), k))
             current.words.append(tokenizer.encode(att.text) if att.text else [])
+            current.objects.append([tokenizer.encode(o) for o in att.objects])
     for e in examples:
         e.targets = [-1] + e.targets  # the <s> position predicts nothing
     return examples
@@ -135,7 +138,7 @@ class Batch:
         return Batch(self.idx.to(device), self.turns.to(device), self.prompt_end.to(device),
                      self.targets.to(device),
                      [MediaBatch(m.modality, m.x.to(device), m.lengths.to(device),
-                                 m.item.to(device), m.turn.to(device), m.words)
+                                 m.item.to(device), m.turn.to(device), m.words, m.objects)
                       for m in self.media],
                      None if self.answers is None else self.answers.to(device))
 
@@ -163,7 +166,8 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
     targets = torch.full((B, T), -1, dtype=torch.long)
     prompt_end = torch.full((B, K), -1, dtype=torch.long)
     answers = torch.full((B, K), -1, dtype=torch.long)
-    per_modality: dict[str, list[tuple[torch.Tensor, int, int, list[int]]]] = {}
+    per_modality: dict[str, list[tuple[torch.Tensor, int, int, list[int],
+                                       list[list[int]]]]] = {}
     for b, e in enumerate(examples):
         n = len(e.tokens)
         idx[b, :n] = torch.tensor(e.tokens)
@@ -172,19 +176,21 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
         prompt_end[b, : len(e.prompt_end)] = torch.tensor(e.prompt_end)
         answers[b, : len(e.answers)] = torch.tensor(e.answers, dtype=torch.long)
         words = e.words or [[] for _ in e.media]
-        for (name, key, k), said in zip(e.media, words):
+        objects = e.objects or [[] for _ in e.media]
+        for (name, key, k), said, shown in zip(e.media, words, objects):
             if name in drop or name not in modalities:
                 continue
             features = cache.get(key)
             if augment is not None:
                 features = modalities[name].augment(features, augment)
-            per_modality.setdefault(name, []).append((features, b, k, said))
+            per_modality.setdefault(name, []).append((features, b, k, said, shown))
     media = []
     for name in sorted(per_modality):
         items = per_modality[name]
-        x, lengths = modalities[name].collate([f for f, _, _, _ in items])
-        said = [w for _, _, _, w in items]
-        media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, _, _ in items]),
-                                torch.tensor([k for _, _, k, _ in items]),
-                                said if any(said) else None))
+        x, lengths = modalities[name].collate([f for f, *_ in items])
+        said = [w for _, _, _, w, _ in items]
+        shown = [o for *_, o in items]
+        media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, *_ in items]),
+                                torch.tensor([k for _, _, k, *_ in items]),
+                                said if any(said) else None, shown if any(shown) else None))
     return Batch(idx, turns, prompt_end, targets, media, answers)

@@ -4,7 +4,7 @@ The new model keeps the checkpoint's shape, tokenizer, answer classes and modali
 in their order (a modality's type id is its place in that list), and appends the
 modalities and answer classes the data has that the checkpoint lacks; the memory
 settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``, ``summaries``,
-``reread``) are the run's.
+``reread``, ``object_slots``, ``object_order``) are the run's.
 Every weight of the checkpoint is loaded; a weight that grew (the modality type
 embedding, the ``concat`` fusion's projection, the answer head) keeps its trained part
 and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
@@ -64,7 +64,10 @@ class Base:
                                    answers=answers, entry_tags=run.entry_tags,
                                    carry_query=run.carry_query,
                                    select_entries=run.select_entries,
-                                   summaries=run.summaries, reread=run.reread)
+                                   summaries=run.summaries, reread=run.reread,
+                                   object_slots=run.object_slots,
+                                   object_order=run.object_order,
+                                   objects_for=run.objects_for)
 
     def load_into(self, model: DialogueLM, *, freeze: bool = False,
                   parts: Sequence[str] = ()) -> list[str]:

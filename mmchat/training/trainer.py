@@ -132,6 +132,13 @@ class Trainer:
             dcfg.heard = sorted({m for e in data.train
                                  for (m, _, _), words in zip(e.media, e.words) if words})
         dcfg.transcripts = bool(dcfg.heard)
+        if dcfg.object_slots:
+            dcfg.objects_for = sorted({m for e in data.train
+                                       for (m, _, _), shown in zip(e.media, e.objects) if shown})
+            if not dcfg.objects_for:
+                logger.warning("fusion.object_slots = %d, but no training attachment names "
+                               "its objects: the model gets no object slots",
+                               dcfg.object_slots)
         if init_from is not None:
             if init_from.tokenizer.proto != data.tokenizer.proto:
                 raise MMChatError(f"--init-from {init_from.path}: train with its tokenizer")
@@ -243,7 +250,8 @@ class Trainer:
                                 self.augmenter(self.step))
         _, loss = (self.ddp or self.model)(batch.idx, batch.turns, batch.prompt_end,
                                            batch.media, batch.targets, batch.answers,
-                                           t.aux_weight, t.transcript_weight)
+                                           t.aux_weight, t.transcript_weight,
+                                           t.objects_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:

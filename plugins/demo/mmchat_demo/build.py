@@ -258,6 +258,8 @@ class _Planner:
         self.jobs[key] = (kind, key, spec)
         mime = "image/jpeg" if getattr(spec, "jpeg", 0) else "image/png"
         attachment = _attachment("image", mime, data="")
+        if kind == "scene":  # the shapes it shows, for the model's object slots
+            attachment["objects"] = questions.objects(spec)
         self.inline.setdefault(key, []).append(attachment)
         return attachment
 

@@ -72,6 +72,17 @@ def captionable(scene: Scene) -> bool:
     return all(place(scene, s) is not None for s in scene.shapes)
 
 
+def objects(scene: Scene) -> list[str]:
+    """What the picture shows, a phrase per shape, left to right as a caption names them
+    ("red circle at the top left"; without the place where :func:`place` has none): the
+    image attachment's ``objects``, which trains the model's object slots."""
+    phrases = []
+    for s in sorted(scene.shapes, key=lambda s: (s.cx, s.cy)):
+        where = place(scene, s)
+        phrases.append(f"{s.colour} {s.kind}" + (f" {where}" if where else ""))
+    return phrases
+
+
 CAPTION_ASK = ("describe the picture.", "what do you see?", "what is in the picture?",
                "describe this image.", "what can you see in this picture?",
                "tell me what is in the picture.", "can you describe it?")

@@ -61,6 +61,22 @@ def test_captions_name_every_shape_left_to_right_with_colour_and_place(records):
     assert found >= 10
 
 
+def test_a_captioned_pictures_objects_are_its_captions_shapes_in_order(records):
+    """The ``objects`` of a picture (the object slots' training target) name its shapes
+    left to right as its caption does, without the article."""
+    found = 0
+    for r in every(records):
+        for q in r["meta"].get("questions", ()):
+            if q["type"] != "caption" or r["turns"][q["turn"] - 1]["text"]:
+                continue  # a picture sent with no words: its caption is the reply
+            [image] = r["turns"][q["turn"] - 1]["attachments"]
+            reply = r["turns"][q["turn"]]["text"]
+            said = [re.sub(r"^an? ", "", part) for part in re.split(r", | and ", reply)]
+            assert image["objects"] == said, r["id"]
+            found += 1
+    assert found >= 10
+
+
 def _check_yes_no(q, user, reply, shapes):
     """A yes/no question's answer follows from the picture's shapes."""
     if q["form"] == "attribute":
