@@ -147,9 +147,9 @@ class Engine:
         decoder = build_decoder(self.model, fast=self.config.model.fast_decode)
         assert self._threads is not None
         self._scheduler = DecodeScheduler(decoder, self._threads.model)
-        encoders = {m: self.model.encoder_for(m) for m in self.model.config.modalities}
-        self._guard = PluginGuard(self.served_modalities, encoders,
-                                  self.model.config.d_model, self.config.plugins)
+        self._guard = PluginGuard(self.served_modalities, self.model.encoders,
+                                  self.model.config.d_model, self.config.plugins,
+                                  extend=self.model.with_objects)
         self._threads.on_stop(self._scheduler.close)
         self._threads.on_stop(self._guard.close)
         for pool in self._guard.encoder_pools():

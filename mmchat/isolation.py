@@ -281,13 +281,18 @@ class PluginGuard:
 
     ``encoders`` maps a modality name to its encoder module (the model's); ``d_model``
     is what every encoder must return per vector. ``settings`` is ``[plugins]``.
+    ``extend(modality, vectors, mask)``, if given, adds the model's own vectors to an
+    encoder output once it has passed the checks (the object slots,
+    :meth:`mmchat.model.DialogueLM.with_objects`).
     """
 
     def __init__(self, modalities: Mapping[str, Modality], encoders: Mapping[str, Any],
                  d_model: int, settings: "PluginsConfig",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 extend: Callable[[str, Any, Any], tuple[Any, Any]] | None = None) -> None:
         self.d_model = d_model
         self._encoders = dict(encoders)
+        self._extend = extend
         self._lanes: dict[str, _Lane] = {}
         _, own = split_settings(settings.settings)
         for name, modality in modalities.items():
@@ -415,10 +420,15 @@ class PluginGuard:
         import torch
 
         encoder = self._encoders[modality.name]
+        n = len(features)
         with torch.inference_mode():
-            return run_plugin(modality, "encoder", lambda: check_encoded(
-                encoder(*check_batch(modality.collate(features), len(features))),
-                len(features), self.d_model))
+            out = run_plugin(modality, "encoder", lambda: encoder(
+                *check_batch(modality.collate(features), n)))
+            real = run_plugin(modality, "encoder", lambda: check_encoded(out, n, self.d_model))
+            if self._extend is None:
+                return real
+            vectors, mask = self._extend(modality.name, *out)
+            return [v[m] for v, m in zip(vectors, mask)]
 
     def health(self) -> list[dict[str, Any]]:
         """Each modality's plugin, breaker state, failures and time limit."""

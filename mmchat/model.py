@@ -25,8 +25,7 @@ more vectors, each trained to read one object it shows (:mod:`mmchat.objects`).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -149,16 +148,18 @@ class DialogueLM(nn.Module):
         """One modality's encoder on a batch: vectors (A, N, d) and mask (A, N). With object
         slots for the modality, its K slots follow each item's vectors: (A, N + K, d)."""
         vectors, mask = self.encoders[modality](x, lengths)  # (A, N, d), (A, N)
+        return self.with_objects(modality, vectors, mask)
+
+    def with_objects(self, modality: str, vectors: torch.Tensor, mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An encoder's output (A, N, d), (A, N) with the modality's object slots after
+        each item's vectors, (A, N + K, d), (A, N + K); unchanged for a modality without
+        them. Serving calls it on the encoder output it has checked."""
         if self.objects is None or modality not in self.config.objects_for:
             return vectors, mask
         slots = self.objects(vectors, mask)  # (A, K, d)
         return torch.cat([vectors, slots], dim=1), torch.cat(
             [mask, mask.new_ones(slots.shape[:2])], dim=1)
-
-    def encoder_for(self, modality: str) -> Callable[[torch.Tensor, torch.Tensor],
-                                                     tuple[torch.Tensor, torch.Tensor]]:
-        """What serving calls to encode a batch of ``modality``: :meth:`encode_batch`."""
-        return functools.partial(self.encode_batch, modality)
 
     def initial_state(self, batch: int = 1) -> torch.Tensor:
         """Zero RNN state, (S, L, B, H) with S = 2 for LSTM (h, c) and 1 for GRU."""
