@@ -20,7 +20,10 @@ referent of a follow-up such as "and where is it?"); with ``select_entries``, tu
 first read moves the state, which then reads again and chooses the token, so the reply's
 first word ("yes" or "no") can depend on what the first read found. With
 ``object_slots``, each attachment of the modalities in ``objects_for`` brings that many
-more vectors, each trained to read one object it shows (:mod:`mmchat.objects`).
+more vectors, each trained to read one object it shows (:mod:`mmchat.objects`). With
+``count_heads``, each turn's memory ends with one more vector that holds soft counts of
+the vectors that match the question (:mod:`mmchat.counting`): "how many squares in all?"
+is a sum over pictures, which attention's weighted average cannot take.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .counting import CountEntry, last_of_entry
 from .fusion import EntrySelector, FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
 from .objects import ObjectSlots, object_loss, object_targets
 
@@ -60,6 +64,7 @@ class DialogueConfig:
     object_slots: int = 0  # vectors per attachment that each read one object (0 = none)
     objects_for: list[str] = field(default_factory=list)  # modalities that get the slots
     object_order: str = "data"  # slot i takes object i ("data") or any one ("any")
+    count_heads: int = 0  # soft counts in a memory vector appended each turn (0 = none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +131,7 @@ class DialogueLM(nn.Module):
         self.objects = ObjectSlots(c.d_model, c.object_slots) if slotted else None
         # each slot's words, plus one class for "nothing" (V + 1)
         self.object_head = nn.Linear(c.d_model, c.vocab_size + 1) if slotted else None
+        self.count = CountEntry(c.d_model, c.count_heads) if c.count_heads else None
         self.apply(_init_weights)
         if self.objects is not None:
             # distinct unit-scale queries: identical ones would never tell the slots apart
@@ -295,7 +301,8 @@ class DialogueLM(nn.Module):
         ``previous`` (B, d) is the previous turn's query (zeros for a first turn), both
         used only when the config asks for them. With ``summaries``, each modality's
         conditioned vectors are also max-pooled into one summary vector appended to the
-        memory, so the decoder can attend to "the best match" directly.
+        memory, so the decoder can attend to "the best match" directly; with
+        ``count_heads``, the count entry (:mod:`mmchat.counting`) comes last.
         """
         places = None
         if self.recency_emb is not None and ordinal is not None:
@@ -309,14 +316,36 @@ class DialogueLM(nn.Module):
         if self.select is not None and places is not None:
             gate = self.select(q, kinds, *places)  # (B, N)
             conditioned = conditioned * gate.unsqueeze(-1)  # (B, N, d)
-        if not self.config.summaries:
+        parts, masks, kind_parts = [conditioned], [mask], [kinds]
+        if self.config.summaries:
+            n_kinds = len(self.config.modalities)
+            pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
+            parts.append(pooled)
+            masks.append(present)
+            kind_parts.append(torch.arange(1, n_kinds + 1, device=kinds.device)
+                              .expand(kinds.shape[0], -1))
+        if self.count is not None:  # one vector of counts, of no modality (kind 0)
+            countable = self.countable(kinds, ordinal if ordinal is not None
+                                       else torch.zeros_like(kinds), mask)  # (B, N)
+            parts.append(self.count(conditioned, countable).unsqueeze(1))  # (B, 1, d)
+            masks.append(mask.new_ones(mask.shape[0], 1))
+            kind_parts.append(kinds.new_zeros(kinds.shape[0], 1))
+        if len(parts) == 1:
             return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
-        n_kinds = len(self.config.modalities)
-        pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
-        kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)
-        return self.fusion.prepare(TurnMemory(
-            torch.cat([conditioned, pooled], dim=1), torch.cat([mask, present], dim=1),
-            torch.cat([kinds, kind_ids], dim=1), q))
+        return self.fusion.prepare(TurnMemory(torch.cat(parts, dim=1), torch.cat(masks, dim=1),
+                                              torch.cat(kind_parts, dim=1), q))
+
+    def countable(self, kinds: torch.Tensor, ordinal: torch.Tensor, mask: torch.Tensor
+                  ) -> torch.Tensor:
+        """(B, N) the memory vectors the count entry counts: the object slots of the
+        modalities that have them, else every visible attachment vector."""
+        tagged = mask & (kinds > 0)  # (B, N)
+        if self.objects is None:
+            return tagged
+        slotted = torch.zeros_like(tagged)
+        for m in self.config.objects_for:
+            slotted |= kinds == self.kind_index[m]
+        return tagged & slotted & last_of_entry(kinds, ordinal, mask, self.config.object_slots)
 
     def answer_logits(self, mem: TurnMemory) -> torch.Tensor:
         """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query."""
