@@ -118,8 +118,9 @@ class DialogueLM(nn.Module):
         self.select = EntrySelector(c.d_model, len(c.modalities), c.entry_tags) \
             if c.select_entries and c.entry_tags else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
+        # the pooled memory, the query and, with count_heads, the count entry
         self.answer_head = nn.Sequential(
-            nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
+            nn.Linear((3 if c.count_heads else 2) * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
         ) if c.answers else None
         self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
         # state and first read -> a move of the state that makes the second read (H + d -> H)
@@ -348,9 +349,12 @@ class DialogueLM(nn.Module):
         return tagged & slotted & last_of_entry(kinds, ordinal, mask, self.config.object_slots)
 
     def answer_logits(self, mem: TurnMemory) -> torch.Tensor:
-        """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query."""
+        """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query,
+        and the count entry (the memory's last vector) where there is one: a count
+        answer ("three") then trains the count gates directly."""
         summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
-        return self.answer_head(torch.cat([summary, mem.query], dim=-1))
+        parts = [summary, mem.query] + ([mem.values[:, -1]] if self.count is not None else [])
+        return self.answer_head(torch.cat(parts, dim=-1))
 
     def transcript_loss(self, vectors: Sequence[torch.Tensor], words: Sequence[Sequence[int]]
                         ) -> tuple[torch.Tensor, int]:

@@ -101,3 +101,16 @@ def test_the_count_heads_round_trip_and_a_warm_start_takes_the_runs(tmp_path):
     assert again.count.gate.weight.equal(model.count.gate.weight)
     base = Base(Path("m"), counting_model(slots=3, heads=0).config, {}, tok)
     assert base.grown(model.config).count_heads == 4
+
+
+def test_a_count_answer_trains_the_count_gates_through_the_answer_head():
+    torch.manual_seed(0)
+    cfg = DialogueConfig(vocab_size=V, n_layer=1, n_embd=16, n_hidden=24, d_model=16,
+                         dropout=0.0, modalities=["toy"], object_slots=3, objects_for=["toy"],
+                         count_heads=2, answers=["one", "two", "three"])
+    model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
+    values, kinds, mask, ordinal = model.memory_bank([[("toy", torch.randn(5 + 3, 16))]])
+    mem = model.turn_memory(torch.randn(1, 24), torch.randn(1, 16), values, kinds, mask, ordinal)
+    loss = torch.nn.functional.cross_entropy(model.answer_logits(mem), torch.tensor([2]))
+    loss.backward()
+    assert model.count.gate.weight.grad.abs().sum() > 0
