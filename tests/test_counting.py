@@ -103,7 +103,9 @@ def test_the_count_heads_round_trip_and_a_warm_start_takes_the_runs(tmp_path):
     assert base.grown(model.config).count_heads == 4
 
 
-def test_a_count_answer_trains_the_count_gates_through_the_answer_head():
+def test_the_answer_head_reads_the_count_entry_itself():
+    """Not only through the max-pool: an entry that wins no dimension of it still moves
+    the answer, so a count answer ("three") trains the count gates directly."""
     torch.manual_seed(0)
     cfg = DialogueConfig(vocab_size=V, n_layer=1, n_embd=16, n_hidden=24, d_model=16,
                          dropout=0.0, modalities=["toy"], object_slots=3, objects_for=["toy"],
@@ -111,6 +113,8 @@ def test_a_count_answer_trains_the_count_gates_through_the_answer_head():
     model = DialogueLM(cfg, {"toy": ToyModality().build_encoder(16)})
     values, kinds, mask, ordinal = model.memory_bank([[("toy", torch.randn(5 + 3, 16))]])
     mem = model.turn_memory(torch.randn(1, 24), torch.randn(1, 16), values, kinds, mask, ordinal)
+    entry = torch.full((1, 1, 16), -100.0, requires_grad=True)  # below every other vector
+    mem.values = torch.cat([mem.values[:, :-1].detach(), entry], dim=1)
     loss = torch.nn.functional.cross_entropy(model.answer_logits(mem), torch.tensor([2]))
     loss.backward()
-    assert model.count.gate.weight.grad.abs().sum() > 0
+    assert entry.grad.abs().sum() > 0
