@@ -120,7 +120,8 @@ class DialogueLM(nn.Module):
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
         # the pooled memory, the query and, with count_heads, the count entry
         self.answer_head = nn.Sequential(
-            nn.Linear((3 if c.count_heads else 2) * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
+            nn.Linear((3 if c.count_heads else 2) * c.d_model, c.d_model), nn.ReLU(),
+            nn.Linear(c.d_model, len(c.answers))
         ) if c.answers else None
         self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
         # state and first read -> a move of the state that makes the second read (H + d -> H)
@@ -137,6 +138,11 @@ class DialogueLM(nn.Module):
         if self.objects is not None:
             # distinct unit-scale queries: identical ones would never tell the slots apart
             nn.init.normal_(self.objects.queries, std=1.0)
+        if self.count is not None:
+            # gates that differ from vector to vector, and counts that move the entry, from
+            # the start: at the usual small init the gates all sit at 0.5 and barely learn
+            nn.init.normal_(self.count.gate.weight, std=c.d_model ** -0.5)
+            nn.init.normal_(self.count.out.weight, std=self.count.out.in_features ** -0.5)
         if self.reread is not None:
             # unit-variance hidden layer (tanh not saturated, not near zero): the output
             # layer's small weights then learn from the first step, even on a warm start
