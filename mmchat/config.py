@@ -59,7 +59,6 @@ class FusionConfig:
     reread: bool = _opt(False)
     object_slots: int = _opt(0, min=0, max=64)
     object_order: str = _opt("data", choices=("data", "any"))
-    count_heads: int = _opt(0, min=0, max=64)
 
 
 #: What the bot says in place of a reply it is not sure of (``[generation] fallback_text``).

@@ -42,7 +42,7 @@ def dialogue_config(config: Config, modalities: Mapping[str, Modality],
         entry_tags=config.fusion.entry_tags, carry_query=config.fusion.carry_query,
         select_entries=config.fusion.select_entries, summaries=config.fusion.summaries,
         reread=config.fusion.reread, object_slots=config.fusion.object_slots,
-        object_order=config.fusion.object_order, count_heads=config.fusion.count_heads,
+        object_order=config.fusion.object_order,
         modalities=sorted(modalities))
 
 

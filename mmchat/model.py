@@ -20,10 +20,7 @@ referent of a follow-up such as "and where is it?"); with ``select_entries``, tu
 first read moves the state, which then reads again and chooses the token, so the reply's
 first word ("yes" or "no") can depend on what the first read found. With
 ``object_slots``, each attachment of the modalities in ``objects_for`` brings that many
-more vectors, each trained to read one object it shows (:mod:`mmchat.objects`). With
-``count_heads``, each turn's memory ends with one more vector that holds soft counts of
-the vectors that match the question (:mod:`mmchat.counting`): "how many squares in all?"
-is a sum over pictures, which attention's weighted average cannot take.
+more vectors, each trained to read one object it shows (:mod:`mmchat.objects`).
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .counting import CountEntry, last_of_entry
 from .fusion import EntrySelector, FiLM, TurnMemory, TurnQuery, build_fusion, pool_by_kind
 from .objects import ObjectSlots, object_loss, object_targets
 
@@ -64,7 +60,6 @@ class DialogueConfig:
     object_slots: int = 0  # vectors per attachment that each read one object (0 = none)
     objects_for: list[str] = field(default_factory=list)  # modalities that get the slots
     object_order: str = "data"  # slot i takes object i ("data") or any one ("any")
-    count_heads: int = 0  # soft counts in a memory vector appended each turn (0 = none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,10 +113,8 @@ class DialogueLM(nn.Module):
         self.select = EntrySelector(c.d_model, len(c.modalities), c.entry_tags) \
             if c.select_entries and c.entry_tags else None
         self.fusion = build_fusion(c.fusion, c.n_hidden, c.d_model, len(c.modalities))
-        # the pooled memory, the query and, with count_heads, the count entry
         self.answer_head = nn.Sequential(
-            nn.Linear((3 if c.count_heads else 2) * c.d_model, c.d_model), nn.ReLU(),
-            nn.Linear(c.d_model, len(c.answers))
+            nn.Linear(2 * c.d_model, c.d_model), nn.ReLU(), nn.Linear(c.d_model, len(c.answers))
         ) if c.answers else None
         self.word_head = nn.Linear(c.d_model, c.vocab_size) if c.transcripts else None
         # state and first read -> a move of the state that makes the second read (H + d -> H)
@@ -133,16 +126,10 @@ class DialogueLM(nn.Module):
         self.objects = ObjectSlots(c.d_model, c.object_slots) if slotted else None
         # each slot's words, plus one class for "nothing" (V + 1)
         self.object_head = nn.Linear(c.d_model, c.vocab_size + 1) if slotted else None
-        self.count = CountEntry(c.d_model, c.count_heads) if c.count_heads else None
         self.apply(_init_weights)
         if self.objects is not None:
             # distinct unit-scale queries: identical ones would never tell the slots apart
             nn.init.normal_(self.objects.queries, std=1.0)
-        if self.count is not None:
-            # gates that differ from vector to vector, and counts that move the entry, from
-            # the start: at the usual small init the gates all sit at 0.5 and barely learn
-            nn.init.normal_(self.count.gate.weight, std=c.d_model ** -0.5)
-            nn.init.normal_(self.count.out.weight, std=self.count.out.in_features ** -0.5)
         if self.reread is not None:
             # unit-variance hidden layer (tanh not saturated, not near zero): the output
             # layer's small weights then learn from the first step, even on a warm start
@@ -308,8 +295,7 @@ class DialogueLM(nn.Module):
         ``previous`` (B, d) is the previous turn's query (zeros for a first turn), both
         used only when the config asks for them. With ``summaries``, each modality's
         conditioned vectors are also max-pooled into one summary vector appended to the
-        memory, so the decoder can attend to "the best match" directly; with
-        ``count_heads``, the count entry (:mod:`mmchat.counting`) comes last.
+        memory, so the decoder can attend to "the best match" directly.
         """
         places = None
         if self.recency_emb is not None and ordinal is not None:
@@ -323,44 +309,19 @@ class DialogueLM(nn.Module):
         if self.select is not None and places is not None:
             gate = self.select(q, kinds, *places)  # (B, N)
             conditioned = conditioned * gate.unsqueeze(-1)  # (B, N, d)
-        parts, masks, kind_parts = [conditioned], [mask], [kinds]
-        if self.config.summaries:
-            n_kinds = len(self.config.modalities)
-            pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
-            parts.append(pooled)
-            masks.append(present)
-            kind_parts.append(torch.arange(1, n_kinds + 1, device=kinds.device)
-                              .expand(kinds.shape[0], -1))
-        if self.count is not None:  # one vector of counts, of no modality (kind 0)
-            countable = self.countable(kinds, ordinal if ordinal is not None
-                                       else torch.zeros_like(kinds), mask)  # (B, N)
-            parts.append(self.count(conditioned, countable).unsqueeze(1))  # (B, 1, d)
-            masks.append(mask.new_ones(mask.shape[0], 1))
-            kind_parts.append(kinds.new_zeros(kinds.shape[0], 1))
-        if len(parts) == 1:
+        if not self.config.summaries:
             return self.fusion.prepare(TurnMemory(conditioned, mask, kinds, q))
-        return self.fusion.prepare(TurnMemory(torch.cat(parts, dim=1), torch.cat(masks, dim=1),
-                                              torch.cat(kind_parts, dim=1), q))
-
-    def countable(self, kinds: torch.Tensor, ordinal: torch.Tensor, mask: torch.Tensor
-                  ) -> torch.Tensor:
-        """(B, N) the memory vectors the count entry counts: the object slots of the
-        modalities that have them, else every visible attachment vector."""
-        tagged = mask & (kinds > 0)  # (B, N)
-        if self.objects is None:
-            return tagged
-        slotted = torch.zeros_like(tagged)
-        for m in self.config.objects_for:
-            slotted |= kinds == self.kind_index[m]
-        return tagged & slotted & last_of_entry(kinds, ordinal, mask, self.config.object_slots)
+        n_kinds = len(self.config.modalities)
+        pooled, present = pool_by_kind(conditioned, mask, kinds, n_kinds)  # (B, K, d), (B, K)
+        kind_ids = torch.arange(1, n_kinds + 1, device=kinds.device).expand(kinds.shape[0], -1)
+        return self.fusion.prepare(TurnMemory(
+            torch.cat([conditioned, pooled], dim=1), torch.cat([mask, present], dim=1),
+            torch.cat([kinds, kind_ids], dim=1), q))
 
     def answer_logits(self, mem: TurnMemory) -> torch.Tensor:
-        """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query,
-        and the count entry (the memory's last vector) where there is one: a count
-        answer ("three") then trains the count gates directly."""
+        """Auxiliary answer classes (B, A) from the pooled conditioned memory and the query."""
         summary = mem.values.masked_fill(~mem.mask.unsqueeze(-1), -1e9).max(dim=1).values
-        parts = [summary, mem.query] + ([mem.values[:, -1]] if self.count is not None else [])
-        return self.answer_head(torch.cat(parts, dim=-1))
+        return self.answer_head(torch.cat([summary, mem.query], dim=-1))
 
     def transcript_loss(self, vectors: Sequence[torch.Tensor], words: Sequence[Sequence[int]]
                         ) -> tuple[torch.Tensor, int]:

@@ -4,7 +4,7 @@ The new model keeps the checkpoint's shape, tokenizer, answer classes and modali
 in their order (a modality's type id is its place in that list), and appends the
 modalities and answer classes the data has that the checkpoint lacks; the memory
 settings (``[fusion] entry_tags``, ``carry_query``, ``select_entries``, ``summaries``,
-``reread``, ``object_slots``, ``object_order``, ``count_heads``) are the run's.
+``reread``, ``object_slots``, ``object_order``) are the run's.
 Every weight of the checkpoint is loaded; a weight that grew (the modality type
 embedding, the ``concat`` fusion's projection, the answer head) keeps its trained part
 and starts the new part at zero or at its fresh initialisation. ``freeze`` keeps every
@@ -67,8 +67,7 @@ class Base:
                                    summaries=run.summaries, reread=run.reread,
                                    object_slots=run.object_slots,
                                    object_order=run.object_order,
-                                   objects_for=run.objects_for,
-                                   count_heads=run.count_heads)
+                                   objects_for=run.objects_for)
 
     def load_into(self, model: DialogueLM, *, freeze: bool = False,
                   parts: Sequence[str] = ()) -> list[str]:
