@@ -318,31 +318,19 @@ def _across(rng: np.random.Generator, shown: list[Scene],
                             .format(k=kind), reply, questions._words(reply),
                             {"type": "same_colour", "target": kind, "answer": a == b}))
         total = len(found)
-        options.append((str(_pick(rng, _HOW_MANY)).format(k=kind), count_all_reply(kind, per),
+        reply = (f"there are no {kind}s in the pictures" if total == 0 else
+                 f"there is one {kind} in all" if total == 1 else
+                 f"there are {COUNT_WORDS[total]} {kind}s in all")
+        options.append((str(_pick(rng, _HOW_MANY)).format(k=kind), reply,
                         f"no {kind}s" if total == 0 else COUNT_WORDS[total],
                         {"type": "count_all", "target": kind, "answer": total}))
-    per = [len(s.shapes) for s in shown]
+    total = sum(len(s.shapes) for s in shown)
     options.append((str(_pick(rng, _HOW_MANY)).format(k="shape"),
-                    count_all_reply("shape", per), COUNT_WORDS[sum(per)],
-                    {"type": "count_all", "target": "shape", "answer": sum(per)}))
+                    f"there are {COUNT_WORDS[total]} shapes in all", COUNT_WORDS[total],
+                    {"type": "count_all", "target": "shape", "answer": total}))
     # which/same-colour questions are rarer than counts: draw them more often
     weights = np.array([1.0 if o[3]["type"] == "count_all" else 3.0 for o in options])
     return options[int(rng.choice(len(options), p=weights / weights.sum()))]
-
-
-def count_all_reply(kind: str, per: list[int]) -> str:
-    """The reply to "how many <kind>s in all?" given each picture's count: each picture's
-    count in turn, then the sum ("one in the first, two in the second and none in the
-    third: there are three squares in all"), so the sum is added up from counts of one
-    picture each, which the reply has just said; "there are no <kind>s in the pictures"
-    when there are none."""
-    total = sum(per)
-    if total == 0:
-        return f"there are no {kind}s in the pictures"
-    said = [f"{COUNT_WORDS[n] if n else 'none'} in the {ORDINALS[i]}" for i, n in enumerate(per)]
-    tally = ", ".join(said[:-1]) + " and " + said[-1]
-    return (f"{tally}: there is one {kind} in all" if total == 1 else
-            f"{tally}: there are {COUNT_WORDS[total]} {kind}s in all")
 
 
 # -- one picture: pronouns, yes/no, captions, refusals ----------------------------------------
