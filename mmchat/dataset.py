@@ -211,16 +211,10 @@ def _dialogue(record: dict[str, Any], path: Path, lineno: int) -> Dialogue:
     for turn in record["turns"]:
         refs = []
         for a in turn.get("attachments", ()):
-            if "path" in a:
-                refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
-                                          path=_resolve(path.parent, a["path"]),
-                                          text=a.get("text"),
-                                          objects=tuple(a.get("objects", ()))))
-            else:
-                refs.append(AttachmentRef(a["modality"], a.get("mime_type"),
-                                          data=base64.b64decode(a["data"], validate=True),
-                                          text=a.get("text"),
-                                          objects=tuple(a.get("objects", ()))))
+            media = ({"path": _resolve(path.parent, a["path"])} if "path" in a else
+                     {"data": base64.b64decode(a["data"], validate=True)})
+            refs.append(AttachmentRef(a["modality"], a.get("mime_type"), **media,
+                                      text=a.get("text"), objects=tuple(a.get("objects", ()))))
         turns.append(Turn(turn["role"], turn["text"], tuple(refs), turn.get("answer"),
                           turn.get("category")))
     return Dialogue(record["id"], tuple(turns), record.get("split"), record.get("category"),

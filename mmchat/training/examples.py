@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,7 +60,7 @@ def encode_dialogue(turns: Sequence, tokenizer: Tokenizer, max_tokens: int = 256
         if 1 + len(prompt) + len(answer) > max_tokens:
             continue
         if current is None or len(current.tokens) + len(prompt) + len(answer) > max_tokens:
-            current = Example([tokenizer.bos_id], [0], [], [], [], category, [], [], [])
+            current = Example([tokenizer.bos_id], [0], [], [], [], category)
             examples.append(current)
         k = len(current.prompt_end)
         current.answers.append((answer_ids or {}).get(assistant.answer or "", -1))
@@ -147,6 +148,16 @@ class Batch:
         return int((self.targets >= 0).sum())
 
 
+class _Item(NamedTuple):
+    """One attachment of a batch, before its modality collates the features."""
+
+    features: Any
+    item: int  # which dialogue of the batch
+    turn: int  # the turn that sent it
+    words: list[int]  # transcript ids ([] for none)
+    objects: list[list[int]]  # object phrases' ids ([] for none)
+
+
 def collate(examples: Sequence[Example], cache: FeatureCache,
             modalities: Mapping[str, Modality], pad_id: int,
             drop: frozenset[str] = frozenset(),
@@ -166,8 +177,7 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
     targets = torch.full((B, T), -1, dtype=torch.long)
     prompt_end = torch.full((B, K), -1, dtype=torch.long)
     answers = torch.full((B, K), -1, dtype=torch.long)
-    per_modality: dict[str, list[tuple[torch.Tensor, int, int, list[int],
-                                       list[list[int]]]]] = {}
+    per_modality: dict[str, list[_Item]] = {}
     for b, e in enumerate(examples):
         n = len(e.tokens)
         idx[b, :n] = torch.tensor(e.tokens)
@@ -183,14 +193,14 @@ def collate(examples: Sequence[Example], cache: FeatureCache,
             features = cache.get(key)
             if augment is not None:
                 features = modalities[name].augment(features, augment)
-            per_modality.setdefault(name, []).append((features, b, k, said, shown))
+            per_modality.setdefault(name, []).append(_Item(features, b, k, said, shown))
     media = []
     for name in sorted(per_modality):
         items = per_modality[name]
-        x, lengths = modalities[name].collate([f for f, *_ in items])
-        said = [w for _, _, _, w, _ in items]
-        shown = [o for *_, o in items]
-        media.append(MediaBatch(name, x, lengths, torch.tensor([b for _, b, *_ in items]),
-                                torch.tensor([k for _, _, k, *_ in items]),
+        x, lengths = modalities[name].collate([i.features for i in items])
+        said = [i.words for i in items]
+        shown = [i.objects for i in items]
+        media.append(MediaBatch(name, x, lengths, torch.tensor([i.item for i in items]),
+                                torch.tensor([i.turn for i in items]),
                                 said if any(said) else None, shown if any(shown) else None))
     return Batch(idx, turns, prompt_end, targets, media, answers)
