@@ -149,7 +149,8 @@ class Engine:
         self._scheduler = DecodeScheduler(decoder, self._threads.model)
         self._guard = PluginGuard(self.served_modalities, self.model.encoders,
                                   self.model.config.d_model, self.config.plugins,
-                                  extend=self.model.with_objects)
+                                  extend=self.model.with_objects
+                                  if self.model.objects is not None else None)
         self._threads.on_stop(self._scheduler.close)
         self._threads.on_stop(self._guard.close)
         for pool in self._guard.encoder_pools():
