@@ -44,15 +44,15 @@ def linear(x: torch.Tensor, i: int, weights: list[torch.Tensor], biases: list[to
     return torch.addmm(biases[i], x, weights[i])
 
 
-def rnn(tokens: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
+def rnn(x: torch.Tensor, state: torch.Tensor,
         weights: list[torch.Tensor], biases: list[torch.Tensor],
         packed: list[Packed], precision: int,
         lstm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row through the RNN layers: the top layer's output (B, H) and the
+    """One token per row through the RNN layers, from its rows of the table, ``x``
+    (B, G): layer 0's input projection. Returns the top layer's output (B, H) and the
     new state (S, L, B, H)."""
     H = state.shape[-1]
     n_layer = state.shape[1]
-    x = table.index_select(0, tokens)  # (B, G): layer 0's input projection
     new = torch.empty_like(state)  # (S, L, B, H), written in place layer by layer
     for k in range(n_layer):
         h = state[0, k]  # (B, H)
@@ -90,16 +90,34 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
 
     Attention (``values`` (B, N, d), ``hidden`` (B, N) True where a slot is padding)
     re-attends every step: the score scale is folded into ``query`` (H, d), and the
-    context (B, d) goes through ``combine_ctx`` (d, H), combine's context half. Pooled
+    context (B, d) goes through ``combine_ctx`` (d, H), combine's context half. In
+    fp32 the query's columns are joined to combine's (``weights[combine]`` is
+    ``(H, H + d)``), so one matmul gives both. Pooled
     fusions pass ``bias`` (B, H), combine's bias plus their constant context, and the
     turn's ``const_weights`` (B, N).
     """
+    return fed(table.index_select(0, tokens), state, values, hidden, bias, const_weights,
+               query, combine_ctx, weights, biases, packed, precision, lstm)
+
+
+def fed(x0: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
+        hidden: torch.Tensor | None, bias: torch.Tensor | None,
+        const_weights: torch.Tensor | None, query: torch.Tensor,
+        combine_ctx: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+        packed: list[Packed], precision: int,
+        lstm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`step` from the tokens' rows of the table, ``x0`` (B, G)."""
     n_layer = state.shape[1]
-    x, new = rnn(tokens, state, table, weights, biases, packed, precision, lstm)
+    x, new = rnn(x0, state, weights, biases, packed, precision, lstm)
     combine = n_layer if lstm else 2 * n_layer - 1
-    y = linear(x, combine, weights, biases, packed, precision)  # (B, H)
+    H = x.shape[1]
     if values is not None and hidden is not None:  # attention
-        q = torch.mm(x, query)  # (B, d), scaled
+        if precision == 0:  # the query's columns follow combine's: one matmul for both
+            yq = linear(x, combine, weights, biases, packed, precision)  # (B, H + d)
+            y, q = yq[:, :H], yq[:, H:]
+        else:
+            y = linear(x, combine, weights, biases, packed, precision)  # (B, H)
+            q = torch.mm(x, query)  # (B, d), scaled
         scores = torch.bmm(values, q.unsqueeze(2)).squeeze(2)  # (B, N)
         w = torch.softmax(scores.masked_fill_(hidden, -1e9), dim=1)  # (B, N); -1e9 = NEG_INF
         ctx = torch.bmm(w.unsqueeze(1), values).squeeze(1)  # (B, d)
@@ -107,7 +125,7 @@ def step(tokens: torch.Tensor, state: torch.Tensor, values: torch.Tensor | None,
     else:  # a context constant over the turn, already folded into a bias
         assert bias is not None and const_weights is not None
         w = const_weights
-        y = y.add_(bias)
+        y = linear(x, combine, weights, biases, packed, precision).add_(bias)  # (B, H)
     return linear(torch.tanh_(y), combine + 1, weights, biases, packed, precision), w, new
 
 
@@ -118,7 +136,8 @@ def prefill(tokens: torch.Tensor, lengths: torch.Tensor, state: torch.Tensor,
     """Right-padded prompts (B, T) through the RNN, a time step per iteration for all
     rows; a row's state stops changing after its ``lengths`` tokens."""
     for t in range(tokens.shape[1]):
-        _, new = rnn(tokens[:, t], state, table, weights, biases, packed, precision, lstm)
+        _, new = rnn(table.index_select(0, tokens[:, t]), state, weights, biases, packed,
+                     precision, lstm)
         done = lengths <= t  # (B,) rows whose prompt ended
         state = torch.where(done.view(1, 1, -1, 1), state, new) if bool(done.any()) else new
     return state
@@ -150,23 +169,28 @@ def greedy(logits: torch.Tensor, attention: torch.Tensor, state: torch.Tensor, n
                                         hidden, bias, const_weights, table, query, combine_ctx,
                                         weights, biases, packed, precision, lstm)
     tokens: list[int] = []
-    probs = torch.empty(n)
-    chosen_with = torch.empty(n, attention.shape[1])
-    states = torch.empty([n] + list(state.shape))
+    # what each token was chosen from, kept by reference (every step makes new tensors)
+    # and joined once a chunk: logits (1, V), attention (1, N), state (S, L, 1, H)
+    rows: list[torch.Tensor] = []
+    chosen_with: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
     for i in range(n):
-        row = logits[0]  # (V,)
-        t = int(torch.argmax(row))
-        probs[i] = torch.exp(row[t] - torch.logsumexp(row, 0))
-        chosen_with[i] = attention[0]
-        states[i] = state
+        t = int(torch.argmax(logits))  # logits is (1, V): its flat index is the token
+        rows.append(logits)
+        chosen_with.append(attention)
+        states.append(state)
         tokens.append(t)
         if t == eos or (i == n - 1 and not feed_last):
             break
-        logits, attention, state = step(torch.full([1], t, dtype=torch.long), state, values,
-                                        hidden, bias, const_weights, table, query,
-                                        combine_ctx, weights, biases, packed, precision, lstm)
-    k = len(tokens)
-    return tokens, probs[:k], chosen_with[:k], states[:k], logits, attention, state
+        logits, attention, state = fed(table[t: t + 1], state, values, hidden, bias,
+                                       const_weights, query, combine_ctx, weights, biases,
+                                       packed, precision, lstm)
+    chosen_from = torch.cat(rows)  # (k, V)
+    # the probabilities as generate.token_probs takes them: the same calls, once a chunk
+    chosen = chosen_from.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1))
+    probs = (chosen.squeeze(1) - torch.logsumexp(chosen_from, dim=-1)).exp()  # (k,)
+    return (tokens, probs, torch.cat(chosen_with), torch.stack(states), logits, attention,
+            state)
 
 
 @functools.cache

@@ -132,6 +132,10 @@ class FastDecoder:
                 self.combine_ctx = w_c[:, H:].t().clone()  # (d, H)
                 self.combine_bias = b_c.clone()
             linears.append((head["weight"], head["bias"]))
+            if self.attention and precision == "fp32":  # one matmul for combine and query
+                w, b = linears[-2]
+                linears[-2] = (torch.cat([w, self.query.t()]),
+                               torch.cat([b, b.new_zeros(self.query.shape[1])]))
             if precision == "int8":
                 self.weights, self.biases = [], []
                 self.packed = [pack_int8(w, b) for w, b in linears]
