@@ -10,9 +10,12 @@ its default size, machine notes and table formatting.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +112,19 @@ def write_section(name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     doc.write_text(text)
+
+
+def run_probe(script: str, path: os.PathLike | str, *args: object) -> dict:
+    """Run ``bench/<script>`` (a probe that prints its result as JSON, with the file
+    ``mmchat`` came from) in a fresh process whose ``mmchat`` is the one in ``path`` (a
+    baseline revision's worktree, or this checkout)."""
+    env = {**os.environ, "PYTHONPATH": str(path)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)],
+                          env=env, cwd=path, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result.pop("mmchat").startswith(str(path)):
+        raise RuntimeError(f"{script} did not import mmchat from {path}")
+    return result
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -16,6 +16,13 @@ row's speed-up is against the baselines timed in the same run; rounds interleave
 variants so load from other jobs hits all of them alike.
 
     python -m bench decode            python -m bench.bench_decode --threads 2
+    python -m bench.bench_decode --baseline 5a4ea39 --rounds 6
+
+With ``--baseline`` the bundled model's fast step (fp32, fp16, int8; several greedy
+tokens per call) is timed with the given revision's ``mmchat`` (a ``git worktree``) and
+with the current code's, in fresh processes that alternate round after round on this
+checkout's weights (:mod:`bench.decode_probe`); the table gives each round's ratio and
+whether the two greedy replies are the same tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +36,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import default_model, load_config, load_plugins, machine_notes, percentile, table
+from bench import (
+    ROOT,
+    default_model,
+    load_config,
+    load_plugins,
+    machine_notes,
+    percentile,
+    run_probe,
+    table,
+)
 
 PROMPT = "what colour is the circle on the left?"
 
@@ -258,6 +274,29 @@ def run_model(model, tokenizer, source: str, modalities, quick: bool, threads: i
     return "\n".join(out)
 
 
+def compare(baseline: str, rounds: int, reps: int) -> str:
+    """The bundled model's fast step at ``baseline`` against now, alternating processes."""
+    from bench.compare_server import checkouts
+    from bench.decode_probe import PRECISIONS
+
+    bundled = ROOT / "mmchat" / "bundled_model"
+    rows = []
+    with checkouts([baseline]) as (path,):
+        for r in range(rounds):
+            order = (path, ROOT) if r % 2 == 0 else (ROOT, path)
+            result = {p: run_probe("decode_probe.py", p, reps, bundled) for p in order}
+            old, new = result[path], result[ROOT]
+            for k in PRECISIONS:
+                rows.append([r + 1, k, f"{old[k]['ms']:.4f}", f"{new[k]['ms']:.4f}",
+                             f"{old[k]['ms'] / new[k]['ms']:.2f}x",
+                             "yes" if old[k]["checksum"] == new[k]["checksum"] else "NO"])
+    return "\n".join([
+        f"Command: `python -m bench.bench_decode --baseline {baseline} --rounds {rounds} "
+        f"--reps {reps}`", "", f"Machine: {machine_notes(1)}.", "",
+        table(["round", "precision", f"{baseline} ms/token", "now ms/token", "speed-up",
+               "same greedy reply"], rows), ""])
+
+
 def main(quick: bool = False) -> None:
     print(run(quick))
 
@@ -266,5 +305,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", metavar="REV", help="a git revision to compare with")
+    parser.add_argument("--rounds", type=int, default=6, help="with --baseline")
+    parser.add_argument("--reps", type=int, default=7, help="with --baseline: replies a round")
     args = parser.parse_args()
-    print(run(args.quick, args.threads))
+    if args.baseline:
+        print(compare(args.baseline, args.rounds, args.reps))
+    else:
+        print(run(args.quick, args.threads))

@@ -19,27 +19,12 @@ each round's ratio; the two processes run one at a time, so both see the same ma
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 
-from bench import ROOT, table
+from bench import ROOT, run_probe, table
 from bench.prefill_probe import PICTURES, measure
 
-
-def _run(path: os.PathLike | str, reps: int) -> dict:
-    """:func:`measure` in a fresh process whose ``mmchat`` comes from ``path``, on this
-    checkout's bundled model (both revisions run the same weights)."""
-    env = {**os.environ, "PYTHONPATH": str(path)}
-    script = ROOT / "bench" / "prefill_probe.py"
-    done = subprocess.run([sys.executable, str(script), str(reps),
-                           str(ROOT / "mmchat" / "bundled_model")], env=env, cwd=path,
-                          check=True, capture_output=True, text=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if not result.pop("mmchat").startswith(str(path)):
-        raise RuntimeError(f"the probe did not import mmchat from {path}")
-    return result
+#: Both revisions run this checkout's weights.
+BUNDLED = ROOT / "mmchat" / "bundled_model"
 
 
 def compare(baseline: str, rounds: int, reps: int) -> str:
@@ -48,7 +33,7 @@ def compare(baseline: str, rounds: int, reps: int) -> str:
     rows = []
     with checkouts([baseline]) as (path,):
         for r in range(rounds):
-            old, new = _run(path, reps), _run(ROOT, reps)
+            old, new = (run_probe("prefill_probe.py", p, reps, BUNDLED) for p in (path, ROOT))
             for k in map(str, PICTURES):
                 rows.append([r + 1, k, f"{old[k]['ms']:.3f}", f"{new[k]['ms']:.3f}",
                              f"{old[k]['ms'] / new[k]['ms']:.2f}x",
