@@ -85,9 +85,33 @@ def load_model(config: Config, modalities: Mapping[str, Modality]
         meta = {"path": "untrained"}
         logger.warning("serving an UNTRAINED model: replies will be gibberish")
     model.eval()
+    for_inference(model, modalities)
     if config.model.quantize == "dynamic-int8":
         model = quantize(model)
     return model.to(config.model.device), tokenizer, meta
+
+
+def for_inference(model: DialogueLM, modalities: Mapping[str, Modality]) -> None:
+    """Swap each encoder of ``model`` (in eval mode) for its modality's
+    :meth:`~mmchat.modality.Modality.inference_encoder`; one that fails keeps the
+    trained encoder, and the failure is logged with the plugin's name."""
+    for name, encoder in list(model.encoders.items()):
+        modality = modalities.get(name)
+        if modality is None:
+            continue
+        try:
+            served = modality.inference_encoder(encoder)
+        except Exception as exc:  # a plugin's bug must not keep the model from loading
+            logger.warning("plugin %s: inference_encoder of modality %r failed (%s: %s); "
+                           "serving its encoder as trained", modality.plugin_name or "?",
+                           name, type(exc).__name__, exc)
+            continue
+        if not isinstance(served, torch.nn.Module):
+            logger.warning("plugin %s: inference_encoder of modality %r returned %s, not a "
+                           "torch.nn.Module; serving its encoder as trained",
+                           modality.plugin_name or "?", name, type(served).__name__)
+            continue
+        model.encoders[name] = served.eval()
 
 
 def fallback_threshold(config: Config, meta: Mapping[str, Any]) -> float:

@@ -69,6 +69,16 @@ class Modality(ABC):
         that is ``True`` where a vector is real.
         """
 
+    def inference_encoder(self, encoder: "nn.Module") -> "nn.Module":
+        """The module to serve with, made from the trained ``encoder`` (weights loaded, in
+        eval mode) when the engine or ``mmchat eval`` loads a checkpoint; training never
+        calls it. It must compute the same function up to float rounding: fold batch
+        norms into the convolutions before them, choose a faster memory layout. The
+        default returns ``encoder`` itself. Return a new module rather than change
+        ``encoder``: if this raises, the trained encoder is served and the error logged.
+        """
+        return encoder
+
     def collate(self, features: list["torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Stack decoded features into a batch, right-padding the last axis with zeros.
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MODEL
 from toy_plugin import ToyModality
 
@@ -219,3 +220,50 @@ def test_a_bundled_plugin_records_every_setting_with_its_default():
     assert checkpoint.plugin_record(host.modalities["image"])["settings"] == {
         "size": 64, "max_bytes": 10 * 1024 * 1024, "max_pixels": 40_000_000,
         "costly_pixels": 4_000_000}
+
+
+class Served(ToyModality):
+    """A toy modality whose served encoder is a marked copy of the trained one."""
+
+    def inference_encoder(self, encoder):
+        import copy
+
+        served = copy.deepcopy(encoder)
+        served.served = True
+        return served
+
+
+class BrokenServing(ToyModality):
+    def inference_encoder(self, encoder):
+        raise RuntimeError("no fused kernels here")
+
+
+class NotAModule(ToyModality):
+    def inference_encoder(self, encoder):
+        return "an encoder"
+
+
+def test_the_engine_serves_each_modalitys_inference_encoder(trained):
+    config = from_dict({"model": {**TINY_MODEL, "checkpoint": str(trained)}}, env={})
+    model, _, _ = load_model(config, {"toy": Served({"max_frames": 8})})
+    assert getattr(model.encoders["toy"], "served", False)
+    assert not model.encoders["toy"].training
+
+
+@pytest.mark.parametrize("modality, problem", [
+    (BrokenServing, "failed (RuntimeError: no fused kernels here)"),
+    (NotAModule, "returned str, not a torch.nn.Module"),
+], ids=["raises", "not-a-module"])
+def test_a_failing_inference_encoder_serves_the_trained_one(trained, caplog, modality, problem):
+    config = from_dict({"model": {**TINY_MODEL, "checkpoint": str(trained)}}, env={})
+    toy = modality({"max_frames": 8})
+    toy.plugin_name = "toy"
+    trained_encoder = checkpoint.load(trained, {"toy": toy})[0].encoders["toy"]
+    with caplog.at_level(logging.WARNING, logger="mmchat.loading"):
+        model, _, _ = load_model(config, {"toy": toy})
+    [record] = caplog.records
+    assert "plugin toy: inference_encoder of modality 'toy'" in record.getMessage()
+    assert problem in record.getMessage()
+    assert "serving its encoder as trained" in record.getMessage()
+    for name, weight in trained_encoder.state_dict().items():
+        assert torch.equal(model.encoders["toy"].state_dict()[name], weight)

@@ -43,7 +43,7 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
     from .. import checkpoint as ckpt
     from ..errors import CheckpointError
     from ..evaluation import evaluate
-    from ..loading import checkpoint_path, fallback_threshold
+    from ..loading import checkpoint_path, fallback_threshold, for_inference
     from ..plugins import PluginHost
     from ..report import (
         calibration_table,
@@ -61,6 +61,7 @@ def eval_command(data, config_path, checkpoint, split, out_dir, ablations, limit
                               "pass --checkpoint")
     host = PluginHost.from_config(config)
     model, tokenizer, meta = ckpt.load(path, host.modalities)
+    for_inference(model, host.modalities)  # the encoders as the engine serves them
     dialogues = load_dialogues(split_file)[:limit]
     modalities = {m: host.modalities[m] for m in model.config.modalities}
     cache = FeatureCache()

@@ -8,8 +8,11 @@ right, top and bottom can be answered.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -61,3 +64,15 @@ class ImageEncoder(nn.Module):
         vectors = h.flatten(2).transpose(1, 2)  # (B, G*G, d_model)
         mask = torch.ones(vectors.shape[:2], dtype=torch.bool, device=x.device)  # (B, G*G)
         return vectors, mask
+
+    def for_inference(self) -> ImageEncoder:
+        """A copy to serve with, from this encoder in eval mode: each batch norm folded
+        into the convolution before it, and the weights in channels-last layout, where
+        oneDNN's convolutions run 1.2-1.3x faster on a CPU (``python -m bench encode``).
+        The same function up to float rounding."""
+        if self.training:
+            raise ValueError("for_inference needs the encoder in eval mode (model.eval())")
+        served = copy.deepcopy(self)
+        for i, (conv, norm, relu) in enumerate(served.features):
+            served.features[i] = nn.Sequential(fuse_conv_bn_eval(conv, norm), relu)
+        return served.to(memory_format=torch.channels_last)

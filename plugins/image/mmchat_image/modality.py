@@ -127,6 +127,12 @@ class ImageModality(Modality):
 
         return ImageEncoder(d_model)
 
+    def inference_encoder(self, encoder: nn.Module) -> nn.Module:
+        """:meth:`ImageEncoder.for_inference`: batch norms folded, channels-last weights."""
+        from .encoder import ImageEncoder
+
+        return encoder.for_inference() if isinstance(encoder, ImageEncoder) else encoder
+
     def augment(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A small random affine of one image ``(3, S, S)``, for training only.
 

@@ -428,3 +428,42 @@ def test_a_picture_that_must_change_mode_is_reduced_a_band_at_a_time(mode, monke
     small = modality._shrink(img, 64)
     assert small.mode == target
     assert small.tobytes() == img.convert(target).reduce(603 // 128).tobytes()
+
+
+def trained_like(encoder: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``encoder`` in eval mode with batch-norm statistics and affines away from their
+    initial values (mean 0, variance 1, identity), as training leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return encoder.eval()
+
+
+def test_the_served_encoder_computes_what_the_trained_one_does(image):
+    encoder = trained_like(image.build_encoder(32))
+    pictures = [halves((80, 60)), halves((64, 64), RED, (20, 200, 90)), Image.new("L", (9, 9)),
+                Image.effect_mandelbrot((96, 72), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")]
+    batch, lengths = image.collate([image.decode(encode(p, "PNG"), "image/png")
+                                    for p in pictures])
+    served = image.inference_encoder(encoder)
+    assert served is not encoder
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())  # untouched
+    with torch.inference_mode():
+        want, want_mask = encoder(batch, lengths)
+        got, got_mask = served(batch, lengths)
+        one, _ = served(batch[1:2], lengths[1:2])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(one, want[1:2], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got_mask, want_mask)
+    assert want.abs().max() > 0.1  # the statistics above reach the output
+
+
+def test_the_served_encoder_needs_eval_mode(image):
+    with pytest.raises(ValueError, match="eval mode"):
+        image.inference_encoder(image.build_encoder(16))
