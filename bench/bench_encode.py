@@ -98,12 +98,12 @@ def timings(decode: Callable[[bytes], torch.Tensor], encode: Callable[[torch.Ten
 
 
 def run(quick: bool = False, threads: int = 1) -> str:
+    from mmchat.loading import for_inference
+
     torch.set_num_threads(threads)
     config = load_config()
     notes = machine_notes(threads)
     modalities = load_plugins(config).modalities
-    from mmchat.loading import for_inference
-
     trained, _, source = default_model(config, modalities)
     model = copy.deepcopy(trained)
     for_inference(model, modalities)
